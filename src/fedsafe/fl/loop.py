@@ -1,0 +1,80 @@
+"""The federated round loop: sample -> local training (engine) -> validate/aggregate -> log -> checkpoint.
+
+After each round the checkpoint (global adapter, server optimiser, aggregator and client state) is
+written atomically, so an interrupted run loses at most the round in progress.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedsafe.fl.server import Server, sample_clients
+from fedsafe.rundir import RunDir, atomic_torch_save
+
+
+def cosine_matrix(updates: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of client updates ``[n, d] -> [n, n]``."""
+    from fedsafe.evaluation.stealth import cosine_matrix as _cos
+
+    return _cos(updates)
+
+
+def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int, clients_per_round: int,
+               save_adapter=None, save_every_round: bool = True, progress=None, on_round_end=None) -> None:
+    """Run rounds ``server.round+1 .. rounds``; each finished round is logged and checkpointed."""
+    client_ids = [c.client_id for c in clients]
+    role_of = {c.client_id: c.role for c in clients}
+    malicious = {c.client_id: c.malicious for c in clients}
+    total = rounds - server.round
+    task = progress.add_task("federated rounds", total=total) if progress is not None else None
+    for round_idx in range(server.round, rounds):
+        t0 = time.perf_counter()
+        chosen = sample_clients(client_ids, clients_per_round, server.seed, round_idx)
+        total_samples = sum(engine.clients[c].num_samples for c in chosen) if hasattr(engine, "clients") else 0
+        rc = server.round_config(round_idx, total_samples)
+        ctask = progress.add_task(f"round {round_idx + 1}: clients", total=len(chosen)) if progress else None
+        results = engine.fit(chosen, server.global_vec, rc,
+                             on_result=(lambda _r: progress.advance(ctask)) if progress else None)
+        if progress is not None:
+            progress.remove_task(ctask)
+        stats = server.aggregate(results)
+        for r, w in zip(results, stats["client_weights"]):
+            run_dir.log({"type": "client", "round": rc.round, "client_id": r.client_id,
+                         "role": role_of.get(r.client_id), "malicious": malicious.get(r.client_id),
+                         "aggregation_weight": w, **r.metrics})
+        finite = [r.update for r in results if torch.isfinite(r.update).all()
+                  and r.update.numel() == server.global_vec.numel()]
+        cos = cosine_matrix(torch.stack(finite)).tolist() if len(finite) == len(results) else None
+        losses = [r.metrics.get("loss") for r in results]
+        record = {"type": "round", "round": rc.round, "clients": [r.client_id for r in results],
+                  "roles": [role_of.get(r.client_id) for r in results],
+                  "malicious": [malicious.get(r.client_id) for r in results],
+                  "aggregator": getattr(server.aggregator, "name", type(server.aggregator).__name__),
+                  "client_weights": stats["client_weights"], "cosine": cos, "dropped": stats["dropped"],
+                  "mean_loss": sum(losses) / len(losses), "update_norm": stats["update_norm"],
+                  "lr": rc.lr, "aggregator_info": stats["aggregator_info"],
+                  "compute_seconds": sum(r.metrics.get("compute_seconds", 0.0) for r in results)}
+        if save_adapter is not None and (save_every_round or round_idx + 1 == rounds):
+            save_adapter(server.global_vec, rc.round)
+        record["seconds"] = time.perf_counter() - t0
+        run_dir.log(record)
+        # checkpoint last: a crash before this line re-runs the round on resume (its records are dropped)
+        atomic_torch_save({"server": server.state_dict(), "engine": engine.state_dict()}, run_dir.checkpoint_path)
+        if on_round_end is not None:
+            on_round_end(rc.round, record)
+        if progress is not None:
+            progress.advance(task)
+    if progress is not None:
+        progress.remove_task(task)
+
+
+def load_checkpoint(run_dir: RunDir, server: Server, engine) -> int:
+    """Restore server and engine state from the run's checkpoint; returns the rounds completed."""
+    if not run_dir.checkpoint_path.exists():
+        return 0
+    state = torch.load(run_dir.checkpoint_path, weights_only=False)
+    server.load_state_dict(state["server"])
+    engine.load_state_dict(state.get("engine", {}))
+    return server.round

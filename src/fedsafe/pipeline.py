@@ -1,0 +1,221 @@
+"""One experiment from top to bottom: data -> clients -> rounds -> post-hoc defense -> eval -> report.
+
+Read :func:`run_experiment` to see the order of events and where each step lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedsafe import aggregators
+from fedsafe.config import ExperimentConfig, dump_config, load_config
+from fedsafe.data import build_clients, build_heldout
+from fedsafe.data.format import mean_loss
+from fedsafe.engines.inprocess import InProcessEngine
+from fedsafe.fl.client import LocalTrainer
+from fedsafe.fl.loop import load_checkpoint, run_rounds
+from fedsafe.fl.params import FlatLoRA
+from fedsafe.fl.server import Server
+from fedsafe.models import attach_lora, load_base_model
+from fedsafe.rundir import RunDir, atomic_write_text, environment_info
+
+log = logging.getLogger("fedsafe")
+console = Console(stderr=True)
+
+
+@dataclass
+class RunResult:
+    """What a finished experiment leaves behind (paths and headline numbers)."""
+
+    run_dir: Path
+    heldout_loss_before: float | None = None
+    heldout_loss_after: float | None = None
+    round_losses: list[float] = field(default_factory=list)
+    final_adapter: Path | None = None
+    posthoc_adapter: Path | None = None
+    evals: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """The loaded pieces of an experiment, shared by the steps (one model in memory)."""
+
+    cfg: ExperimentConfig
+    run_dir: RunDir
+    peft_model: torch.nn.Module
+    tokenizer: object
+    flat: FlatLoRA
+    init_vec: torch.Tensor
+
+    def save_adapter(self, vec: torch.Tensor, tag) -> Path:
+        return self.run_dir.save_adapter(self.peft_model, self.flat, vec, tag)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
+                   progress: bool = True) -> RunResult:
+    """Run (or resume) one experiment and return where its outputs are."""
+    # 1. run directory: new, or the one being resumed (its saved config wins)
+    if resume is not None:
+        run_dir = RunDir.open(resume)
+        cfg = load_config(run_dir.config_path)
+    else:
+        cfg = cfg or ExperimentConfig()
+        run_dir = RunDir.create(cfg.output_dir, cfg.name)
+        atomic_write_text(run_dir.config_path, dump_config(cfg))
+    console.print(f"[bold]run directory:[/] {run_dir.path}")
+    torch.manual_seed(cfg.seed)
+
+    # 2. model: loaded once; every client swaps its LoRA vector into it
+    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
+                             seed=cfg.seed)
+    run_dir.write_json("env.json", environment_info(cfg.seed, str(loaded.device)))
+    peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
+                             cfg.lora.target_modules, seed=cfg.seed)
+    flat = FlatLoRA(peft_model)
+    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get())
+    generator_cache = {"model": peft_model, "tokenizer": loaded.tokenizer, "name": cfg.model.name}
+
+    # 3. data: roles -> disjoint client partitions (tokenised once)
+    clients = build_clients(cfg, loaded.tokenizer, generator_cache)
+    heldout = build_heldout(cfg, loaded.tokenizer)
+    flat.set(session.init_vec)  # generation for data may have used the model
+    _print_clients(clients)
+
+    # 4. federated rounds
+    aggregator = aggregators.get(cfg.aggregator.name, **cfg.aggregator.params)
+    server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
+                    max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
+    engine = InProcessEngine(LocalTrainer(peft_model, loaded.tokenizer), clients)
+    done = load_checkpoint(run_dir, server, engine) if resume is not None else 0
+    if resume is not None:
+        run_dir.truncate_metrics_after(done)
+        console.print(f"resuming after round {done} of {cfg.fl.rounds}")
+    result = RunResult(run_dir.path)
+    pad = loaded.tokenizer.pad_token_id
+    if heldout:
+        flat.set(session.init_vec)
+        result.heldout_loss_before = mean_loss(peft_model, heldout, pad)
+    if cfg.eval.base and cfg.eval.prompts and done == 0:
+        result.evals.append(_evaluate(session, session.init_vec, round_idx=0, method="base", defense="none"))
+
+    def on_round_end(round_no: int, record: dict) -> None:
+        console.print(f"round {round_no:>3}: mean client loss {record['mean_loss']:.4f}  "
+                      f"update norm {record['update_norm']:.4f}  lr {record['lr']:.2e}  "
+                      f"({record['seconds']:.1f} s)")
+        if cfg.eval.every and round_no % cfg.eval.every == 0 and round_no < cfg.fl.rounds and cfg.eval.prompts:
+            result.evals.append(_evaluate(session, server.global_vec, round_idx=round_no))
+
+    with _progress() as prog:
+        run_rounds(server, engine, clients, run_dir, rounds=cfg.fl.rounds,
+                   clients_per_round=cfg.clients_per_round, save_adapter=session.save_adapter,
+                   save_every_round=cfg.fl.save_every_round, progress=prog if progress else None,
+                   on_round_end=on_round_end)
+    final_vec = server.global_vec
+    result.final_adapter = session.save_adapter(final_vec, "final")
+    result.round_losses = [r["mean_loss"] for r in run_dir.records("round")]
+    if heldout:
+        flat.set(final_vec)
+        result.heldout_loss_after = mean_loss(peft_model, heldout, pad)
+        run_dir.log({"type": "heldout", "round": cfg.fl.rounds, "before": result.heldout_loss_before,
+                     "after": result.heldout_loss_after})
+
+    # 5. evaluation of the aggregated model, then the post-hoc defense and its evaluation
+    if cfg.eval.prompts:
+        result.evals.append(_evaluate(session, final_vec, round_idx=cfg.fl.rounds))
+    if cfg.posthoc.enabled:
+        from fedsafe.defenses.posthoc import posthoc_defense
+
+        defended = posthoc_defense(session, final_vec, console=console)
+        result.posthoc_adapter = session.save_adapter(defended, "posthoc")
+        if cfg.eval.prompts:
+            result.evals.append(_evaluate(session, defended, round_idx=cfg.fl.rounds,
+                                          defense=f"posthoc_l{cfg.posthoc.level}"))
+    flat.set(final_vec)
+
+    # 6. report
+    _write_report(run_dir)
+    _print_summary(result, cfg)
+    return result
+
+
+def scenario_label(cfg: ExperimentConfig, defense: str) -> str:
+    """results.csv scenario: no_attack / attack / attack_posthoc (or the configured label)."""
+    base = cfg.scenario or ("attack" if cfg.has_attack else "no_attack")
+    return base if defense == "none" else f"{base}_posthoc"
+
+
+def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str | None = None,
+              defense: str = "none") -> dict:
+    """Evaluate the model with adapter ``vec``; log an eval record and append a results.csv row."""
+    from fedsafe.evaluation.runner import evaluate_model
+    from fedsafe.report import append_results
+
+    cfg = session.cfg
+    session.flat.set(vec)
+    t0 = time.perf_counter()
+    scores = evaluate_model(session.peft_model, session.tokenizer, cfg.eval,
+                            cache_dir=session.run_dir.path / "cache", adapter_vec=vec,
+                            heldout=cfg.data.heldout, max_length=cfg.data.max_length, progress=True)
+    method = method or cfg.aggregator.name
+    row = {"scenario": scenario_label(cfg, defense) if method != "base" else "base", "method": method,
+           "defense": defense, **{k: scores.get(k) for k in ("rule", "judge", "rm", "mt1",
+                                                               "helpfulness_proxy", "n_prompts")}}
+    session.run_dir.log({"type": "eval", "round": round_idx, **row, "seconds": time.perf_counter() - t0})
+    if round_idx == cfg.fl.rounds or method == "base":
+        append_results(session.run_dir.path, [row])
+    console.print(f"eval (round {round_idx}, {row['scenario']}, {defense}): "
+                  + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+    return row
+
+
+def _write_report(run_dir: RunDir) -> None:
+    try:
+        from fedsafe.report import write_report
+
+        write_report(run_dir.path)
+    except Exception as exc:  # a report failure must never lose a finished run
+        log.warning("report could not be written: %s", exc)
+
+
+def _print_clients(clients) -> None:
+    by_role: dict[str, list] = {}
+    for c in clients:
+        by_role.setdefault(c.role, []).append(c)
+    console.print("clients: " + "; ".join(f"{role}: {len(cs)} x {cs[0].num_samples} examples"
+                                          for role, cs in by_role.items()))
+
+
+def _print_summary(result: RunResult, cfg: ExperimentConfig) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name}: {cfg.fl.rounds} rounds, {cfg.aggregator.name}, {cfg.model.name}")
+    table.add_column("round", justify="right")
+    table.add_column("mean client loss", justify="right")
+    for i, loss in enumerate(result.round_losses, 1):
+        table.add_row(str(i), f"{loss:.4f}")
+    console.print(table)
+    if result.heldout_loss_before is not None:
+        console.print(f"held-out loss: before {result.heldout_loss_before:.4f} -> after "
+                      f"{result.heldout_loss_after:.4f}")
+    for ev in result.evals:
+        console.print(f"{ev['scenario']:<16} {ev['method']:<10} {ev['defense']:<12} Rule={_fmt(ev.get('rule'))} "
+                      f"helpfulness_proxy={_fmt(ev.get('helpfulness_proxy'))}")
+    console.print(f"final adapter: {result.final_adapter}")
+    if result.posthoc_adapter:
+        console.print(f"defended adapter: {result.posthoc_adapter}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
