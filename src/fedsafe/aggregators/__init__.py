@@ -1,1 +1,50 @@
-"""fedsafe.aggregators."""
+"""Aggregation rules, built by name: ``fedsafe.aggregators.get("krum", f=1)``.
+
+Every rule is a callable ``agg(updates[n, d], num_samples[n], client_ids) -> AggregationResult`` with
+``.update`` ([d]), ``.client_weights`` ([n], 0 for excluded clients) and ``.info``. Each lives in its own
+module whose docstring cites its paper and formula.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from fedsafe.aggregators.base import AggregationResult, Aggregator
+from fedsafe.errors import ConfigError
+
+# name -> "module:Class"; modules are imported lazily so that a missing optional rule never breaks the rest
+REGISTRY: dict[str, str] = {
+    "fedavg": "fedsafe.aggregators.fedavg:FedAvg",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register ``module:Class`` under ``name`` (for plug-ins)."""
+    REGISTRY[name] = target
+
+
+def available() -> list[str]:
+    """Names of the registered rules."""
+    return sorted(REGISTRY)
+
+
+def get(name: str, **params) -> Aggregator:
+    """Build the rule ``name`` with ``params``; unknown names and parameters raise ConfigError."""
+    if name not in REGISTRY:
+        raise ConfigError(f"aggregator.name={name!r} is not one of {', '.join(available())}")
+    module_name, cls_name = REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    sig = inspect.signature(cls.__init__)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    unknown = [k for k in params if k not in sig.parameters and not accepts_any]
+    if unknown:
+        allowed = [p for p in sig.parameters if p != "self"]
+        raise ConfigError(f"aggregator {name!r} has no parameter(s) {unknown}; it takes {allowed}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"aggregator {name!r} with {params}: {exc}") from exc
+
+
+__all__ = ["AggregationResult", "Aggregator", "available", "get", "register"]
