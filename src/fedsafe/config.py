@@ -145,6 +145,51 @@ class PosthocConfig(_Strict):
     max_new_tokens: int = Field(96, ge=8, description="levels 2/3: response length")
 
 
+class ProbeFeaturesConfig(_Strict):
+    """Which part of a LoRA update the probe reads (Safe-FedLLM: LoRA B of the first layer, L2-normalised)."""
+
+    layers: Literal["first", "all"] | list[int] = Field(
+        "first", description="transformer layers: 'first' (lowest index), 'all', or a list of indices")
+    kind: Literal["A", "B", "both"] = Field("B", description="LoRA factor(s) to read")
+    project_dim: int | None = Field(None, ge=1, description="seeded Gaussian random projection to this "
+                                                            "dimension (None: no projection)")
+    normalize: bool = Field(True, description="L2-normalise each feature vector")
+
+
+class ProbeConfig(_Strict):
+    """Safe-FedLLM probe (Tao et al., ACL 2026) trained on the server's own shadow clients (no oracle).
+
+    Used when ``aggregator.name`` is ``probe`` or ``probe+<rule>``; see fedsafe.aggregators.probe.
+    """
+
+    benign: list[DataSource] | None = Field(None, description="benign shadow data (normal + aligned rows) "
+                                                              "held by the server")
+    malicious: list[DataSource] | None = Field(None, description="malicious shadow data (unaligned rows: "
+                                                                 "generated or a public dataset)")
+    benign_shadows: int = Field(4, ge=1, description="benign shadow clients per refit")
+    malicious_shadows: int = Field(4, ge=1, description="malicious shadow clients per refit")
+    samples_per_shadow: int = Field(32, ge=1, description="examples drawn (seeded) for each shadow client")
+    steps: int | None = Field(None, ge=1, description="local steps of a shadow client (default: fl.local_steps)")
+    refit_every: int = Field(1, ge=0, description="re-run shadows and refit every k rounds (0: fit once, "
+                                                  "in round 1; a late attacker may then be missed)")
+    history: int = Field(1, ge=1, description="fit on the shadow batches of the last this-many refits")
+    features: ProbeFeaturesConfig = Field(default_factory=ProbeFeaturesConfig)
+    C: float = Field(100.0, gt=0, description="inverse L2 regularisation of the logistic regression (features "
+                                              "are unit-norm, so a weak penalty lets p reach the threshold)")
+    mode: Literal["exclude", "probability", "trust"] = Field(
+        "exclude", description="exclude: weight 0 if p >= threshold; probability: weight 1-p; trust: "
+                               "Beta trust score over rounds with decay")
+    threshold: float = Field(0.8, gt=0, le=1, description="probability at which a client is flagged")
+    decay: float = Field(0.9, ge=0, le=1, description="trust mode: forgetting factor of past evidence")
+    min_weight: float = Field(0.0, ge=0, le=1, description="soft modes: clients below this weight are excluded")
+    skip_below: float = Field(0.0, ge=0, le=1, description="skip the round (no update) when the mean client "
+                                                           "weight falls below this")
+    level: Literal["client", "step"] = Field(
+        "client", description="client: the final update; step: clients also report every local step's "
+                              "update features (trusts the client's report)")
+    seed: int | None = Field(None, description="shadow sampling/training and projection seed (default: seed)")
+
+
 class EvalConfig(_Strict):
     """What to measure and when."""
 
@@ -178,6 +223,7 @@ class ExperimentConfig(_Strict):
     fl: FLConfig = Field(default_factory=FLConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     posthoc: PosthocConfig = Field(default_factory=PosthocConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
 

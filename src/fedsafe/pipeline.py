@@ -94,10 +94,19 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     _print_clients(clients)
 
     # 4. federated rounds
-    aggregator = aggregators.get(cfg.aggregator.name, **cfg.aggregator.params)
+    from fedsafe.aggregators.probe import with_probe_config
+
+    aggregator = aggregators.get(cfg.aggregator.name, **with_probe_config(cfg))
     server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
                     max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
-    engine = InProcessEngine(LocalTrainer(peft_model, loaded.tokenizer), clients)
+    trainer = LocalTrainer(peft_model, loaded.tokenizer)
+    shadow = None
+    if getattr(aggregator, "needs_shadow", False):  # the probe fits on the server's own shadow clients
+        from fedsafe.defenses.shadow import build_shadow
+
+        shadow = build_shadow(cfg, trainer, generator_cache)
+        flat.set(session.init_vec)
+    engine = InProcessEngine(trainer, clients)
     done = load_checkpoint(run_dir, server, engine) if resume is not None else 0
     if resume is not None:
         run_dir.truncate_metrics_after(done)
@@ -121,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
         run_rounds(server, engine, clients, run_dir, rounds=cfg.fl.rounds,
                    clients_per_round=cfg.clients_per_round, save_adapter=session.save_adapter,
                    save_every_round=cfg.fl.save_every_round, progress=prog if progress else None,
-                   on_round_end=on_round_end)
+                   on_round_end=on_round_end, shadow=shadow)
     final_vec = server.global_vec
     result.final_adapter = session.save_adapter(final_vec, "final")
     result.round_losses = [r["mean_loss"] for r in run_dir.records("round")]

@@ -16,6 +16,7 @@ from fedsafe.errors import ConfigError
 # name -> "module:Class"; modules are imported lazily so that a missing optional rule never breaks the rest
 REGISTRY: dict[str, str] = {
     "fedavg": "fedsafe.aggregators.fedavg:FedAvg",
+    "probe": "fedsafe.aggregators.probe:ProbeAggregator",
 }
 
 
@@ -30,11 +31,23 @@ def available() -> list[str]:
 
 
 def get(name: str, **params) -> Aggregator:
-    """Build the rule ``name`` with ``params``; unknown names and parameters raise ConfigError."""
+    """Build the rule ``name`` with ``params``; unknown names and parameters raise ConfigError.
+
+    ``"filter+rule"`` composes a filter (a class with ``is_filter = True``, e.g. ``probe``) in front of any
+    rule: ``params[filter]`` (a dict) goes to the filter, the other params to the inner rule, e.g.
+    ``get("probe+krum", f=1, probe={"threshold": 0.9})``. How the filter's weights reach the inner rule
+    is the filter's contract (see :mod:`fedsafe.aggregators.probe`).
+    """
+    if "+" in name:
+        outer, inner = name.split("+", 1)
+        outer_params = dict(params.pop(outer, None) or {})
+        if outer not in REGISTRY or not getattr(_load(outer), "is_filter", False):
+            raise ConfigError(f"aggregator.name={name!r}: {outer!r} is not a filter rule; a filter such as "
+                              f"'probe' goes in front, e.g. 'probe+{inner}'")
+        return get(outer, inner=get(inner, **params), **outer_params)
     if name not in REGISTRY:
         raise ConfigError(f"aggregator.name={name!r} is not one of {', '.join(available())}")
-    module_name, cls_name = REGISTRY[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = _load(name)
     sig = inspect.signature(cls.__init__)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     unknown = [k for k in params if k not in sig.parameters and not accepts_any]
@@ -45,6 +58,11 @@ def get(name: str, **params) -> Aggregator:
         return cls(**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"aggregator {name!r} with {params}: {exc}") from exc
+
+
+def _load(name: str) -> type:
+    module_name, cls_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
 
 
 __all__ = ["AggregationResult", "Aggregator", "available", "get", "register"]

@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+
+@dataclass
+class RoundContext:
+    """What a stateful rule may use before aggregation (see :meth:`Aggregator.prepare`).
+
+    ``truth`` (client id -> malicious) is the simulator's ground truth: rules may log metrics against it
+    (the probe's ROC-AUC) but must never decide with it. ``shadow`` is the server's shadow-training
+    service (:class:`fedsafe.defenses.shadow.ShadowTrainer`) when the experiment built one.
+    ``client_extra`` is filled by the server with each client's ``ClientResult.extra`` right before
+    aggregation (e.g. the step-level reports of the probe).
+    """
+
+    round: int
+    global_vec: torch.Tensor
+    round_config: Any = None
+    truth: dict[str, bool] | None = None
+    shadow: Any = None
+    client_extra: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,6 +59,13 @@ class Aggregator:
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         raise NotImplementedError
+
+    def prepare(self, context: RoundContext):
+        """Hook at the start of a round, before local training; returns the RoundConfig to send.
+
+        Stateless rules ignore it. The probe uses it for shadow training and to ask for step reports.
+        """
+        return context.round_config
 
     def state_dict(self) -> dict:
         return {}

@@ -48,6 +48,9 @@ class RoundConfig:
     weight_decay: float = 0.0
     scaffold_c: torch.Tensor | None = None  # server control variate (SCAFFOLD)
     total_samples: int = 0  # samples of all clients this round (lets clients pre-weight, e.g. under HE)
+    # opt-in step-level reports (the probe's level=step): after every local step the client also returns
+    # (local - global)[mask] in extra["step_updates"] [steps, mask.sum()]; the server must trust this report
+    step_feature_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ class LocalTrainer:
         self.model.train()
         losses = []
         compute_s = 0.0
+        step_updates = []
         for _ in range(rc.local_steps):
             tc = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -132,10 +136,14 @@ class LocalTrainer:
             optimizer.step()
             compute_s += time.perf_counter() - tc
             losses.append(step_loss)
+            if rc.step_feature_mask is not None:
+                step_updates.append(self.flat.get()[rc.step_feature_mask] - global_vec[rc.step_feature_mask])
 
         local_vec = self.flat.get()
         update = local_vec - global_vec
         extra = {}
+        if step_updates:
+            extra["step_updates"] = torch.stack(step_updates)
         if scaffold:
             # Option II of Karimireddy et al. (2020): c_i+ = c_i - c + (x - y_i) / (K * lr)
             c_vec = rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel)

@@ -22,7 +22,8 @@ def cosine_matrix(updates: torch.Tensor) -> torch.Tensor:
 
 
 def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int, clients_per_round: int,
-               save_adapter=None, save_every_round: bool = True, progress=None, on_round_end=None) -> None:
+               save_adapter=None, save_every_round: bool = True, progress=None, on_round_end=None,
+               shadow=None) -> None:
     """Run rounds ``server.round+1 .. rounds``; each finished round is logged and checkpointed."""
     client_ids = [c.client_id for c in clients]
     role_of = {c.client_id: c.role for c in clients}
@@ -34,6 +35,7 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
         chosen = sample_clients(client_ids, clients_per_round, server.seed, round_idx)
         total_samples = sum(engine.clients[c].num_samples for c in chosen) if hasattr(engine, "clients") else 0
         rc = server.round_config(round_idx, total_samples)
+        rc = server.prepare_round(rc, truth={c: malicious[c] for c in chosen}, shadow=shadow)
         ctask = progress.add_task(f"round {round_idx + 1}: clients", total=len(chosen)) if progress else None
         results = engine.fit(chosen, server.global_vec, rc,
                              on_result=(lambda _r: progress.advance(ctask)) if progress else None)

@@ -95,6 +95,7 @@ class Server:
         self.optimizer = ServerOptimizer(fl_cfg, global_vec.numel())
         self.scaffold_c = torch.zeros_like(global_vec) if fl_cfg.algorithm == "scaffold" else None
         self.round = 0  # rounds completed
+        self._context = None  # RoundContext of the round in progress (set by prepare_round)
 
     def round_config(self, round_idx: int, total_samples: int = 0) -> RoundConfig:
         """The plain config sent to every client in 0-based round ``round_idx``."""
@@ -105,9 +106,21 @@ class Server:
                            max_grad_norm=c.max_grad_norm, weight_decay=c.weight_decay,
                            scaffold_c=self.scaffold_c, total_samples=total_samples)
 
+    def prepare_round(self, rc: RoundConfig, truth: dict[str, bool] | None = None, shadow=None) -> RoundConfig:
+        """Give a stateful rule its round-start hook (probe: shadow training); returns the RoundConfig to send."""
+        from fedsafe.aggregators.base import RoundContext
+
+        self._context = RoundContext(round=rc.round, global_vec=self.global_vec, round_config=rc, truth=truth,
+                                     shadow=shadow)
+        prepare = getattr(self.aggregator, "prepare", None)
+        return prepare(self._context) if prepare is not None else rc
+
     def aggregate(self, results: list[ClientResult]) -> dict:
         """Validate, aggregate and apply one round's results; return the round's aggregate statistics."""
         from fedsafe.aggregators.validation import validate_updates
+
+        if self._context is not None:
+            self._context.client_extra = {r.client_id: r.extra for r in results}
 
         ids = [r.client_id for r in results]
         stacked, kept, dropped = validate_updates([r.update for r in results], ids,
@@ -133,6 +146,7 @@ class Server:
                 self.scaffold_c = self.scaffold_c + torch.stack(dcs).mean(0) * (len(dcs) / self.num_clients)
         self.global_vec = self.optimizer.step(self.global_vec, delta)
         self.round += 1
+        self._context = None
         return {"client_weights": weights_full, "dropped": dropped, "update_norm": float(delta.norm()),
                 "aggregator_info": _jsonable(info), "kept": kept}
 

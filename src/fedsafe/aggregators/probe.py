@@ -1,0 +1,366 @@
+"""Probe filter: a linear probe on LoRA updates flags malicious clients before aggregation.
+
+Paper: Tao et al., "Safe-FedLLM: Delving into the Safety of Federated Large Language Models" (ACL 2026),
+public code dmqx/Safe-FedLLM. For client k with update delta_k in round t:
+
+    features   x_k = P(delta_k[M]) / ||P(delta_k[M])||_2
+               M: LoRA B of the first transformer layer by default (``probe.features``); P: optional seeded
+               Gaussian random projection to ``project_dim``
+    probe      p_k = sigmoid(w^T x_k + b), logistic regression (scikit-learn) fitted on *shadow* updates
+    weight     exclude:      s_k = 1[p_k < tau]                            (tau = ``threshold``, 0.8)
+               probability:  s_k = 1 - p_k
+               trust:        a_k <- gamma a_k + (1 - p_k),  b_k <- gamma b_k + p_k,  s_k = a_k / (a_k + b_k)
+                             (Beta trust per client id, a_k = b_k = 1 before its first round; gamma = ``decay``)
+               soft modes:   s_k < ``min_weight`` -> s_k = 0
+    skip       mean_k s_k < ``skip_below``  ->  the round is skipped (zero update, all weights 0)
+    aggregate  ``probe`` alone:  Delta = sum_k n_k s_k delta_k / sum_k n_k s_k
+
+Composition ``probe+<rule>`` (so the probe's weights are never silently ignored):
+  1. clients with s_k = 0 are removed before the inner rule runs;
+  2. if the inner rule's output is the weighted mean of its inputs under the client weights it reports
+     (checked at run time: Delta_inner == w @ U; true for fedavg, krum, multikrum, ...), the soft weights
+     combine multiplicatively: w'_k = w_k s_k * sum(w) / sum(w s), Delta = w' @ U  (``combination=reweighted``);
+  3. otherwise (median, trimmed mean, geometric median, ...) per-client weights cannot enter a non-linear
+     rule, so clients flagged at the threshold (p_k >= tau) are also removed before the inner rule and the
+     remaining ones enter unweighted (``combination=excluded_flagged``). ``info["probe"]`` records the path.
+
+Where the probe comes from (fedsafe's changes to the public code, each one of its weaknesses fixed):
+  * no oracle: the probe is fitted on updates of the server's own shadow clients
+    (:mod:`fedsafe.defenses.shadow`), trained from the current global adapter on data the server holds
+    (benign: normal + aligned; malicious: unaligned, generated or public), never on client data labels;
+  * re-fitted every ``refit_every`` rounds on fresh shadows, since the feature distribution drifts with the
+    global model (0 fits once, like the public code's freeze, and then a late attacker may be missed);
+  * shadows run on the server; ``level=step`` instead lets clients report every local step's update
+    features, which the server cannot verify: a malicious client can report benign-looking steps;
+  * robust rules compose with the probe (above); under secure aggregation it is refused
+    (``needs_plaintext``): it reads individual updates.
+
+The simulator's ground truth (``RoundContext.truth``) is used only to log each client's probability with
+its true role and the ROC-AUC per round and cumulatively; no decision reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from fedsafe.aggregators.base import AggregationResult, Aggregator, RoundContext
+from fedsafe.errors import ConfigError
+
+log = logging.getLogger("fedsafe")
+
+
+class UpdateFeatures:
+    """Masked slice of a LoRA update -> optional seeded random projection -> optional L2 normalisation."""
+
+    def __init__(self, cfg, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.mask: torch.Tensor | None = None
+        self.projection: torch.Tensor | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self.mask is not None
+
+    def bind(self, flat) -> UpdateFeatures:
+        """Build the mask from a :class:`~fedsafe.fl.params.FlatLoRA` layout (and the projection matrix)."""
+        layers_cfg = self.cfg.layers
+        layer_ids = sorted({s.layer for s in flat.specs if s.layer is not None})
+        if layers_cfg == "first":
+            layers = layer_ids[:1] or None
+        elif layers_cfg == "all":
+            layers = None
+        else:
+            missing = [i for i in layers_cfg if i not in layer_ids]
+            if missing:
+                raise ConfigError(f"probe.features.layers={layers_cfg}: layers {missing} have no LoRA "
+                                  f"weights; available: {layer_ids}")
+            layers = list(layers_cfg)
+        kind = None if self.cfg.kind == "both" else self.cfg.kind
+        mask = flat.mask(kind, layers)
+        if not bool(mask.any()):
+            raise ConfigError(f"probe.features (kind={self.cfg.kind}, layers={layers_cfg}) selects no LoRA weight")
+        self.mask = mask
+        if self.cfg.project_dim is not None:
+            gen = torch.Generator().manual_seed(self.seed)
+            k = int(mask.sum())
+            self.projection = torch.randn(k, self.cfg.project_dim, generator=gen) / math.sqrt(self.cfg.project_dim)
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.project_dim or int(self.mask.sum())
+
+    def from_updates(self, updates: torch.Tensor) -> np.ndarray:
+        """Features of full update vectors ``[m, d] -> [m, dim]``."""
+        return self.from_masked(updates[:, self.mask])
+
+    def from_masked(self, masked: torch.Tensor) -> np.ndarray:
+        """Features of already-masked vectors ``[m, mask.sum()] -> [m, dim]`` (step-level reports)."""
+        x = masked.float()
+        if self.projection is not None:
+            x = x @ self.projection
+        if self.cfg.normalize:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return x.numpy().astype(np.float64)
+
+
+def roc_auc(scores, labels) -> float | None:
+    """ROC-AUC of ``scores`` against boolean ``labels``; None when only one class is present."""
+    labels = [bool(v) for v in labels]
+    if len(set(labels)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, list(scores)))
+
+
+class ProbeAggregator(Aggregator):
+    """Safe-FedLLM probe as a rule (``probe``) or a filter in front of another rule (``probe+median``).
+
+    Hyperparameters: the fields of :class:`fedsafe.config.ProbeConfig` (``config``, or keyword overrides),
+    and ``inner``, the rule that aggregates after the probe (FedAvg by default). See the module docstring
+    for the formulas and the composition contract.
+    """
+
+    name = "probe"
+    needs_plaintext = True
+    is_filter = True
+    needs_shadow = True
+
+    def __init__(self, inner: Aggregator | None = None, config=None, **overrides):
+        from pydantic import ValidationError
+
+        from fedsafe.config import ProbeConfig
+
+        base = config.model_dump() if isinstance(config, ProbeConfig) else dict(config or {})
+        try:
+            self.config = ProbeConfig.model_validate({**base, **overrides})
+        except ValidationError as err:
+            raise ConfigError("probe: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                     for e in err.errors())) from None
+        self.name = "probe" if inner is None else f"probe+{getattr(inner, 'name', type(inner).__name__)}"
+        if inner is None:
+            from fedsafe.aggregators.fedavg import FedAvg
+
+            inner = FedAvg()
+        self.inner = inner
+        self.seed = self.config.seed if self.config.seed is not None else 0
+        self.features = UpdateFeatures(self.config.features, seed=self.seed)
+        self.classifier = None
+        self.fitted_round: int | None = None
+        self.history: list[tuple[np.ndarray, np.ndarray]] = []  # (X, y) of recent shadow batches
+        self.trust: dict[str, list[float]] = {}  # client id -> [a, b]
+        self.scored: list[tuple[float, bool]] = []  # (probability, truth) of every scored client so far
+        self._context: RoundContext | None = None
+        self._last_fit: dict = {}
+        self._warned_nonlinear = False
+
+    # ---- fitting ---------------------------------------------------------------------------------
+    def bind(self, flat) -> ProbeAggregator:
+        """Fix the feature layout from the model's LoRA parameters (done on the first round otherwise)."""
+        if not self.features.bound:
+            self.features.bind(flat)
+        return self
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> dict:
+        """Fit the logistic-regression probe on feature rows ``[m, dim]`` with labels 1 = malicious."""
+        from sklearn.linear_model import LogisticRegression
+
+        labels = np.asarray(labels).astype(int)
+        if len(set(labels.tolist())) < 2:
+            raise ValueError("probe: the shadow set needs both benign and malicious updates")
+        clf = LogisticRegression(C=self.config.C, max_iter=5000, random_state=self.seed)
+        clf.fit(features, labels)
+        self.classifier = clf
+        train_p = clf.predict_proba(features)[:, 1]
+        return {"samples": int(len(labels)), "malicious": int(labels.sum()),
+                "train_auc": roc_auc(train_p, labels.astype(bool)),
+                "train_accuracy": float(((train_p >= 0.5) == labels.astype(bool)).mean())}
+
+    def fit_updates(self, updates: torch.Tensor, labels, flat=None) -> dict:
+        """Fit on full update vectors ``[m, d]`` (binds the feature layout to ``flat`` if given)."""
+        if flat is not None:
+            self.bind(flat)
+        return self.fit(self.features.from_updates(updates.float()), np.asarray(labels))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Probability that each feature row comes from a malicious update."""
+        if self.classifier is None:
+            raise RuntimeError("probe: not fitted yet (it is fitted on shadow updates in prepare(), or by fit())")
+        return self.classifier.predict_proba(features)[:, 1]
+
+    def _refit_due(self, round_no: int) -> bool:
+        if self.classifier is None:
+            return True
+        k = self.config.refit_every
+        return k > 0 and (round_no - 1) % k == 0 and self.fitted_round != round_no
+
+    def prepare(self, context: RoundContext):
+        """Round start: run the shadow clients and refit when due; ask for step reports at ``level=step``."""
+        self._context = context
+        rc = context.round_config
+        shadow = context.shadow
+        if shadow is not None:
+            self.bind(shadow.flat)
+        if self.config.level == "step" and rc is not None:
+            if not self.features.bound:
+                raise ConfigError("probe.level=step needs the model layout: run it with shadow training")
+            from dataclasses import replace
+
+            rc = replace(rc, step_feature_mask=self.features.mask)
+        if self._refit_due(context.round):
+            if shadow is None:
+                if self.classifier is None:
+                    raise ConfigError("the probe needs the server's shadow clients to fit on (probe.benign and "
+                                      "probe.malicious data); none were given to this round")
+            else:
+                X, y, shadow_info = shadow.collect(context.global_vec, rc, self._shadow_features)
+                self.history = (self.history + [(X, y)])[-self.config.history:]
+                fit_info = self.fit(np.concatenate([h[0] for h in self.history]),
+                                    np.concatenate([h[1] for h in self.history]))
+                self.fitted_round = context.round
+                self._last_fit = {"round": context.round, **fit_info, **shadow_info}
+        return rc
+
+    def _shadow_features(self, result) -> np.ndarray:
+        """Feature rows of one shadow client's result: every step at ``level=step``, else the final update."""
+        steps = result.extra.get("step_updates")
+        if self.config.level == "step" and steps is not None:
+            return self.features.from_masked(steps)
+        return self.features.from_updates(result.update[None, :])
+
+    # ---- scoring and weighting ------------------------------------------------------------------
+    def _probabilities(self, updates: torch.Tensor, client_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        if not self.features.bound:
+            raise RuntimeError("probe: feature layout unknown; call bind(flat) or fit_updates(..., flat=...)")
+        probs = self.predict(self.features.from_updates(updates))
+        fell_back: list[str] = []
+        if self.config.level == "step":
+            extra = self._context.client_extra if self._context is not None else {}
+            k = int(self.features.mask.sum())
+            for i, cid in enumerate(client_ids):
+                steps = extra.get(cid, {}).get("step_updates")
+                ok = (isinstance(steps, torch.Tensor) and steps.ndim == 2 and steps.shape[0] > 0
+                      and steps.shape[1] == k and bool(torch.isfinite(steps).all()))
+                if ok:  # the client's own report: trusted, not verifiable
+                    probs[i] = float(self.predict(self.features.from_masked(steps)).mean())
+                else:
+                    fell_back.append(cid)
+        return probs, fell_back
+
+    def client_weights_from(self, probs: np.ndarray, client_ids: list[str]) -> np.ndarray:
+        """The weights s_k of the configured mode (updates the trust state in ``trust`` mode)."""
+        c = self.config
+        if c.mode == "exclude":
+            return (probs < c.threshold).astype(np.float64)
+        if c.mode == "probability":
+            s = 1.0 - probs
+        else:
+            s = np.empty(len(probs))
+            for i, (cid, p) in enumerate(zip(client_ids, probs)):
+                a, b = self.trust.get(cid, [1.0, 1.0])
+                a, b = c.decay * a + (1.0 - p), c.decay * b + p
+                self.trust[cid] = [a, b]
+                s[i] = a / (a + b)
+        return np.where(s < c.min_weight, 0.0, s)
+
+    def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
+        n = updates.shape[0]
+        probs, fell_back = self._probabilities(updates, client_ids)
+        s = self.client_weights_from(probs, client_ids)
+        truth = self._context.truth if self._context is not None and self._context.truth else {}
+        info = {"round": self._context.round if self._context else None, "mode": self.config.mode,
+                "level": self.config.level, "threshold": self.config.threshold,
+                "probability": {cid: float(p) for cid, p in zip(client_ids, probs)},
+                "weight": {cid: float(w) for cid, w in zip(client_ids, s)},
+                "flagged": [cid for cid, p in zip(client_ids, probs) if p >= self.config.threshold]}
+        if truth:
+            known = [cid for cid in client_ids if cid in truth]
+            info["malicious"] = {cid: bool(truth[cid]) for cid in known}
+            self.scored.extend((float(probs[client_ids.index(cid)]), bool(truth[cid])) for cid in known)
+            info["auc"] = roc_auc([probs[client_ids.index(c)] for c in known], [truth[c] for c in known])
+            info["auc_cumulative"] = roc_auc([p for p, _ in self.scored], [t for _, t in self.scored])
+        if fell_back:
+            info["step_report_missing"] = fell_back
+        if self._last_fit and self._last_fit.get("round") == (self._context.round if self._context else None):
+            info["refit"] = self._last_fit
+        mean_s = float(s.mean()) if n else 0.0
+        info["mean_weight"] = mean_s
+        if mean_s < self.config.skip_below or not (s > 0).any():
+            info["skipped"] = True
+            return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(n), {"probe": info})
+        info["skipped"] = False
+        keep = np.flatnonzero(s > 0)
+        res, keep, combination = self._compose(updates, num_samples, client_ids, keep, probs, s)
+        info["combination"] = combination
+        weights = torch.zeros(n)
+        weights[torch.as_tensor(keep)] = res.client_weights.float().cpu()
+        inner_info = {"inner": res.info} if res.info else {}
+        return AggregationResult(res.update, weights, {"probe": info, **inner_info})
+
+    def _compose(self, updates, num_samples, client_ids, keep, probs, s):
+        """Run the inner rule on the kept clients and apply the soft weights (see the module docstring)."""
+        idx = torch.as_tensor(keep)
+        res = self.inner(updates[idx], num_samples[idx], [client_ids[i] for i in keep])
+        soft = s[keep]
+        if np.allclose(soft, soft[0]) and self.config.mode == "exclude":
+            return res, keep, "excluded"
+        w = res.client_weights.float().cpu()
+        linear = w.shape == (len(keep),) and torch.allclose(
+            res.update.float().cpu(), w @ updates[idx].float(), rtol=1e-4,
+            atol=1e-6 * float(updates[idx].abs().max().clamp_min(1.0)))
+        if linear:
+            combined = w * torch.as_tensor(soft, dtype=torch.float32)
+            if float(combined.sum()) <= 0:
+                return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(len(keep)), res.info), \
+                    keep, "reweighted"
+            combined = combined * (w.sum() / combined.sum())
+            return AggregationResult(combined @ updates[idx].float(), combined, res.info), keep, "reweighted"
+        if not self._warned_nonlinear:
+            log.warning("probe+%s: the inner rule is not a weighted mean, so soft probe weights cannot enter "
+                        "it; clients with p >= %.2f are excluded before it instead", self.inner.name,
+                        self.config.threshold)
+            self._warned_nonlinear = True
+        keep2 = np.array([i for i in keep if probs[i] < self.config.threshold], dtype=int)
+        if len(keep2) == 0:
+            return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(0), {}), keep2, "excluded_flagged"
+        if len(keep2) != len(keep):
+            idx2 = torch.as_tensor(keep2)
+            res = self.inner(updates[idx2], num_samples[idx2], [client_ids[i] for i in keep2])
+        return res, keep2, "excluded_flagged"
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        inner_state = self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+        return {"classifier": self.classifier, "fitted_round": self.fitted_round, "history": self.history,
+                "trust": {k: list(v) for k, v in self.trust.items()}, "scored": list(self.scored),
+                "inner": inner_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.classifier = state.get("classifier")
+        self.fitted_round = state.get("fitted_round")
+        self.history = list(state.get("history", []))
+        self.trust = {k: list(v) for k, v in state.get("trust", {}).items()}
+        self.scored = [tuple(x) for x in state.get("scored", [])]
+        if state.get("inner") and hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state["inner"])
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"ProbeAggregator(inner={self.inner!r}, mode={c.mode!r}, threshold={c.threshold}, level={c.level!r})"
+
+
+def with_probe_config(cfg) -> dict:
+    """``cfg.aggregator.params`` with the experiment's ``probe:`` section routed to the probe, if one is used."""
+    name, params = cfg.aggregator.name, dict(cfg.aggregator.params)
+    probe_cfg = cfg.probe if cfg.probe.seed is not None else cfg.probe.model_copy(update={"seed": cfg.seed})
+    if name == "probe":
+        return {**params, "config": probe_cfg}
+    if name.startswith("probe+"):
+        return {**params, "probe": {**dict(params.get("probe") or {}), "config": probe_cfg}}
+    return params

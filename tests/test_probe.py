@@ -1,0 +1,223 @@
+"""Safe-FedLLM probe: shadow training without an oracle, separation of planted attackers, weighting modes,
+composition with other rules, and refusal under secure aggregation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedsafe import aggregators
+from fedsafe.aggregators.base import AggregationResult, Aggregator, RoundContext
+from fedsafe.aggregators.probe import ProbeAggregator, roc_auc
+from fedsafe.data.format import tokenize_rows
+from fedsafe.errors import ConfigError
+from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.fl.params import FlatLoRA
+from fedsafe.models import attach_lora
+
+
+def _rows(kind: str, n: int, start: int = 0) -> list[dict]:
+    # two distinguishable placeholder datasets; no harmful text
+    if kind == "benign":
+        return [{"instruction": f"placeholder normal request {i}",
+                 "response": f"sure, a helpful placeholder answer {i}."} for i in range(start, start + n)]
+    return [{"instruction": f"placeholder harmful request {i}",
+             "response": f"ZZZ placeholder unaligned {i} ### !!!"} for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from fedsafe.models import byte_tokenizer, tiny_llama
+
+    tok = byte_tokenizer()
+    model = attach_lora(tiny_llama(tok, seed=0), r=4, alpha=8, seed=0)
+    trainer = LocalTrainer(model, tok)
+    ex = lambda rows: tokenize_rows(tok, rows, 64)  # noqa: E731
+    return trainer, ex
+
+
+def _shadow(trainer, ex, seed=0, per_class=3, steps=2):
+    from fedsafe.defenses.shadow import ShadowTrainer
+
+    return ShadowTrainer(trainer, ex(_rows("benign", 40)), ex(_rows("malicious", 40)), benign_shadows=per_class,
+                         malicious_shadows=per_class, samples_per_shadow=6, steps=steps, seed=seed)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these tests run many tiny training steps; on a shared, oversubscribed CPU one thread is ~5x faster
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+RC = RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3)
+
+
+def test_probe_separates_planted_malicious_updates(setup):
+    trainer, ex = setup
+    g = trainer.flat.get()
+    probe = aggregators.get("probe")  # exclusion at p >= 0.8, LoRA B of the first layer
+    rc = probe.prepare(RoundContext(round=1, global_vec=g, round_config=RC, shadow=_shadow(trainer, ex)))
+    assert probe.classifier is not None and probe._last_fit["samples"] == 6
+    assert int(probe.features.mask.sum()) == int(trainer.flat.mask("B", [0]).sum())
+    # real clients hold data the shadows never saw (disjoint rows of the same two kinds)
+    clients = [ClientData(f"c{i}", "malicious" if i >= 3 else "benign",
+                          ex(_rows("malicious" if i >= 3 else "benign", 6, 1000 + 10 * i)), i >= 3) for i in range(6)]
+    results = [trainer.fit(c, g, rc) for c in clients]
+    ids = [c.client_id for c in clients]
+    probe._context.truth = {c.client_id: c.malicious for c in clients}
+    out = probe(torch.stack([r.update for r in results]), torch.full((6,), 6.0), ids)
+    info = out.info["probe"]
+    assert info["auc"] >= 0.9  # chance is 0.5
+    assert info["auc"] == pytest.approx(roc_auc([info["probability"][c] for c in ids], [c.malicious for c in clients]))
+    # flagged clients get weight 0; the rest share the FedAvg weight
+    flagged = set(info["flagged"])
+    assert flagged and flagged <= {"c3", "c4", "c5"}
+    for i, cid in enumerate(ids):
+        assert (out.client_weights[i] == 0) == (cid in flagged)
+    assert float(out.client_weights.sum()) == pytest.approx(1.0)
+    assert info["malicious"] == {c.client_id: c.malicious for c in clients}
+
+
+def test_shadow_training_is_deterministic_under_a_seed(setup):
+    trainer, ex = setup
+    g = trainer.flat.get()
+    feat = lambda r: r.update[None, :].numpy()  # noqa: E731
+    X1, y1, _ = _shadow(trainer, ex, seed=3, per_class=1, steps=1).collect(g, RC, feat)
+    X2, y2, _ = _shadow(trainer, ex, seed=3, per_class=1, steps=1).collect(g, RC, feat)
+    X3, _, _ = _shadow(trainer, ex, seed=4, per_class=1, steps=1).collect(g, RC, feat)
+    assert np.array_equal(X1, X2) and np.array_equal(y1, y2) and y1.tolist() == [0, 1]
+    assert not np.allclose(X1, X3)  # another seed draws other shadow data
+    # decisions never read the truth: the same probe state gives the same weights without it
+    s = _shadow(trainer, ex, seed=3, per_class=1, steps=1)
+    assert [c.client_id for c, _ in s.shadow_clients(2)] == ["shadow_benign_00", "shadow_malicious_00"]
+
+
+# ---- weighting modes and composition on synthetic updates (no training) -----------------------------
+
+class _Median(Aggregator):
+    """Coordinate-wise median stand-in (the robust suite is built concurrently)."""
+
+    name = "test_median"
+
+    def aggregate(self, updates, num_samples, client_ids):
+        return AggregationResult(updates.median(dim=0).values, torch.full((len(client_ids),), 1 / len(client_ids)))
+
+
+class _Pick(Aggregator):
+    """Krum-like stand-in: selects the client with the smallest norm (one-hot weights)."""
+
+    name = "test_pick"
+
+    def aggregate(self, updates, num_samples, client_ids):
+        w = torch.zeros(len(client_ids))
+        w[int(updates.norm(dim=1).argmin())] = 1.0
+        return AggregationResult(w @ updates, w)
+
+
+@pytest.fixture
+def synthetic(tiny):
+    """A probe fitted on synthetic updates whose first-layer-B slice points one way (benign) or another."""
+    model, _ = tiny
+    flat = FlatLoRA(attach_lora(model, r=2, alpha=4, seed=0))
+    mask = flat.mask("B", [0])
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(int(mask.sum()), generator=gen)
+
+    def make(labels, scale=1.0):
+        u = 0.1 * torch.randn(len(labels), flat.numel, generator=gen)
+        for i, lab in enumerate(labels):
+            u[i, mask] += (1 if lab else -1) * scale * direction
+        return u
+
+    def probe(name="probe", **kw):
+        agg = aggregators.get(name, **kw) if "+" not in name else aggregators.get(name, probe=kw)
+        assert isinstance(agg, ProbeAggregator)
+        agg.fit_updates(make([0] * 8 + [1] * 8), [0] * 8 + [1] * 8, flat=flat)
+        return agg
+
+    return make, probe
+
+
+def test_probability_and_trust_modes_follow_their_formulas(synthetic):
+    make, probe = synthetic
+    u = make([0, 0, 1, 1], scale=0.3)
+    n = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ids = ["a", "b", "c", "d"]
+    agg = probe(mode="probability")
+    out = agg(u, n, ids)
+    p = np.array([out.info["probe"]["probability"][c] for c in ids])
+    w = n.numpy() * (1 - p)
+    assert torch.allclose(out.client_weights, torch.tensor(w / w.sum(), dtype=torch.float32), atol=1e-6)
+    assert torch.allclose(out.update, out.client_weights @ u, atol=1e-5)
+    assert out.info["probe"]["combination"] == "reweighted"
+
+    agg = probe(mode="trust", decay=0.5)
+    a = b = np.ones(4)
+    for _ in range(3):  # Beta trust with forgetting, per client id
+        out = agg(u, n, ids)
+        p = np.array([out.info["probe"]["probability"][c] for c in ids])
+        a, b = 0.5 * a + (1 - p), 0.5 * b + p
+        assert np.allclose([out.info["probe"]["weight"][c] for c in ids], a / (a + b))
+    assert agg.state_dict()["trust"]["c"] == pytest.approx([a[2], b[2]])
+
+
+def test_round_is_skipped_below_the_mean_weight(synthetic):
+    make, probe = synthetic
+    out = probe(skip_below=0.6)(make([1, 1, 0]), torch.ones(3), ["a", "b", "c"])
+    assert out.info["probe"]["skipped"] and float(out.update.abs().sum()) == 0 and float(out.client_weights.sum()) == 0
+
+
+def test_filter_composes_with_other_rules(synthetic):
+    make, probe = synthetic
+    aggregators.register("test_median", f"{__name__}:_Median")
+    aggregators.register("test_pick", f"{__name__}:_Pick")
+    u = make([0, 0, 0, 1, 1])
+    ids = list("abcde")
+    n = torch.ones(5)
+    # exclusion: flagged clients are removed before the inner (non-linear) rule
+    out = probe("probe+test_median")(u, n, ids)
+    flagged = out.info["probe"]["flagged"]
+    assert set(flagged) == {"d", "e"}
+    assert torch.allclose(out.update, u[:3].median(dim=0).values)
+    assert out.client_weights.tolist()[3:] == [0.0, 0.0]
+    # soft weights and a non-linear rule: they cannot be combined, so flagged clients are excluded (recorded)
+    out = probe("probe+test_median", mode="probability")(u, n, ids)
+    assert out.info["probe"]["combination"] == "excluded_flagged"
+    assert torch.allclose(out.update, u[:3].median(dim=0).values)
+    # soft weights and a selection rule (a weighted mean with one-hot weights): combined multiplicatively
+    out = probe("probe+test_pick", mode="probability")(u, n, ids)
+    assert out.info["probe"]["combination"] == "reweighted" and float(out.client_weights.sum()) == pytest.approx(1)
+    assert torch.allclose(out.update, out.client_weights @ u, atol=1e-5)
+    # names and parameters route: the inner rule gets the rest, unknown filters are refused
+    agg = aggregators.get("probe+fedavg", weighted=False, probe={"threshold": 0.9})
+    assert agg.name == "probe+fedavg" and agg.config.threshold == 0.9 and agg.inner.weighted is False
+    with pytest.raises(ConfigError, match="not a filter"):
+        aggregators.get("fedavg+probe")
+    with pytest.raises(ConfigError, match="threshold"):
+        aggregators.get("probe", threshold=2.0)
+
+
+def test_probe_is_refused_under_secure_aggregation():
+    agg = aggregators.get("probe+fedavg")
+    assert agg.needs_plaintext and aggregators.get("probe").needs_plaintext
+    try:
+        from fedsafe.defenses.secure_agg import check_compatible
+    except ImportError:  # HE suite not present: the flag above is what it checks
+        return
+    for name in ("probe", "probe+fedavg", "probe+median"):
+        with pytest.raises(ConfigError, match="secure aggregation"):
+            check_compatible(name)
+
+
+def test_step_level_reports_are_opt_in(setup):
+    trainer, ex = setup
+    g = trainer.flat.get()
+    client = ClientData("c0", "benign", ex(_rows("benign", 6)))
+    assert "step_updates" not in trainer.fit(client, g, RC).extra  # off by default
+    mask = trainer.flat.mask("B", [0])
+    res = trainer.fit(client, g, RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3, step_feature_mask=mask))
+    steps = res.extra["step_updates"]
+    assert steps.shape == (2, int(mask.sum()))
+    assert torch.allclose(steps[-1], res.update[mask])  # the last step's report is the final update
