@@ -48,14 +48,14 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
         engine: str = typer.Option("inprocess", "--engine", help="inprocess | flower"),
         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Run an experiment from a config file (or the quickstart) and print its run directory."""
-    from fedsafe.config import load_config
+    from fedsafe.config import load_config, quickstart_path
 
     if resume is not None:
         if config is not None or set_:
             raise FedsafeError("--resume continues a run with its saved config; do not pass a config or --set")
         cfg = None
     else:
-        cfg = load_config(config, set_)
+        cfg = load_config(config if config is not None else quickstart_path(), set_)
     if engine == "flower":
         from fedsafe.engines.flower import run_flower_experiment
 
@@ -89,7 +89,8 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     from fedsafe.report import write_report
     from fedsafe.rundir import RunDir
 
-    RunDir.open(run_dir)
+    if not (run_dir / "grid.yaml").exists():  # a grid directory has no config.yaml of its own
+        RunDir.open(run_dir)
     md, html = write_report(run_dir)
     print(md)
     print(html)
@@ -115,7 +116,8 @@ def _register_optional_commands() -> None:
     for module, attr, name in (("fedsafe.attacks.datagen", "generate_app", "generate"),
                                ("fedsafe.evaluation.cli", "eval_command", "eval"),
                                ("fedsafe.grid", "grid_command", "grid"),
-                               ("fedsafe.attacks.privacy_cli", "attack_app", "attack")):
+                               ("fedsafe.attacks.privacy_cli", "attack_app", "attack"),
+                               ("fedsafe.engines.flower_cli", "flower_app", "flower")):
         try:
             obj = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError):

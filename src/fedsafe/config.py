@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedsafe.defenses.he_params import CKKSParams, check_compatible
 from fedsafe.errors import ConfigError
 
 
@@ -143,6 +144,8 @@ class PosthocConfig(_Strict):
     batch_size: int | None = Field(None, ge=1, description="default: fl.batch_size")
     seed_instructions: int = Field(64, ge=1, description="levels 2/3: instructions to generate per kind")
     max_new_tokens: int = Field(96, ge=8, description="levels 2/3: response length")
+    generation: dict[str, Any] = Field(default_factory=dict, description="levels 2/3: more datagen options "
+                                       "(temperature, top_p, batch_size, per_prompt, instructions: <file>, ...)")
 
 
 class ProbeFeaturesConfig(_Strict):
@@ -190,6 +193,19 @@ class ProbeConfig(_Strict):
     seed: int | None = Field(None, description="shadow sampling/training and projection seed (default: seed)")
 
 
+class FlowerConfig(_Strict):
+    """Flower engine (``fedsafe run --engine flower`` or a SuperLink deployment); ignored in-process."""
+
+    min_available_clients: int | None = Field(
+        None, ge=1, description="wait (up to connect_timeout_s) for this many connected SuperNodes before "
+                                "round 1 (default: the clients sampled per round)")
+    min_results: int = Field(1, ge=1, description="a round needs at least this many valid replies; with fewer "
+                                                  "the global adapter is left unchanged for that round")
+    round_timeout_s: float = Field(600.0, gt=0, description="wait at most this long for a round's replies; "
+                                                          "clients that have not answered count as failed")
+    connect_timeout_s: float = Field(120.0, gt=0, description="wait at most this long for SuperNodes to connect")
+
+
 class EvalConfig(_Strict):
     """What to measure and when."""
 
@@ -209,6 +225,107 @@ class EvalConfig(_Strict):
     helpfulness_proxy: bool = Field(True, description="perplexity of held-out reference answers (offline proxy)")
 
 
+class CanaryConfig(_Strict):
+    """Random secrets inserted into victims' data (Carlini et al., "The Secret Sharer", USENIX Security 2019)."""
+
+    n: int = Field(4, ge=1, description="number of distinct canaries")
+    repeats: int = Field(5, ge=1, description="copies of each canary in its victim's data")
+    digits: int = Field(6, ge=1, le=18, description="random digits of each secret (|R| = 10^digits)")
+    instruction: str = Field("What is the account number of {name}?",
+                             description="canary instruction; {name} is a seeded made-up name")
+    template: str = Field("The account number of {name} is {secret}.",
+                          description="canary response; must contain {secret} (and may contain {name})")
+    n_candidates: int = Field(1000, ge=10, description="random candidate secrets for the exposure rank")
+    n_samples: int = Field(8, ge=0, description="sampled completions per canary for the extraction rate "
+                                                "(plus one greedy)")
+
+    @field_validator("template")
+    @classmethod
+    def _has_secret(cls, v: str) -> str:
+        if "{secret}" not in v:
+            raise ValueError("must contain the placeholder {secret}")
+        return v
+
+
+class PrivacyConfig(_Strict):
+    """Training-data extraction attacks by a participating client on the global model.
+
+    Guo et al., "Can Federated Learning Safeguard Private Data in LLM Training?" (Findings of EMNLP 2025):
+    zero-input generation, partial-input completion, multi-round tracking, loss-based membership inference.
+    """
+
+    enabled: bool = Field(False, description="run the attacks on the final global model (and every k rounds)")
+    every: int = Field(0, ge=0, description="also attack every k rounds during training (0: only at the end)")
+    victim_roles: list[str] | None = Field(None, description="roles whose data the attacker targets "
+                                                             "(default: every non-malicious role)")
+    variants: list[Literal["plain", "logit_contrast", "param_contrast"]] = Field(
+        default_factory=lambda: ["plain", "logit_contrast", "param_contrast"],
+        description="plain: theta_t; logit_contrast: z_t + alpha (z_t - z_{t-k}); "
+                    "param_contrast: theta_t + alpha (theta_t - theta_{t-k})")
+    k: int = Field(1, ge=1, description="multi-round tracking: compare round t with round t-k (round 0 = init)")
+    alpha: float = Field(1.0, ge=0, description="multi-round tracking: contrast strength")
+    n_zero_input: int = Field(64, ge=0, description="zero-input generations from BOS (0: skip)")
+    max_new_tokens: int = Field(64, ge=1, description="zero-input generation length")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling threshold")
+    prefix_fractions: list[float] = Field(default_factory=lambda: [0.3, 0.8],
+                                          description="partial-input completion: prefix shares (the paper: 30%, 80%)")
+    n_partial: int = Field(32, ge=0, description="victim samples completed per prefix share (0: skip)")
+    partial_greedy: bool = Field(True, description="complete prefixes greedily (else sample)")
+    n_mia: int = Field(64, ge=0, description="members and non-members for membership inference (0: skip)")
+    nonmembers: list[DataSource] | None = Field(None, description="non-member data for membership inference "
+                                                                  "(default: data.heldout)")
+    canaries: CanaryConfig | None = Field(None, description="insert random secrets into victims' data")
+    candidates: int = Field(8, ge=1, description="leakage: training texts scored per generation after the "
+                                                 "n-gram prefilter")
+    bertscore_model: str | None = Field(None, description="local encoder for optional BERTScore of the "
+                                                          "best matches")
+    batch_size: int = Field(16, ge=1, description="generation / scoring batch size")
+    seed: int | None = Field(None, description="attack sampling seed (default: seed)")
+
+
+class DPConfig(_Strict):
+    """Differential privacy: client-level DP-FedAvg at the server and/or local DP-SGD at each client."""
+
+    client_level: bool = Field(False, description="DP-FedAvg (McMahan et al., ICLR 2018): clip each client "
+                                                  "update to clip_norm, add N(0, (noise_multiplier*clip_norm)^2) "
+                                                  "to the sum")
+    clip_norm: float = Field(1.0, gt=0, description="client-level: L2 bound C of each client update")
+    noise_multiplier: float = Field(1.0, ge=0, description="client-level: sigma (noise std = sigma * C)")
+    local: bool = Field(False, description="local DP-SGD (Abadi et al., CCS 2016) on the LoRA parameters "
+                                           "via Opacus per-sample gradients")
+    local_clip_norm: float = Field(1.0, gt=0, description="local DP-SGD: per-sample gradient bound")
+    local_noise_multiplier: float = Field(1.0, ge=0, description="local DP-SGD: sigma")
+    delta: float | None = Field(None, gt=0, lt=1, description="target delta (default: 1/N^1.1 with N the "
+                                                               "number of clients, or samples for local DP)")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting RDP or PLD (PRV-style) accountant")
+    sampling: Literal["auto", "poisson", "without_replacement"] = Field(
+        "auto", description="sampling model for the accountant; auto: without_replacement (what fedsafe does) "
+                            "with rdp, poisson with pld")
+
+
+class ConstrainedConfig(_Strict):
+    """Regularisation-constrained local updates (a privacy defense in Guo et al. 2025)."""
+
+    l2_mu: float = Field(0.0, ge=0, description="coefficient of mu/2 ||theta - theta_global||^2 on the LoRA "
+                                                "parameters (0: off)")
+    kl_beta: float = Field(0.0, ge=0, description="coefficient of KL(p_global || p_local) on the client's "
+                                                  "response tokens (0: off; one extra forward per batch)")
+    kl_temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions in the KL")
+
+
+class SecureAggConfig(_Strict):
+    """CKKS secure aggregation with shared-mask LoRA pruning (FedShield-LLM, fixed); see fedsafe.defenses.secure_agg."""
+
+    enabled: bool = Field(False, description="clients encrypt their weighted updates; the server sums ciphertexts "
+                                             "with the public context only; a key holder decrypts")
+    ckks: CKKSParams = Field(default_factory=CKKSParams, description="CKKS parameters (N, moduli, scale); the "
+                                                                     "security level is reported at start")
+    prune_start: float = Field(0.2, ge=0, lt=1, description="pruning ratio in round 1 (magnitude of the global "
+                                                            "adapter, per LoRA tensor; 0 encrypts every value)")
+    prune_end: float = Field(0.5, ge=0, lt=1, description="pruning ratio in the last round (linear in between)")
+
+
 class ExperimentConfig(_Strict):
     """One federated experiment, from data to report."""
 
@@ -224,7 +341,12 @@ class ExperimentConfig(_Strict):
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     posthoc: PosthocConfig = Field(default_factory=PosthocConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    constrained: ConstrainedConfig = Field(default_factory=ConstrainedConfig)
+    secure_agg: SecureAggConfig = Field(default_factory=SecureAggConfig)
     scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
 
     @field_validator("name")
@@ -244,6 +366,13 @@ class ExperimentConfig(_Strict):
         if k > n:
             raise ValueError(f"fl.clients_per_round={self.fl.clients_per_round} exceeds the {n} clients "
                              "defined by roles")
+        if self.secure_agg.enabled:  # refuse rules that need plaintext updates (fedsafe.defenses.he_params)
+            try:
+                check_compatible(self.aggregator.name, self.fl.algorithm,
+                                 max_update_norm=self.aggregator.max_update_norm,
+                                 server_clipping=self.dp.client_level)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     @property
@@ -360,6 +489,13 @@ def _resolve_paths(data: Any, root: Path) -> None:
     elif isinstance(data, list):
         for v in data:
             _resolve_paths(v, root)
+
+
+def quickstart_path() -> Path:
+    """The packaged quickstart config that ``fedsafe run`` uses when no config is given."""
+    from importlib import resources
+
+    return Path(str(resources.files("fedsafe.resources") / "quickstart.yaml"))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
