@@ -221,3 +221,46 @@ def test_step_level_reports_are_opt_in(setup):
     steps = res.extra["step_updates"]
     assert steps.shape == (2, int(mask.sum()))
     assert torch.allclose(steps[-1], res.update[mask])  # the last step's report is the final update
+
+
+def test_probe_end_to_end_logs_probabilities_roles_and_auc(tmp_path):
+    """A tiny experiment with planted attackers: each round record carries the probe's view and its AUC."""
+    import json
+
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.pipeline import run_experiment
+
+    files = {}
+    for name, kind, start in (("benign", "benign", 0), ("malicious", "malicious", 0),
+                              ("shadow_benign", "benign", 5000), ("shadow_malicious", "malicious", 5000)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in _rows(kind, 24, start)))
+    cfg = ExperimentConfig.model_validate({
+        "name": "probe", "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"max_length": 64, "samples_per_client": 6},
+        "roles": [{"name": "benign", "clients": 3, "data": [{"path": str(files["benign"])}]},
+                  {"name": "malicious", "clients": 2, "data": [{"path": str(files["malicious"])}]}],
+        "fl": {"rounds": 2, "clients_per_round": 5, "local_steps": 2, "batch_size": 3, "lr": 5e-3,
+               "save_every_round": False},
+        "aggregator": {"name": "probe+fedavg"},
+        "probe": {"benign": [{"path": str(files["shadow_benign"])}],
+                  "malicious": [{"path": str(files["shadow_malicious"])}],
+                  "benign_shadows": 2, "malicious_shadows": 2, "samples_per_shadow": 6, "refit_every": 2},
+        "eval": {"helpfulness_proxy": False},
+    })
+    res = run_experiment(cfg, progress=False)
+    records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r["type"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["aggregator"] == "probe+fedavg"
+    p1, p2 = (r["aggregator_info"]["probe"] for r in rounds)
+    assert "refit" in p1 and "refit" not in p2  # refit_every=2: fitted in round 1, reused in round 2
+    assert p1["refit"]["samples"] == 4 and p1["refit"]["shadow_seconds"] > 0
+    assert p1["malicious"] == {f"client_0{i}": i >= 3 for i in range(5)}
+    assert set(p1["probability"]) == set(p1["malicious"]) and p2["auc_cumulative"] is not None
+    assert p1["auc"] >= 0.9
+    for c in (r for r in records if r["type"] == "client" and r["round"] == 1):  # per-client records too
+        assert c["probe_probability"] == p1["probability"][c["client_id"]]
+    # the logged aggregation weights are the probe's: flagged clients got 0
+    for cid, w in zip(rounds[0]["clients"], rounds[0]["client_weights"]):
+        assert (w == 0) == (cid in p1["flagged"])

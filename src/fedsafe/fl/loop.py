@@ -42,10 +42,12 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
         if progress is not None:
             progress.remove_task(ctask)
         stats = server.aggregate(results)
+        probe_p = ((stats.get("aggregator_info") or {}).get("probe") or {}).get("probability", {})
         for r, w in zip(results, stats["client_weights"]):
             run_dir.log({"type": "client", "round": rc.round, "client_id": r.client_id,
                          "role": role_of.get(r.client_id), "malicious": malicious.get(r.client_id),
-                         "aggregation_weight": w, **r.metrics})
+                         "aggregation_weight": w, **r.metrics,
+                         **({"probe_probability": probe_p[r.client_id]} if r.client_id in probe_p else {})})
         finite = [r.update for r in results if torch.isfinite(r.update).all()
                   and r.update.numel() == server.global_vec.numel()]
         cos = cosine_matrix(torch.stack(finite)).tolist() if len(finite) == len(results) else None
