@@ -64,8 +64,12 @@ def _progress() -> Progress:
 
 
 def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
-                   progress: bool = True) -> RunResult:
-    """Run (or resume) one experiment and return where its outputs are."""
+                   progress: bool = True, engine_factory=None) -> RunResult:
+    """Run (or resume) one experiment and return where its outputs are.
+
+    ``engine_factory(trainer, clients)`` builds the engine that runs local training (default: in-process;
+    :mod:`fedsafe.engines.flower` passes one that sends the same work to Flower ClientApps).
+    """
     # 1. run directory: new, or the one being resumed (its saved config wins)
     if resume is not None:
         run_dir = RunDir.open(resume)
@@ -99,14 +103,19 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     aggregator = aggregators.get(cfg.aggregator.name, **with_probe_config(cfg))
     server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
                     max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
-    trainer = LocalTrainer(peft_model, loaded.tokenizer)
+    trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
     shadow = None
     if getattr(aggregator, "needs_shadow", False):  # the probe fits on the server's own shadow clients
         from fedsafe.defenses.shadow import build_shadow
 
         shadow = build_shadow(cfg, trainer, generator_cache)
         flat.set(session.init_vec)
-    engine = InProcessEngine(trainer, clients)
+    if cfg.secure_agg.enabled:  # clients encrypt, the server sums ciphertexts (public context), a key holder decrypts
+        from fedsafe.defenses.secure_agg import secure_setup
+
+        trainer, server.secure = secure_setup(cfg.secure_agg, trainer, cfg.fl.rounds)
+        console.print(server.secure.describe())
+    engine = (engine_factory or InProcessEngine)(trainer, clients)
     done = load_checkpoint(run_dir, server, engine) if resume is not None else 0
     if resume is not None:
         run_dir.truncate_metrics_after(done)
@@ -157,6 +166,11 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     _write_report(run_dir)
     _print_summary(result, cfg)
     return result
+
+
+def build_trainer(cfg: ExperimentConfig, peft_model, tokenizer) -> LocalTrainer:
+    """The client-side trainer for ``cfg`` (also built by Flower ClientApps in other processes)."""
+    return LocalTrainer(peft_model, tokenizer)
 
 
 def scenario_label(cfg: ExperimentConfig, defense: str) -> str:

@@ -50,14 +50,16 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
                          **({"probe_probability": probe_p[r.client_id]} if r.client_id in probe_p else {})})
         finite = [r.update for r in results if torch.isfinite(r.update).all()
                   and r.update.numel() == server.global_vec.numel()]
-        cos = cosine_matrix(torch.stack(finite)).tolist() if len(finite) == len(results) else None
-        losses = [r.metrics.get("loss") for r in results]
+        cos = cosine_matrix(torch.stack(finite)).tolist() if finite and len(finite) == len(results) else None
+        losses = [r.metrics["loss"] for r in results if r.metrics.get("loss") is not None]
         record = {"type": "round", "round": rc.round, "clients": [r.client_id for r in results],
                   "roles": [role_of.get(r.client_id) for r in results],
                   "malicious": [malicious.get(r.client_id) for r in results],
                   "aggregator": getattr(server.aggregator, "name", type(server.aggregator).__name__),
                   "client_weights": stats["client_weights"], "cosine": cos, "dropped": stats["dropped"],
-                  "mean_loss": sum(losses) / len(losses), "update_norm": stats["update_norm"],
+                  "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
+                  "update_norm": stats["update_norm"],
+                  "failed": list(getattr(engine, "last_failures", [])),  # clients that never answered
                   "lr": rc.lr, "aggregator_info": stats["aggregator_info"],
                   "compute_seconds": sum(r.metrics.get("compute_seconds", 0.0) for r in results)}
         if save_adapter is not None and (save_every_round or round_idx + 1 == rounds):

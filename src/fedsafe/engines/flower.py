@@ -1,0 +1,550 @@
+"""Flower engine: the same experiment, with local training sent to Flower ClientApps as Messages.
+
+The fedsafe round logic is untouched. :class:`FlowerEngine` exposes the in-process engine's
+``fit(client_ids, global_vec, rc, on_result) -> list[ClientResult]``: it ships (global adapter,
+:class:`RoundConfig`) to the SuperNode that holds each sampled client through a Flower ``Grid``
+(Message API) and turns the replies back into :class:`ClientResult` objects. The fedsafe ``Server``
+(validation, any aggregator, server optimiser), DP, malicious roles, evaluation, the post-hoc defense,
+the run directory and the report therefore run exactly as in-process, inside the ServerApp.
+
+Two ways to run it:
+
+- **Simulation** (``fedsafe run CONFIG --engine flower``): Flower's Simulation Runtime (LinkState,
+  InMemoryGrid, one virtual SuperNode per client, ``partition-id`` = client index) with a thread backend
+  that runs the ClientApp in this process on the pipeline's own model, so no Ray is needed and the
+  result equals the in-process engine's.
+- **Deployment**: ``flower-superlink``, one ``flower-supernode`` per client and ``flwr run`` on the app
+  written by ``fedsafe flower app`` (see :mod:`fedsafe.engines.flower_app` and the README). Each ClientApp
+  process rebuilds the model and its client's data from the experiment config carried in the message
+  (or trains on the node's own ``data-path``).
+
+Faults: a client whose reply does not arrive within ``flower.round_timeout_s`` or comes back as a Flower
+error is logged as failed (``failed`` in the round record) and the round goes on with the replies that
+arrived; below ``flower.min_results`` replies the round leaves the global adapter unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import types
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # never phone home from experiments
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+
+from fedsafe.config import ExperimentConfig, dump_config, load_config  # noqa: E402
+from fedsafe.errors import FedsafeError  # noqa: E402
+from fedsafe.fl.client import ClientData, ClientResult, RoundConfig  # noqa: E402
+
+log = logging.getLogger("fedsafe")
+
+TRAIN = "train"
+QUERY = "query"
+_POLL_S = 0.05
+
+# ------------------------------------------------------------------------------------------------
+# Codec: plain fedsafe objects <-> Flower records (tensors -> ArrayRecord, scalars/bytes -> ConfigRecord)
+# ------------------------------------------------------------------------------------------------
+
+_SCALARS = (bool, int, float, str, bytes)
+
+
+def _to_array(t: torch.Tensor) -> Array:
+    t = t.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return Array(np.ascontiguousarray(t.numpy()))
+
+
+def _is_config_value(v) -> bool:
+    if isinstance(v, _SCALARS):
+        return True
+    if isinstance(v, list) and v and all(isinstance(x, _SCALARS) for x in v):
+        return len({type(x) for x in v}) == 1
+    return False
+
+
+def encode_values(values: dict, arrays: ArrayRecord, config: ConfigRecord, what: str) -> None:
+    """Put a dict of tensors / scalars / bytes / JSON-able values into an ArrayRecord and a ConfigRecord."""
+    nulls = []
+    for key, v in values.items():
+        if v is None:
+            nulls.append(key)
+        elif isinstance(v, torch.Tensor):
+            arrays[key] = _to_array(v)
+        elif isinstance(v, np.ndarray):
+            arrays[key] = Array(np.ascontiguousarray(v))
+        elif _is_config_value(v):
+            config[key] = v
+        else:
+            try:
+                config["json:" + key] = json.dumps(v)
+            except TypeError as exc:
+                raise FedsafeError(f"{what}[{key!r}] of type {type(v).__name__} cannot travel in a Flower "
+                                   "message (use tensors, bytes, numbers, strings or JSON-able values)") from exc
+    if nulls:
+        config["__none__"] = nulls
+
+
+def decode_values(arrays: ArrayRecord | None, config: ConfigRecord | None) -> dict:
+    """Inverse of :func:`encode_values` (tensors come back as torch tensors on the CPU)."""
+    out: dict = {}
+    for key, arr in (arrays or {}).items():
+        out[key] = torch.from_numpy(np.array(arr.numpy(), copy=True))
+    for key, v in (config or {}).items():
+        if key == "__none__":
+            out.update({k: None for k in v})
+        elif key.startswith("json:"):
+            out[key[5:]] = json.loads(v)
+        else:
+            out[key] = v
+    return out
+
+
+def encode_train(global_vec: torch.Tensor, rc: RoundConfig, client_id: str, config_yaml: str,
+                 token: str) -> RecordDict:
+    """The content of a train message: global adapter, round config and which client to train."""
+    rc_arrays, rc_config = ArrayRecord(), ConfigRecord()
+    encode_values({f.name: getattr(rc, f.name) for f in dataclasses.fields(rc)}, rc_arrays, rc_config,
+                  "RoundConfig")
+    return RecordDict({"global": ArrayRecord({"vec": _to_array(global_vec)}),
+                       "rc_arrays": rc_arrays, "rc": rc_config,
+                       "fedsafe": ConfigRecord({"client_id": client_id, "config": config_yaml, "token": token})})
+
+
+def decode_train(content: RecordDict) -> tuple[torch.Tensor, RoundConfig, str, str, str]:
+    """(global_vec, round config, client id, experiment config YAML, run token) from a train message."""
+    global_vec = torch.from_numpy(np.array(content["global"]["vec"].numpy(), copy=True))
+    known = {f.name for f in dataclasses.fields(RoundConfig)}
+    values = decode_values(content["rc_arrays"], content["rc"])
+    rc = RoundConfig(**{k: v for k, v in values.items() if k in known})
+    meta = content["fedsafe"]
+    return global_vec, rc, meta["client_id"], meta["config"], meta["token"]
+
+
+def encode_result(res: ClientResult) -> RecordDict:
+    """A client's reply: update vector, extra (tensors/bytes), metrics and sample count."""
+    extra_arrays, extra_config = ArrayRecord(), ConfigRecord()
+    encode_values(res.extra, extra_arrays, extra_config, "ClientResult.extra")
+    numeric = {k: float(v) if isinstance(v, float) else v for k, v in res.metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    other = {k: v for k, v in res.metrics.items() if k not in numeric}
+    return RecordDict({"update": ArrayRecord({"vec": _to_array(res.update)}),
+                       "extra_arrays": extra_arrays, "extra": extra_config,
+                       "metrics": MetricRecord(numeric),
+                       "result": ConfigRecord({"client_id": res.client_id, "num_samples": int(res.num_samples),
+                                               "metrics_json": json.dumps(other, default=str)})})
+
+
+def decode_result(content: RecordDict) -> ClientResult:
+    """Inverse of :func:`encode_result`; raises KeyError/ValueError on a malformed reply."""
+    update = torch.from_numpy(np.array(content["update"]["vec"].numpy(), copy=True))
+    meta = content["result"]
+    metrics = dict(content["metrics"]) if "metrics" in content else {}
+    metrics.update(json.loads(meta.get("metrics_json", "{}")))
+    extra = decode_values(content.get("extra_arrays"), content.get("extra"))
+    return ClientResult(str(meta["client_id"]), update, int(meta["num_samples"]), metrics, extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# Server side: the engine the pipeline calls every round
+# ------------------------------------------------------------------------------------------------
+
+class FlowerEngine:
+    """Runs sampled clients on Flower SuperNodes through a ``Grid`` (simulation or deployment)."""
+
+    name = "flower"
+
+    def __init__(self, grid, cfg: ExperimentConfig, clients: list[ClientData], token: str | None = None):
+        self.grid = grid
+        self.cfg = cfg
+        self.settings = cfg.flower
+        self.clients = {c.client_id: c for c in clients}
+        self.config_yaml = dump_config(cfg)
+        self.token = token or uuid.uuid4().hex
+        self.node_of: dict[str, int] = {}  # client id -> SuperNode id
+        self.last_failures: list[dict] = []  # {client_id, reason} of the last round
+        self._connected = False
+
+    # -- connection ------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Wait for ``min_available_clients`` SuperNodes and learn which client each one holds."""
+        need = self.settings.min_available_clients or min(self.cfg.clients_per_round, len(self.clients))
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        while len(self._node_ids()) < need and time.monotonic() < deadline:
+            time.sleep(0.5)
+        nodes = self._node_ids()
+        if len(nodes) < need:
+            log.warning("flower: only %d SuperNodes connected after %.0f s (flower.min_available_clients=%d); "
+                        "going on with them", len(nodes), self.settings.connect_timeout_s, need)
+        self._map_nodes(deadline)
+        self._connected = True
+        log.info("flower: %d SuperNodes hold clients %s", len(self.node_of), sorted(self.node_of))
+
+    def _node_ids(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    def _map_nodes(self, deadline: float | None = None) -> None:
+        """Ask SuperNodes not yet mapped which client they hold (a ``query`` message)."""
+        nodes = set(self._node_ids())
+        self.node_of = {c: n for c, n in self.node_of.items() if n in nodes}
+        unmapped = sorted(nodes - set(self.node_of.values()))
+        if not unmapped:
+            return
+        content = RecordDict({"fedsafe": ConfigRecord({"config": self.config_yaml, "token": self.token})})
+        # at connect: what is left of connect_timeout_s; later (a node joined or came back): a short wait
+        timeout = max(5.0, (deadline - time.monotonic()) if deadline else
+                      min(self.settings.connect_timeout_s, self.settings.round_timeout_s))
+        msgs = [Message(content, dst_node_id=n, message_type=QUERY, group_id="connect", ttl=timeout + 60)
+                for n in unmapped]
+        for reply in self._exchange(msgs, timeout).values():
+            if reply.has_error():
+                log.warning("flower: SuperNode %d did not say which client it holds: %s",
+                            reply.metadata.src_node_id, reply.error.reason)
+                continue
+            cid = str(reply.content["fedsafe"]["client_id"])
+            if cid not in self.clients:
+                log.warning("flower: SuperNode %d holds %r, which is not a client of this config (%d clients)",
+                            reply.metadata.src_node_id, cid, len(self.clients))
+                continue
+            if cid in self.node_of and self.node_of[cid] != reply.metadata.src_node_id:
+                log.warning("flower: client %s is held by two SuperNodes; using %d", cid, self.node_of[cid])
+                continue
+            self.node_of[cid] = reply.metadata.src_node_id
+
+    def _exchange(self, msgs: list[Message], timeout_s: float, on_reply=None) -> dict[str, Message]:
+        """Push messages and pull replies until all arrived or ``timeout_s`` passed; {message id: reply}."""
+        if not msgs:
+            return {}
+        ids = [i for i in self.grid.push_messages(msgs) if i]
+        pending, replies = set(ids), {}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies[mid] = reply
+                    if on_reply is not None:
+                        on_reply(reply)
+            if pending:
+                time.sleep(_POLL_S)
+        for mid in pending:
+            log.warning("flower: no reply to message %s within %.0f s", mid, timeout_s)
+        return replies
+
+    # -- one round -------------------------------------------------------------------------------
+    def fit(self, client_ids: list[str], global_vec: torch.Tensor, rc: RoundConfig,
+            on_result=None) -> list[ClientResult]:
+        """Train the listed clients on their SuperNodes; returns the results that arrived, in ``client_ids`` order."""
+        if not self._connected:
+            self.connect()
+        elif any(c not in self.node_of for c in client_ids):
+            self._map_nodes()
+        failures, client_of = [], {}
+        for cid in client_ids:
+            node = self.node_of.get(cid)
+            if node is None:
+                failures.append({"client_id": cid, "reason": "no connected SuperNode holds this client"})
+                continue
+            content = encode_train(global_vec, rc, cid, self.config_yaml, self.token)
+            msg = Message(content, dst_node_id=node, message_type=TRAIN, group_id=str(rc.round),
+                          ttl=self.settings.round_timeout_s + 60)
+            mid = next(iter(self.grid.push_messages([msg])), None)
+            if not mid:
+                failures.append({"client_id": cid, "reason": "the SuperLink did not accept the message"})
+                continue
+            client_of[mid] = cid
+        by_client: dict[str, ClientResult] = {}
+        pending, deadline = set(client_of), time.monotonic() + self.settings.round_timeout_s
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                cid = client_of[mid]
+                if reply.has_error():
+                    failures.append({"client_id": cid, "reason": f"Flower error {reply.error.code}: "
+                                                                 f"{reply.error.reason}"})
+                    continue
+                try:
+                    res = decode_result(reply.content)
+                except (KeyError, ValueError, TypeError) as exc:
+                    failures.append({"client_id": cid, "reason": f"malformed reply: {exc!r}"})
+                    continue
+                if res.client_id != cid:
+                    failures.append({"client_id": cid, "reason": f"reply names client {res.client_id!r}"})
+                    continue
+                by_client[cid] = res
+                if on_result is not None:
+                    on_result(res)
+            if pending:
+                time.sleep(_POLL_S)
+        for mid in pending:
+            failures.append({"client_id": client_of[mid],
+                             "reason": f"no reply within flower.round_timeout_s={self.settings.round_timeout_s:g}"})
+        for f in failures:
+            log.warning("round %d: client %s failed: %s", rc.round, f["client_id"], f["reason"])
+        self.last_failures = sorted(failures, key=lambda f: f["client_id"])
+        results = [by_client[c] for c in client_ids if c in by_client]
+        if len(results) < self.settings.min_results:
+            log.error("round %d: %d of %d clients answered, fewer than flower.min_results=%d; the global adapter "
+                      "is left unchanged this round", rc.round, len(results), len(client_ids),
+                      self.settings.min_results)
+            for r in results:
+                self.last_failures.append({"client_id": r.client_id, "reason": "round below flower.min_results"})
+            return []
+        return results
+
+    def state_dict(self) -> dict:
+        # client-side state (SCAFFOLD's c_i) lives in each SuperNode's Context, not in the server checkpoint
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cfg.fl.algorithm == "scaffold":
+            log.warning("flower: resuming SCAFFOLD restarts the clients' control variates (kept on the nodes)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Client side: what a ClientApp does with a message (used by fedsafe.engines.flower_app)
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Worker:
+    trainer: object
+    clients: dict[str, ClientData]
+
+
+_LOCAL_WORKERS: dict[str, _Worker] = {}  # run token -> the pipeline's own trainer (simulation in this process)
+_BUILT_WORKERS: dict[str, _Worker] = {}  # config hash -> a worker this process built (deployment)
+_BUILD_LOCK = threading.Lock()
+
+
+def register_local(token: str, trainer, clients: list[ClientData]) -> None:
+    """Let ClientApps in this process train on the pipeline's model and clients (simulation)."""
+    _LOCAL_WORKERS[token] = _Worker(trainer, {c.client_id: c for c in clients})
+
+
+def unregister_local(token: str) -> None:
+    _LOCAL_WORKERS.pop(token, None)
+
+
+def node_client_id(node_config, num_clients: int) -> str:
+    """Which client a SuperNode holds: node config ``client-id`` or ``partition-id`` (index)."""
+    if "client-id" in node_config:
+        return str(node_config["client-id"])
+    if "partition-id" in node_config:
+        idx = int(node_config["partition-id"])
+        if not 0 <= idx < num_clients:
+            raise FedsafeError(f"node config partition-id={idx} is outside the config's {num_clients} clients")
+        return f"client_{idx:02d}"
+    raise FedsafeError("the SuperNode needs --node-config 'partition-id=N' or 'client-id=\"client_NN\"'")
+
+
+def _build_worker(config_yaml: str, node_config) -> _Worker:
+    """Model + this node's client data, built from the experiment config (one per process and config)."""
+    import yaml
+
+    from fedsafe.data import build_clients
+    from fedsafe.data.format import tokenize_rows
+    from fedsafe.models import attach_lora, load_base_model
+    from fedsafe.pipeline import build_trainer
+
+    cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
+    if getattr(getattr(cfg, "secure_agg", None), "enabled", False):
+        raise FedsafeError("secure_agg.enabled under a Flower deployment is not supported yet (the CKKS keys "
+                           "would have to reach every SuperNode); use `fedsafe run --engine flower` (simulation)")
+    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
+                             seed=cfg.seed)
+    peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
+                             cfg.lora.target_modules, seed=cfg.seed)
+    trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
+    cid = node_client_id(node_config, cfg.num_clients)
+    data_path = node_config.get("data-path")
+    if data_path:  # the node's own data: one client, trained with the experiment's formatting
+        from fedsafe.config import DataSource
+        from fedsafe.data.sources import load_rows
+
+        src = DataSource(path=str(data_path),
+                         instruction_field=str(node_config.get("instruction-field", "instruction")),
+                         response_field=str(node_config.get("response-field", "response")))
+        rows = load_rows(src, seed=cfg.seed)
+        examples = tokenize_rows(loaded.tokenizer, rows, cfg.data.max_length, cfg.data.system_prompt)
+        if not examples:
+            raise FedsafeError(f"node data-path {data_path}: no usable example")
+        role = str(node_config.get("role", "benign"))
+        clients = [ClientData(cid, role, examples, role.lower().startswith("malicious"))]
+    else:  # a simulated client: rebuild its partition from the config (same seeds as the server)
+        generator_cache = {"model": peft_model, "tokenizer": loaded.tokenizer, "name": cfg.model.name}
+        clients = [c for c in build_clients(cfg, loaded.tokenizer, generator_cache) if c.client_id == cid]
+        if not clients:
+            raise FedsafeError(f"client {cid!r} is not defined by the experiment config")
+    return _Worker(trainer, {c.client_id: c for c in clients})
+
+
+def _worker_for(token: str, config_yaml: str, node_config) -> _Worker:
+    if token in _LOCAL_WORKERS:
+        return _LOCAL_WORKERS[token]
+    key = hashlib.sha256((config_yaml + json.dumps(dict(node_config), sort_keys=True, default=str))
+                         .encode()).hexdigest()
+    with _BUILD_LOCK:
+        if key not in _BUILT_WORKERS:
+            _BUILT_WORKERS[key] = _build_worker(config_yaml, node_config)
+        return _BUILT_WORKERS[key]
+
+
+def handle_query(message: Message, context: Context) -> Message:
+    """Reply with the client this SuperNode holds."""
+    import yaml
+
+    meta = message.content["fedsafe"]
+    token = meta["token"]
+    if token in _LOCAL_WORKERS:
+        num_clients = len(_LOCAL_WORKERS[token].clients)
+    else:
+        num_clients = ExperimentConfig.model_validate(yaml.safe_load(meta["config"])).num_clients
+    cid = node_client_id(context.node_config, num_clients)
+    return Message(RecordDict({"fedsafe": ConfigRecord({"client_id": cid})}), reply_to=message)
+
+
+_STATE_KEY = "fedsafe.client_state"
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    """Run local training for the client named in the message; reply with its ClientResult."""
+    global_vec, rc, cid, config_yaml, token = decode_train(message.content)
+    worker = _worker_for(token, config_yaml, context.node_config)
+    if cid not in worker.clients:
+        raise FedsafeError(f"this SuperNode does not hold client {cid!r}")
+    # client state that persists across rounds (SCAFFOLD's c_i) lives in the node's Context
+    arrays = context.state.get(f"{_STATE_KEY}.{cid}.arrays")
+    config = context.state.get(f"{_STATE_KEY}.{cid}.config")
+    state = decode_values(arrays, config)
+    res = worker.trainer.fit(worker.clients[cid], global_vec, rc, state)
+    new_arrays, new_config = ArrayRecord(), ConfigRecord()
+    encode_values(state, new_arrays, new_config, "client state")
+    context.state[f"{_STATE_KEY}.{cid}.arrays"] = new_arrays
+    context.state[f"{_STATE_KEY}.{cid}.config"] = new_config
+    return Message(encode_result(res), reply_to=message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulation: Flower's Simulation Runtime with a thread backend (no Ray)
+# ------------------------------------------------------------------------------------------------
+
+class ThreadBackend:
+    """A Flower simulation backend that runs the ClientApp in a thread of this process, one message at a time.
+
+    One worker keeps clients sequential on the shared model, exactly like the in-process engine.
+    """
+
+    def __init__(self, backend_config=None):
+        self.app_fn = None
+
+    def build(self, app_fn) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def process_message(self, message: Message, context: Context):
+        from flwr.clientapp.client_app import ClientAppException
+
+        try:
+            return self.app_fn()(message=message, context=context), context
+        except Exception as exc:
+            log.warning("ClientApp raised on node %s: %r", message.metadata.dst_node_id, exc)
+            raise ClientAppException(str(exc)) from exc
+
+
+_RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
+
+
+@contextlib.contextmanager
+def _thread_backend():
+    """Make Flower 1.41's Simulation Runtime build :class:`ThreadBackend` (its backend choice is fixed to Ray)."""
+    from flwr.server.superlink.fleet.vce.backend import Backend
+
+    backend_cls = type("FedsafeThreadBackend", (ThreadBackend, Backend), {})
+    previous = sys.modules.get(_RAY_BACKEND_MODULE)
+    sys.modules[_RAY_BACKEND_MODULE] = types.SimpleNamespace(RayBackend=backend_cls)
+    try:
+        yield
+    finally:
+        if previous is None:
+            sys.modules.pop(_RAY_BACKEND_MODULE, None)
+        else:
+            sys.modules[_RAY_BACKEND_MODULE] = previous
+
+
+_SIMULATION_LOCK = threading.Lock()
+
+
+def run_flower_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
+                          progress: bool = True):
+    """Run (or resume) an experiment in Flower's Simulation Runtime, one virtual SuperNode per client."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    if resume is not None:
+        cfg = load_config(RunDir.open(resume).config_path)
+    cfg = cfg or ExperimentConfig()
+    token = uuid.uuid4().hex
+    outcome: dict = {}
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context):
+        def engine_factory(trainer, clients):
+            register_local(token, trainer, clients)
+            return FlowerEngine(grid, cfg, clients, token=token)
+
+        outcome["result"] = run_experiment(None if resume is not None else cfg, resume=resume,
+                                           progress=progress, engine_factory=engine_factory)
+
+    client_app = ClientApp()
+    client_app.train()(handle_train)
+    client_app.query()(handle_query)
+
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not log.isEnabledFor(logging.DEBUG):
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        with _SIMULATION_LOCK, _thread_backend():
+            _run_simulation(num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                            client_app=client_app, server_app=server_app, backend_name="fedsafe-thread",
+                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    finally:
+        flwr_logger.setLevel(level)
+        unregister_local(token)
+    if "result" not in outcome:
+        raise FedsafeError("the Flower simulation ended without a result (see the log above)")
+    return outcome["result"]

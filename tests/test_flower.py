@@ -1,0 +1,283 @@
+"""Flower engine: message codec, simulation == in-process, failures and invalid updates, loopback deployment."""
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Error, Message, RecordDict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedsafe.config import ExperimentConfig, FLConfig  # noqa: E402
+from fedsafe.engines import flower as fe  # noqa: E402
+from fedsafe.errors import FedsafeError  # noqa: E402
+from fedsafe.fl.client import ClientResult, RoundConfig  # noqa: E402
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    """Neutral instruction/response pairs (placeholders) as JSONL."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"instruction": f"placeholder instruction {i}: name {i % 5 + 2} colours",
+             "response": f"placeholder answer {i}: " + "red green blue " * (i % 3 + 1)} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, data_file, **over) -> ExperimentConfig:
+    base = {"name": "flower-test", "seed": 3, "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"},
+            "lora": {"r": 4, "alpha": 8}, "data": {"max_length": 64, "samples_per_client": 6},
+            "roles": [{"name": "benign", "clients": 3, "data": [{"path": str(data_file)}]}],
+            "fl": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 2},
+            "eval": {"helpfulness_proxy": False}}
+    for key, value in over.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return ExperimentConfig.model_validate(base)
+
+
+def _adapter(run_result) -> dict:
+    files = sorted(Path(run_result.final_adapter).glob("*.safetensors"))
+    return load_file(files[0])
+
+
+# --- codec -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def task_identity():
+    """Messages need a run/task identity; Flower sets it in its runtimes, tests set it here."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+
+
+def test_round_config_and_result_survive_the_codec():
+    rc = RoundConfig(round=3, lr=1e-4, local_steps=5, batch_size=2, seed=9, algorithm="scaffold",
+                     scaffold_c=torch.linspace(0, 1, 7), max_grad_norm=None)
+    if hasattr(rc, "step_feature_mask"):
+        rc.step_feature_mask = torch.tensor([True, False, True, False, False, True, True])
+    vec = torch.randn(7)
+    got_vec, got_rc, cid, cfg_yaml, token = fe.decode_train(fe.encode_train(vec, rc, "client_02", "seed: 1", "tk"))
+    assert (cid, cfg_yaml, token) == ("client_02", "seed: 1", "tk")
+    torch.testing.assert_close(got_vec, vec)
+    for f in rc.__dataclass_fields__:
+        a, b = getattr(rc, f), getattr(got_rc, f)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), f
+        else:
+            assert a == b, f
+    res = ClientResult("client_02", torch.randn(7), 8, {"loss": 1.5, "steps": 5, "note": "x"},
+                       {"delta_c": torch.ones(7), "ciphertext": b"\x00\x01", "chunks": [b"a", b"bc"],
+                        "scale": 2.0, "info": {"k": [1, 2]}, "none": None})
+    back = fe.decode_result(fe.encode_result(res))
+    torch.testing.assert_close(back.update, res.update)
+    assert (back.client_id, back.num_samples, back.metrics) == (res.client_id, 8, res.metrics)
+    assert back.extra.keys() == res.extra.keys() and back.extra["chunks"] == [b"a", b"bc"]
+    assert back.extra["ciphertext"] == b"\x00\x01" and back.extra["info"] == {"k": [1, 2]}
+    assert back.extra["none"] is None and torch.equal(back.extra["delta_c"], torch.ones(7))
+    with pytest.raises(FedsafeError, match="extra"):
+        fe.encode_result(ClientResult("c", torch.zeros(2), 1, {}, {"bad": object()}))
+
+
+def test_node_client_id_from_node_config():
+    assert fe.node_client_id({"partition-id": 2, "num-partitions": 4}, 4) == "client_02"
+    assert fe.node_client_id({"client-id": "client_07"}, 4) == "client_07"
+    with pytest.raises(FedsafeError, match="partition-id=5"):
+        fe.node_client_id({"partition-id": 5}, 4)
+
+
+# --- failures and invalid updates through a scripted Grid --------------------------------------------
+
+class ScriptedGrid:
+    """A Grid whose SuperNodes run ``handle_*`` in this process; in training some are dead, broken or tampered."""
+
+    def __init__(self, num_nodes, dead=(), raising=(), tamper=None):
+        self.nodes = {1000 + i: {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)}
+        self.dead, self.raising, self.tamper = set(dead), set(raising), tamper or {}
+        self.contexts, self.inbox, self.sent = {}, {}, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            mid = f"m{len(self.sent)}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self.sent.append(msg)
+            self.inbox[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Context
+
+        out = []
+        for mid in list(message_ids):
+            msg = self.inbox.pop(mid, None)
+            node = None if msg is None else msg.metadata.dst_node_id
+            train = msg is not None and msg.metadata.message_type == fe.TRAIN
+            if msg is None or (train and node in self.dead):
+                continue
+            if train and node in self.raising:
+                out.append(Message(Error(code=3, reason="ClientApp raised"), reply_to=msg))
+                continue
+            ctx = self.contexts.setdefault(node, Context(run_id=1, node_id=node, node_config=self.nodes[node],
+                                                         state=RecordDict(), run_config={}))
+            handler = fe.handle_train if msg.metadata.message_type == fe.TRAIN else fe.handle_query
+            reply = handler(msg, ctx)
+            if node in self.tamper and msg.metadata.message_type == fe.TRAIN:
+                content = reply.content
+                content["update"] = fe.ArrayRecord({"vec": fe._to_array(self.tamper[node](
+                    torch.from_numpy(content["update"]["vec"].numpy().copy())))})
+                reply = Message(content, reply_to=msg)
+            out.append(reply)
+        return out
+
+
+def _run_with_grid(cfg, grid):
+    from fedsafe.pipeline import run_experiment
+
+    def factory(trainer, clients):
+        fe.register_local("scripted", trainer, clients)
+        return fe.FlowerEngine(grid, cfg, clients, token="scripted")
+
+    try:
+        return run_experiment(cfg, progress=False, engine_factory=factory)
+    finally:
+        fe.unregister_local("scripted")
+
+
+def test_failed_clients_and_invalid_updates_are_logged_and_the_run_goes_on(tmp_path, data_file, task_identity,
+                                                                           caplog):
+    # client_01's node never answers; client_02 sends NaN; client_03 sends a vector of the wrong shape
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 4, "data": [{"path": str(data_file)}]}],
+               fl={"clients_per_round": 4, "rounds": 1}, flower={"round_timeout_s": 1.0, "connect_timeout_s": 5.0})
+    nan = lambda u: torch.full_like(u, float("nan"))  # noqa: E731
+    short = lambda u: u[:-3]  # noqa: E731
+    grid = ScriptedGrid(4, dead={1001}, tamper={1002: nan, 1003: short})
+    with caplog.at_level(logging.WARNING, logger="fedsafe"):
+        result = _run_with_grid(cfg, grid)
+    from fedsafe.rundir import RunDir
+
+    (record,) = RunDir.open(result.run_dir).records("round")
+    assert record["clients"] == ["client_00", "client_02", "client_03"]  # the clients that answered
+    assert [f["client_id"] for f in record["failed"]] == ["client_01"]
+    assert "round_timeout_s" in record["failed"][0]["reason"]
+    dropped = {d["client_id"]: d["reason"] for d in record["dropped"]}
+    assert "non-finite" in dropped["client_02"] and "shape" in dropped["client_03"]
+    assert record["client_weights"] == pytest.approx([1.0, 0.0, 0.0]) and record["update_norm"] > 0
+    assert "client client_01 failed" in caplog.text and "dropped update of client_02" in caplog.text
+    assert (result.final_adapter / "adapter_config.json").exists()
+
+
+def test_below_min_results_the_round_leaves_the_adapter_unchanged(tmp_path, data_file, task_identity):
+    cfg = _cfg(tmp_path, data_file, fl={"clients_per_round": 3, "rounds": 1},
+               flower={"round_timeout_s": 1.0, "connect_timeout_s": 5.0, "min_results": 2})
+    result = _run_with_grid(cfg, ScriptedGrid(3, dead={1001}, raising={1002}))
+    from fedsafe.rundir import RunDir
+
+    (record,) = RunDir.open(result.run_dir).records("round")
+    assert record["clients"] == [] and record["update_norm"] == 0.0
+    reasons = {f["client_id"]: f["reason"] for f in record["failed"]}
+    assert "min_results" in reasons["client_00"] and "round_timeout_s" in reasons["client_01"]
+    assert "ClientApp raised" in reasons["client_02"]
+    final = _adapter(result)  # still the initial adapter: PEFT starts every lora_B at zero
+    assert all(float(v.abs().max()) == 0.0 for k, v in final.items() if "lora_B" in k)
+
+
+# --- simulation equals in-process --------------------------------------------------------------------
+
+def test_flower_simulation_equals_inprocess(tmp_path, data_file):
+    from fedsafe.engines.flower import run_flower_experiment
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    # SCAFFOLD also checks the client state kept in each SuperNode's Context across rounds
+    cfg = _cfg(tmp_path, data_file, fl={"algorithm": "scaffold"})
+    a = run_experiment(cfg, progress=False)
+    b = run_flower_experiment(cfg, progress=False)
+    wa, wb = _adapter(a), _adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    assert a.round_losses == pytest.approx(b.round_losses, rel=1e-6)
+    ra, rb = RunDir.open(a.run_dir).records("round"), RunDir.open(b.run_dir).records("round")
+    assert [r["clients"] for r in ra] == [r["clients"] for r in rb]
+    assert all(r["failed"] == [] for r in rb)
+    assert any(float(v.abs().max()) > 0 for k, v in wa.items() if "lora_B" in k)  # training moved B
+
+
+# --- loopback deployment (separate processes) ---------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_loopback_deployment_two_rounds(tmp_path, data_file):
+    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.rundir import RunDir
+
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               flower={"round_timeout_s": 240.0, "connect_timeout_s": 120.0})
+    with LocalFederation(2, workdir=tmp_path / "fed") as fed:
+        pids = fed.pids()
+        app = write_app(tmp_path / "app", cfg)
+        run_dir = fed.submit(app, timeout_s=540)
+    rounds = RunDir.open(run_dir).records("round")
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["failed"] == [] for r in rounds)
+    assert all(sorted(r["clients"]) == ["client_00", "client_01"] for r in rounds)
+    assert (run_dir / "adapters" / "final" / "adapter_config.json").exists()
+    time.sleep(1)
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow
+def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
+    import psutil
+
+    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.rundir import RunDir
+
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               flower={"round_timeout_s": 60.0, "connect_timeout_s": 120.0, "min_results": 1})
+    killed = {}
+
+    def kill_when_training(line: str) -> None:
+        # after the nodes are mapped, the next ClientApp process under SuperNode 1 is round 1's training
+        if "SuperNodes hold clients" not in line or killed:
+            return
+        node = psutil.Process(fed.procs["supernode1"].pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any("flwr-clientapp" in " ".join(c.cmdline()) for c in node.children(recursive=True)):
+                break
+            time.sleep(0.1)
+        fed.kill_node(1, sig=signal.SIGKILL)
+        killed["at"] = time.monotonic()
+
+    with LocalFederation(2, workdir=tmp_path / "fed") as fed:
+        pids = fed.pids()
+        app = write_app(tmp_path / "app", cfg)
+        run_dir = fed.submit(app, timeout_s=540, on_line=kill_when_training)
+    assert killed
+    rounds = RunDir.open(run_dir).records("round")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["clients"] == ["client_00"] and rounds[0]["update_norm"] > 0
+    assert [f["client_id"] for f in rounds[0]["failed"]] == ["client_01"]
+    assert (run_dir / "adapters" / "round_0001").exists() and (run_dir / "adapters" / "final").exists()
+    time.sleep(1)
+    assert not any(_alive(p) for p in pids)
