@@ -85,8 +85,9 @@ class Server:
     """Holds the global adapter and server-side state; aggregates one round of client results."""
 
     def __init__(self, fl_cfg: FLConfig, global_vec: torch.Tensor, aggregator, seed: int = 0,
-                 max_update_norm: float | None = None, num_clients: int = 1):
+                 max_update_norm: float | None = None, num_clients: int = 1, secure=None):
         self.cfg = fl_cfg
+        self.secure = secure  # SecureAggServer under HE: only ciphertexts arrive (fedsafe.defenses.secure_agg)
         self.global_vec = global_vec.clone()
         self.aggregator = aggregator
         self.seed = seed
@@ -121,6 +122,13 @@ class Server:
 
         if self._context is not None:
             self._context.client_extra = {r.client_id: r.extra for r in results}
+        if self.secure is not None:  # sum ciphertexts, a key holder decrypts; the linear step keeps pruned coords
+            delta, stats = self.secure.aggregate(results, self.global_vec, self.round + 1)
+            for d in stats["dropped"]:
+                log.warning("round %d: dropped update of %s: %s", self.round + 1, d["client_id"], d["reason"])
+            self.global_vec = self.optimizer.step(self.global_vec, delta)
+            self.round += 1
+            return stats
 
         ids = [r.client_id for r in results]
         stacked, kept, dropped = validate_updates([r.update for r in results], ids,
