@@ -264,3 +264,15 @@ def test_probe_end_to_end_logs_probabilities_roles_and_auc(tmp_path):
     # the logged aggregation weights are the probe's: flagged clients got 0
     for cid, w in zip(rounds[0]["clients"], rounds[0]["client_weights"]):
         assert (w == 0) == (cid in p1["flagged"])
+
+
+def test_probe_state_round_trips_for_resume(synthetic):
+    make, probe = synthetic
+    u, n, ids = make([0, 1, 0]), torch.ones(3), ["a", "b", "c"]
+    agg = probe(mode="trust")
+    agg(u, n, ids)
+    fresh = aggregators.get("probe", mode="trust")
+    fresh.features = agg.features
+    fresh.load_state_dict(agg.state_dict())
+    a, b = agg(u, n, ids), fresh(u, n, ids)
+    assert torch.equal(a.update, b.update) and a.info["probe"]["weight"] == b.info["probe"]["weight"]
