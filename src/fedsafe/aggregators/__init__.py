@@ -17,6 +17,16 @@ from fedsafe.errors import ConfigError
 REGISTRY: dict[str, str] = {
     "fedavg": "fedsafe.aggregators.fedavg:FedAvg",
     "probe": "fedsafe.aggregators.probe:ProbeAggregator",
+    "median": "fedsafe.aggregators.median:Median",
+    "trimmed_mean": "fedsafe.aggregators.trimmed_mean:TrimmedMean",
+    "krum": "fedsafe.aggregators.krum:KrumSingle",
+    "multikrum": "fedsafe.aggregators.krum:MultiKrum",
+    "bulyan": "fedsafe.aggregators.bulyan:Bulyan",
+    "dnc": "fedsafe.aggregators.dnc:DnC",
+    "foolsgold": "fedsafe.aggregators.foolsgold:FoolsGold",
+    "residual": "fedsafe.aggregators.residual:Residual",
+    "geometric_median": "fedsafe.aggregators.geometric_median:GeometricMedian",
+    "norm_clip": "fedsafe.aggregators.norm_clip:NormClip",
 }
 
 

@@ -1,0 +1,84 @@
+"""Bulyan.
+
+El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in Byzantium"
+(ICML 2018), Algorithm 1 with Krum as the inner rule. With f assumed Byzantine clients among n >= 4f + 3:
+
+1. Selection: theta = n - 2f updates are chosen one at a time; each step runs Krum on the remaining set R
+   (score = sum of squared distances to the |R| - f - 2 nearest others in R) and moves the winner to S.
+2. Coordinate-wise: beta = theta - 2f; for every coordinate j the output is the mean of the beta values of
+   S closest to median_j(S) (the midpoint median when theta is even).
+
+In the last selection steps |R| - f - 2 drops below 1 (|R| reaches 2f + 1); the score then uses the single
+nearest neighbour, as Krum needs at least one.
+
+The beta values closest to the median are a contiguous run of the sorted column, so step 2 is computed on
+sorted columns without a per-coordinate loop.
+
+``client_weights``: the share of output coordinates each client produced (1/beta per coordinate in which
+its value is among the beta averaged), summed over coordinates and divided by d; 0 outside S.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsafe.aggregators.base import (AggregationResult, Aggregator, argsort_columns, check_f, column_chunks,
+                                      median_of_sorted, pairwise_sq_distances, slot_shares, validate_f)
+from fedsafe.errors import ConfigError
+
+
+def recursive_krum(sq_dist: torch.Tensor, f: int, theta: int) -> list[int]:
+    """Indices chosen by theta successive Krum selections on the shrinking remaining set."""
+    remaining = list(range(sq_dist.shape[0]))
+    chosen = []
+    for _ in range(theta):
+        sub = sq_dist[remaining][:, remaining].clone()
+        sub.fill_diagonal_(float("inf"))
+        k = max(1, len(remaining) - f - 2)
+        scores = torch.sort(sub, dim=1).values[:, :k].sum(dim=1) if len(remaining) > 1 else torch.zeros(1)
+        best = int(torch.argmin(scores))  # first minimum: deterministic on ties
+        chosen.append(remaining.pop(best))
+    return chosen
+
+
+class Bulyan(Aggregator):
+    """Recursive Krum selection of n - 2f updates, then the coordinate-wise mean around the median."""
+
+    name = "bulyan"
+
+    def __init__(self, f: int = 1):
+        self.f = validate_f(f)
+
+    def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
+        n, d = updates.shape
+        f = self.f
+        if n < 4 * f + 3:
+            raise ConfigError(f"aggregator.f={f}: bulyan needs at least 4*f+3={4 * f + 3} clients per round, "
+                              f"got {n}; lower aggregator.f or raise fl.clients_per_round")
+        check_f(self.name, f, n)
+        theta = n - 2 * f
+        beta = theta - 2 * f
+        selected = recursive_krum(pairwise_sq_distances(updates), f, theta)
+        sel = torch.tensor(sorted(selected))
+        subset = updates[sel]
+        out = torch.empty(d)
+        shares = torch.zeros(theta, dtype=torch.float64)
+        slots = torch.arange(theta)[:, None]
+        for cols in column_chunks(theta, d, per_column=4):
+            vals, idx = argsort_columns(subset[:, cols].contiguous())
+            med = median_of_sorted(vals)
+            # window [j, j+beta) of the sorted column: the beta values nearest the median minimise the
+            # larger of the two distances from the median to the window's ends
+            reach = torch.stack([torch.maximum(med - vals[j], vals[j + beta - 1] - med)
+                                 for j in range(theta - beta + 1)])
+            start = torch.argmin(reach, dim=0)
+            csum = torch.cat([torch.zeros(1, vals.shape[1]), vals.double().cumsum(0)])
+            out[cols] = ((csum.gather(0, (start + beta)[None]) - csum.gather(0, start[None]))[0] / beta).float()
+            in_window = (slots >= start[None]) & (slots < (start + beta)[None])
+            shares += slot_shares(idx, in_window.float() / beta, theta)
+        weights = torch.zeros(n)
+        weights[sel] = (shares / d).float()
+        return AggregationResult(out, weights, {"selected": selected, "theta": theta, "beta": beta})
+
+    def __repr__(self) -> str:
+        return f"Bulyan(f={self.f})"

@@ -1,0 +1,358 @@
+"""Robust aggregation rules against hand-computed examples, formulas and invariants."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsafe import aggregators
+from fedsafe.aggregators.base import pairwise_sq_distances
+from fedsafe.errors import ConfigError
+
+
+def _run(name, updates, **params):
+    n = updates.shape[0]
+    return aggregators.get(name, **params)(updates, torch.ones(n), [f"c{i}" for i in range(n)])
+
+
+def _col(*values):
+    return torch.tensor(values, dtype=torch.float32)[:, None]
+
+
+# --- median / trimmed mean -------------------------------------------------------------------------
+
+def test_median_odd_by_hand():
+    x = torch.tensor([[1.0, 5.0], [2.0, -1.0], [100.0, 3.0]])
+    res = _run("median", x)
+    assert res.update.tolist() == [2.0, 3.0]
+    # coordinate 0 comes from client 1, coordinate 1 from client 2
+    assert res.client_weights.tolist() == [0.0, 0.5, 0.5]
+
+
+def test_median_even_is_midpoint_of_middle_values():
+    res = _run("median", _col(10.0, 1.0, 3.0, 2.0))
+    assert res.update.tolist() == [2.5]
+    assert res.client_weights.tolist() == [0.0, 0.0, 0.5, 0.5]
+
+
+def test_trimmed_mean_by_hand():
+    res = _run("trimmed_mean", _col(1.0, 2.0, 3.0, 4.0, 100.0), beta=0.2)  # k = 1
+    assert res.update.tolist() == [3.0]
+    assert torch.allclose(res.client_weights, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3, 0]))
+    assert res.info["trimmed_per_side"] == 1
+    # k = floor(0.1 * 5) = 0: the plain mean
+    assert _run("trimmed_mean", _col(1.0, 2.0, 3.0, 4.0, 100.0), beta=0.1).update.item() == pytest.approx(22.0)
+
+
+def test_trimmed_mean_rejects_beta_half():
+    with pytest.raises(ConfigError, match="beta"):
+        aggregators.get("trimmed_mean", beta=0.5)
+
+
+# --- Krum / Multi-Krum -----------------------------------------------------------------------------
+
+def test_krum_scores_squared_distances_by_hand():
+    x = _col(0.0, 1.0, 2.0, 3.5, 100.0)
+    res = _run("krum", x, f=1)  # n - f - 2 = 2 nearest neighbours
+    assert res.info["scores"][:4] == pytest.approx([1 + 4, 1 + 1, 1 + 2.25, 2.25 + 6.25])
+    assert res.info["scores"][4] == pytest.approx(96.5 ** 2 + 98 ** 2)
+    assert res.update.tolist() == [1.0]
+    assert res.client_weights.tolist() == [0, 1, 0, 0, 0]
+
+
+def test_krum_scores_match_formula():
+    torch.manual_seed(2)
+    x = torch.randn(9, 30)
+    x[2] *= 5
+    res = _run("krum", x, f=2)  # n - f - 2 = 5 nearest neighbours, squared distances
+    d2 = torch.cdist(x.double(), x.double()) ** 2
+    expected = [sorted(float(d2[i, j]) for j in range(9) if j != i)[:5] for i in range(9)]
+    assert res.info["scores"] == pytest.approx([sum(e) for e in expected], rel=1e-5)
+    assert res.info["selected"] == [int(np.argmin([sum(e) for e in expected]))]
+    assert torch.equal(res.update, x[res.info["selected"][0]])
+
+
+def test_multikrum_averages_m_best():
+    x = _col(0.0, 1.0, 2.0, 3.5, 100.0)
+    res = _run("multikrum", x, f=1, m=2)
+    assert res.update.tolist() == [1.5]  # clients 1 and 2 have the two lowest scores
+    assert res.client_weights.tolist() == [0, 0.5, 0.5, 0, 0]
+    default = _run("multikrum", x, f=1)  # m = n - f = 4 drops the outlier
+    assert default.update.item() == pytest.approx((0 + 1 + 2 + 3.5) / 4)
+
+
+def test_krum_refuses_too_few_clients():
+    with pytest.raises(ConfigError, match=r"aggregator.f=1: krum needs more than 2\*f\+2=4 clients per round, got 4"):
+        _run("krum", torch.randn(4, 3), f=1)
+
+
+def test_pairwise_distances_match_cdist():
+    x = torch.randn(7, 300) * 3 + 100  # a large common offset: centring keeps the precision
+    ref = torch.cdist(x.double(), x.double()) ** 2
+    assert torch.allclose(pairwise_sq_distances(x), ref, rtol=1e-5, atol=1e-3)
+
+
+# --- Bulyan ----------------------------------------------------------------------------------------
+
+def _bulyan_reference(x, f):
+    """Direct transcription of El Mhamdi et al. Algorithm 1 with loops (for testing)."""
+    n = x.shape[0]
+    d2 = torch.cdist(x.double(), x.double()) ** 2
+    remaining, chosen = list(range(n)), []
+    while len(chosen) < n - 2 * f:
+        k = max(1, len(remaining) - f - 2)
+        scores = [sum(sorted(float(d2[i, j]) for j in remaining if j != i)[:k]) for i in remaining]
+        chosen.append(remaining.pop(int(np.argmin(scores))))
+    s = x[sorted(chosen)].double().numpy()
+    beta = len(chosen) - 2 * f
+    out = []
+    for j in range(x.shape[1]):
+        col = s[:, j]
+        med = np.median(col)
+        out.append(np.sort(col[np.argsort(np.abs(col - med), kind="stable")[:beta]]).mean())
+    return sorted(chosen), torch.tensor(out)
+
+
+def test_bulyan_by_hand():
+    res = _run("bulyan", _col(0.0, 1.0, 2.0, 3.0, 4.0, 50.0, 100.0), f=1)
+    # theta = 5 selected {0..4}; beta = 3 closest to the median 2: {1, 2, 3}
+    assert sorted(res.info["selected"]) == [0, 1, 2, 3, 4]
+    assert res.update.tolist() == [2.0]
+    assert torch.allclose(res.client_weights, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0]))
+
+
+def test_bulyan_matches_reference():
+    torch.manual_seed(1)
+    x = torch.randn(11, 40)
+    x[3] += 20
+    res = _run("bulyan", x, f=2)
+    chosen, ref = _bulyan_reference(x, 2)
+    assert sorted(res.info["selected"]) == chosen
+    assert torch.allclose(res.update.double(), ref, atol=1e-5)
+    assert res.client_weights.sum().item() == pytest.approx(1.0)
+
+
+def test_bulyan_refuses_n_below_4f_plus_3():
+    with pytest.raises(ConfigError, match=r"bulyan needs at least 4\*f\+3=7"):
+        _run("bulyan", torch.randn(6, 3), f=1)
+
+
+# --- DnC -------------------------------------------------------------------------------------------
+
+def test_dnc_removes_planted_updates_sharing_a_direction():
+    g = torch.Generator().manual_seed(0)
+    honest = torch.randn(10, 3000, generator=g)
+    direction = torch.randn(3000, generator=g)
+    planted = 4.0 * direction + 0.1 * torch.randn(3, 3000, generator=g)
+    x = torch.cat([honest[:4], planted, honest[4:]])
+    res = _run("dnc", x, f=3, niters=3, subsample_dim=1000)
+    assert res.info["kept"] == [0, 1, 2, 3] + list(range(7, 13))
+    assert res.client_weights[4:7].tolist() == [0, 0, 0]
+    assert torch.allclose(res.update, torch.cat([honest[:4], honest[4:]]).mean(0), atol=1e-5)
+
+
+def test_dnc_scores_are_projections_on_top_singular_vector():
+    torch.manual_seed(0)
+    x = torch.randn(6, 50)
+    res = _run("dnc", x, f=1, subsample_dim=50)  # b = d: every coordinate
+    c = x.double() - x.double().mean(0)
+    v = torch.linalg.svd(c, full_matrices=False).Vh[0]
+    assert res.info["scores"][0] == pytest.approx(((c @ v) ** 2).tolist())
+
+
+def test_dnc_state_round_trips():
+    agg = aggregators.get("dnc", f=1, subsample_dim=5)
+    x = torch.randn(6, 100)
+    agg(x, torch.ones(6), list("abcdef"))
+    other = aggregators.get("dnc", f=1, subsample_dim=5)
+    other.load_state_dict(agg.state_dict())
+    a, b = agg(x, torch.ones(6), list("abcdef")), other(x, torch.ones(6), list("abcdef"))
+    assert a.info == b.info
+
+
+# --- FoolsGold -------------------------------------------------------------------------------------
+
+def test_foolsgold_weights_by_hand():
+    from fedsafe.aggregators.foolsgold import foolsgold_weights
+
+    # client 0 is orthogonal to the two identical clients 1, 2: alpha = [1, 0, 0] after the logit
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert foolsgold_weights(h).tolist() == [1.0, 0.0, 0.0]
+    # cosines 0.6 between clients 0 and 1, 0 with client 2: alpha = 1 - 0.6 = 0.4 -> /max(1) -> logit
+    h = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    expected = min(1.0, max(0.0, math.log(0.4 / 0.6) + 0.5))
+    assert foolsgold_weights(h).tolist() == pytest.approx([expected, expected, 1.0])
+
+
+def test_foolsgold_downweights_sybils_over_rounds():
+    g = torch.Generator().manual_seed(0)
+    agg = aggregators.get("foolsgold")
+    ids = [f"honest{i}" for i in range(4)] + [f"sybil{i}" for i in range(3)]
+    history = []
+    for _ in range(3):
+        target = torch.randn(200, generator=g)
+        sybils = target + 0.01 * torch.randn(3, 200, generator=g)  # near-identical sybil updates
+        x = torch.cat([torch.randn(4, 200, generator=g), sybils])
+        history.append(agg(x, torch.ones(7), ids).client_weights)
+    last = history[-1]
+    assert last[4:].max() < 1e-6 and last[:4].min() > 0.2
+    assert last.sum().item() == pytest.approx(1.0)
+
+
+def test_foolsgold_history_is_keyed_by_client_and_resumes():
+    g = torch.Generator().manual_seed(1)
+    rounds = [torch.randn(4, 50, generator=g) for _ in range(3)]
+    a = aggregators.get("foolsgold")
+    a(rounds[0], torch.ones(4), list("abcd"))
+    b = aggregators.get("foolsgold")
+    b.load_state_dict(a.state_dict())
+    # a different client order: the history follows the ids, not the positions
+    perm = [2, 0, 3, 1]
+    ra = a(rounds[1], torch.ones(4), list("abcd"))
+    rb = b(rounds[1][perm], torch.ones(4), [list("abcd")[i] for i in perm])
+    assert torch.allclose(ra.client_weights[perm], rb.client_weights, atol=1e-6)
+    assert torch.allclose(a.history["c"], rounds[0][2] + rounds[1][2])
+
+
+# --- residual --------------------------------------------------------------------------------------
+
+def _residual_reference(x, lam=2.0, delta=0.1):
+    """Per-coordinate loop transcription of Fu et al.'s released reweighting (for testing)."""
+    n, d = x.shape
+    y = x.double().numpy()
+    xs = np.arange(n, dtype=float)
+    lev = 1 / n + (xs - xs.mean()) ** 2 / ((xs - xs.mean()) ** 2).sum()
+    k = lam * math.sqrt(2 / n)
+    score, restricted = np.zeros(n), y.copy()
+    for j in range(d):
+        col = y[:, j]
+        s = np.sort(col)
+        inner = [np.median([(s[i] - s[m]) / (i - m) for m in range(n) if m != i]) for i in range(n)]
+        slope = np.median(inner)
+        icpt = np.median(s) - slope * (n - 1) / 2
+        rank = np.argsort(np.argsort(col, kind="stable"), kind="stable")
+        line = icpt + slope * rank
+        r = col - line
+        tau = 1.4826 * (1 + 5 / (n - 1)) * np.median(np.sort(np.abs(r))[1:]) + 1e-7
+        e = r / tau
+        sq = np.sqrt(1 - lev[rank])
+        w = np.array([1.0 if abs(e[i] / sq[i]) <= k else k * sq[i] / abs(e[i]) for i in range(n)])
+        score += w * np.std(w, ddof=1)
+        restricted[:, j] = np.where(w >= delta, col, line)
+    rel = (score / score.max()) ** 2
+    wts = rel / rel.sum()
+    return wts, wts @ restricted
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_residual_matches_reference(n):
+    torch.manual_seed(n)
+    x = torch.randn(n, 30)
+    x[0, :10] += 30  # outlying values get replaced by the regression line
+    res = _run("residual", x)
+    wts, ref = _residual_reference(x)
+    assert torch.allclose(res.client_weights.double(), torch.tensor(wts), atol=1e-5)
+    assert torch.allclose(res.update.double(), torch.tensor(ref), atol=1e-4)
+    assert res.info["replaced_values"] > 0
+
+
+# --- geometric median / norm clip ------------------------------------------------------------------
+
+def test_geometric_median_by_hand():
+    # 1-D: the geometric median is the median
+    assert _run("geometric_median", _col(0.0, 1.0, 10.0)).update.item() == pytest.approx(1.0, abs=1e-3)
+    # square corners plus a far point: still near the centre of the square's mass
+    sq = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    assert torch.allclose(_run("geometric_median", sq).update, torch.zeros(2), atol=1e-5)
+
+
+def test_geometric_median_uses_sample_weights():
+    x = _col(0.0, 1.0, 10.0)
+    res = aggregators.get("geometric_median")(x, torch.tensor([1.0, 1.0, 5.0]), ["a", "b", "c"])
+    assert res.update.item() == pytest.approx(10.0, abs=1e-3)  # weight 5/7 > 1/2 wins
+
+
+def test_norm_clip_clips_then_aggregates():
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    res = _run("norm_clip", x, max_norm=1.0)
+    assert torch.allclose(res.update, torch.tensor([0.45, 0.6]))
+    assert res.info["clipped"] == [True, False]
+    inner = _run("norm_clip", _col(100.0, 1.0, -2.0), max_norm=1.5, aggregator="median")
+    assert inner.update.item() == pytest.approx(1.0)  # median of the clipped values 1.5, 1, -1.5
+
+
+# --- invariants ------------------------------------------------------------------------------------
+
+RULES = [("fedavg", {}), ("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum", {"f": 2}),
+         ("multikrum", {"f": 2}), ("bulyan", {"f": 2}), ("dnc", {"f": 2, "subsample_dim": 64, "niters": 2}),
+         ("foolsgold", {}), ("residual", {}), ("geometric_median", {}),
+         ("norm_clip", {"max_norm": 1.0, "aggregator": "trimmed_mean", "params": {"beta": 0.2}})]
+
+
+@pytest.mark.parametrize("name,params", RULES, ids=[r[0] for r in RULES])
+def test_permutation_invariance(name, params):
+    torch.manual_seed(3)
+    x = torch.randn(11, 200)
+    perm = torch.randperm(11)
+    ids = [f"c{i}" for i in range(11)]
+    a = aggregators.get(name, **params)(x, torch.ones(11), ids)
+    b = aggregators.get(name, **params)(x[perm], torch.ones(11), [ids[i] for i in perm])
+    assert torch.allclose(a.update, b.update, atol=1e-5)
+    assert torch.allclose(a.client_weights[perm], b.client_weights, atol=1e-6)
+    assert a.client_weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+BOUNDED = [("median", {}), ("trimmed_mean", {"beta": 0.1}), ("krum", {"f": 2}), ("multikrum", {"f": 2}),
+           ("bulyan", {"f": 2}), ("residual", {}), ("geometric_median", {}), ("dnc", {"f": 2})]
+
+
+@pytest.mark.parametrize("name,params", BOUNDED, ids=[r[0] for r in BOUNDED])
+def test_bounded_under_one_huge_outlier(name, params):
+    torch.manual_seed(4)
+    x = torch.randn(11, 100)
+    honest_mean = x[1:].mean(0)
+    x[0] = 1e6
+    res = _run(name, x, **params)
+    assert (res.update - honest_mean).norm() < 10  # FedAvg would be ~1e6 * 10 / 11 away
+    assert _run("fedavg", x).update.norm() > 1e5
+
+
+def test_warns_when_f_is_half_the_clients():
+    with pytest.warns(RuntimeWarning, match="at least half"):
+        _run("dnc", torch.randn(8, 20), f=4, subsample_dim=10, filter_frac=0.5)
+
+
+def test_unknown_parameter_is_a_config_error():
+    with pytest.raises(ConfigError, match="has no parameter"):
+        aggregators.get("krum", attackers=2)
+    with pytest.raises(ConfigError, match="f must be a non-negative integer"):
+        aggregators.get("krum", f=-1)
+
+
+def test_every_rule_is_registered():
+    assert set(aggregators.available()) >= {"fedavg", "median", "trimmed_mean", "krum", "multikrum", "bulyan",
+                                             "dnc", "foolsgold", "residual", "geometric_median", "norm_clip"}
+
+
+# --- validation inside a round ---------------------------------------------------------------------
+
+def test_server_drops_poisoned_updates_and_round_continues(caplog):
+    from fedsafe.config import FLConfig
+    from fedsafe.fl.client import ClientResult
+    from fedsafe.fl.server import Server
+
+    server = Server(FLConfig(), torch.zeros(3), aggregators.get("median"), max_update_norm=100.0)
+    good = [ClientResult(f"g{i}", torch.tensor([1.0, 2.0, 3.0]) * (i + 1), 1) for i in range(3)]
+    bad = [ClientResult("nan", torch.tensor([float("nan"), 0.0, 0.0]), 1),
+           ClientResult("inf", torch.tensor([float("inf"), 0.0, 0.0]), 1),
+           ClientResult("shape", torch.zeros(4), 1),
+           ClientResult("int", torch.zeros(3, dtype=torch.long), 1),
+           ClientResult("huge", torch.full((3,), 1e4), 1)]
+    stats = server.aggregate(good[:1] + bad + good[1:])
+    assert [d["client_id"] for d in stats["dropped"]] == ["nan", "inf", "shape", "int", "huge"]
+    assert stats["kept"] == [0, 6, 7]
+    assert torch.allclose(server.global_vec, torch.tensor([2.0, 4.0, 6.0]))  # median of the 3 good ones
+    assert stats["client_weights"][1:6] == [0.0] * 5
+    assert any("exceeds" in r.message or "exceeds" in str(r.args) for r in caplog.records)
