@@ -76,13 +76,16 @@ def test_round_config_and_result_survive_the_codec():
             assert a == b, f
     res = ClientResult("client_02", torch.randn(7), 8, {"loss": 1.5, "steps": 5, "note": "x"},
                        {"delta_c": torch.ones(7), "ciphertext": b"\x00\x01", "chunks": [b"a", b"bc"],
-                        "scale": 2.0, "info": {"k": [1, 2]}, "none": None})
+                        "scale": 2.0, "info": {"k": [1, 2]}, "none": None,
+                        "secure_agg": {"format": "ckks-v1", "ciphertexts": [b"c0", b"c1"], "length": 7,
+                                       "nested": {"weight": 0.5, "empty": {}}}})
     back = fe.decode_result(fe.encode_result(res))
     torch.testing.assert_close(back.update, res.update)
     assert (back.client_id, back.num_samples, back.metrics) == (res.client_id, 8, res.metrics)
     assert back.extra.keys() == res.extra.keys() and back.extra["chunks"] == [b"a", b"bc"]
     assert back.extra["ciphertext"] == b"\x00\x01" and back.extra["info"] == {"k": [1, 2]}
     assert back.extra["none"] is None and torch.equal(back.extra["delta_c"], torch.ones(7))
+    assert back.extra["secure_agg"] == res.extra["secure_agg"]  # HE ciphertexts travel as bytes
     with pytest.raises(FedsafeError, match="extra"):
         fe.encode_result(ClientResult("c", torch.zeros(2), 1, {}, {"bad": object()}))
 
@@ -281,3 +284,24 @@ def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
     assert (run_dir / "adapters" / "round_0001").exists() and (run_dir / "adapters" / "final").exists()
     time.sleep(1)
     assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow  # CKKS key generation + two runs: ~50 s on a loaded 2-core machine
+def test_secure_aggregation_ciphertexts_travel_through_flower(tmp_path, data_file):
+    """CKKS-encrypted updates (bytes in ClientResult.extra) through Flower simulation == plaintext in-process."""
+    pytest.importorskip("tenseal")
+    from fedsafe.engines.flower import run_flower_experiment
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    base = dict(roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+                fl={"rounds": 1, "local_steps": 1, "lr": 0.02, "lr_schedule": "constant"})
+    plain = run_experiment(_cfg(tmp_path, data_file, **base), progress=False)
+    he = run_flower_experiment(_cfg(tmp_path, data_file, secure_agg={"enabled": True, "prune_start": 0,
+                                                                     "prune_end": 0}, **base), progress=False)
+    (record,) = RunDir.open(he.run_dir).records("round")
+    assert record["aggregator_info"]["secure_agg"] and record["failed"] == []
+    wa, wb = _adapter(plain), _adapter(he)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
+    assert any(float(v.abs().max()) > 0 for k, v in wb.items() if "lora_B" in k)

@@ -77,40 +77,65 @@ def _is_config_value(v) -> bool:
     return False
 
 
+_SEP = "::"  # nested dict keys: "outer::inner"
+
+
 def encode_values(values: dict, arrays: ArrayRecord, config: ConfigRecord, what: str) -> None:
-    """Put a dict of tensors / scalars / bytes / JSON-able values into an ArrayRecord and a ConfigRecord."""
-    nulls = []
-    for key, v in values.items():
-        if v is None:
-            nulls.append(key)
-        elif isinstance(v, torch.Tensor):
-            arrays[key] = _to_array(v)
-        elif isinstance(v, np.ndarray):
-            arrays[key] = Array(np.ascontiguousarray(v))
-        elif _is_config_value(v):
-            config[key] = v
-        else:
-            try:
-                config["json:" + key] = json.dumps(v)
-            except TypeError as exc:
-                raise FedsafeError(f"{what}[{key!r}] of type {type(v).__name__} cannot travel in a Flower "
-                                   "message (use tensors, bytes, numbers, strings or JSON-able values)") from exc
+    """Put a (nested) dict of tensors / scalars / bytes / JSON-able values into an ArrayRecord and a ConfigRecord."""
+    nulls: list[str] = []
+    dicts: list[str] = []
+
+    def put(prefix: str, mapping: dict) -> None:
+        for key, v in mapping.items():
+            full = prefix + str(key)
+            if v is None:
+                nulls.append(full)
+            elif isinstance(v, dict):
+                dicts.append(full)
+                put(full + _SEP, v)
+            elif isinstance(v, torch.Tensor):
+                arrays[full] = _to_array(v)
+            elif isinstance(v, np.ndarray):
+                arrays[full] = Array(np.ascontiguousarray(v))
+            elif _is_config_value(v):
+                config[full] = v
+            else:
+                try:
+                    config["json:" + full] = json.dumps(v)
+                except TypeError as exc:
+                    raise FedsafeError(f"{what}[{full!r}] of type {type(v).__name__} cannot travel in a Flower "
+                                       "message (use tensors, bytes, numbers, strings, dicts or JSON-able "
+                                       "values)") from exc
+
+    put("", values)
     if nulls:
         config["__none__"] = nulls
+    if dicts:
+        config["__dicts__"] = dicts
 
 
 def decode_values(arrays: ArrayRecord | None, config: ConfigRecord | None) -> dict:
     """Inverse of :func:`encode_values` (tensors come back as torch tensors on the CPU)."""
-    out: dict = {}
+    flat: dict = {}
+    config = dict(config or {})
+    for key in config.pop("__dicts__", []):
+        flat[key] = {}
+    for key in config.pop("__none__", []):
+        flat[key] = None
     for key, arr in (arrays or {}).items():
-        out[key] = torch.from_numpy(np.array(arr.numpy(), copy=True))
-    for key, v in (config or {}).items():
-        if key == "__none__":
-            out.update({k: None for k in v})
-        elif key.startswith("json:"):
-            out[key[5:]] = json.loads(v)
+        flat[key] = torch.from_numpy(np.array(arr.numpy(), copy=True))
+    for key, v in config.items():
+        if key.startswith("json:"):
+            flat[key[5:]] = json.loads(v)
         else:
-            out[key] = v
+            flat[key] = v
+    out: dict = {}
+    for key in sorted(flat, key=lambda k: k.count(_SEP)):  # parents before children
+        *parents, leaf = key.split(_SEP)
+        node = out
+        for part in parents:
+            node = node[part]
+        node[leaf] = flat[key]
     return out
 
 

@@ -1,0 +1,98 @@
+"""Per-round wall time of the same experiment on three engines: in-process, Flower simulation, loopback deployment.
+
+Every engine runs the same config (2 clients, both sampled every round). The round time is the ``seconds``
+field of each round record (sampling -> all replies -> validation/aggregation -> adapter and checkpoint
+writes); ``client compute`` is the clients' forward/backward/optimizer time summed over the round. The
+loopback deployment starts a SuperLink and one SuperNode per client as separate processes on 127.0.0.1;
+Flower 1.41 starts a fresh ClientApp process for every message, so each deployed round includes Python,
+torch and model start-up on every client (run in parallel, one process per SuperNode).
+
+    python benchmarks/engine_overhead.py                    # tiny model, then the embedded model
+    python benchmarks/engine_overhead.py --skip-embedded    # tiny model only
+    python benchmarks/engine_overhead.py --rounds 4 --engines inprocess,simulation
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fedsafe.config import load_config
+from fedsafe.rundir import RunDir
+
+console = Console()
+
+
+def experiment(model: str, rounds: int, out: str, max_length: int) -> list[str]:
+    """``--set`` overrides shared by every engine."""
+    return [f"output_dir={out}", "name=engine-bench", f"model.name={model}", "eval.helpfulness_proxy=false",
+            "roles.0.clients=2", "data.samples_per_client=8", f"data.max_length={max_length}",
+            f"fl.rounds={rounds}", "fl.clients_per_round=2", "fl.local_steps=2", "fl.batch_size=2",
+            "fl.save_every_round=false", "flower.round_timeout_s=900", "flower.connect_timeout_s=300"]
+
+
+def run_engine(engine: str, overrides: list[str]) -> tuple[Path, float]:
+    """Run one experiment on ``engine``; returns its run directory and the total wall time."""
+    cfg = load_config(None, overrides)
+    t0 = time.perf_counter()
+    if engine == "inprocess":
+        from fedsafe.pipeline import run_experiment
+
+        run_dir = run_experiment(cfg, progress=False).run_dir
+    elif engine == "simulation":
+        from fedsafe.engines.flower import run_flower_experiment
+
+        run_dir = run_flower_experiment(cfg, progress=False).run_dir
+    else:
+        from fedsafe.engines.flower_deploy import LocalFederation, write_app
+
+        with LocalFederation(cfg.num_clients) as fed:
+            app = write_app(fed.workdir / "app", cfg)
+            run_dir = fed.submit(app, timeout_s=3600)
+    return Path(run_dir), time.perf_counter() - t0
+
+
+def summarize(model: str, engine: str, run_dir: Path, total_s: float) -> dict:
+    rounds = RunDir.open(run_dir).records("round")
+    secs = [r["seconds"] for r in rounds]
+    compute = [r["compute_seconds"] for r in rounds]
+    later = secs[1:] or secs
+    return {"model": model, "engine": engine, "rounds": len(rounds), "first_s": secs[0],
+            "later_s": statistics.mean(later), "compute_s": statistics.mean(compute[1:] or compute),
+            "total_s": total_s, "failed": sum(len(r.get("failed", [])) for r in rounds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engines", default="inprocess,simulation,deployment")
+    parser.add_argument("--skip-embedded", action="store_true")
+    args = parser.parse_args()
+    engines = args.engines.split(",")
+    models = [("tiny", 64)] + ([] if args.skip_embedded else [("embedded", 128)])
+    rows = []
+    for model, max_length in models:
+        for engine in engines:
+            with tempfile.TemporaryDirectory() as out:
+                console.print(f"[bold]{model} / {engine}[/] ...")
+                run_dir, total = run_engine(engine, experiment(model, args.rounds, out, max_length))
+                rows.append(summarize(model, engine, run_dir, total))
+                console.print(rows[-1])
+    table = Table(title=f"per-round wall time, 2 clients x 2 local steps, {args.rounds} rounds")
+    for col in ("model", "engine", "round 1 (s)", "later rounds, mean (s)", "client compute / round (s)",
+                "overhead / round (s)", "whole run (s)", "failed"):
+        table.add_column(col, justify="left" if col in ("model", "engine") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["engine"], f"{r['first_s']:.2f}", f"{r['later_s']:.2f}", f"{r['compute_s']:.2f}",
+                      f"{r['later_s'] - r['compute_s']:.2f}", f"{r['total_s']:.1f}", str(r["failed"]))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
