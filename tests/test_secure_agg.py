@@ -412,3 +412,24 @@ def test_tiny_fl_rounds_with_pruning_he_on_matches_plaintext(tiny):
     moved = (without_he - start).abs().max().item()
     assert moved > 1e-3  # training really changed the adapter
     assert (with_he - without_he).abs().max().item() < 1e-5
+
+
+def test_encrypted_result_survives_a_flower_message(keys):
+    """The HE path crosses the plain client/server boundary: a Flower message carries the ciphertext bytes."""
+    pytest.importorskip("flwr")
+    from fedsafe.engines.flower import decode_result, encode_result
+    from fedsafe.fl.client import ClientResult, RoundConfig
+
+    d = 5000
+    client = SecureAggClient(keys.client_context_bytes(), None, 0.0, 0.0, total_rounds=1)
+    server = SecureAggServer(keys.server_context_bytes(), client.decrypt, CKKSParams(), MaskSchedule(None, 0, 0, 1))
+    global_vec, updates = torch.zeros(d), lora_scale_updates(2, d, seed=14)
+    rc = RoundConfig(round=1, lr=0.0, local_steps=1, batch_size=1, total_samples=30)
+    sent = [client.encrypt_result(ClientResult(f"c{k}", updates[k], 10 * (k + 1), {"loss": 1.0}), global_vec, rc)
+            for k in range(2)]
+    received = [decode_result(encode_result(r)) for r in sent]
+    assert received[0].update.numel() == 0 and received[0].extra[WIRE_KEY]["ciphertexts"] == sent[0].extra[WIRE_KEY][
+        "ciphertexts"]
+    delta, stats = server.aggregate(received, global_vec, round=1)
+    reference = (10 * updates[0].double() + 20 * updates[1].double()) / 30
+    assert not stats["dropped"] and (delta.double() - reference).abs().max().item() < 1e-6

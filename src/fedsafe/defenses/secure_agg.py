@@ -36,11 +36,13 @@ any engine (in-process, Flower) carries it unchanged: under HE a :class:`fedsafe
 an empty ``update`` tensor and ``extra["secure_agg"]`` holds the wire form of :class:`EncryptedUpdate`
 (``{"format", "ciphertexts": list[bytes], "length": int, "mask_digest": str, "weight": float}``, only
 bytes, ints, floats and strings); a client that could not encrypt sends ``extra["secure_agg_error"]`` (a
-string) instead and is dropped with that reason. A Flower ClientApp calls
-:meth:`SecureAggClient.encrypt_result` after local training; the ServerApp builds the server with
-``Server(..., secure=SecureAggServer(server_context_bytes, decrypt))``, where ``decrypt`` sends the
-:meth:`EncryptedAggregate.to_wire` dict to a key-holding client, which answers with
-:meth:`SecureAggClient.decrypt`. Context bytes come from :class:`KeyHolder` at setup.
+string) instead and is dropped with that reason. Flower simulation (``fedsafe run --engine flower``) takes
+the same path: the pipeline hands the wrapped trainer to the engine factory, a Flower message carries the
+bytes unchanged (round trip tested in tests/test_secure_agg.py), and the pipeline's Server sums them. A multi-machine Flower deployment also needs
+the keys delivered: each SuperNode must get :meth:`KeyHolder.client_context_bytes` out of band (never
+through the server) and wrap its trainer in an :class:`EncryptingTrainer`, and the ServerApp's ``decrypt``
+callback must send :meth:`EncryptedAggregate.to_wire` to a key-holding client, which answers with
+:meth:`SecureAggClient.decrypt`; until then fedsafe.engines.flower refuses secure_agg in deployments.
 
 What composes with HE (the server only ever computes sum_k c_k, optionally times one plaintext scalar):
   * FedAvg (weighted by sample counts) and FedProx (a client-side proximal term; the server still averages);
