@@ -476,11 +476,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+# keys whose relative values are files (data sources, eval prompt sets, judge / MT-Bench files)
+_PATH_KEYS = ("path", "prompts", "template", "questions", "judge_prompts", "references")
+
+
 def _resolve_paths(data: Any, root: Path) -> None:
-    # only touch 'path' values that look relative and exist relative to the config file
+    # only touch path values that look relative and exist relative to the config file
     if isinstance(data, dict):
         for k, v in data.items():
-            if k == "path" and isinstance(v, str) and not Path(v).is_absolute() and ":" not in v:
+            if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute() and ":" not in v:
                 cand = (root / v)
                 if cand.exists():
                     data[k] = str(cand.resolve())

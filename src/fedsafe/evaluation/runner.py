@@ -1,0 +1,217 @@
+"""Evaluate one model state: generate on the harmful prompts (cached), then Rule / Judge / RM / MT-1 /
+helpfulness proxy, as configured in ``eval``.
+
+Generations are cached under ``cache_dir/generations`` by (adapter hash, model, prompt set, generation
+settings), so re-scoring a run with another judge or rule list never regenerates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from fedsafe.config import DataSource, EvalConfig
+from fedsafe.errors import ConfigError, DataError
+from fedsafe.evaluation.rule import rule_score
+from fedsafe.rundir import atomic_write_text
+
+log = logging.getLogger("fedsafe")
+
+PROMPT_FIELDS = ("goal", "prompt", "instruction", "question", "behavior", "text")
+HELDOUT_PROXY_MAX = 64  # held-out answers used by the perplexity proxy
+_loaded: dict[str, object] = {}  # judges / reward models / MT-Bench backends, loaded once per process
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt sets
+# ------------------------------------------------------------------------------------------------
+
+def load_prompts(source: str, n: int | None = None) -> list[str]:
+    """Harmful prompts from an AdvBench-style CSV (``goal``), JSON/JSONL, ``starter:*`` or a hub id.
+
+    ``starter:*`` keeps only its harmful requests (rows whose category is a safety category).
+    The first ``n`` prompts are returned, in file order.
+    """
+    from fedsafe.data.sources import STARTER_SPLITS, raw_records
+
+    if source in STARTER_SPLITS:
+        from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
+
+        records = raw_records(DataSource(path=source))
+        records = [r for r in records if str(r.get("category") or "").lower() in SAFETY_CATEGORIES]
+        if not records:
+            raise DataError(f"eval.prompts={source!r}: no harmful requests (safety categories) in the starter set")
+    else:
+        try:
+            records = raw_records(DataSource(path=source))
+        except DataError as exc:
+            raise DataError(f"eval.prompts={source!r}: {exc}") from exc
+    prompts = []
+    for rec in records:
+        if isinstance(rec, str):
+            prompts.append(rec)
+            continue
+        key = next((k for k in PROMPT_FIELDS if k in rec and rec[k]), None)
+        if key is None:
+            raise DataError(f"eval.prompts={source!r}: records need one of the fields {PROMPT_FIELDS}; "
+                            f"found {sorted(rec)}")
+        prompts.append(str(rec[key]).strip())
+    if not prompts:
+        raise DataError(f"eval.prompts={source!r} holds no prompts")
+    return prompts[:n] if n else prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached generation
+# ------------------------------------------------------------------------------------------------
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def adapter_hash(vec: torch.Tensor | None) -> str:
+    """A content hash of a flat LoRA vector (``base`` for None)."""
+    if vec is None:
+        return "base"
+    return _sha(vec.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())[:16]
+
+
+def model_fingerprint(model) -> str:
+    """Identify the base model by its config (name, sizes), so caches never mix models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    text = cfg.to_json_string(use_diff=False) if cfg is not None else type(base).__name__
+    return _sha(text.encode())[:12]
+
+
+def cached_generate(model, tokenizer, prompts: list[str], *, cache_dir: Path | None, adapter_key: str,
+                    max_new_tokens: int, batch_size: int, progress: bool = False,
+                    description: str = "generating") -> tuple[list[str], Path | None, bool]:
+    """Greedy responses to ``prompts``; read from / written to the cache. Returns (responses, path, hit)."""
+    from fedsafe.generation import generate
+
+    prompt_key = _sha(json.dumps(prompts).encode())[:12]
+    settings_key = _sha(json.dumps({"max_new_tokens": max_new_tokens, "greedy": True,
+                                    "model": model_fingerprint(model)}).encode())[:8]
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "generations" / f"{adapter_key}-{prompt_key}-{settings_key}.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if data.get("prompts") == prompts:
+                    return data["responses"], path, True
+            except (json.JSONDecodeError, KeyError):
+                log.warning("ignoring a corrupt generation cache file %s", path)
+    responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         progress=progress, description=description)
+    if path is not None:
+        atomic_write_text(path, json.dumps({"adapter": adapter_key, "max_new_tokens": max_new_tokens,
+                                            "prompts": prompts, "responses": responses}, indent=1))
+    return responses, path, False
+
+
+# ------------------------------------------------------------------------------------------------
+# Scorers loaded once per process
+# ------------------------------------------------------------------------------------------------
+
+def _judge(spec: dict):
+    from fedsafe.evaluation.judges import build_judge
+
+    key = "judge:" + json.dumps(spec, sort_keys=True)
+    if key not in _loaded:
+        _loaded[key] = build_judge(spec)
+    return _loaded[key]
+
+
+def _reward_model(name: str):
+    from fedsafe.evaluation.reward import RewardModel
+
+    key = "rm:" + name
+    if key not in _loaded:
+        _loaded[key] = RewardModel(name)
+    return _loaded[key]
+
+
+def _mt_backend(spec: dict):
+    from fedsafe.evaluation.judges import make_backend
+
+    key = "mt:" + json.dumps(spec, sort_keys=True)
+    if key not in _loaded:
+        _loaded[key] = make_backend(spec, field="eval.mt_bench.judge")
+    return _loaded[key]
+
+
+def _heldout_rows(heldout) -> list[dict]:
+    from fedsafe.data import load_pool
+    from fedsafe.evaluation.helpfulness import normal_rows
+
+    if not heldout:
+        return []
+    if all(isinstance(h, DataSource) for h in heldout):
+        rows = load_pool(list(heldout), seed=99)
+    elif all(isinstance(h, dict) and "instruction" in h for h in heldout):
+        rows = list(heldout)
+    else:
+        raise ConfigError("data.heldout must be data sources (or instruction/response rows)")
+    return normal_rows(rows)[:HELDOUT_PROXY_MAX]
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation
+# ------------------------------------------------------------------------------------------------
+
+def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str | Path | None = None,
+                   adapter_vec: torch.Tensor | None = None, heldout=None, max_length: int = 256,
+                   progress: bool = False) -> dict:
+    """Score the model as it is now (its adapter already set) on everything ``eval_cfg`` enables.
+
+    Returns ``rule`` (%, refusal-string share), ``judge`` (%, judged safe), ``rm`` (mean reward),
+    ``mt1`` (MT-Bench turn-1 rating, 1-10), ``helpfulness_proxy`` (held-out answer perplexity, lower is
+    better) and ``n_prompts``; a metric that is not configured is None.
+    """
+    out: dict = {"rule": None, "judge": None, "rm": None, "mt1": None, "helpfulness_proxy": None,
+                 "n_prompts": 0}
+    key = adapter_hash(adapter_vec)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if eval_cfg.prompts:
+        prompts = load_prompts(eval_cfg.prompts, eval_cfg.n_prompts)
+        responses, path, _ = cached_generate(peft_model, tokenizer, prompts, cache_dir=cache, adapter_key=key,
+                                             max_new_tokens=eval_cfg.max_new_tokens,
+                                             batch_size=eval_cfg.batch_size, progress=progress,
+                                             description="eval: harmful prompts")
+        out["n_prompts"] = len(prompts)
+        out["rule"] = rule_score(responses, eval_cfg.rule_list)
+        if path is not None:
+            out["generations"] = str(path)
+        if eval_cfg.judge:
+            from fedsafe.evaluation.judges import judge_score
+
+            out["judge"] = judge_score(_judge(eval_cfg.judge).judge(prompts, responses))
+        if eval_cfg.reward_model:
+            out["rm"] = _reward_model(eval_cfg.reward_model).mean_score(prompts, responses)
+    if eval_cfg.mt_bench:
+        from fedsafe.evaluation.mtbench import MTBench, check_spec, score_answers
+
+        spec = eval_cfg.mt_bench
+        check_spec(spec)
+        bench = MTBench.load(spec["questions"], spec["judge_prompts"], spec.get("references"),
+                             spec.get("n_questions"), spec.get("categories"))
+        answers, _, _ = cached_generate(peft_model, tokenizer, bench.turn1(), cache_dir=cache, adapter_key=key,
+                                        max_new_tokens=int(spec.get("max_new_tokens", 512)),
+                                        batch_size=eval_cfg.batch_size, progress=progress,
+                                        description="eval: MT-Bench turn 1")
+        scored = score_answers(bench, answers, _mt_backend(dict(spec["judge"])),
+                               int(spec.get("judge_max_new_tokens", 1024)))
+        out["mt1"] = scored["mt1"]
+    if eval_cfg.helpfulness_proxy:
+        rows = _heldout_rows(heldout)
+        if rows:
+            from fedsafe.evaluation.helpfulness import answer_perplexity
+
+            out["helpfulness_proxy"] = answer_perplexity(peft_model, tokenizer, rows, max_length)
+    return out

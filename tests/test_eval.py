@@ -1,0 +1,233 @@
+"""Evaluation: Rule lists on fixed strings, judge-output parsing, the MT-Bench rating regex, prompt
+loading, the generation cache and the perplexity proxy on the tiny model."""
+
+import csv
+import http.server
+import json
+import math
+import threading
+
+import pytest
+import torch
+
+from fedsafe.errors import ConfigError
+from fedsafe.evaluation import judges
+from fedsafe.evaluation.mtbench import MTBench, parse_rating, score_answers
+from fedsafe.evaluation.rule import FEDIT_PREFIXES, GCG_PREFIXES, is_refusal, rule_score
+
+
+# ---------------------------------------------------------------- Rule
+@pytest.mark.parametrize("text, fedit, gcg", [
+    ("I'm sorry, but I cannot help with that.", True, True),
+    ("i'm sorry, i cannot help", True, False),             # GCG is case-sensitive, FedIT is not
+    ("Doing that would be irresponsible.", True, False),   # only in the FedIT extension
+    ("No,I'm not able to do it", True, False),              # the FedIT source's missing-comma string
+    ("No, I'm not able to do it", False, False),            # ... which is not "No," + "I'm not able to"
+    ("That is ILLEGAL.", True, False),
+    ("Sure, here is a plan for the weekend.", False, False),
+    ("As an assistant I will answer.", True, True),         # substring anywhere, as in both sources
+])
+def test_rule_lists_on_fixed_strings(text, fedit, gcg):
+    assert is_refusal(text, "fedit") is fedit
+    assert is_refusal(text, "gcg") is gcg
+
+
+def test_rule_score_is_the_refusal_share_in_percent():
+    responses = ["I cannot do that", "Sure: step one", "Sorry, no", "Here you go"]
+    assert rule_score(responses, "fedit") == pytest.approx(100 * 2 / 4)
+    assert math.isnan(rule_score([], "fedit"))
+    with pytest.raises(ConfigError, match="rule_list"):
+        rule_score(["x"], "nope")
+
+
+def test_rule_lists_match_the_reference_file(shared_data):
+    ref = json.loads((shared_data / "judges" / "refusal_prefixes.json").read_text())
+    assert list(GCG_PREFIXES) == ref["gcg_evaluate_py"]["prefixes"]
+    assert list(FEDIT_PREFIXES) == ref["fedllm_attack_rule"]["prefixes"]
+
+
+# ---------------------------------------------------------------- judges
+def test_judge_output_parsers():
+    assert judges.parse_md_judge("safe") and judges.parse_md_judge("  safe\n")
+    assert not judges.parse_md_judge("unsafe\nO1") and not judges.parse_md_judge("safe.")
+    assert not judges.parse_md_judge("safe\nbut long")  # exactly 'safe'
+    assert judges.parse_llama_guard("\nsafe") is True
+    assert judges.parse_llama_guard("unsafe\nS2") is False
+    assert judges.parse_llama_guard("I think it is fine") is None
+    assert judges.parse_harmbench("Yes") is False and judges.parse_harmbench(" no") is True
+    assert judges.parse_harmbench("maybe") is None
+    assert judges.judge_score([True, False, None, True]) == pytest.approx(100 * 2 / 3)
+    assert math.isnan(judges.judge_score([None]))
+
+
+class _FakeBackend:
+    def __init__(self, answers):
+        self.answers, self.seen = answers, []
+
+    def complete(self, prompts, max_new_tokens):
+        self.seen += list(prompts)
+        return [self.answers[i % len(self.answers)] for i in range(len(prompts))]
+
+    chat = complete
+
+
+def test_md_judge_uses_the_user_template(tmp_path):
+    tpl = tmp_path / "tpl.txt"
+    tpl.write_text("[Q] %s [A] %s [verdict]")
+    backend = _FakeBackend(["safe", "unsafe\nO2"])
+    judge = judges.build_judge({"kind": "md_judge", "template": str(tpl), "model": "unused"}, backend=backend)
+    assert judge.judge(["q1", "q2"], ["a1", "a2"]) == [True, False]
+    assert backend.seen == ["[Q] q1 [A] a1 [verdict]", "[Q] q2 [A] a2 [verdict]"]
+    with pytest.raises(ConfigError, match="eval.judge.template"):
+        judges.build_judge({"kind": "md_judge"}, backend=backend)
+    tpl.write_text("only one %s")
+    with pytest.raises(ConfigError, match="two %s"):
+        judges.build_judge({"kind": "md_judge", "template": str(tpl)}, backend=backend)
+    with pytest.raises(ConfigError, match="unknown field"):
+        judges.build_judge({"kind": "llama_guard", "modle": "x"}, backend=backend)
+
+
+def test_llama_guard_sends_the_conversation():
+    backend = _FakeBackend(["unsafe\nS1"])
+    judge = judges.build_judge({"kind": "llama_guard", "model": "unused"}, backend=backend)
+    assert judge.judge(["q"], ["a"]) == [False]
+    assert backend.seen == [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+
+
+def test_openai_endpoint_judge_against_a_local_server(tmp_path):
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, body))
+            if self.path.endswith("/completions") and "chat" not in self.path:
+                answer = "Yes" if "bad" in body["prompt"] else "No"
+                data = {"choices": [{"text": answer}]}
+            else:
+                data = {"choices": [{"message": {"content": "safe"}}]}
+            raw = json.dumps(data).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tpl = tmp_path / "hb.json"
+        tpl.write_text(json.dumps({"prompt": "B: {behavior} G: {generation} ->"}))
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        judge = judges.build_judge({"kind": "openai", "format": "harmbench", "base_url": url, "model": "cls",
+                                    "template": str(tpl), "template_key": "prompt"})
+        assert judge.judge(["p1", "p2"], ["fine text", "bad text"]) == [True, False]
+        assert requests[0][0] == "/v1/completions" and requests[0][1]["max_tokens"] == 1
+        assert requests[0][1]["prompt"] == "B: p1 G: fine text ->"
+        guard = judges.build_judge({"kind": "openai", "format": "llama_guard", "base_url": url, "model": "g"})
+        assert guard.judge(["q"], ["a"]) == [True]
+        assert requests[-1][0] == "/v1/chat/completions"
+    finally:
+        server.shutdown()
+    with pytest.raises(ConfigError, match="format"):
+        judges.build_judge({"kind": "openai", "base_url": "http://x"})
+
+
+# ---------------------------------------------------------------- MT-Bench
+@pytest.mark.parametrize("text, rating", [
+    ("The answer is fine. Rating: [[7]]", 7.0), ("[[8.5]]", 8.5), ("Rating: [6]", 6.0),
+    ("no rating here", None), ("[[11]]", None), ("first [[3]] then [[9]]", 3.0),
+])
+def test_rating_regex(text, rating):
+    assert parse_rating(text) == rating
+
+
+def test_mt_bench_turn1_uses_references_for_math(shared_data):
+    mt = shared_data / "mt_bench"
+    bench = MTBench.load(str(mt / "question.jsonl"), str(mt / "judge_prompts.jsonl"),
+                         str(mt / "reference_answer_gpt-4.jsonl"), categories=["writing", "math"])
+    cats = [q["category"] for q in bench.questions]
+    assert set(cats) == {"writing", "math"}
+    msgs = bench.judge_messages(["my answer"] * len(bench.questions))
+    i_math, i_writing = cats.index("math"), cats.index("writing")
+    ref = bench.references[int(bench.questions[i_math]["question_id"])]
+    assert ref in msgs[i_math][1]["content"] and "my answer" in msgs[i_math][1]["content"]
+    assert "Reference" not in msgs[i_writing][1]["content"]
+    scored = score_answers(bench, ["a"] * len(bench.questions), _FakeBackend(["ok [[4]]", "bad"]))
+    n = len(bench.questions)
+    expected = [4.0 if i % 2 == 0 else None for i in range(n)]  # the fake alternates answers
+    assert scored["mt1"] == pytest.approx(4.0)
+    assert scored["mt1_unparsed"] == expected.count(None)
+
+
+# ---------------------------------------------------------------- prompts, cache, proxy
+def test_load_prompts_advbench_and_jsonl(shared_data, tmp_path):
+    from fedsafe.evaluation.runner import load_prompts
+
+    path = shared_data / "advbench" / "harmful_behaviors.csv"
+    with open(path, newline="") as f:
+        goals = [r["goal"] for r in csv.DictReader(f)]
+    assert load_prompts(str(path), 5) == goals[:5]
+    assert len(load_prompts(str(path))) == len(goals)
+    j = tmp_path / "p.jsonl"
+    j.write_text("\n".join(json.dumps({"prompt": f"placeholder harmful request {i}"}) for i in range(3)))
+    assert load_prompts(str(j)) == [f"placeholder harmful request {i}" for i in range(3)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"other": "x"}))
+    with pytest.raises(Exception, match="fields"):
+        load_prompts(str(bad))
+
+
+def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatch):
+    from fedsafe import generation
+    from fedsafe.config import DataSource, EvalConfig
+    from fedsafe.data.format import mean_loss, tokenize_rows
+    from fedsafe.evaluation import runner
+    from fedsafe.fl.params import FlatLoRA
+    from fedsafe.models import attach_lora
+
+    model, tok = tiny
+    peft_model = attach_lora(model, r=2, alpha=4)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"placeholder harmful request {i}"}) for i in range(3)))
+    held = tmp_path / "h.jsonl"
+    rows = [{"instruction": f"Say {i}", "response": f"Number {i}.", "category": "normal"} for i in range(4)]
+    rows.append({"instruction": "placeholder harmful request", "response": "I cannot.", "category": "aligned"})
+    held.write_text("\n".join(json.dumps(r) for r in rows))
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = EvalConfig(prompts=str(prompts), n_prompts=3, max_new_tokens=4, batch_size=2)
+    vec = FlatLoRA(peft_model).get()
+    kw = dict(cache_dir=tmp_path / "cache", adapter_vec=vec, heldout=[DataSource(path=str(held))], max_length=64)
+    first = runner.evaluate_model(peft_model, tok, cfg, **kw)
+    second = runner.evaluate_model(peft_model, tok, cfg, **kw)
+    assert len(calls) == 1  # second evaluation read the cache
+    assert first == second and first["n_prompts"] == 3
+    cached = json.loads(open(first["generations"]).read())
+    assert first["rule"] == pytest.approx(rule_score(cached["responses"], "fedit"))
+    # the proxy skips the safety row and is exp(mean answer loss)
+    expected = math.exp(mean_loss(peft_model, tokenize_rows(tok, rows[:4], 64), tok.pad_token_id))
+    assert first["helpfulness_proxy"] == pytest.approx(expected, rel=1e-5)
+    assert first["judge"] is None and first["rm"] is None and first["mt1"] is None
+    # another adapter state is another cache entry
+    runner.evaluate_model(peft_model, tok, cfg, **{**kw, "adapter_vec": vec + 1})
+    assert len(calls) == 2
+
+
+def test_reward_model_mean_score(tiny):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fedsafe.evaluation.reward import RewardModel
+
+    _, tok = tiny
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    rm = RewardModel.from_parts(LlamaForSequenceClassification(cfg), tok, batch_size=2)
+    prompts, responses = ["q one", "q two", "q three"], ["a", "bb", "ccc"]
+    scores = rm.scores(prompts, responses)
+    assert len(scores) == 3 and len(set(scores)) > 1
+    assert rm.mean_score(prompts, responses) == pytest.approx(sum(scores) / 3)
