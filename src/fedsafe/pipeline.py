@@ -16,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedsafe import aggregators
 from fedsafe.config import ExperimentConfig, dump_config, load_config
+from fedsafe.attacks.privacy import build_attacker, prepare_canaries
 from fedsafe.data import build_clients, build_heldout
+from fedsafe.defenses import dp as dp_defense
 from fedsafe.data.format import mean_loss
 from fedsafe.engines.inprocess import InProcessEngine
 from fedsafe.fl.client import LocalTrainer
@@ -95,12 +97,14 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     clients = build_clients(cfg, loaded.tokenizer, generator_cache)
     heldout = build_heldout(cfg, loaded.tokenizer)
     flat.set(session.init_vec)  # generation for data may have used the model
+    canaries = prepare_canaries(cfg, clients, loaded.tokenizer, run_dir)  # privacy: secrets in victims' data
     _print_clients(clients)
 
     # 4. federated rounds
     from fedsafe.aggregators.probe import with_probe_config
 
     aggregator = aggregators.get(cfg.aggregator.name, **with_probe_config(cfg))
+    aggregator = dp_defense.wrap_aggregator(cfg, aggregator)  # dp.client_level: clipped, noised FedAvg
     server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
                     max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
     trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
@@ -128,12 +132,25 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     if cfg.eval.base and cfg.eval.prompts and done == 0:
         result.evals.append(_evaluate(session, session.init_vec, round_idx=0, method="base", defense="none"))
 
+    # privacy: a participating client keeps the global adapters it receives and attacks them
+    attacker = build_attacker(cfg, peft_model, loaded.tokenizer, flat, session.init_vec, clients, canaries,
+                              run_dir) if cfg.privacy.enabled else None
+    dp_accountant = dp_defense.client_accountant(cfg)
+
     def on_round_end(round_no: int, record: dict) -> None:
         console.print(f"round {round_no:>3}: mean client loss {record['mean_loss']:.4f}  "
                       f"update norm {record['update_norm']:.4f}  lr {record['lr']:.2e}  "
                       f"({record['seconds']:.1f} s)")
         if cfg.eval.every and round_no % cfg.eval.every == 0 and round_no < cfg.fl.rounds and cfg.eval.prompts:
             result.evals.append(_evaluate(session, server.global_vec, round_idx=round_no))
+        if dp_accountant is not None:
+            dp_record = dp_accountant.record(round_no)
+            run_dir.log(dp_record)
+            console.print(f"  client-level DP: epsilon {dp_record['epsilon']:.3f} at delta {dp_record['delta']:.2e}")
+        if attacker is not None:
+            attacker.observe(round_no, server.global_vec)
+            if cfg.privacy.every and round_no % cfg.privacy.every == 0 and round_no < cfg.fl.rounds:
+                attacker.run(round_no)
 
     with _progress() as prog:
         run_rounds(server, engine, clients, run_dir, rounds=cfg.fl.rounds,
@@ -148,6 +165,13 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
         result.heldout_loss_after = mean_loss(peft_model, heldout, pad)
         run_dir.log({"type": "heldout", "round": cfg.fl.rounds, "before": result.heldout_loss_before,
                      "after": result.heldout_loss_after})
+
+    if attacker is not None:  # extraction attacks on the final global model, then the leakage/utility table
+        from fedsafe.evaluation.leakage import write_leakage_utility
+
+        attacker.observe(cfg.fl.rounds, final_vec)
+        attacker.run(cfg.fl.rounds)
+        write_leakage_utility([run_dir.path], run_dir.path)
 
     # 5. evaluation of the aggregated model, then the post-hoc defense and its evaluation
     if cfg.eval.prompts:
@@ -170,7 +194,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
 
 def build_trainer(cfg: ExperimentConfig, peft_model, tokenizer) -> LocalTrainer:
     """The client-side trainer for ``cfg`` (also built by Flower ClientApps in other processes)."""
-    return LocalTrainer(peft_model, tokenizer)
+    return dp_defense.build_trainer(cfg, peft_model, tokenizer)  # local DP-SGD, constrained-update terms
 
 
 def scenario_label(cfg: ExperimentConfig, defense: str) -> str:

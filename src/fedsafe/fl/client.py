@@ -90,6 +90,9 @@ class LocalTrainer:
         t0 = time.perf_counter()
         state = client_state if client_state is not None else {}
         self.flat.set(global_vec)
+        for term in self.loss_terms:  # stateful terms (proximal, KL to the global model) see the round start
+            if hasattr(term, "start"):
+                term.start(self.model, global_vec)
         seed = derive_seed(rc.seed, rc.round, client.client_id)
         torch.manual_seed(seed)  # LoRA dropout and any sampling inside the model
         gen = torch.Generator().manual_seed(seed)
