@@ -276,3 +276,22 @@ def test_probe_state_round_trips_for_resume(synthetic):
     fresh.load_state_dict(agg.state_dict())
     a, b = agg(u, n, ids), fresh(u, n, ids)
     assert torch.equal(a.update, b.update) and a.info["probe"]["weight"] == b.info["probe"]["weight"]
+
+
+def test_step_level_probe_fits_on_steps_and_scores_reports(setup):
+    trainer, ex = setup
+    g = trainer.flat.get()
+    probe = aggregators.get("probe", level="step")
+    rc = probe.prepare(RoundContext(round=1, global_vec=g, round_config=RC,
+                                    shadow=_shadow(trainer, ex, per_class=2, steps=2)))
+    assert torch.equal(rc.step_feature_mask, trainer.flat.mask("B", [0]))
+    assert probe._last_fit["samples"] == 2 * 2 * 2  # shadows x classes x steps
+    clients = [ClientData("b", "benign", ex(_rows("benign", 6, 2000))),
+               ClientData("m", "malicious", ex(_rows("malicious", 6, 2000)), True)]
+    results = [trainer.fit(c, g, rc) for c in clients]
+    probe._context.client_extra = {"b": results[0].extra}  # "m" sends no step report
+    out = probe(torch.stack([r.update for r in results]), torch.ones(2), ["b", "m"])
+    info = out.info["probe"]
+    steps_p = probe.predict(probe.features.from_masked(results[0].extra["step_updates"])).mean()
+    assert info["probability"]["b"] == pytest.approx(float(steps_p))
+    assert info["step_report_missing"] == ["m"]  # scored on its final update instead
