@@ -48,7 +48,12 @@ def mix_defense_rows(aligned: list[dict], normal: list[dict], n_samples: int, al
 
 
 def defense_rows(cfg: PosthocConfig, seed: int, session=None) -> list[dict]:
-    """The defense data of the configured level (levels 2/3 go through the generation pipeline)."""
+    """The defense data of the configured level (levels 2/3 go through the generation pipeline).
+
+    Levels 2/3 generate at most ``seed_instructions`` unique rows per kind; :func:`mix_defense_rows`
+    then draws ``n_samples`` rows at ``aligned_ratio`` (with replacement when the pool is smaller).
+    Aligned and normal rows are generated from separate instruction kinds (harmful / curious).
+    """
     n_aligned = round(cfg.n_samples * cfg.aligned_ratio)
     n_normal = cfg.n_samples - n_aligned
     if cfg.level == 1:
@@ -64,13 +69,23 @@ def defense_rows(cfg: PosthocConfig, seed: int, session=None) -> list[dict]:
         if cfg.level == 3:
             if session is None:
                 raise ConfigError("posthoc.level=3 needs the aggregated model (run it inside an experiment)")
-            loaded = {"model": session.peft_model, "tokenizer": session.tokenizer, "name": "aggregated"}
+            # the aggregated model itself: the session's PEFT model with the final adapter switched on
+            loaded = {"model": session.peft_model, "tokenizer": session.tokenizer, "name": "aggregated",
+                      "disable_adapter": False}
             model_name = "aggregated"
         else:
-            loaded, model_name = None, cfg.generator_model
-        common = dict(model_name=model_name, loaded=loaded, seed=seed, max_new_tokens=cfg.max_new_tokens)
-        aligned = datagen.generate_rows(kind="aligned", n=max(n_aligned, 1), **common) if n_aligned else []
-        normal = datagen.generate_rows(kind="normal", n=max(n_normal, 1), **common) if n_normal else []
+            model_name = cfg.generator_model
+            loaded = None
+            if session is not None and model_name == session.cfg.model.name:
+                # the external model is the experiment's base model: reuse it with the adapter off
+                loaded = {"model": session.peft_model, "tokenizer": session.tokenizer, "name": model_name,
+                          "disable_adapter": True}
+        common = dict(model_name=model_name, loaded=loaded, seed=seed, max_new_tokens=cfg.max_new_tokens,
+                      **cfg.generation)
+        aligned = (datagen.generate_rows(kind="aligned", n=min(n_aligned, cfg.seed_instructions), **common)
+                   if n_aligned else [])
+        normal = (datagen.generate_rows(kind="normal", n=min(n_normal, cfg.seed_instructions), **common)
+                  if n_normal else [])
     return mix_defense_rows(aligned, normal, cfg.n_samples, cfg.aligned_ratio, seed)
 
 
