@@ -295,3 +295,21 @@ def test_step_level_probe_fits_on_steps_and_scores_reports(setup):
     steps_p = probe.predict(probe.features.from_masked(results[0].extra["step_updates"])).mean()
     assert info["probability"]["b"] == pytest.approx(float(steps_p))
     assert info["step_report_missing"] == ["m"]  # scored on its final update instead
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multikrum", "geometric_median"])
+def test_flagged_clients_never_reach_the_robust_rule(synthetic, rule):
+    make, probe = synthetic
+    try:
+        inner = aggregators.get(rule)
+    except (ConfigError, ImportError, AttributeError) as exc:  # the robust suite is built concurrently
+        pytest.skip(f"{rule} not available: {exc}")
+    u = make([0, 0, 0, 0, 0, 0, 1, 1])
+    ids = [f"c{i}" for i in range(8)]
+    n = torch.ones(8)
+    out = probe(f"probe+{rule}")(u, n, ids)
+    assert set(out.info["probe"]["flagged"]) == {"c6", "c7"}
+    expected = inner(u[:6], n[:6], ids[:6])  # the same rule run on the unflagged clients only
+    assert torch.allclose(out.update, expected.update, atol=1e-6)
+    assert out.client_weights[6:].tolist() == [0.0, 0.0]
+    assert torch.allclose(out.client_weights[:6], expected.client_weights.float())
