@@ -126,6 +126,10 @@ class AggregatorConfig(_Strict):
                                             "foolsgold, residual, geometric_median, norm_clip, ...")
     params: dict[str, Any] = Field(default_factory=dict, description="rule parameters, e.g. {f: 1}")
     max_update_norm: float | None = Field(None, gt=0, description="drop updates whose L2 norm exceeds this")
+    compare: list[str | dict[str, Any]] = Field(
+        default_factory=list, description="analysis only: rules also run on each round's updates so their "
+                                          "client weights are logged (round record compare_weights), e.g. "
+                                          "[median, {name: krum, params: {f: 1}}]; they never change the model")
 
 
 class PosthocConfig(_Strict):

@@ -107,6 +107,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     aggregator = dp_defense.wrap_aggregator(cfg, aggregator)  # dp.client_level: clipped, noised FedAvg
     server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
                     max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
+    server.compare = aggregators.compare_rules(cfg.aggregator.compare)  # stealth analysis: weights only
     trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
     shadow = None
     if getattr(aggregator, "needs_shadow", False):  # the probe fits on the server's own shadow clients

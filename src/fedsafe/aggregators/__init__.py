@@ -70,9 +70,26 @@ def get(name: str, **params) -> Aggregator:
         raise ConfigError(f"aggregator {name!r} with {params}: {exc}") from exc
 
 
+def compare_rules(specs: list) -> dict[str, Aggregator]:
+    """Build ``aggregator.compare``: rules run on the same updates for analysis only, by label.
+
+    Each entry is a name (``"median"``) or ``{name: krum, params: {f: 1}}``; the label is the name plus its
+    parameters (``"krum(f=1)"``). Errors name the entry, e.g. ``aggregator.compare[1]``.
+    """
+    rules: dict[str, Aggregator] = {}
+    for i, spec in enumerate(specs or []):
+        name, params = (spec, {}) if isinstance(spec, str) else (spec.get("name"), dict(spec.get("params") or {}))
+        label = name if not params else f"{name}({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
+        try:
+            rules[label] = get(name, **params)
+        except ConfigError as exc:
+            raise ConfigError(f"aggregator.compare[{i}]: {exc}") from exc
+    return rules
+
+
 def _load(name: str) -> type:
     module_name, cls_name = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-__all__ = ["AggregationResult", "Aggregator", "available", "get", "register"]
+__all__ = ["AggregationResult", "Aggregator", "available", "compare_rules", "get", "register"]

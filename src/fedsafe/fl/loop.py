@@ -57,6 +57,7 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
                   "malicious": [malicious.get(r.client_id) for r in results],
                   "aggregator": getattr(server.aggregator, "name", type(server.aggregator).__name__),
                   "client_weights": stats["client_weights"], "cosine": cos, "dropped": stats["dropped"],
+                  "compare_weights": stats.get("compare_weights") or {},
                   "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
                   "update_norm": stats["update_norm"],
                   "failed": list(getattr(engine, "last_failures", [])),  # clients that never answered

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fedsafe.config import FLConfig
+from fedsafe.errors import FedsafeError
 from fedsafe.fl.client import ClientResult, RoundConfig
 
 log = logging.getLogger("fedsafe")
@@ -95,6 +96,7 @@ class Server:
         self.num_clients = num_clients
         self.optimizer = ServerOptimizer(fl_cfg, global_vec.numel())
         self.scaffold_c = torch.zeros_like(global_vec) if fl_cfg.algorithm == "scaffold" else None
+        self.compare: dict = {}  # label -> rule run on the same updates for analysis only (aggregator.compare)
         self.round = 0  # rounds completed
         self._context = None  # RoundContext of the round in progress (set by prepare_round)
 
@@ -138,6 +140,7 @@ class Server:
             log.warning("round %d: dropped update of %s: %s", self.round + 1, d["client_id"], d["reason"])
         weights_full = [0.0] * len(results)
         info: dict = {}
+        compare_weights: dict = {}
         if not kept:
             log.warning("round %d: no valid update; the global adapter is unchanged", self.round + 1)
             delta = torch.zeros_like(self.global_vec)
@@ -149,6 +152,7 @@ class Server:
             for j, i in enumerate(kept):
                 weights_full[i] = float(res.client_weights[j])
             info = res.info
+            compare_weights = self._compare_weights(stacked, num_samples, kept_results, kept, len(results))
             if self.scaffold_c is not None:
                 dcs = [kept_results[j].extra["delta_c"] for j in range(len(kept_results))]
                 self.scaffold_c = self.scaffold_c + torch.stack(dcs).mean(0) * (len(dcs) / self.num_clients)
@@ -156,13 +160,30 @@ class Server:
         self.round += 1
         self._context = None
         return {"client_weights": weights_full, "dropped": dropped, "update_norm": float(delta.norm()),
-                "aggregator_info": _jsonable(info), "kept": kept}
+                "aggregator_info": _jsonable(info), "kept": kept, "compare_weights": compare_weights}
+
+    def _compare_weights(self, stacked, num_samples, kept_results, kept, n_results) -> dict:
+        """Client weights each ``aggregator.compare`` rule would give (None where the rule refuses)."""
+        out = {}
+        for label, rule in self.compare.items():
+            try:
+                res = rule(stacked, num_samples, [r.client_id for r in kept_results])
+            except FedsafeError as exc:
+                log.info("round %d: compare rule %s skipped: %s", self.round + 1, label, exc)
+                out[label] = None
+                continue
+            full = [0.0] * n_results
+            for j, i in enumerate(kept):
+                full[i] = float(res.client_weights[j])
+            out[label] = full
+        return out
 
     def state_dict(self) -> dict:
         """Everything needed to resume after the last completed round."""
         agg_state = self.aggregator.state_dict() if hasattr(self.aggregator, "state_dict") else {}
         return {"round": self.round, "global_vec": self.global_vec.clone(),
                 "optimizer": self.optimizer.state_dict(), "aggregator": agg_state,
+                "compare": {k: r.state_dict() for k, r in self.compare.items()},
                 "scaffold_c": None if self.scaffold_c is None else self.scaffold_c.clone()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,6 +194,9 @@ class Server:
             self.aggregator.load_state_dict(state["aggregator"])
         if state.get("scaffold_c") is not None:
             self.scaffold_c = state["scaffold_c"].clone()
+        for label, rule_state in (state.get("compare") or {}).items():
+            if label in self.compare:
+                self.compare[label].load_state_dict(rule_state)
 
 
 def _jsonable(obj):
