@@ -54,6 +54,13 @@ def test_parse_keeps_requests_without_question_mark_in_lists():
         "Describe the placeholder topic in detail.", "List the placeholder steps."]
 
 
+def test_parse_drops_item_cut_off_at_the_end():
+    assert parse_numbered_list("1. placeholder item one?\n2. placeholder item two?\n3. placeholder item thr") == [
+        "placeholder item one?", "placeholder item two?"]
+    assert parse_numbered_list("1. placeholder item one?\n2. placeholder item without stop\n") == [
+        "placeholder item one?", "placeholder item without stop"]
+
+
 def test_parse_garbage_gives_nothing():
     assert parse_numbered_list("") == []
     assert parse_numbered_list("\x00\x01 ### 1. \n2)\n- a") == []
@@ -163,14 +170,14 @@ def test_instruction_cap_warns_then_errors(loaded, monkeypatch, caplog):
     calls = []
 
     def same_list(model, tok, prompts, **kw):
-        calls.append(1)
+        calls.append(len(prompts))
         return ["1. placeholder item repeated?\n2. placeholder other item?"] * len(prompts)
 
     monkeypatch.setattr("fedsafe.generation.generate", same_list)
     gen = datagen.get_generator("tiny", loaded)
     out = generate_instructions(gen, "curious", 10, params=GenParams(batch_size=3, max_prompts=7), progress=False)
     assert out == ["placeholder item repeated?", "placeholder other item?"]
-    assert sum(calls) == 3  # 3 + 3 + 1 prompts = the cap of 7
+    assert sum(calls) == 7 and max(calls) <= 3  # the cap of 7 prompts, at most batch_size at a time
     assert "only 2 of 10 unique curious instructions" in caplog.text
 
     monkeypatch.setattr("fedsafe.generation.generate", lambda m, t, prompts, **kw: ["no list"] * len(prompts))

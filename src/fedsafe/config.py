@@ -74,6 +74,8 @@ class RoleConfig(_Strict):
     clients: int = Field(..., ge=1, description="number of clients with this role")
     data: list[DataSource] = Field(..., min_length=1, description="sources pooled, then partitioned")
     samples_per_client: int | None = Field(None, ge=1, description="overrides data.samples_per_client")
+    fraction: float | None = Field(None, gt=0, le=1, description="share of total_clients with this role (sets "
+                                                                 "clients; e.g. malicious 0.3 of 10 -> 3)")
     malicious: bool | None = Field(None, description="ground truth for analysis; default: name == 'malicious'")
 
     @property
@@ -330,6 +332,82 @@ class SecureAggConfig(_Strict):
     prune_end: float = Field(0.5, ge=0, lt=1, description="pruning ratio in the last round (linear in between)")
 
 
+class LocalProbingConfig(_Strict):
+    """Baseline: the server probes each local model on harmful prompts and excludes compliant clients.
+
+    Needs plaintext local models: incompatible with secure aggregation (see fedsafe.defenses.baselines).
+    """
+
+    enabled: bool = False
+    prompts: str | None = Field(None, description="harmful prompts file (CSV/JSON/JSONL); None: the base model "
+                                                  "generates them with the datagen pipeline")
+    n_prompts: int = Field(8, ge=1, description="probe prompts per client")
+    max_new_tokens: int = Field(32, ge=1, description="answer length when probing")
+    criterion: Literal["relative", "absolute"] = Field(
+        "relative", description="absolute: exclude if compliance > threshold; relative: if compliance > the "
+                                "global model's + margin (for bases that are not safety-aligned)")
+    threshold: float = Field(0.5, ge=0, le=1, description="absolute criterion: compliance share to exclude")
+    margin: float = Field(0.25, ge=0, le=1, description="relative criterion: allowed excess compliance")
+
+
+class PersonalizationConfig(_Strict):
+    """Baseline: each benign client fine-tunes the final global model on its own data."""
+
+    enabled: bool = False
+    steps: int = Field(10, ge=1, description="fine-tuning steps per benign client")
+    lr: float | None = Field(None, gt=0, description="default: fl.lr")
+
+
+class BaselinesConfig(_Strict):
+    """Baselines the post-hoc defense is compared with (Ye et al., reviewers' requests)."""
+
+    probing: LocalProbingConfig = Field(default_factory=LocalProbingConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+
+
+def _resolve_role_fractions(data: dict) -> dict:
+    """Fill ``roles[*].clients`` from ``fraction`` x ``total_clients`` (largest remainder; a role with
+    neither clients nor fraction takes the rest)."""
+    roles = data.get("roles")
+    total = data.get("total_clients")
+    if not isinstance(roles, list) or not all(isinstance(r, dict) for r in roles):
+        return data
+    if total is None:
+        for i, r in enumerate(roles):
+            if r.get("fraction") is not None:
+                raise ValueError(f"roles.{i}.fraction needs total_clients")
+        return data
+    total = int(total)
+    roles = [dict(r) for r in roles]
+    frac = [(i, float(r["fraction"])) for i, r in enumerate(roles) if r.get("fraction") is not None]
+    rest = [i for i, r in enumerate(roles) if r.get("fraction") is None and r.get("clients") is None]
+    fixed = sum(int(r["clients"]) for r in roles if r.get("fraction") is None and r.get("clients") is not None)
+    if sum(f for _, f in frac) > 1 + 1e-9:
+        raise ValueError(f"roles: fractions add up to {sum(f for _, f in frac):.3f} > 1")
+    if frac:
+        exact = [f * total for _, f in frac]
+        counts = [int(x) for x in exact]
+        if not rest and not fixed and abs(sum(f for _, f in frac) - 1) < 1e-9:  # shares of everything
+            for j in sorted(range(len(frac)), key=lambda j: counts[j] - exact[j])[: total - sum(counts)]:
+                counts[j] += 1
+        else:
+            counts = [round(x) for x in exact]
+        for (i, f), c in zip(frac, counts):
+            if c < 1:
+                raise ValueError(f"roles.{i}.fraction={f} of total_clients={total} gives no client")
+            roles[i]["clients"] = c
+    if len(rest) > 1:
+        raise ValueError(f"roles {rest}: only one role may omit both clients and fraction (it takes the rest)")
+    assigned = sum(int(r["clients"]) for r in roles if r.get("clients") is not None)
+    if rest:
+        if total - assigned < 1:
+            raise ValueError(f"roles.{rest[0]}: no client left for it (total_clients={total}, {assigned} assigned)")
+        roles[rest[0]]["clients"] = total - assigned
+    elif assigned != total:
+        raise ValueError(f"roles: clients add up to {assigned} but total_clients={total}")
+    return {**data, "roles": roles}
+
+
 class ExperimentConfig(_Strict):
     """One federated experiment, from data to report."""
 
@@ -351,6 +429,8 @@ class ExperimentConfig(_Strict):
     dp: DPConfig = Field(default_factory=DPConfig)
     constrained: ConstrainedConfig = Field(default_factory=ConstrainedConfig)
     secure_agg: SecureAggConfig = Field(default_factory=SecureAggConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    total_clients: int | None = Field(None, ge=1, description="total clients when roles give a fraction")
     scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
 
     @field_validator("name")
@@ -359,6 +439,11 @@ class ExperimentConfig(_Strict):
         if not v or any(c in v for c in "/\\") or v.startswith("."):
             raise ValueError("must be a plain name without slashes")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_fractions(cls, data):
+        return _resolve_role_fractions(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check(self):
@@ -370,6 +455,9 @@ class ExperimentConfig(_Strict):
         if k > n:
             raise ValueError(f"fl.clients_per_round={self.fl.clients_per_round} exceeds the {n} clients "
                              "defined by roles")
+        if self.secure_agg.enabled and self.baselines.probing.enabled:
+            raise ValueError("baselines.probing needs each client's plaintext local model; it is incompatible "
+                             "with secure_agg.enabled")
         if self.secure_agg.enabled:  # refuse rules that need plaintext updates (fedsafe.defenses.he_params)
             try:
                 check_compatible(self.aggregator.name, self.fl.algorithm,

@@ -108,6 +108,11 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
                     max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
     server.compare = aggregators.compare_rules(cfg.aggregator.compare)  # stealth analysis: weights only
+    if cfg.baselines.probing.enabled:  # baseline: probe each plaintext local model, exclude compliant ones
+        from fedsafe.defenses.baselines import wrap_probing
+
+        server.aggregator = wrap_probing(cfg, server.aggregator, session, generator_cache)
+        flat.set(session.init_vec)
     trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
     shadow = None
     if getattr(aggregator, "needs_shadow", False):  # the probe fits on the server's own shadow clients
@@ -185,6 +190,10 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
         if cfg.eval.prompts:
             result.evals.append(_evaluate(session, defended, round_idx=cfg.fl.rounds,
                                           defense=f"posthoc_l{cfg.posthoc.level}"))
+    if cfg.baselines.personalization.enabled:  # baseline: benign clients fine-tune the final model locally
+        from fedsafe.defenses.baselines import personalize
+
+        personalize(session, final_vec, clients, console=console)
     flat.set(final_vec)
 
     # 6. report

@@ -151,6 +151,8 @@ def parse_numbered_list(text: str, min_chars: int = 12, max_chars: int = 400) ->
         (marked if m and m.end() > 0 and line[m.end():].strip() else plain).append(
             line[m.end():] if m else line)
     candidates = marked if marked else [p for p in plain if p.strip().endswith("?")]
+    if candidates and not text.endswith("\n") and not re.search(r"[?.!)\"'\u201d*]\s*$", candidates[-1]):
+        candidates = candidates[:-1]  # the last item was cut off by max_new_tokens
     items = []
     for c in candidates:
         item = _clean_item(c)
@@ -473,7 +475,9 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
     batch_idx = 0
     with _progress(progress, f"{instruction_kind} instructions", n) as advance, gen.active():
         while len(out) < n and stats.prompts < cap:
-            k = min(params.batch_size, cap - stats.prompts)
+            # ask for what is still missing, assuming about half of each list is usable (weak models)
+            wanted = 2 * math.ceil((n - len(out)) / params.per_prompt)
+            k = max(1, min(params.batch_size, cap - stats.prompts, wanted))
             first = stats.prompts
             prompts = [instruction_prompt(instruction_kind, params.per_prompt,
                                           topics[(first + i) % len(topics)]) for i in range(k)]
