@@ -16,7 +16,9 @@ def _synthetic_run(tmp_path):
     (run / "config.yaml").write_text(dump_config(ExperimentConfig(name="synthetic")))
     recs = []
     for rnd in (1, 2, 3):
-        recs.append({"type": "round", "round": rnd, "mean_loss": 2.0 / rnd, "client_weights": [0.5, 0.5]})
+        recs.append({"type": "round", "round": rnd, "mean_loss": 2.0 / rnd, "client_weights": [0.5, 0.5],
+                     "clients": ["client_00", "client_01"], "roles": ["benign", "malicious"],
+                     "malicious": [False, True], "cosine": [[1.0, 0.2], [0.2, 1.0]], "aggregator": "fedavg"})
         for cid, role, mal, loss in (("client_00", "benign", False, 1.0 / rnd), ("client_01", "malicious", True, 3.0 / rnd)):
             recs.append({"type": "client", "round": rnd, "client_id": cid, "role": role, "malicious": mal,
                          "aggregation_weight": 0.5, "loss": loss})
@@ -65,6 +67,7 @@ def test_report_from_synthetic_run(tmp_path):
     for name in ("results", "loss", "safety", "weights"):
         assert (run / "plots" / f"{name}.png").exists()
         assert f"plots/{name}.png" in md
+    assert "Stealth" in md  # fedsafe.evaluation.stealth plots are included when the module is there
     html = html_path.read_text()
     imgs = re.findall(r"<img [^>]*src='([^']+)'", html)
     assert len(imgs) >= 4 and all(src.startswith("data:image/png;base64,") for src in imgs)

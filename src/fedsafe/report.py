@@ -241,8 +241,9 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2 if has_proxy else 1, figsize=(10 if has_proxy else 6, 3.8), squeeze=False)
     labels = [f"{r['scenario']}\n{r['method']}" + (f"\n{r['defense']}" if r["defense"] != "none" else "")
               for r in rows]
-    colors = ["tab:red" if "attack" in r["scenario"] and r["defense"] == "none" else
-              "tab:green" if r["defense"] != "none" else "tab:blue" for r in rows]
+    colors = ["tab:green" if r["defense"] != "none" else
+              "tab:blue" if r["scenario"] in ("base", "no_attack") or r["scenario"].startswith("no_attack")
+              else "tab:red" for r in rows]  # blue: clean, red: attacked, green: defended
     ax = axes[0][0]
     ax.bar(range(len(rows)), [r["rule"] for r in rows], color=colors)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
