@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--skip-embedded", action="store_true")
     args = parser.parse_args()
     engines = args.engines.split(",")
-    models = [("tiny", 64)] + ([] if args.skip_embedded else [("embedded", 128)])
+    models = [("tiny", 256)] + ([] if args.skip_embedded else [("embedded", 128)])
     rows = []
     for model, max_length in models:
         for engine in engines:

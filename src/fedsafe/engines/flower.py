@@ -235,7 +235,12 @@ class FlowerEngine:
                       min(self.settings.connect_timeout_s, self.settings.round_timeout_s))
         msgs = [Message(content, dst_node_id=n, message_type=QUERY, group_id="connect", ttl=timeout + 60)
                 for n in unmapped]
-        for reply in self._exchange(msgs, timeout).values():
+        pushed = self._push(msgs)
+        replies = self._collect(pushed, timeout)
+        for mid in set(pushed) - set(replies):
+            log.warning("flower: SuperNode %d did not answer within %.0f s", pushed[mid].metadata.dst_node_id,
+                        timeout)
+        for reply in replies.values():
             if reply.has_error():
                 log.warning("flower: SuperNode %d did not say which client it holds: %s",
                             reply.metadata.src_node_id, reply.error.reason)
@@ -250,12 +255,18 @@ class FlowerEngine:
                 continue
             self.node_of[cid] = reply.metadata.src_node_id
 
-    def _exchange(self, msgs: list[Message], timeout_s: float, on_reply=None) -> dict[str, Message]:
-        """Push messages and pull replies until all arrived or ``timeout_s`` passed; {message id: reply}."""
-        if not msgs:
-            return {}
-        ids = [i for i in self.grid.push_messages(msgs) if i]
-        pending, replies = set(ids), {}
+    def _push(self, msgs: list[Message]) -> dict[str, Message]:
+        """Push messages one by one; {message id: message} for those the SuperLink accepted."""
+        pushed = {}
+        for msg in msgs:
+            mid = next(iter(self.grid.push_messages([msg])), None)
+            if mid:
+                pushed[mid] = msg
+        return pushed
+
+    def _collect(self, message_ids, timeout_s: float, on_reply=None) -> dict[str, Message]:
+        """Pull replies until every message has one or ``timeout_s`` passed; {message id: reply}."""
+        pending, replies = set(message_ids), {}
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
@@ -264,11 +275,9 @@ class FlowerEngine:
                     pending.discard(mid)
                     replies[mid] = reply
                     if on_reply is not None:
-                        on_reply(reply)
+                        on_reply(mid, reply)
             if pending:
                 time.sleep(_POLL_S)
-        for mid in pending:
-            log.warning("flower: no reply to message %s within %.0f s", mid, timeout_s)
         return replies
 
     # -- one round -------------------------------------------------------------------------------
@@ -279,47 +288,42 @@ class FlowerEngine:
             self.connect()
         elif any(c not in self.node_of for c in client_ids):
             self._map_nodes()
-        failures, client_of = [], {}
+        failures, msgs = [], []
         for cid in client_ids:
             node = self.node_of.get(cid)
             if node is None:
                 failures.append({"client_id": cid, "reason": "no connected SuperNode holds this client"})
                 continue
-            content = encode_train(global_vec, rc, cid, self.config_yaml, self.token)
-            msg = Message(content, dst_node_id=node, message_type=TRAIN, group_id=str(rc.round),
-                          ttl=self.settings.round_timeout_s + 60)
-            mid = next(iter(self.grid.push_messages([msg])), None)
-            if not mid:
-                failures.append({"client_id": cid, "reason": "the SuperLink did not accept the message"})
-                continue
-            client_of[mid] = cid
+            msgs.append(Message(encode_train(global_vec, rc, cid, self.config_yaml, self.token), dst_node_id=node,
+                                message_type=TRAIN, group_id=str(rc.round), ttl=self.settings.round_timeout_s + 60))
+        pushed = self._push(msgs)
+        client_of = {mid: msg.content["fedsafe"]["client_id"] for mid, msg in pushed.items()}
+        accepted = {id(m) for m in pushed.values()}
+        for msg in msgs:
+            if id(msg) not in accepted:
+                failures.append({"client_id": msg.content["fedsafe"]["client_id"],
+                                 "reason": "the SuperLink did not accept the message"})
         by_client: dict[str, ClientResult] = {}
-        pending, deadline = set(client_of), time.monotonic() + self.settings.round_timeout_s
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                mid = reply.metadata.reply_to_message_id
-                if mid not in pending:
-                    continue
-                pending.discard(mid)
-                cid = client_of[mid]
-                if reply.has_error():
-                    failures.append({"client_id": cid, "reason": f"Flower error {reply.error.code}: "
-                                                                 f"{reply.error.reason}"})
-                    continue
-                try:
-                    res = decode_result(reply.content)
-                except (KeyError, ValueError, TypeError) as exc:
-                    failures.append({"client_id": cid, "reason": f"malformed reply: {exc!r}"})
-                    continue
-                if res.client_id != cid:
-                    failures.append({"client_id": cid, "reason": f"reply names client {res.client_id!r}"})
-                    continue
-                by_client[cid] = res
-                if on_result is not None:
-                    on_result(res)
-            if pending:
-                time.sleep(_POLL_S)
-        for mid in pending:
+
+        def on_reply(mid: str, reply: Message) -> None:
+            cid = client_of[mid]
+            if reply.has_error():
+                failures.append({"client_id": cid, "reason": f"Flower error {reply.error.code}: {reply.error.reason}"})
+                return
+            try:
+                res = decode_result(reply.content)
+            except (KeyError, ValueError, TypeError) as exc:
+                failures.append({"client_id": cid, "reason": f"malformed reply: {exc!r}"})
+                return
+            if res.client_id != cid:
+                failures.append({"client_id": cid, "reason": f"reply names client {res.client_id!r}"})
+                return
+            by_client[cid] = res
+            if on_result is not None:
+                on_result(res)
+
+        replies = self._collect(client_of, self.settings.round_timeout_s, on_reply)
+        for mid in set(client_of) - set(replies):
             failures.append({"client_id": client_of[mid],
                              "reason": f"no reply within flower.round_timeout_s={self.settings.round_timeout_s:g}"})
         for f in failures:

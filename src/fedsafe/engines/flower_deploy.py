@@ -236,10 +236,11 @@ class LocalFederation:
                         on_line(line)
                 elif proc.poll() is not None:
                     break
-        if proc.poll() is None:
+        try:  # the log stream may close a moment before the process exits
+            proc.wait(timeout=max(10.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             stop_group(proc)
-            raise FedsafeError(f"flwr run did not finish within {timeout_s:.0f} s; see {log_path}")
-        proc.wait()
+            raise FedsafeError(f"flwr run did not finish within {timeout_s:.0f} s; see {log_path}") from None
         if run_dir is None:
             raise FedsafeError(f"the Flower run did not report a run directory (exit {proc.returncode}); "
                                f"see {log_path} and {self.workdir}/superlink.log")
