@@ -46,6 +46,15 @@ def test_trimmed_mean_by_hand():
     assert _run("trimmed_mean", _col(1.0, 2.0, 3.0, 4.0, 100.0), beta=0.1).update.item() == pytest.approx(22.0)
 
 
+def test_tied_values_share_their_places():
+    # clients 1 and 2 tie on the median value: each gets half of it
+    assert _run("median", _col(1.0, 2.0, 2.0, 5.0, 9.0)).client_weights.tolist() == [0, 0.5, 0.5, 0, 0]
+    # k = 1, three clients tie on 1.0 which fills 2 of the 3 kept places: 2/3 of a place each
+    res = _run("trimmed_mean", _col(1.0, 1.0, 1.0, 5.0, 9.0), beta=0.2)
+    assert res.update.item() == pytest.approx(7 / 3)
+    assert torch.allclose(res.client_weights, torch.tensor([2 / 9, 2 / 9, 2 / 9, 1 / 3, 0]))
+
+
 def test_trimmed_mean_rejects_beta_half():
     with pytest.raises(ConfigError, match="beta"):
         aggregators.get("trimmed_mean", beta=0.5)

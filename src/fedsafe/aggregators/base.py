@@ -119,26 +119,38 @@ def validate_f(f) -> int:
     return int(f)
 
 
-def argsort_columns(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each column of ``[n, c]``: (sorted values, the client index in each sorted slot).
-
-    numpy's stable argsort along axis 0 is several times faster than ``torch.sort(dim=0)`` on CPU and
-    gives a deterministic order among ties (lower client index first).
-    """
+def sort_columns(block: torch.Tensor) -> torch.Tensor:
+    """Sort each column of ``[n, c]`` (numpy's sort along axis 0 is several times faster than
+    ``torch.sort(dim=0)`` or an argsort on CPU)."""
     if block.is_cuda:
-        vals, idx = torch.sort(block, dim=0, stable=True)
-        return vals, idx
-    arr = block.numpy()
-    idx = np.argsort(arr, axis=0, kind="stable")
-    vals = np.take_along_axis(arr, idx, axis=0)
-    return torch.from_numpy(vals), torch.from_numpy(idx)
+        return torch.sort(block, dim=0).values
+    return torch.from_numpy(np.sort(block.numpy(), axis=0))
 
 
-def slot_shares(idx: torch.Tensor, slot_weights: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum over columns of the weight each client got: ``idx[s, j]`` is the client in slot s of column j,
-    ``slot_weights`` ([s] or [s, c]) the weight of that slot in the column's output."""
-    w = slot_weights if slot_weights.dim() == 2 else slot_weights[:, None].expand(idx.shape)
-    return torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1).double())
+def window_shares(block: torch.Tensor, sorted_block: torch.Tensor, start, stop) -> torch.Tensor:
+    """For each client, the number of sorted places ``[start, stop)`` its values fill, summed over columns.
+
+    ``block`` is ``[n, c]``, ``sorted_block`` its column-wise sort, ``start``/``stop`` ints or ``[c]`` long
+    tensors. A client strictly inside the window's end values fills one place; clients tied on an end value
+    share the places that value occupies inside the window equally, so the result does not depend on the
+    order of the clients (an argsort would hand ties to the lower index).
+    """
+    n, c = block.shape
+    start = torch.as_tensor(start, dtype=torch.long).expand(c)
+    stop = torch.as_tensor(stop, dtype=torch.long).expand(c)
+    lo = sorted_block.gather(0, start[None])
+    hi = sorted_block.gather(0, (stop - 1)[None])
+    shares = ((block > lo) & (block < hi)).sum(dim=1, dtype=torch.float64)
+    for value, skip in ((lo, None), (hi, hi == lo)):
+        eq = block == value
+        n_eq = eq.sum(dim=0)
+        n_lt = (block < value).sum(dim=0)
+        places = (torch.minimum(n_lt + n_eq, stop) - torch.maximum(n_lt, start)).clamp_min(0)
+        per_client = places.double() / n_eq.clamp_min(1)
+        if skip is not None:  # both ends hold the same value: already counted with the lower end
+            per_client = torch.where(skip[0], torch.zeros_like(per_client), per_client)
+        shares += (eq.double() * per_client).sum(dim=1)
+    return shares
 
 
 def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from fedsafe.aggregators.base import (AggregationResult, Aggregator, argsort_columns, check_f, column_chunks,
-                                      median_of_sorted, pairwise_sq_distances, slot_shares, validate_f)
+from fedsafe.aggregators.base import (AggregationResult, Aggregator, check_f, column_chunks, median_of_sorted,
+                                      pairwise_sq_distances, sort_columns, validate_f, window_shares)
 from fedsafe.errors import ConfigError
 
 
@@ -63,19 +63,18 @@ class Bulyan(Aggregator):
         subset = updates[sel]
         out = torch.empty(d)
         shares = torch.zeros(theta, dtype=torch.float64)
-        slots = torch.arange(theta)[:, None]
         for cols in column_chunks(theta, d, per_column=4):
-            vals, idx = argsort_columns(subset[:, cols].contiguous())
+            block = subset[:, cols].contiguous()
+            vals = sort_columns(block)
             med = median_of_sorted(vals)
             # window [j, j+beta) of the sorted column: the beta values nearest the median minimise the
             # larger of the two distances from the median to the window's ends
             reach = torch.stack([torch.maximum(med - vals[j], vals[j + beta - 1] - med)
                                  for j in range(theta - beta + 1)])
             start = torch.argmin(reach, dim=0)
-            csum = torch.cat([torch.zeros(1, vals.shape[1]), vals.double().cumsum(0)])
+            csum = torch.cat([torch.zeros(1, vals.shape[1], dtype=torch.float64), vals.double().cumsum(0)])
             out[cols] = ((csum.gather(0, (start + beta)[None]) - csum.gather(0, start[None]))[0] / beta).float()
-            in_window = (slots >= start[None]) & (slots < (start + beta)[None])
-            shares += slot_shares(idx, in_window.float() / beta, theta)
+            shares += window_shares(block, vals, start, start + beta) / beta
         weights = torch.zeros(n)
         weights[sel] = (shares / d).float()
         return AggregationResult(out, weights, {"selected": selected, "theta": theta, "beta": beta})

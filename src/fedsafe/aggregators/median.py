@@ -8,14 +8,14 @@ Even n: the median of an even count is the midpoint of the two middle order stat
 
 ``client_weights``: the share of the output each client produced, summed over coordinates and divided by d.
 A client whose value is the median of a coordinate contributes 1 to that coordinate (1/2 for each of the
-two middle values when n is even), so the weights sum to 1. Ties go to the lower client index.
+two middle values when n is even), so the weights sum to 1. Clients tied on a median value share it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedsafe.aggregators.base import AggregationResult, Aggregator, argsort_columns, column_chunks, slot_shares
+from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns, window_shares
 
 
 class Median(Aggregator):
@@ -27,12 +27,11 @@ class Median(Aggregator):
         n, d = updates.shape
         out = torch.empty(d)
         lo, hi = (n - 1) // 2, n // 2
-        slot_w = torch.zeros(n)
-        slot_w[lo] += 0.5
-        slot_w[hi] += 0.5
         shares = torch.zeros(n, dtype=torch.float64)
-        for cols in column_chunks(n, d, per_column=3):
-            vals, idx = argsort_columns(updates[:, cols].contiguous())
+        for cols in column_chunks(n, d, per_column=4):
+            block = updates[:, cols].contiguous()
+            vals = sort_columns(block)
             out[cols] = (vals[lo] + vals[hi]) / 2
-            shares += slot_shares(idx[lo:hi + 1], slot_w[lo:hi + 1], n)
+            # the median place(s): one for odd n, two of weight 1/2 for even n
+            shares += window_shares(block, vals, lo, hi + 1) / (hi - lo + 1)
         return AggregationResult(out, (shares / d).float(), {})

@@ -17,7 +17,7 @@ For every coordinate j, with the n client values y_i and their ranks x_i in 0..n
 
 Since the ranks of every coordinate are a permutation of 0..n-1, h_ii = 1/n + (x_i - xbar)^2 / S_xx
 depends only on the rank and is tabulated once. Everything is computed on [chunk, n] blocks (the slopes on
-[chunk, n, n-1]); there is no Python loop over coordinates. The repeated median costs O(n^2 log n) per
+[chunk, n, n]); there is no Python loop over coordinates. The repeated median costs O(n^2 log n) per
 coordinate, which dominates for large n.
 
 ``client_weights``: W_i / sum_k W_k, the weight of client i's (thresholded) update in the aggregate.
@@ -27,18 +27,32 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, median_of_sorted
 
 
 def repeated_median_line(sorted_vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeated-median (slope, intercept) per row of ``[c, n]`` values sorted along dim 1, x = 0..n-1."""
+    """Repeated-median (slope, intercept) per row of ``[c, n]`` values sorted along dim 1, x = 0..n-1.
+
+    The pairwise slopes form a full ``[c, n, n]`` block whose diagonal is +inf, so the n-1 real slopes of row i
+    occupy the first n-1 sorted places and their median is read at places (n-2)//2 and (n-1)//2; numpy's
+    ``partition`` selects those two order statistics in linear time (a full sort is ~2x slower).
+    """
     c, n = sorted_vals.shape
-    others = torch.tensor([[k for k in range(n) if k != i] for i in range(n)], dtype=torch.long)  # [n, n-1]
-    dx = (torch.arange(n)[:, None] - others).to(sorted_vals.dtype)
-    slopes = (sorted_vals[:, :, None] - sorted_vals[:, others]) / dx  # [c, n, n-1]
-    inner = median_of_sorted(torch.sort(slopes, dim=2).values, dim=2)  # [c, n]
+    s = sorted_vals.numpy()
+    x = np.arange(n, dtype=s.dtype)
+    dx = x[:, None] - x[None, :]
+    np.fill_diagonal(dx, 1.0)
+    diag_inf = np.zeros((n, n), dtype=s.dtype)
+    np.fill_diagonal(diag_inf, np.inf)
+    slopes = s[:, :, None] - s[:, None, :]
+    slopes /= dx
+    slopes += diag_inf
+    k1, k2 = (n - 2) // 2, (n - 1) // 2
+    part = np.partition(slopes, (k1, k2), axis=2)
+    inner = torch.from_numpy((part[..., k1] + part[..., k2]) / 2)  # [c, n]: median over k != i
     slope = median_of_sorted(torch.sort(inner, dim=1).values, dim=1)
     intercept = median_of_sorted(sorted_vals, dim=1) - slope * (n - 1) / 2
     return slope, intercept

@@ -7,14 +7,15 @@ each end and average the n - 2k that remain. ``beta`` in [0, 1/2); beta = 0 is t
 (Ye et al.'s code fixes k = 1, which with 3 clients per round is the median; here k follows beta and n.)
 
 ``client_weights``: the share of the output each client produced: 1/(n-2k) per coordinate it survives in,
-summed over coordinates and divided by d (the weights sum to 1; ties go to the lower client index).
+summed over coordinates and divided by d (the weights sum to 1; clients tied on a boundary value share
+the places it holds).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedsafe.aggregators.base import AggregationResult, Aggregator, argsort_columns, column_chunks, slot_shares
+from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns, window_shares
 
 
 class TrimmedMean(Aggregator):
@@ -33,11 +34,11 @@ class TrimmedMean(Aggregator):
         keep = n - 2 * k
         out = torch.empty(d)
         shares = torch.zeros(n, dtype=torch.float64)
-        slot_w = torch.full((keep,), 1.0 / keep)
-        for cols in column_chunks(n, d, per_column=3):
-            vals, idx = argsort_columns(updates[:, cols].contiguous())
+        for cols in column_chunks(n, d, per_column=4):
+            block = updates[:, cols].contiguous()
+            vals = sort_columns(block)
             out[cols] = vals[k:n - k].mean(dim=0)
-            shares += slot_shares(idx[k:n - k], slot_w, n)
+            shares += window_shares(block, vals, k, n - k) / keep
         return AggregationResult(out, (shares / d).float(), {"trimmed_per_side": k})
 
     def __repr__(self) -> str:
