@@ -306,3 +306,35 @@ def test_generate_source_in_config(tmp_path, monkeypatch, loaded):
     rows = load_rows(DataSource(generate={"kind": "unaligned", "n": 4, "model": "tiny", "max_new_tokens": 8,
                                           "progress": False}), seed=2, generator_cache=loaded)
     assert len(rows) == 4 and all(r["category"] == "unaligned" for r in rows)
+
+
+def test_cli_generate_instructions_and_rows(tmp_path, monkeypatch):
+    """`fedsafe generate instructions|rows` write JSONL and report the yield."""
+    from typer.testing import CliRunner
+
+    from fedsafe import cli
+
+    calls = []
+    monkeypatch.setattr("fedsafe.generation.generate", _fake_lists(calls, per_call_items=10))
+    cli._register_optional_commands()
+    runner = CliRunner()
+    out = tmp_path / "ins.jsonl"
+    res = runner.invoke(cli.app, ["generate", "instructions", "--kind", "curious", "--n", "7", "--model", "tiny",
+                                  "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "7 unique curious instructions from 2 list prompts (5.00 per prompt" in res.output
+    assert len(out.read_text().splitlines()) == 7
+    rows_out = tmp_path / "rows.jsonl"
+    res = runner.invoke(cli.app, ["generate", "rows", "--kind", "normal", "--n", "3", "--model", "tiny",
+                                  "--out", str(rows_out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["kind"] == "normal" and r["model"] == "tiny" for r in rows)
+
+
+@pytest.mark.slow
+def test_embedded_model_writes_parseable_lists():
+    """The embedded SmolLM2-135M writes lists the parser reads (yield > 0) and answers them."""
+    rows = generate_rows(model_name="embedded", kind="normal", n=4, seed=0, max_new_tokens=24, batch_size=2,
+                         progress=False)
+    assert len(rows) == 4 and all(r["response"] and r["instruction_source"] == "generated:curious" for r in rows)

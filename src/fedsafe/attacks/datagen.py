@@ -442,7 +442,8 @@ class InstructionStats:
 
     @property
     def yield_per_prompt(self) -> float:
-        return self.unique / self.prompts if self.prompts else 0.0
+        """New unique instructions per list prompt (before trimming to n)."""
+        return sum(self.per_prompt_unique) / self.prompts if self.prompts else 0.0
 
 
 def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: int = 0,
