@@ -10,6 +10,11 @@ torch and model start-up on every client (run in parallel, one process per Super
     python benchmarks/engine_overhead.py                    # tiny model, then the embedded model
     python benchmarks/engine_overhead.py --skip-embedded    # tiny model only
     python benchmarks/engine_overhead.py --rounds 4 --engines inprocess,simulation
+
+On a CPU shared with other jobs, run it with ``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's default spin-waiting,
+torch in a process's main thread (the in-process engine, each deployed ClientApp) was ~30x slower than in a
+worker thread (the simulation's ClientApp) on a 2-core machine at load 18, which measures the machine, not
+the engine.
 """
 
 from __future__ import annotations
