@@ -270,3 +270,4 @@ def test_tiny_run_with_posthoc_probing_and_personalization(pools, tmp_path, monk
     rounds = run.records("round")
     assert all("probing" in r["aggregator_info"] for r in rounds)
     assert len(run.records("posthoc")) == 1 and len(run.records("personalized")) == 7
+    assert len((run.path / "posthoc_data.jsonl").read_text().splitlines()) == 8

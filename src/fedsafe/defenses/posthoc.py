@@ -95,6 +95,9 @@ def posthoc_defense(session, global_vec: torch.Tensor, console=None) -> torch.Te
     pc = cfg.posthoc
     session.flat.set(global_vec)  # level 3 generates with the aggregated model
     rows = defense_rows(pc, cfg.seed + 4242, session)
+    from fedsafe.attacks.datagen import write_jsonl
+
+    write_jsonl(session.run_dir.path / "posthoc_data.jsonl", rows)  # what the defense trained on, with provenance
     examples = tokenize_rows(session.tokenizer, rows, cfg.data.max_length, cfg.data.system_prompt)
     if not examples:
         raise ConfigError("posthoc: no defense example survived tokenisation; raise data.max_length")
@@ -105,7 +108,8 @@ def posthoc_defense(session, global_vec: torch.Tensor, console=None) -> torch.Te
     server_client = ClientData("server_posthoc", "server", examples)
     result = trainer.fit(server_client, global_vec, replace(rc, algorithm="fedavg"))
     session.run_dir.log({"type": "posthoc", "round": cfg.fl.rounds, "level": pc.level, "samples": len(examples),
-                         "aligned_ratio": pc.aligned_ratio, **result.metrics})
+                         "aligned_ratio": pc.aligned_ratio,
+                         "unique_instructions": len({r["instruction"] for r in rows}), **result.metrics})
     if console is not None:
         console.print(f"post-hoc defense (level {pc.level}): {len(examples)} samples, {pc.steps} steps, "
                       f"loss {result.metrics['first_loss']:.3f} -> {result.metrics['last_loss']:.3f}")
