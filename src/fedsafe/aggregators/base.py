@@ -131,16 +131,29 @@ def window_shares(block: torch.Tensor, sorted_block: torch.Tensor, start, stop) 
     """For each client, the number of sorted places ``[start, stop)`` its values fill, summed over columns.
 
     ``block`` is ``[n, c]``, ``sorted_block`` its column-wise sort, ``start``/``stop`` ints or ``[c]`` long
-    tensors. A client strictly inside the window's end values fills one place; clients tied on an end value
-    share the places that value occupies inside the window equally, so the result does not depend on the
-    order of the clients (an argsort would hand ties to the lower index).
+    tensors. A client whose value lies between the window's end values fills one place; clients tied on an
+    end value share the places that value occupies inside the window equally, so the result does not
+    depend on the order of the clients (an argsort would hand ties to the lower index).
     """
     n, c = block.shape
     start = torch.as_tensor(start, dtype=torch.long).expand(c)
     stop = torch.as_tensor(stop, dtype=torch.long).expand(c)
     lo = sorted_block.gather(0, start[None])
     hi = sorted_block.gather(0, (stop - 1)[None])
-    shares = ((block > lo) & (block < hi)).sum(dim=1, dtype=torch.float64)
+    inside = (block >= lo) & (block <= hi)
+    # without ties at the window's ends exactly stop - start values lie in [lo, hi]: the fast path
+    tied = inside.sum(dim=0) != (stop - start)
+    shares = inside.sum(dim=1).double()
+    if bool(tied.any()):
+        cols = tied.nonzero()[:, 0]
+        shares -= inside[:, cols].sum(dim=1).double()
+        shares += _tied_window_shares(block[:, cols], lo[:, cols], hi[:, cols], start[cols], stop[cols])
+    return shares
+
+
+def _tied_window_shares(block, lo, hi, start, stop) -> torch.Tensor:
+    """The exact count of :func:`window_shares` for columns with ties on an end value."""
+    shares = ((block > lo) & (block < hi)).sum(dim=1).double()
     for value, skip in ((lo, None), (hi, hi == lo)):
         eq = block == value
         n_eq = eq.sum(dim=0)
@@ -172,6 +185,16 @@ def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
     dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min_(0.0)
     dist.fill_diagonal_(0.0)
     return dist
+
+
+def gram_matrix(updates: torch.Tensor) -> torch.Tensor:
+    """``updates @ updates.T`` as float64 ``[n, n]``, from float32 chunk products (bounded extra memory)."""
+    n, d = updates.shape
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for cols in column_chunks(n, d):
+        block = updates[:, cols]
+        gram += (block @ block.T).double()
+    return gram
 
 
 def median_of_sorted(vals: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from fedsafe.aggregators.base import AggregationResult, Aggregator
+from fedsafe.aggregators.base import AggregationResult, Aggregator, gram_matrix
 
 
 def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
@@ -37,9 +37,9 @@ def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor
     n = history.shape[0]
     if n == 1:
         return torch.ones(1, dtype=torch.float64)
-    h = history.double()
-    unit = h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cs = unit @ unit.T
+    gram = gram_matrix(history)
+    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
+    cs = gram / norms[:, None] / norms[None, :]
     cs.fill_diagonal_(-float("inf"))
     v = cs.max(dim=1).values
     # pardoning: scale cs_ij by v_i / v_j wherever v_j > v_i (the more suspicious client j does not

@@ -199,6 +199,9 @@ def plot_malicious_weight(records: list[dict], path: Path) -> Path | None:
     ax.plot([s["round"] for s in stats], [s["malicious_share_of_clients"] for s in stats], "k--", lw=1,
             label="malicious share of sampled clients")
     ax.set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("weight on malicious clients")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Aggregation weight given to malicious clients")
