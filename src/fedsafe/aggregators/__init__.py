@@ -19,7 +19,7 @@ REGISTRY: dict[str, str] = {
     "probe": "fedsafe.aggregators.probe:ProbeAggregator",
     "median": "fedsafe.aggregators.median:Median",
     "trimmed_mean": "fedsafe.aggregators.trimmed_mean:TrimmedMean",
-    "krum": "fedsafe.aggregators.krum:KrumSingle",
+    "krum": "fedsafe.aggregators.krum:Krum",
     "multikrum": "fedsafe.aggregators.krum:MultiKrum",
     "bulyan": "fedsafe.aggregators.bulyan:Bulyan",
     "dnc": "fedsafe.aggregators.dnc:DnC",

@@ -39,8 +39,8 @@ def require_krum_n(rule: str, f: int, n: int) -> None:
                           f"got {n}; lower aggregator.f or raise fl.clients_per_round")
 
 
-class Krum(Aggregator):
-    """Multi-Krum with ``m`` selected updates; ``m=1`` is Krum (the ``krum`` registry name)."""
+class MultiKrum(Aggregator):
+    """Multi-Krum: the mean of the m lowest-scoring updates (m = n - f by default; m = 1 is Krum)."""
 
     name = "multikrum"
 
@@ -66,10 +66,10 @@ class Krum(Aggregator):
                                  {"scores": scores.tolist(), "selected": selected.tolist()})
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(f={self.f}, m={self.m})"
+        return f"MultiKrum(f={self.f}, m={self.m})"
 
 
-class KrumSingle(Krum):
+class Krum(MultiKrum):
     """Krum: the single update with the lowest score (Blanchard et al. 2017)."""
 
     name = "krum"
@@ -79,9 +79,3 @@ class KrumSingle(Krum):
 
     def __repr__(self) -> str:
         return f"Krum(f={self.f})"
-
-
-class MultiKrum(Krum):
-    """Multi-Krum: the mean of the m lowest-scoring updates (m = n - f by default)."""
-
-    name = "multikrum"

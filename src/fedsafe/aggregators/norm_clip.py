@@ -27,7 +27,6 @@ class NormClip(Aggregator):
 
         self.max_norm = float(max_norm)
         self.inner = aggregators.get(aggregator, **(params or {}))
-        self.needs_plaintext = getattr(self.inner, "needs_plaintext", True)
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         norms = updates.norm(dim=1)
