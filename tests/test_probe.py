@@ -209,6 +209,11 @@ def test_probe_is_refused_under_secure_aggregation():
     for name in ("probe", "probe+fedavg", "probe+median"):
         with pytest.raises(ConfigError, match="secure aggregation"):
             check_compatible(name)
+    from fedsafe.config import ExperimentConfig
+
+    if "secure_agg" in ExperimentConfig.model_fields:  # and when the experiment config is built
+        with pytest.raises(ValueError, match="secure aggregation"):
+            ExperimentConfig.model_validate({"aggregator": {"name": "probe"}, "secure_agg": {"enabled": True}})
 
 
 def test_step_level_reports_are_opt_in(setup):

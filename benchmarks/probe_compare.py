@@ -1,0 +1,94 @@
+"""Compare aggregation rules and defenses from finished runs: Rule, helpfulness proxy, probe AUC, cost.
+
+    .venv/bin/python benchmarks/probe_compare.py GRID_DIR_OR_RUN_DIR [...]
+
+Reads each run directory's ``results.csv`` (written by the evaluation) and ``metrics.jsonl`` (round
+records) and prints one row per (method, defense): Rule (% of AdvBench-style prompts refused, higher is
+safer), the helpfulness proxy (held-out answer perplexity, lower is better), the probe's ROC-AUC against
+the simulator's true roles (cumulative over all scored client-rounds; '-' for rules without a probe),
+the share of malicious / benign client-rounds the probe flagged, and the mean wall time per round
+(shadow training included). This is the table of ``configs/probe_grid.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def run_dirs(paths: list[str]) -> list[Path]:
+    """Run directories under the given grid or run directories (those with a metrics.jsonl)."""
+    out = []
+    for p in map(Path, paths):
+        out.extend(sorted(m.parent for m in p.rglob("metrics.jsonl")))
+    return out
+
+
+def summarise(run_dir: Path) -> list[dict]:
+    """One row per evaluated (method, defense) of a run, with the run's probe and timing figures."""
+    import csv
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rounds = [r for r in records if r.get("type") == "round"]
+    probe = [r["aggregator_info"]["probe"] for r in rounds if (r.get("aggregator_info") or {}).get("probe")]
+    auc = probe[-1].get("auc_cumulative") if probe else None
+    flagged = {True: [0, 0], False: [0, 0]}  # truth -> [flagged, scored]
+    for info in probe:
+        for cid, is_mal in (info.get("malicious") or {}).items():
+            flagged[is_mal][1] += 1
+            flagged[is_mal][0] += cid in info.get("flagged", [])
+    sec = [r["seconds"] for r in rounds if r.get("seconds") is not None]
+    base = {"probe_auc": auc, "s_per_round": sum(sec) / len(sec) if sec else None,
+            "flag_mal": flagged[True][0] / flagged[True][1] if flagged[True][1] else None,
+            "flag_ben": flagged[False][0] / flagged[False][1] if flagged[False][1] else None}
+    results = run_dir / "results.csv"
+    if not results.exists():
+        return []
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        if row.get("method") == "base":
+            continue
+        out.append({"method": row["method"], "defense": row["defense"], "rule": _float(row.get("rule")),
+                    "helpfulness_proxy": _float(row.get("helpfulness_proxy")), **base,
+                    "run": run_dir.name})
+    return out
+
+
+def _float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        print(__doc__)
+        raise SystemExit(2)
+    rows = [r for d in run_dirs(argv) for r in summarise(d)]
+    seen, unique = set(), []
+    for r in rows:  # a defended run repeats its attack row; keep the first
+        key = (r["method"], r["defense"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    table = Table(title="probe comparison (Rule: higher is safer; proxy: perplexity, lower is better)")
+    for col in ("method", "defense", "Rule", "helpfulness proxy", "probe AUC", "flagged mal.", "flagged ben.",
+                "s / round"):
+        table.add_column(col, justify="left" if col in ("method", "defense") else "right")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in unique:
+        table.add_row(r["method"], r["defense"], fmt(r["rule"], ".1f"), fmt(r["helpfulness_proxy"], ".2f"),
+                      fmt(r["probe_auc"], ".3f"), fmt(r["flag_mal"], ".2f"), fmt(r["flag_ben"], ".2f"),
+                      fmt(r["s_per_round"], ".1f"))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
