@@ -344,8 +344,12 @@ def inject_canaries(canaries: list[Canary], clients, tokenizer, repeats: int, ma
     for i, c in enumerate(canaries):
         client = clients[i % len(clients)]
         ex = format_example(tokenizer, c.instruction, c.response, max_length, system)
-        if ex is None:
-            raise ValueError(f"canary {i} does not fit data.max_length={max_length}")
+        full = format_example(tokenizer, c.instruction, c.response, 1 << 20, system)
+        if ex is None or len(ex.input_ids) < len(full.input_ids):
+            from fedsafe.errors import ConfigError
+
+            raise ConfigError(f"privacy.canaries: a canary needs {len(full.input_ids)} tokens but "
+                              f"data.max_length={max_length} truncates it (its secret would not be trained on)")
         client.examples.extend([ex] * repeats)
         c.client_id = client.client_id
 

@@ -192,13 +192,46 @@ class DPLocalTrainer(LocalTrainer):
         self.delta = delta
         self.accountant = accountant
 
+    def private_gradient(self, gsm, examples, gen: torch.Generator):
+        """One DP-SGD gradient: (sum_i clip(g_i, C) + N(0, (sigma C)^2)) / b, as a flat vector.
+
+        ``gsm`` is the Opacus ``GradSampleModule`` around the model. Returns (gradient, per-example losses,
+        per-example gradient norms before clipping).
+        """
+        from fedsafe.data.format import IGNORE_INDEX, collate
+
+        params = self.flat.params
+        batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+        out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels,
+                                                ignore_index=IGNORE_INDEX, reduction="none")
+        valid = (labels != IGNORE_INDEX).float()
+        per_example = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+        loss = per_example.sum()  # loss_reduction="sum": grad_sample[i] is example i's own gradient
+        for term in self.loss_terms:  # data-dependent terms go through the per-sample clipping
+            if not getattr(term, "data_independent", False):
+                loss = loss + term(self.model, batch, out) * len(examples)
+        import warnings
+
+        with warnings.catch_warnings():  # Opacus's full backward hooks on frozen inputs: expected with LoRA
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        with torch.no_grad():
+            flat_gs = torch.cat([p.grad_sample.reshape(len(examples), -1) for p in params], dim=1).float()
+            for p in params:
+                p.grad_sample = None
+                p.grad = None
+            clipped, norms = clip_rows(flat_gs, self.clip_norm)
+            noise = torch.randn(flat_gs.shape[1], generator=gen) * (self.noise_multiplier * self.clip_norm)
+            grad = (clipped.sum(0) + noise.to(clipped.device)) / len(examples)
+        return grad, per_example.detach(), norms
+
     def fit(self, client, global_vec: torch.Tensor, rc: RoundConfig, client_state: dict | None = None) -> ClientResult:
         """DP-SGD local steps from ``global_vec``; returns the (already privatised) update."""
         import time
 
         from opacus import GradSampleModule
-
-        from fedsafe.data.format import IGNORE_INDEX, collate
 
         if rc.algorithm in ("scaffold",):
             raise ConfigError("dp.local=true cannot be combined with fl.algorithm=scaffold")
@@ -222,27 +255,9 @@ class DPLocalTrainer(LocalTrainer):
             for _ in range(rc.local_steps):
                 optimizer.zero_grad(set_to_none=True)
                 idx = next(batches)
-                batch = {k: v.to(self.device) for k, v in
-                         collate([client.examples[i] for i in idx], self.pad_id).items()}
-                out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                labels = batch["labels"][:, 1:]
-                nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels,
-                                                        ignore_index=IGNORE_INDEX, reduction="none")
-                valid = (labels != IGNORE_INDEX).float()
-                per_example = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
-                loss = per_example.sum()
-                for term in self.loss_terms:  # data-dependent terms go through the per-sample clipping
-                    if not getattr(term, "data_independent", False):
-                        loss = loss + term(self.model, batch, out) * len(idx)
-                loss.backward()
-                with torch.no_grad():
-                    flat_gs = torch.cat([p.grad_sample.reshape(len(idx), -1) for p in params], dim=1)
-                    clipped, norms = clip_rows(flat_gs.float(), self.clip_norm)
-                    noise = torch.randn(flat_gs.shape[1], generator=gen) * (self.noise_multiplier * self.clip_norm)
-                    grad = (clipped.sum(0) + noise.to(clipped.device)) / len(idx)
-                    for p, spec in zip(params, self.flat.specs):
-                        p.grad = grad[spec.offset: spec.offset + spec.numel].view(spec.shape).to(p.dtype)
-                        p.grad_sample = None
+                grad, per_example, norms = self.private_gradient(gsm, [client.examples[i] for i in idx], gen)
+                for p, spec in zip(params, self.flat.specs):
+                    p.grad = grad[spec.offset: spec.offset + spec.numel].view(spec.shape).to(p.dtype)
                 for term in self.loss_terms:  # e.g. the proximal term: no data, so no privacy cost
                     if getattr(term, "data_independent", False):
                         term.add_grad(params)
