@@ -10,9 +10,10 @@ Federated Learning" (NDSS 2021), Algorithm 2. For each of ``niters`` iterations:
     I      <- the n - floor(c * f) clients with the lowest scores   (c = filter_frac)
     I_good <- I_good intersect I
 
-The output is the mean of the updates in I_good. Defaults (b = 10,000, niters = 1, c = 1.0) follow the
-authors' released settings. The coordinate subsets come from a generator seeded by (seed, call count),
-independent of client order, and the call count is saved in ``state_dict`` so resumed runs draw the same.
+The output is the mean of the updates in I_good. Defaults b = 10,000, niters = 1, c = 1.0 are those of
+public reimplementations (e.g. Blades); raise ``niters`` to intersect over several subsets. The
+coordinate subsets come from a generator seeded by (seed, call count), independent of client order, and
+the call count is saved in ``state_dict`` so resumed runs draw the same.
 
 ``client_weights``: 1/|I_good| for the clients kept, 0 for the rest.
 """
