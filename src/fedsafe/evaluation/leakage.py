@@ -304,9 +304,8 @@ def leakage_utility_rows(run_dirs) -> list[dict]:
         heldout = [r for r in records if r.get("type") == "heldout"]
         evals = [r for r in records if r.get("type") == "eval" and r.get("defense", "none") == "none"]
         model = (cfg.get("model") or {}).get("name", "?")
-        for r in priv:
-            if r["round"] != last:
-                continue
+        latest = {r.get("variant"): r for r in priv if r["round"] == last}  # a re-run attack replaces the old
+        for r in latest.values():
             row = {"run": rd.name, "model": model, "aligned": MODEL_ALIGNMENT.get(model),
                    "defense": defense_label(cfg), "epsilon": eps, "variant": r.get("variant"), "round": last,
                    "heldout_loss": heldout[-1].get("after") if heldout else None,
