@@ -231,3 +231,32 @@ def test_reward_model_mean_score(tiny):
     scores = rm.scores(prompts, responses)
     assert len(scores) == 3 and len(set(scores)) > 1
     assert rm.mean_score(prompts, responses) == pytest.approx(sum(scores) / 3)
+
+
+def test_eval_command_on_a_saved_adapter(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsafe.cli import _register_optional_commands, app
+    from fedsafe.config import ExperimentConfig, dump_config
+    from fedsafe.fl.params import FlatLoRA
+    from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
+    from fedsafe.report import read_results
+    from fedsafe.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "config.yaml").write_text(dump_config(ExperimentConfig(model={"name": "tiny"}, lora={"r": 2, "alpha": 4})))
+    peft_model = attach_lora(tiny_llama(byte_tokenizer()), r=2, alpha=4)
+    flat = FlatLoRA(peft_model)
+    adapter = run.save_adapter(peft_model, flat, flat.get() + 0.01, "final")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"placeholder harmful request {i}"}) for i in range(2)))
+    _register_optional_commands()
+    res = CliRunner().invoke(app, ["eval", "--adapter", str(adapter), "--prompts", str(prompts), "--n-prompts", "2",
+                                   "--max-new-tokens", "3", "--results", str(run.path), "--scenario", "attack"])
+    assert res.exit_code == 0, res.output
+    assert "n_prompts: 2" in res.stdout
+    rows = read_results(run.path)
+    assert len(rows) == 1 and rows[0]["scenario"] == "attack" and rows[0]["n_prompts"] == 2
+    cached = list((run.path / "cache" / "generations").glob("*.json"))
+    assert len(cached) == 1  # keyed by the loaded adapter's hash

@@ -78,7 +78,8 @@ def eval_command(
 
         from fedsafe.fl.params import FlatLoRA
 
-        net = PeftModel.from_pretrained(loaded.model, str(adapter))
+        # trainable so that FlatLoRA finds the LoRA tensors (their hash keys the generation cache)
+        net = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=True)
         vec = FlatLoRA(net).get()
     max_length = run_cfg.data.max_length if run_cfg else 256
     cache = (run_dir / "cache") if run_dir else cache_dir() / "eval"
