@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedsafe run configs/demo.yaml
+	$(VENV)/bin/fedsafe grid configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest tests
@@ -37,6 +37,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/round_overhead.py
+	$(PY) benchmarks/generation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
