@@ -63,17 +63,18 @@ class Bulyan(Aggregator):
         subset = updates[sel]
         out = torch.empty(d)
         shares = torch.zeros(theta, dtype=torch.float64)
+        slots = torch.arange(theta)[:, None]
         for cols in column_chunks(theta, d, per_column=4):
             block = subset[:, cols].contiguous()
             vals = sort_columns(block)
             med = median_of_sorted(vals)
             # window [j, j+beta) of the sorted column: the beta values nearest the median minimise the
             # larger of the two distances from the median to the window's ends
-            reach = torch.stack([torch.maximum(med - vals[j], vals[j + beta - 1] - med)
-                                 for j in range(theta - beta + 1)])
-            start = torch.argmin(reach, dim=0)
-            csum = torch.cat([torch.zeros(1, vals.shape[1], dtype=torch.float64), vals.double().cumsum(0)])
-            out[cols] = ((csum.gather(0, (start + beta)[None]) - csum.gather(0, start[None]))[0] / beta).float()
+            windows = theta - beta + 1
+            reach = torch.maximum(med - vals[:windows], vals[beta - 1:beta - 1 + windows] - med)
+            start = torch.argmin(reach, dim=0)  # first minimum on ties
+            in_window = (slots >= start) & (slots < start + beta)
+            out[cols] = (vals * in_window).sum(dim=0) / beta
             shares += window_shares(block, vals, start, start + beta) / beta
         weights = torch.zeros(n)
         weights[sel] = (shares / d).float()

@@ -25,7 +25,7 @@ def squared_norms(updates: torch.Tensor) -> torch.Tensor:
     n, d = updates.shape
     out = torch.zeros(n, dtype=torch.float64)
     for cols in column_chunks(n, d):
-        out += (updates[:, cols].double() ** 2).sum(dim=1)
+        out += torch.linalg.vector_norm(updates[:, cols], dim=1).double() ** 2
     return out
 
 
