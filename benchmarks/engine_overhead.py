@@ -31,7 +31,7 @@ from rich.table import Table
 from fedsafe.config import load_config
 from fedsafe.rundir import RunDir
 
-console = Console()
+console = Console(width=150)  # the table is the output: never wrap it to a pipe's 80 columns
 
 
 def experiment(model: str, rounds: int, out: str, max_length: int) -> list[str]:
