@@ -88,7 +88,7 @@ class LeakageReport:
 class ReferenceIndex:
     """Training texts indexed by word trigrams and rare unigrams for fast best-match search."""
 
-    def __init__(self, references: Sequence[str], ngram: int = 3, max_df: float = 0.05):
+    def __init__(self, references: Sequence[str], ngram: int = 3, max_df: float = 0.01):
         self.references = list(references)
         self.tokens = [words(r) for r in self.references]
         self.ngram = ngram
@@ -121,9 +121,10 @@ class ReferenceIndex:
             for i in self.grams.get(g, ()):
                 tri[i] += 1
         uni: Counter = Counter()
-        for t in set(gen_tokens):
-            for i in self.unigrams.get(t, ()):
-                uni[i] += 1
+        if len(tri) < k:  # too few trigram hits (weak or no leakage): fall back to shared rare words
+            for t in set(gen_tokens):
+                for i in self.unigrams.get(t, ()):
+                    uni[i] += 1
         pool = set(tri) | set(uni)
         return sorted(pool, key=lambda i: (-tri[i], -uni[i], i))[:k]
 
