@@ -305,3 +305,27 @@ def test_secure_aggregation_ciphertexts_travel_through_flower(tmp_path, data_fil
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
     assert any(float(v.abs().max()) > 0 for k, v in wb.items() if "lora_B" in k)
+
+
+def test_deployed_client_rebuilds_its_partition_or_trains_on_its_own_file(tmp_path, data_file, task_identity):
+    """The ClientApp path of a real SuperNode (no shared model): rebuilt partition == in-process; data-path works."""
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"question": f"placeholder question {i}", "answer": f"placeholder reply {i}"})
+                           + "\n" for i in range(5)))
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               fl={"rounds": 1}, flower={"round_timeout_s": 120.0, "connect_timeout_s": 5.0})
+    grid = ScriptedGrid(2)
+    grid.nodes[1001] = {"client-id": "client_01", "data-path": str(own), "instruction-field": "question",
+                        "response-field": "answer"}
+    # an unregistered token: every SuperNode builds its own model and data from the config in the message
+    flower_run = run_experiment(cfg, progress=False,
+                                engine_factory=lambda trainer, clients: fe.FlowerEngine(grid, cfg, clients, token="x"))
+    plain = run_experiment(cfg, progress=False)
+    by_client = {r["client_id"]: r for r in RunDir.open(flower_run.run_dir).records("client")}
+    by_client_plain = {r["client_id"]: r for r in RunDir.open(plain.run_dir).records("client")}
+    assert by_client["client_00"]["loss"] == pytest.approx(by_client_plain["client_00"]["loss"], rel=1e-6)
+    assert by_client["client_01"]["samples"] == 5 != by_client_plain["client_01"]["samples"]
+    assert fe._BUILT_WORKERS  # the nodes really built their own workers
