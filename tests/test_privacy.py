@@ -240,3 +240,44 @@ def test_kv_cached_sampler_matches_full_recomputation(memorised):
             for _ in range(6):
                 ids.append(int(m(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         assert g == ids[len(p):]
+
+
+# --- wiring: one tiny experiment with the privacy block, client-level DP and constrained updates -----
+
+def test_pipeline_runs_attacks_dp_accounting_and_writes_the_table(tmp_path):
+    import json
+
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    rows = [{"instruction": f"Note {i}?", "response": f"record {i} says {w} {i * 7}"}
+            for i, w in enumerate(["river", "lamp", "stone", "cloud", "tree", "field"])]
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    held = [{"instruction": f"Other {i}?", "response": f"entry {i} notes {w}"} for i, w in enumerate(["boat", "hill"])]
+    (tmp_path / "h.jsonl").write_text("\n".join(json.dumps(r) for r in held))
+    cfg = ExperimentConfig.model_validate({
+        "name": "pv", "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"}, "lora": {"r": 4, "alpha": 8},
+        "roles": [{"name": "victim", "clients": 2, "data": [{"path": str(tmp_path / "v.jsonl")}]}],
+        "data": {"samples_per_client": 3, "max_length": 128, "heldout": [{"path": str(tmp_path / "h.jsonl")}]},
+        "fl": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 2},
+        "eval": {"prompts": None},
+        "privacy": {"enabled": True, "variants": ["plain", "logit_contrast", "param_contrast"], "n_zero_input": 2,
+                    "max_new_tokens": 4, "prefix_fractions": [0.5], "n_partial": 2, "n_mia": 2,
+                    "canaries": {"n": 1, "repeats": 2, "digits": 3, "n_candidates": 10, "n_samples": 1}},
+        "dp": {"client_level": True, "noise_multiplier": 0.8, "clip_norm": 0.5},
+        "constrained": {"l2_mu": 0.01, "kl_beta": 0.1}})
+    res = run_experiment(cfg, progress=False)
+    rd = RunDir(res.run_dir)
+    dp_recs = rd.records("dp")
+    assert [r["round"] for r in dp_recs] == [1, 2] and dp_recs[0]["epsilon"] < dp_recs[1]["epsilon"]
+    priv = rd.records("privacy")
+    assert {r["variant"] for r in priv} == {"plain", "logit_contrast", "param_contrast"}
+    assert all(r["round"] == 2 for r in priv) and "mia_auc" in priv[0] and "canary_exposure" in priv[0]
+    canaries = json.loads((rd.path / "privacy" / "canaries.json").read_text())
+    assert len(canaries) == 1 and canaries[0]["client_id"] in {"client_00", "client_01"}
+    table = (rd.path / "privacy_table.md").read_text()
+    assert "client-DP(sigma=0.8,C=0.5)+L2(mu=0.01)+KL(beta=0.1)" in table
+    assert (rd.path / "plots" / "privacy_leakage_utility.png").exists()
+    rows_ = lk.leakage_utility_rows([rd.path])
+    assert len(rows_) == 3 and rows_[0]["epsilon"] == pytest.approx(dp_recs[-1]["epsilon"])
