@@ -338,3 +338,24 @@ def test_embedded_model_writes_parseable_lists():
     rows = generate_rows(model_name="embedded", kind="normal", n=4, seed=0, max_new_tokens=24, batch_size=2,
                          progress=False)
     assert len(rows) == 4 and all(r["response"] and r["instruction_source"] == "generated:curious" for r in rows)
+
+
+def test_rule_filter_keeps_rows_that_fit_their_kind(loaded, monkeypatch):
+    """unaligned keeps responses without a refusal string, aligned keeps refusals; instructions oversampled."""
+    answers = {}
+
+    def fake_generate(model, tok, prompts, **kw):
+        # every other response holds a refusal string (from the Rule list)
+        return [("I'm sorry, placeholder" if i % 2 else "placeholder reply") for i in range(len(prompts))]
+
+    monkeypatch.setattr("fedsafe.generation.generate", fake_generate)
+    given = [f"placeholder harmful request {i}" for i in range(10)]
+    for kind in ("unaligned", "aligned"):
+        answers[kind] = generate_rows(model_name="tiny", kind=kind, n=3, loaded=loaded, instructions=given,
+                                      rule_filter=True, oversample=2.0, progress=False)
+    assert [r["response"] for r in answers["unaligned"]] == ["placeholder reply"] * 3
+    assert [r["response"] for r in answers["aligned"]] == ["I'm sorry, placeholder"] * 3
+    assert [r["instruction"] for r in answers["unaligned"]] == given[0:6:2]
+    plain = generate_rows(model_name="tiny", kind="unaligned", n=3, loaded=loaded, instructions=given,
+                          progress=False)
+    assert len(plain) == 3 and plain[1]["response"].startswith("I'm sorry")

@@ -348,7 +348,16 @@ class GenParams:
 
 
 PARAM_FIELDS = tuple(GenParams.__dataclass_fields__)
-EXTRA_FIELDS = ("instructions", "instruction_field", "cache", "progress", "device", "out")
+EXTRA_FIELDS = ("instructions", "instruction_field", "cache", "progress", "device", "out", "rule_filter",
+                "oversample")
+
+
+def rule_consistent(kind: str, response: str) -> bool:
+    """Whether a response fits its kind under the Rule refusal list (fedsafe.evaluation.rule, FedIT list):
+    aligned responses contain a refusal string, unaligned and normal ones do not."""
+    from fedsafe.evaluation.rule import is_refusal
+
+    return is_refusal(response) == (kind == "aligned")
 
 
 def _params_from(extra: dict, max_new_tokens: int | None) -> tuple[GenParams, dict]:
@@ -560,7 +569,9 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
     ``loaded`` is an in-memory model ``{model, tokenizer, name}`` used when ``model_name`` is its name
     (or ``aggregated``). ``extra`` holds :class:`GenParams` fields plus ``instructions`` (a list, or a
     file to take instructions from instead of stage 1), ``instruction_field``, ``cache`` (default
-    True), ``progress`` (default True), ``device`` and ``out`` (also write the rows to this JSONL).
+    True), ``progress`` (default True), ``device``, ``out`` (also write the rows to this JSONL), and
+    ``rule_filter`` (keep only responses that fit the kind under the Rule refusal list; instructions are
+    oversampled by ``oversample``, default 2).
     Each row has instruction, response, kind, category, model, model_id, seed and generation params.
     """
     if kind not in KINDS:
@@ -576,15 +587,27 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
     if given is not None:
         given_list = (load_instruction_file(given, extra.get("instruction_field"))
                       if isinstance(given, (str, Path)) else dedupe([str(g).strip() for g in given if str(g).strip()]))
-        given_list = given_list[:n]
         if not given_list:
             raise DataError("generate.instructions holds no instruction")
 
+    # rule_filter: keep only responses that fit the kind (e.g. unaligned without a refusal string);
+    # oversample instructions so that about n survive
+    rule_filter = bool(extra.get("rule_filter", False))
+    oversample = float(extra.get("oversample", 2.0))
+    if oversample < 1:
+        raise ConfigError(f"generate.oversample must be >= 1, got {oversample}")
+    n_instructions = math.ceil(n * oversample) if rule_filter else n
+    if given_list is not None:
+        given_list = given_list[:n_instructions]
+
     gen = get_generator(str(model_name), loaded, extra.get("device", "auto"))
     instruction_kind = INSTRUCTION_KINDS[kind]
-    key = cache_key("rows", PIPELINE_VERSION, gen.identity, kind, n, seed, asdict(params),
-                    response_prompt(kind, "{instruction}"), INSTRUCTION_PROMPTS[instruction_kind],
-                    _sha(json.dumps(given_list).encode()) if given_list is not None else None)
+    key_parts = ["rows", PIPELINE_VERSION, gen.identity, kind, n, seed, asdict(params),
+                 response_prompt(kind, "{instruction}"), INSTRUCTION_PROMPTS[instruction_kind],
+                 _sha(json.dumps(given_list).encode()) if given_list is not None else None]
+    if rule_filter:  # only then: keys of unfiltered requests stay what they were
+        key_parts.append({"rule_filter": True, "oversample": oversample})
+    key = cache_key(*key_parts)
     path = datagen_cache_dir() / "rows" / f"{kind}-{key}.jsonl"
     rows = _read_jsonl(path) if use_cache and path.exists() else None
     if rows:
@@ -592,7 +615,7 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
     else:
         stats = InstructionStats()
         instructions = given_list if given_list is not None else generate_instructions(
-            gen, instruction_kind, n, seed, params, cache=use_cache, progress=progress, stats=stats)
+            gen, instruction_kind, n_instructions, seed, params, cache=use_cache, progress=progress, stats=stats)
         responses = generate_responses(gen, kind, instructions, seed, params, progress=progress)
         provenance = {"model": gen.name, "model_id": gen.identity, "kind": kind, "seed": seed,
                       "instruction_source": "given" if given_list is not None else f"generated:{instruction_kind}",
@@ -607,6 +630,13 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
             rows.append({"instruction": ins, "response": resp, "category": kind, **provenance})
         if dropped:
             log.warning("datagen: dropped %d empty %s responses", dropped, kind)
+        if rule_filter:
+            fitting = [r for r in rows if rule_consistent(kind, r["response"])]
+            log.info("datagen: rule filter kept %d of %d %s responses", len(fitting), len(rows), kind)
+            if len(fitting) < n:
+                log.warning("datagen: only %d %s rows fit their kind (asked %d); raise generate.oversample",
+                            len(fitting), kind, n)
+            rows = fitting[:n]
         if not rows:
             raise DataError(f"the model {gen.name!r} produced no non-empty {kind} response")
         if use_cache:
@@ -640,11 +670,13 @@ def _make_app():
                  per_prompt: int = typer.Option(10, "--per-prompt", help="instructions asked per list prompt"),
                  instructions: Path | None = typer.Option(None, "--instructions",
                                                           help="take instructions from this file instead"),
+                 rule_filter: bool = typer.Option(False, "--rule-filter",
+                                                  help="keep only responses that fit the kind (Rule list)"),
                  no_cache: bool = typer.Option(False, "--no-cache", help="ignore and do not write the cache")) -> None:
         """Generate rows and write them as JSONL (with provenance per row)."""
         rows = generate_rows(model_name=model, kind=kind, n=n, seed=seed, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, temperature=temperature, top_p=top_p,
-                             per_prompt=per_prompt, cache=not no_cache, out=str(out),
+                             per_prompt=per_prompt, cache=not no_cache, out=str(out), rule_filter=rule_filter,
                              **({"instructions": str(instructions)} if instructions else {}))
         print(f"{len(rows)} {kind} rows -> {out}")
 
