@@ -178,7 +178,8 @@ class DPLocalTrainer(LocalTrainer):
 
     Per-sample gradients come from Opacus's ``GradSampleModule`` hooks on PEFT's LoRA ``nn.Linear`` layers
     (attached for the duration of ``fit`` only). Each example's loss is its mean token loss on response
-    tokens; FedProx, SCAFFOLD and ``fl.max_grad_norm`` are not combined with DP-SGD (clipping replaces it),
+    tokens; SCAFFOLD is refused, FedProx's term is added after the noise, ``fl.max_grad_norm`` is not used
+    (per-sample clipping replaces it);
     data-dependent ``loss_terms`` (KL) go through the per-sample clipping, data-independent
     ones (the proximal term) are added to the privatised gradient. The client's cumulative (epsilon, delta) is reported in its
     metrics (``dp_epsilon``).
@@ -246,6 +247,12 @@ class DPLocalTrainer(LocalTrainer):
         gen = torch.Generator().manual_seed(seed)
         params = self.flat.params
         optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
+        prox = None
+        if rc.algorithm == "fedprox" and rc.prox_mu > 0:  # data-independent: added after the noise, no privacy cost
+            from fedsafe.defenses.constrained import ProximalL2
+
+            prox = ProximalL2(rc.prox_mu)
+            prox.start(self.model, global_vec)
         batch_size = min(rc.batch_size * rc.grad_accum, client.num_samples)
         batches = _batch_stream(client.num_samples, batch_size, gen)
         gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="sum", strict=False)
@@ -261,6 +268,8 @@ class DPLocalTrainer(LocalTrainer):
                 for term in self.loss_terms:  # e.g. the proximal term: no data, so no privacy cost
                     if getattr(term, "data_independent", False):
                         term.add_grad(params)
+                if prox is not None:
+                    prox.add_grad(params)
                 optimizer.step()
                 losses.append(float(per_example.mean()))
                 clipped_frac.append(float((norms > self.clip_norm).float().mean()))
