@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
         table.add_row(r["method"], r["defense"], fmt(r["rule"], ".1f"), fmt(r["helpfulness_proxy"], ".2f"),
                       fmt(r["probe_auc"], ".3f"), fmt(r["flag_mal"], ".2f"), fmt(r["flag_ben"], ".2f"),
                       fmt(r["s_per_round"], ".1f"))
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
