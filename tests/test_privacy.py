@@ -281,3 +281,10 @@ def test_pipeline_runs_attacks_dp_accounting_and_writes_the_table(tmp_path):
     assert (rd.path / "plots" / "privacy_leakage_utility.png").exists()
     rows_ = lk.leakage_utility_rows([rd.path])
     assert len(rows_) == 3 and rows_[0]["epsilon"] == pytest.approx(dp_recs[-1]["epsilon"])
+
+
+def test_bertscore_is_one_on_identical_text_and_lower_otherwise(tiny):
+    model, tok = tiny
+    s = lk.bertscore_with(model, tok, ["the same words", "alpha beta"], ["the same words", "zzzz qqqq 123"])
+    assert s[0] == pytest.approx(1.0, abs=1e-5)
+    assert s[1] < 0.999
