@@ -38,6 +38,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/round_overhead.py
 	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/aggregation.py --d 262144
 
 clean:
 	rm -rf $(VENV) .pytest_cache

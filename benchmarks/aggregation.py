@@ -22,10 +22,13 @@ import platform
 import threading
 import time
 
-import psutil
-import torch
+# spinning OpenMP workers slow torch badly on a shared, oversubscribed CPU (see tests/conftest.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fedsafe import aggregators
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from fedsafe import aggregators  # noqa: E402
 
 RULES = {
     "fedavg": lambda n: {},
