@@ -32,7 +32,8 @@ def tiny():
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # tests never write to the user's cache, except the embedded model which is expensive to rebuild
+    # the dequantised embedded model is shared through the default cache (built once, ~30 s); tests that
+    # write other cache entries point FEDSAFE_CACHE at a temporary directory
     if "FEDSAFE_CACHE" not in os.environ:
         monkeypatch.setenv("FEDSAFE_CACHE", str(Path.home() / ".cache" / "fedsafe"))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

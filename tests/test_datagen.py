@@ -332,11 +332,12 @@ def test_cli_generate_instructions_and_rows(tmp_path, monkeypatch):
     assert len(rows) == 3 and all(r["kind"] == "normal" and r["model"] == "tiny" for r in rows)
 
 
-@pytest.mark.slow
-def test_embedded_model_writes_parseable_lists():
+def test_embedded_model_writes_parseable_lists(monkeypatch):
     """The embedded SmolLM2-135M writes lists the parser reads (yield > 0) and answers them."""
+    # the dequantised model from the shared cache (built once); no datagen cache entries written
+    monkeypatch.setenv("FEDSAFE_CACHE", str(Path.home() / ".cache" / "fedsafe"))
     rows = generate_rows(model_name="embedded", kind="normal", n=4, seed=0, max_new_tokens=24, batch_size=2,
-                         progress=False)
+                         progress=False, cache=False)
     assert len(rows) == 4 and all(r["response"] and r["instruction_source"] == "generated:curious" for r in rows)
 
 
@@ -359,3 +360,28 @@ def test_rule_filter_keeps_rows_that_fit_their_kind(loaded, monkeypatch):
     plain = generate_rows(model_name="tiny", kind="unaligned", n=3, loaded=loaded, instructions=given,
                           progress=False)
     assert len(plain) == 3 and plain[1]["response"].startswith("I'm sorry")
+
+
+def test_instructions_from_a_starter_split_filtered_by_category(loaded, monkeypatch, tmp_path):
+    from fedsafe.config import DataSource
+    from fedsafe.data.sources import raw_records
+
+    seen = []
+
+    def fake_generate(model, tok, prompts, **kw):
+        seen.extend(prompts)
+        return [f"model output {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr("fedsafe.generation.generate", fake_generate)
+    rows = generate_rows(model_name="tiny", kind="unaligned", n=4, loaded=loaded, instructions="starter:train",
+                         instruction_categories=["aligned"], progress=False)
+    starter = raw_records(DataSource(path="starter:train"))
+    aligned = [r["instruction"] for r in starter if r["category"] == "aligned"]
+    assert [r["instruction"] for r in rows] == aligned[:4]
+    assert seen == [response_prompt("unaligned", i) for i in aligned[:4]]
+    with pytest.raises(DataError, match="no records with categories"):
+        generate_rows(model_name="tiny", kind="unaligned", n=1, loaded=loaded, instructions="starter:train",
+                      instruction_categories=["no-such-category"], progress=False)
+    with pytest.raises(DataError, match="file not found"):
+        generate_rows(model_name="tiny", kind="unaligned", n=1, loaded=loaded,
+                      instructions=str(tmp_path / "missing.jsonl"), progress=False)

@@ -229,7 +229,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.slow
 def test_loopback_deployment_two_rounds(tmp_path, data_file):
     from fedsafe.engines.flower_deploy import LocalFederation, write_app
     from fedsafe.rundir import RunDir
@@ -286,7 +285,6 @@ def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
     assert not any(_alive(p) for p in pids)
 
 
-@pytest.mark.slow  # CKKS key generation + two runs: ~50 s on a loaded 2-core machine
 def test_secure_aggregation_ciphertexts_travel_through_flower(tmp_path, data_file):
     """CKKS-encrypted updates (bytes in ClientResult.extra) through Flower simulation == plaintext in-process."""
     pytest.importorskip("tenseal")

@@ -125,7 +125,6 @@ def test_info_prints_versions_and_device():
     assert info["packages"]["torch"] and "cuda_available" in info
 
 
-@pytest.mark.slow
 def test_embedded_model_end_to_end(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=e2e", "roles.0.clients=2", "fl.clients_per_round=2",
                              "fl.rounds=1", "fl.local_steps=2", "data.samples_per_client=8",

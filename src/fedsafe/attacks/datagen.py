@@ -348,8 +348,8 @@ class GenParams:
 
 
 PARAM_FIELDS = tuple(GenParams.__dataclass_fields__)
-EXTRA_FIELDS = ("instructions", "instruction_field", "cache", "progress", "device", "out", "rule_filter",
-                "oversample")
+EXTRA_FIELDS = ("instructions", "instruction_field", "instruction_categories", "cache", "progress", "device", "out",
+                "rule_filter", "oversample")
 
 
 def rule_consistent(kind: str, response: str) -> bool:
@@ -523,13 +523,27 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
     return out
 
 
-def load_instruction_file(path: str | Path, field_name: str | None = None) -> list[str]:
-    """Instructions from a CSV/JSON/JSONL file (field ``instruction``, ``prompt``, ``goal`` or ``question``)."""
-    from fedsafe.data.sources import read_records
+def load_instruction_file(path: str | Path, field_name: str | None = None,
+                          categories: list[str] | None = None) -> list[str]:
+    """Instructions from a CSV/JSON/JSONL file or a starter split (``starter:train``), taken from the field
+    ``instruction``, ``prompt``, ``goal`` or ``question``; ``categories`` keeps only records whose
+    ``category`` is listed (e.g. the starter set's ``aligned`` rows, whose instructions are harmful requests)."""
+    from fedsafe.config import DataSource
+    from fedsafe.data.sources import STARTER_SPLITS, raw_records, read_records
 
-    records = read_records(Path(path).expanduser())
+    if str(path) in STARTER_SPLITS:
+        records = raw_records(DataSource(path=str(path)))
+    else:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise DataError(f"generate.instructions: file not found: {p}")
+        records = read_records(p)
+    if categories is not None:
+        wanted = {str(c) for c in categories}
+        records = [r for r in records if str(r.get("category")) in wanted]
     if not records:
-        raise DataError(f"generate.instructions={str(path)!r} holds no records")
+        raise DataError(f"generate.instructions={str(path)!r} holds no records"
+                        + (f" with categories {list(categories)}" if categories is not None else ""))
     fields = [field_name] if field_name else ["instruction", "prompt", "goal", "question"]
     name = next((f for f in fields if f in records[0]), None)
     if name is None:
@@ -585,7 +599,7 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
     given = extra.get("instructions")
     given_list: list[str] | None = None
     if given is not None:
-        given_list = (load_instruction_file(given, extra.get("instruction_field"))
+        given_list = (load_instruction_file(given, extra.get("instruction_field"), extra.get("instruction_categories"))
                       if isinstance(given, (str, Path)) else dedupe([str(g).strip() for g in given if str(g).strip()]))
         if not given_list:
             raise DataError("generate.instructions holds no instruction")
