@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+ADVBENCH := ../shared/data/advbench/harmful_behaviors.csv
+
 demo: $(STAMP)
-	$(VENV)/bin/fedsafe grid configs/demo.yaml
+	@if [ -f "$(ADVBENCH)" ]; then $(VENV)/bin/fedsafe grid configs/demo.yaml; else \
+	  echo "note: $(ADVBENCH) not found: Rule is scored on the starter set's 24 held-out harmful requests"; \
+	  $(VENV)/bin/fedsafe grid configs/demo.yaml --set eval.prompts=starter:heldout; fi
 
 test: $(STAMP)
 	$(PY) -m pytest tests
