@@ -75,6 +75,21 @@ def test_settings_differing_only_in_defense_share_training(tmp_path):
     assert len(plan_training(settings, share=False)) == 6
 
 
+def test_only_selects_settings_by_pattern(tmp_path):
+    from fedsafe.grid import select_settings
+
+    _data(tmp_path)
+    path = _grid(tmp_path, {"scenario": {"no_attack": {}, "attack": {"roles": ATTACK_ROLES, "fl.clients_per_round": 3}},
+                            "defense": {"none": {}, "l1": {"posthoc.enabled": True}}})
+    _, settings = load_grid(path)
+    assert [n for n, _ in select_settings(settings, [])] == [n for n, _ in settings]
+    assert [n for n, _ in select_settings(settings, ["attack-*"])] == ["attack-none", "attack-l1"]
+    assert [n for n, _ in select_settings(settings, ["no_attack-l1", "attack-none"])] == ["no_attack-l1",
+                                                                                         "attack-none"]
+    with pytest.raises(ConfigError, match="no setting matches; settings: no_attack-none"):
+        select_settings(settings, ["level9"])
+
+
 def test_tiny_grid_of_two_settings_end_to_end(tmp_path):
     from typer.testing import CliRunner
 

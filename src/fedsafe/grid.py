@@ -259,12 +259,28 @@ def print_results(run_dir: Path, title: str) -> None:
                   "perplexity of held-out reference answers (offline proxy, lower is better).")
 
 
+def select_settings(settings: list[tuple[str, ExperimentConfig]], patterns: list[str]) -> list[tuple[str, ExperimentConfig]]:
+    """The settings whose name matches any of the shell-style ``patterns`` (all of them when none is given)."""
+    if not patterns:
+        return settings
+    import fnmatch
+
+    chosen = [(name, cfg) for name, cfg in settings if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"--only {' '.join(patterns)}: no setting matches; settings: "
+                          f"{', '.join(name for name, _ in settings)}")
+    return chosen
+
+
 def grid_command(grid_file: Path = typer.Argument(..., help="grid YAML: a base experiment and a matrix of settings"),
                  set_: list[str] = typer.Option([], "--set", help="override a base field for every setting"),
+                 only: list[str] = typer.Option([], "--only", help="run only the settings with this name "
+                                                                  "(shell-style pattern; repeatable)"),
                  dry_run: bool = typer.Option(False, "--dry-run", help="list the settings and exit"),
                  no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Run a matrix of settings (shared training where possible) and print one combined table."""
     spec, settings = load_grid(grid_file, set_)
+    settings = select_settings(settings, only)
     if dry_run:
         for name, cfg in settings:
             print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}\tdefense={defense_label(cfg)}")
