@@ -434,3 +434,88 @@ def test_encrypted_result_survives_a_flower_message(keys):
     delta, stats = server.aggregate(received, global_vec, round=1)
     reference = (10 * updates[0].double() + 20 * updates[1].double()) / 30
     assert not stats["dropped"] and (delta.double() - reference).abs().max().item() < 1e-6
+
+
+# --- key files of a deployment (`fedsafe flower keys`) ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def key_files(tmp_path_factory):
+    from fedsafe.defenses.he_keys import write_key_files
+
+    return write_key_files(CKKSParams(), tmp_path_factory.mktemp("keys"))
+
+
+def test_key_files_give_the_secret_key_to_the_clients_only(key_files):
+    import os
+    import stat
+
+    from fedsafe.defenses.he_keys import read_key_file
+
+    server = read_key_file(key_files.server, "server", CKKSParams())
+    clients = read_key_file(key_files.clients, "clients", CKKSParams())
+    assert server.key_id == clients.key_id == key_files.key_id
+    assert stat.S_IMODE(os.stat(key_files.clients).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(key_files.server).st_mode) == 0o644
+    assert sorted(p.name for p in key_files.clients.parent.iterdir()) == ["clients.ctx", "server.ctx"]  # no temp
+    assert not load_context(server.context).is_private() and load_context(clients.context).is_private()
+    # a round with the files alone: clients encrypt, the server sums, the server cannot decrypt, a client can
+    d = 3000
+    updates, global_vec = lora_scale_updates(2, d, seed=21), torch.randn(d) * 0.05
+    mask = pruning_mask(global_vec, 0.3)
+    encrypted = [encrypt_update(clients.context, updates[k], w, mask) for k, w in enumerate((0.25, 0.75))]
+    agg = aggregate_encrypted(server.context, encrypted)
+    with pytest.raises(ConfigError, match="secret-key"):
+        decrypt_aggregate(server.context, agg, mask)
+    delta = decrypt_aggregate(clients.context, agg, mask)
+    reference = 0.25 * updates[0].double() + 0.75 * updates[1].double()
+    assert (delta.double() - reference)[mask].abs().max().item() < 1e-6
+
+
+def test_key_files_are_not_overwritten_by_accident(tmp_path):
+    from fedsafe.defenses.he_keys import write_key_files
+
+    first = write_key_files(CKKSParams(), tmp_path)
+    with pytest.raises(ConfigError, match="--force"):
+        write_key_files(CKKSParams(), tmp_path)
+    assert write_key_files(CKKSParams(), tmp_path, overwrite=True).key_id != first.key_id
+
+
+def test_bad_key_files_are_refused_with_a_reason(key_files, tmp_path, caplog):
+    import json
+    import logging
+
+    from fedsafe.defenses.he_keys import _header, read_key_file
+
+    def broken(name: str, data: bytes):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    raw_clients, raw_server = key_files.clients.read_bytes(), key_files.server.read_bytes()
+    head_end = raw_clients.index(b"\n", raw_clients.index(b"\n") + 1) + 1
+    meta = json.loads(raw_clients.split(b"\n")[1])
+    secret_body, public_body = raw_clients[head_end:], raw_server[raw_server.index(b"\n", 30) + 1:]
+    cases = [
+        (tmp_path / "absent.ctx", "clients", "no such file"),
+        (broken("garbage.ctx", bytes(range(256)) * 8), "clients", "not a fedsafe CKKS key file"),
+        (broken("truncated.ctx", raw_clients[:-500]), "clients", "damaged"),
+        (broken("header.ctx", raw_clients[:head_end - 5] + b"\n" + secret_body), "clients", "header is damaged"),
+        (key_files.clients, "server", "holds the secret key"),  # the secret file given to the server
+        (key_files.server, "clients", "public context"),  # the public file given to a node
+        # a header that lies about the role: the server still never accepts a secret key
+        (broken("liar.ctx", _header("server", meta["key_id"], CKKSParams(), secret_body) + secret_body), "server",
+         "holds the secret key"),
+        (broken("resized.ctx", _header("server", meta["key_id"], CKKSParams(poly_modulus_degree=16384), public_body)
+                + public_body), "server", "modified"),
+    ]
+    for path, role, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            read_key_file(path, role)
+    with pytest.raises(ConfigError, match=r"secure_agg\.ckks is N=16384"):  # keys made for other CKKS parameters
+        read_key_file(key_files.clients, "clients", CKKSParams(poly_modulus_degree=16384))
+    readable = broken("readable.ctx", raw_clients)
+    readable.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="fedsafe"):
+        read_key_file(readable, "clients")
+    assert "chmod 600" in caplog.text
+

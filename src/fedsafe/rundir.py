@@ -34,6 +34,27 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write bytes via a temp file in the same folder and an atomic rename; the file gets permissions ``mode``.
+
+    The temp file is created 0600 and only then given ``mode``, so a secret (``mode=0o600``) is never
+    readable by others, not even for a moment.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` through a temp file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
