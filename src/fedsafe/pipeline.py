@@ -21,6 +21,7 @@ from fedsafe.data import build_clients, build_heldout
 from fedsafe.defenses import dp as dp_defense
 from fedsafe.data.format import mean_loss
 from fedsafe.engines.inprocess import InProcessEngine
+from fedsafe.errors import FedsafeError
 from fedsafe.fl.client import LocalTrainer
 from fedsafe.fl.loop import load_checkpoint, run_rounds
 from fedsafe.fl.params import FlatLoRA
@@ -66,11 +67,13 @@ def _progress() -> Progress:
 
 
 def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
-                   progress: bool = True, engine_factory=None) -> RunResult:
+                   progress: bool = True, engine_factory=None, he_server_context: bytes | None = None) -> RunResult:
     """Run (or resume) one experiment and return where its outputs are.
 
     ``engine_factory(trainer, clients)`` builds the engine that runs local training (default: in-process;
     :mod:`fedsafe.engines.flower` passes one that sends the same work to Flower ClientApps).
+    ``he_server_context`` (secure_agg in a deployment): the public CKKS context of ``fedsafe flower keys``;
+    the clients hold the secret key on their machines and the engine's ``decrypt`` asks one of them.
     """
     # 1. run directory: new, or the one being resumed (its saved config wins)
     if resume is not None:
@@ -123,9 +126,16 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     if cfg.secure_agg.enabled:  # clients encrypt, the server sums ciphertexts (public context), a key holder decrypts
         from fedsafe.defenses.secure_agg import secure_setup
 
-        trainer, server.secure = secure_setup(cfg.secure_agg, trainer, cfg.fl.rounds)
+        trainer, server.secure = secure_setup(cfg.secure_agg, trainer, cfg.fl.rounds, he_server_context)
         console.print(server.secure.describe())
+    elif he_server_context is not None:
+        log.warning("a CKKS server context was given but secure_agg.enabled is false: updates travel in plaintext")
     engine = (engine_factory or InProcessEngine)(trainer, clients)
+    if server.secure is not None and server.secure.decrypt is None:  # deployment: the key holders are clients
+        if not hasattr(engine, "decrypt"):
+            raise FedsafeError(f"secure_agg with a server context needs an engine whose clients hold the keys; "
+                               f"the {getattr(engine, 'name', type(engine).__name__)} engine has none")
+        server.secure.use_remote_key_holder(engine.decrypt)
     done = load_checkpoint(run_dir, server, engine) if resume is not None else 0
     if resume is not None:
         run_dir.truncate_metrics_after(done)

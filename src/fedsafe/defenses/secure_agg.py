@@ -38,11 +38,15 @@ an empty ``update`` tensor and ``extra["secure_agg"]`` holds the wire form of :c
 bytes, ints, floats and strings); a client that could not encrypt sends ``extra["secure_agg_error"]`` (a
 string) instead and is dropped with that reason. Flower simulation (``fedsafe run --engine flower``) takes
 the same path: the pipeline hands the wrapped trainer to the engine factory, a Flower message carries the
-bytes unchanged (round trip tested in tests/test_secure_agg.py), and the pipeline's Server sums them. A multi-machine Flower deployment also needs
-the keys delivered: each SuperNode must get :meth:`KeyHolder.client_context_bytes` out of band (never
-through the server) and wrap its trainer in an :class:`EncryptingTrainer`, and the ServerApp's ``decrypt``
-callback must send :meth:`EncryptedAggregate.to_wire` to a key-holding client, which answers with
-:meth:`SecureAggClient.decrypt`; until then fedsafe.engines.flower refuses secure_agg in deployments.
+bytes unchanged (round trip tested in tests/test_secure_agg.py), and the pipeline's Server sums them.
+
+A multi-machine Flower deployment has no process that every party shares, so the keys are made ahead of
+the run by ``fedsafe flower keys`` (:mod:`fedsafe.defenses.he_keys`): each SuperNode gets the secret-key
+file and wraps its trainer with :func:`encrypting_trainer`, the ServerApp gets the public file and calls
+:func:`secure_setup` with it (this process is then the server only), and the Flower engine becomes the
+key holder through :meth:`SecureAggServer.use_remote_key_holder`: it sends
+:meth:`EncryptedAggregate.to_wire` and the round's mask to a key-holding SuperNode, which answers with
+:func:`decrypt_aggregate`, the function the in-process key holder calls (see :mod:`fedsafe.engines.flower`).
 
 What composes with HE (the server only ever computes sum_k c_k, optionally times one plaintext scalar):
   * FedAvg (weighted by sample counts) and FedProx (a client-side proximal term; the server still averages);
@@ -71,8 +75,12 @@ Threat model: honest-but-curious server. It learns ciphertexts, the public conte
 count and weight and, once the new global adapter is published, the aggregate delta_t (as in any secure
 aggregation). Every client holds the secret key (the key holder is a designated party or the clients
 through a setup step), so this protects updates from the server, not from other clients, and it does not
-stop a malicious client from encrypting whatever it likes. Keys are made afresh for every run (and on
-resume); the secret key is never written to the run directory.
+stop a malicious client from encrypting whatever it likes. In one process, keys are made afresh for every
+run (and on resume); in a deployment, the key set of ``fedsafe flower keys`` serves every run that uses
+it. The secret key is never written to the run directory and never sent to the server. A key holder
+decrypts whatever aggregate the server sends it: an honest-but-curious server sends the sum, but a
+malicious one could send a single client's ciphertexts instead, which only a threshold scheme or a
+verifiable sum would prevent.
 """
 
 from __future__ import annotations
@@ -112,6 +120,7 @@ __all__ = [
     "EncryptingTrainer",
     "SecureAggregator",
     "secure_setup",
+    "encrypting_trainer",
     "WIRE_KEY",
     "WIRE_ERROR_KEY",
     "HE_COMPATIBLE_AGGREGATORS",
@@ -534,7 +543,7 @@ class SecureAggServer:
     name = "secure_fedavg"
 
     def __init__(self, server_context: bytes,
-                 decrypt: Callable[[EncryptedAggregate, torch.Tensor, int], torch.Tensor],
+                 decrypt: Callable[[EncryptedAggregate, torch.Tensor, int], torch.Tensor] | None,
                  params: CKKSParams | None = None, schedule: MaskSchedule | None = None):
         self.server_context = server_context
         self.schedule = schedule
@@ -542,6 +551,18 @@ class SecureAggServer:
             raise ConfigError("SecureAggServer must get KeyHolder.server_context_bytes(), not the secret-key context")
         self.decrypt = decrypt
         self.params = params
+
+    def use_remote_key_holder(self, send: Callable[[EncryptedAggregate, torch.Tensor, int], torch.Tensor]) -> None:
+        """Key holders on other machines: ``send(aggregate, mask, round) -> delta`` is given the round's mask.
+
+        The mask is public (the global adapter, the LoRA layout and the schedule decide it), so sending it
+        spares the key holder the model; there, :func:`decrypt_aggregate` checks it against the digest the
+        clients encrypted under before it decrypts.
+        """
+        if self.schedule is None:
+            raise ConfigError("a remote key holder needs the round's mask: build SecureAggServer with a schedule")
+        schedule = self.schedule
+        self.decrypt = lambda aggregate, global_vec, round: send(aggregate, schedule.mask(global_vec, round), round)
 
     def describe(self) -> str:
         """One line for the console: security level and context size."""
@@ -572,6 +593,8 @@ class SecureAggServer:
             agg = total.result()
             aggregate_s = time.perf_counter() - t0
             t1 = time.perf_counter()
+            if self.decrypt is None:
+                raise ConfigError("SecureAggServer has no key holder to decrypt the sum (decrypt is unset)")
             delta = self.decrypt(agg, global_vec, round).to(global_vec.device, global_vec.dtype)
             weight_sum = agg.weight_sum or 1.0
             for j, i in enumerate(kept):
@@ -586,19 +609,33 @@ class SecureAggServer:
                        "aggregator_info": info, "kept": kept}
 
 
-def secure_setup(cfg, trainer, total_rounds: int) -> tuple[EncryptingTrainer, SecureAggServer]:
+def secure_setup(cfg, trainer, total_rounds: int,
+                 server_context: bytes | None = None) -> tuple[EncryptingTrainer | Any, SecureAggServer]:
     """Key setup for a run: the trainer encrypts (clients hold the secret key), the server gets the public context.
 
     ``cfg`` is the ``secure_agg`` config section; ``trainer`` a :class:`fedsafe.fl.client.LocalTrainer`.
-    In this simulation the key holder that decrypts is a client party in the same process; it receives
-    only the aggregate ciphertexts, never an individual update.
+    Without ``server_context`` (one process: in-process engine, Flower simulation) fresh keys are made here,
+    the trainer is wrapped to encrypt, and the key holder that decrypts is a client party in this process; it
+    receives only the aggregate ciphertexts, never an individual update. With ``server_context`` (a
+    deployment: the public file of ``fedsafe flower keys``) this process is the server only: the trainer is
+    returned unwrapped (the clients encrypt on their own machines) and the returned server has no key
+    holder until the engine provides one (:meth:`SecureAggServer.use_remote_key_holder`).
     """
+    schedule = MaskSchedule(trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds)
+    if server_context is not None:
+        return trainer, SecureAggServer(server_context, None, cfg.ckks, schedule)
     keys = KeyHolder(cfg.ckks)
-    he_client = SecureAggClient(keys.client_context_bytes(), trainer.flat.specs, cfg.prune_start, cfg.prune_end,
-                                total_rounds)
-    server = SecureAggServer(keys.server_context_bytes(), he_client.decrypt, cfg.ckks,
-                             MaskSchedule(trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds))
-    return EncryptingTrainer(trainer, he_client), server
+    encrypting = encrypting_trainer(cfg, trainer, total_rounds, keys.client_context_bytes())
+    return encrypting, SecureAggServer(keys.server_context_bytes(), encrypting.he_client.decrypt, cfg.ckks, schedule)
+
+
+def encrypting_trainer(cfg, trainer, total_rounds: int, client_context: bytes) -> EncryptingTrainer:
+    """A client party's trainer under HE: trains with ``trainer``, encrypts with the secret-key context.
+
+    ``cfg`` is the ``secure_agg`` section; the same party code runs in this process and on a Flower SuperNode.
+    """
+    he_client = SecureAggClient(client_context, trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds)
+    return EncryptingTrainer(trainer, he_client)
 
 
 class SecureAggregator:
