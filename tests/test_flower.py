@@ -102,9 +102,11 @@ def test_node_client_id_from_node_config():
 class ScriptedGrid:
     """A Grid whose SuperNodes run ``handle_*`` in this process; in training some are dead, broken or tampered."""
 
-    def __init__(self, num_nodes, dead=(), raising=(), tamper=None):
-        self.nodes = {1000 + i: {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)}
+    def __init__(self, num_nodes, dead=(), raising=(), tamper=None, node_config=None, decrypt_raising=()):
+        self.nodes = {1000 + i: {"partition-id": i, "num-partitions": num_nodes, **(node_config or {})}
+                      for i in range(num_nodes)}
         self.dead, self.raising, self.tamper = set(dead), set(raising), tamper or {}
+        self.decrypt_raising = set(decrypt_raising)
         self.contexts, self.inbox, self.sent = {}, {}, []
 
     def get_node_ids(self):
@@ -130,13 +132,19 @@ class ScriptedGrid:
             train = msg is not None and msg.metadata.message_type == fe.TRAIN
             if msg is None or (train and node in self.dead):
                 continue
-            if train and node in self.raising:
+            decrypt = msg.metadata.message_type == fe.DECRYPT
+            if (train and node in self.raising) or (decrypt and node in self.decrypt_raising):
                 out.append(Message(Error(code=3, reason="ClientApp raised"), reply_to=msg))
                 continue
             ctx = self.contexts.setdefault(node, Context(run_id=1, node_id=node, node_config=self.nodes[node],
                                                          state=RecordDict(), run_config={}))
-            handler = fe.handle_train if msg.metadata.message_type == fe.TRAIN else fe.handle_query
-            reply = handler(msg, ctx)
+            handler = {fe.TRAIN: fe.handle_train, fe.QUERY: fe.handle_query,
+                       fe.DECRYPT: fe.handle_decrypt}[msg.metadata.message_type]
+            try:
+                reply = handler(msg, ctx)
+            except FedsafeError as exc:  # what Flower does with a ClientApp exception
+                out.append(Message(Error(code=3, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+                continue
             if node in self.tamper and msg.metadata.message_type == fe.TRAIN:
                 content = reply.content
                 content["update"] = fe.ArrayRecord({"vec": fe._to_array(self.tamper[node](
@@ -303,6 +311,152 @@ def test_secure_aggregation_ciphertexts_travel_through_flower(tmp_path, data_fil
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
     assert any(float(v.abs().max()) > 0 for k, v in wb.items() if "lora_B" in k)
+
+
+# --- secure aggregation in a deployment: keys from `fedsafe flower keys`, a SuperNode decrypts -------------
+
+# Round 1 prunes 30% (of LoRA A; B is still zero and kept whole) with a mask that every party derives from
+# the initial adapter, identical in every run; round 2 prunes nothing. A later pruned round would rank
+# magnitudes that CKKS noise (~1e-9, different in every run) can reorder among near-ties, so two HE runs
+# could legitimately prune different coordinates and their adapters could not be compared.
+_HE = {"enabled": True, "prune_start": 0.3, "prune_end": 0.0}
+
+
+def _assert_same_he_rounds(run_dir: Path, reference_dir: Path) -> None:
+    """A deployed HE run did what the in-process HE run did: same masks, same adapters up to CKKS noise.
+
+    Round 1 starts from the same adapter in both runs, so its result differs only by CKKS noise (~1e-9).
+    Round 2 starts from adapters that differ by that noise, which AdamW can amplify on coordinates whose
+    gradient is ~0 (its step is ~lr * g / |g|), so a later adapter gets a looser bound; a wrong aggregate
+    (a weight, the mask, a client missing) is off by ~1e-2 at this learning rate.
+    """
+    from fedsafe.rundir import RunDir
+
+    rounds, reference = RunDir.open(run_dir).records("round"), RunDir.open(reference_dir).records("round")
+    assert [r["round"] for r in rounds] == [r["round"] for r in reference] and all(r["failed"] == [] for r in rounds)
+    assert all(sorted(r["clients"]) == ["client_00", "client_01"] for r in rounds)
+    info = [r["aggregator_info"] for r in rounds]
+    assert all(i["secure_agg"] for i in info) and info[0]["he_kept_values"] < info[0]["he_total_values"]  # pruned
+    assert [i["he_mask_digest"] for i in info] == [r["aggregator_info"]["he_mask_digest"] for r in reference]
+    assert all(r["he_bytes"] > 0 for r in RunDir.open(run_dir).records("client"))  # the clients encrypted
+    for tag, atol in (("round_0001", 1e-6), ("final", 1e-6 if len(rounds) == 1 else 1e-4)):
+        got, want = (load_file(next((d / "adapters" / tag).glob("*.safetensors"))) for d in (run_dir, reference_dir))
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=lambda m: f"{tag} {k}: {m}")
+    assert any(float(v.abs().max()) > 1e-3 for k, v in got.items() if "lora_B" in k)  # training moved B
+
+
+@pytest.fixture
+def he_keys(tmp_path):
+    pytest.importorskip("tenseal")
+    from fedsafe.defenses.he_keys import write_key_files
+    from fedsafe.defenses.he_params import CKKSParams
+
+    return write_key_files(CKKSParams(), tmp_path / "keys")
+
+
+def test_server_and_supernodes_refuse_wrong_key_files(tmp_path, data_file, he_keys, task_identity):
+    from flwr.app import Context
+
+    from fedsafe.config import dump_config
+    from fedsafe.defenses.he_keys import write_key_files
+    from fedsafe.defenses.he_params import CKKSParams
+    from fedsafe.errors import ConfigError
+
+    cfg = _cfg(tmp_path, data_file, secure_agg=_HE)
+    assert fe.server_keys(cfg, str(he_keys.server)).key_id == he_keys.key_id
+    assert fe.server_keys(_cfg(tmp_path, data_file), str(he_keys.server)) is None  # HE off: no keys needed
+    with pytest.raises(FedsafeError, match="needs the server's public CKKS context"):
+        fe.server_keys(cfg, None)
+    with pytest.raises(ConfigError, match="holds the secret key"):
+        fe.server_keys(cfg, str(he_keys.clients))
+    other = write_key_files(CKKSParams(), tmp_path / "other")
+    query = Message(RecordDict({"fedsafe": fe._meta(dump_config(cfg), "t", he_keys.key_id)}), dst_node_id=1000,
+                    message_type=fe.QUERY)
+
+    def node(**node_config):
+        return Context(run_id=1, node_id=1000, node_config={"partition-id": 1, **node_config}, state=RecordDict(),
+                       run_config={})
+
+    for node_config, message in [({}, "holds no CKKS keys"),
+                                 ({"he-context": str(tmp_path / "absent.ctx")}, "no such file"),
+                                 ({"he-context": str(he_keys.server)}, "public context"),
+                                 ({"he-context": str(other.clients)}, "key set")]:
+        with pytest.raises(FedsafeError, match=message):  # at connect: the node is never sampled
+            fe.handle_query(query, node(**node_config))
+    assert fe.handle_query(query, node(**{"he-context": str(he_keys.clients)})).content["fedsafe"]["client_id"] \
+        == "client_01"
+    # the server's file and the config say N=8192; keys made for other CKKS parameters are refused
+    wide = write_key_files(CKKSParams(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 40, 40, 60)),
+                           tmp_path / "wide")
+    with pytest.raises(ConfigError, match=r"secure_agg\.ckks is N=8192"):
+        fe.node_keys({"he-context": str(wide.clients)}, cfg, he_keys.key_id)
+    with pytest.raises(ConfigError, match=r"secure_agg\.ckks is N=8192"):
+        fe.server_keys(cfg, str(wide.server))
+
+
+def test_deployed_secure_aggregation_decrypts_on_a_supernode(tmp_path, data_file, he_keys, task_identity, caplog):
+    """The deployment path in one process: nodes build their own encrypting workers from the key file, the
+    server holds the public context only, a SuperNode decrypts (the next one when it fails) == in-process HE."""
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               secure_agg=_HE, fl={"lr": 0.02, "lr_schedule": "constant"},
+               flower={"round_timeout_s": 120.0, "connect_timeout_s": 5.0, "decrypt_timeout_s": 60.0})
+    server = fe.server_keys(cfg, str(he_keys.server))
+
+    def deploy(grid):  # an unregistered token: every SuperNode builds its own model, data and key holder
+        return run_experiment(cfg, progress=False, he_server_context=server.context,
+                              engine_factory=lambda trainer, clients: fe.FlowerEngine(grid, cfg, clients, token="he",
+                                                                                      he_key_id=server.key_id))
+
+    grid = ScriptedGrid(2, node_config={"he-context": str(he_keys.clients)}, decrypt_raising={1000})
+    with caplog.at_level(logging.INFO, logger="fedsafe"):
+        deployed = deploy(grid)
+    _assert_same_he_rounds(deployed.run_dir, run_experiment(cfg, progress=False).run_dir)
+    # node 1000 (client_00 answered first) fails to decrypt every round; node 1001 takes over
+    decrypts = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == fe.DECRYPT]
+    assert decrypts == [1000, 1001, 1000, 1001]
+    assert "SuperNode 1000 (client client_00) could not decrypt" in caplog.text
+    # when no key holder can decrypt, the run stops with the reasons (finished rounds are checkpointed)
+    with pytest.raises(FedsafeError, match="no key-holding SuperNode decrypted"):
+        deploy(ScriptedGrid(2, node_config={"he-context": str(he_keys.clients)}, decrypt_raising={1000, 1001}))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_loopback_deployment_with_secure_aggregation(tmp_path, data_file, he_keys):
+    """SuperLink + 2 SuperNodes as processes: the nodes hold clients.ctx, the ServerApp server.ctx; a SuperNode
+    decrypts the round's sum; the result is the in-process HE run's, and every process is gone afterwards.
+
+    One round (pruned 30%): the scripted-grid test above runs the same handlers over two rounds in one process;
+    each extra deployed round costs ~40 s of ClientApp process start-ups on 2 cores.
+    """
+    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.pipeline import run_experiment
+
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               secure_agg=_HE, fl={"rounds": 1, "lr": 0.02, "lr_schedule": "constant"},
+               flower={"round_timeout_s": 240.0, "connect_timeout_s": 120.0, "decrypt_timeout_s": 240.0})
+    with LocalFederation(2, workdir=tmp_path / "fed", he_context=he_keys.clients) as fed:
+        pids = fed.pids()
+        app = write_app(tmp_path / "app", cfg, he_context=he_keys.server)
+        run_dir = fed.submit(app, timeout_s=540)
+    reference = run_experiment(cfg, progress=False)
+    _assert_same_he_rounds(run_dir, reference.run_dir)
+    server_log = (tmp_path / "fed" / "flwr_run.log").read_text()
+    assert server_log.count("decrypted the encrypted sum") == 1  # a SuperNode decrypted, at the first try
+    assert f'he-context = "{he_keys.server}"' in (app / "pyproject.toml").read_text()  # the public file only
+    time.sleep(1)
+    assert not any(_alive(p) or _group_alive(p) for p in pids)  # SuperLink, SuperNodes and their children
 
 
 def test_deployed_client_rebuilds_its_partition_or_trains_on_its_own_file(tmp_path, data_file, task_identity):

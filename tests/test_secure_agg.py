@@ -519,3 +519,21 @@ def test_bad_key_files_are_refused_with_a_reason(key_files, tmp_path, caplog):
         read_key_file(readable, "clients")
     assert "chmod 600" in caplog.text
 
+
+def test_flower_keys_command_writes_the_key_set(tmp_path):
+    pytest.importorskip("flwr")
+    from typer.testing import CliRunner
+
+    from fedsafe.defenses.he_keys import read_key_file
+    from fedsafe.engines.flower_cli import flower_app
+
+    out = tmp_path / "keys"
+    result = CliRunner().invoke(flower_app, ["keys", "--out", str(out), "--set", "secure_agg.enabled=true",
+                                             "--set", "secure_agg.ckks.global_scale=1073741824"])
+    assert result.exit_code == 0, result.output
+    assert "SECRET" in result.output and str(out / "server.ctx") in result.output
+    params = CKKSParams(global_scale=2.0 ** 30)  # the config's parameters reach the files
+    assert read_key_file(out / "clients.ctx", "clients", params).key_id == read_key_file(out / "server.ctx",
+                                                                                         "server", params).key_id
+    again = CliRunner().invoke(flower_app, ["keys", "--out", str(out)])
+    assert again.exit_code != 0 and isinstance(again.exception, ConfigError)

@@ -210,6 +210,9 @@ class FlowerConfig(_Strict):
     round_timeout_s: float = Field(600.0, gt=0, description="wait at most this long for a round's replies; "
                                                           "clients that have not answered count as failed")
     connect_timeout_s: float = Field(120.0, gt=0, description="wait at most this long for SuperNodes to connect")
+    decrypt_timeout_s: float = Field(300.0, gt=0, description="secure_agg in a deployment: wait at most this long "
+                                                            "for a key-holding SuperNode to decrypt a round's sum "
+                                                            "before asking the next one")
 
 
 class EvalConfig(_Strict):

@@ -21,6 +21,17 @@ Two ways to run it:
 Faults: a client whose reply does not arrive within ``flower.round_timeout_s`` or comes back as a Flower
 error is logged as failed (``failed`` in the round record) and the round goes on with the replies that
 arrived; below ``flower.min_results`` replies the round leaves the global adapter unchanged.
+
+Secure aggregation (``secure_agg.enabled``) in a deployment: ``fedsafe flower keys`` writes the key set
+(:mod:`fedsafe.defenses.he_keys`); every SuperNode holds the secret-key file (node config ``he-context``)
+and the ServerApp the public one (run config ``he-context``). The pipeline's :class:`fedsafe.fl.server.Server`
+sums the ciphertexts as in-process, and its key holder is :meth:`FlowerEngine.decrypt`: a ``query.decrypt``
+message carries the encrypted sum and the round's keep-mask to one SuperNode whose client answered this
+round, which decrypts it with :func:`fedsafe.defenses.secure_agg.decrypt_aggregate` (no model needed) and
+replies with the plaintext aggregate; if it fails, the next key-holding node is asked. The server optimiser
+step, the mask schedule, the metrics and the run directory are the in-process code. Every message carries
+the server's key id, so a node holding another key set refuses (at connect, so it is never sampled) instead
+of encrypting under a key the others cannot use.
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ log = logging.getLogger("fedsafe")
 
 TRAIN = "train"
 QUERY = "query"
+DECRYPT = "query.decrypt"  # secure_agg: a key-holding SuperNode decrypts the round's encrypted sum
+HE_CONTEXT = "he-context"  # node config / run config key: path of a key file of `fedsafe flower keys`
 _POLL_S = 0.05
 
 # ------------------------------------------------------------------------------------------------
@@ -139,15 +152,23 @@ def decode_values(arrays: ArrayRecord | None, config: ConfigRecord | None) -> di
     return out
 
 
+def _meta(config_yaml: str, token: str, he_key_id: str | None, **more) -> ConfigRecord:
+    """The ``fedsafe`` record every message carries: experiment config, run token, the server's HE key id."""
+    meta = {**more, "config": config_yaml, "token": token}
+    if he_key_id is not None:
+        meta["he_key_id"] = he_key_id
+    return ConfigRecord(meta)
+
+
 def encode_train(global_vec: torch.Tensor, rc: RoundConfig, client_id: str, config_yaml: str,
-                 token: str) -> RecordDict:
+                 token: str, he_key_id: str | None = None) -> RecordDict:
     """The content of a train message: global adapter, round config and which client to train."""
     rc_arrays, rc_config = ArrayRecord(), ConfigRecord()
     encode_values({f.name: getattr(rc, f.name) for f in dataclasses.fields(rc)}, rc_arrays, rc_config,
                   "RoundConfig")
     return RecordDict({"global": ArrayRecord({"vec": _to_array(global_vec)}),
                        "rc_arrays": rc_arrays, "rc": rc_config,
-                       "fedsafe": ConfigRecord({"client_id": client_id, "config": config_yaml, "token": token})})
+                       "fedsafe": _meta(config_yaml, token, he_key_id, client_id=client_id)})
 
 
 def decode_train(content: RecordDict) -> tuple[torch.Tensor, RoundConfig, str, str, str]:
@@ -193,15 +214,18 @@ class FlowerEngine:
 
     name = "flower"
 
-    def __init__(self, grid, cfg: ExperimentConfig, clients: list[ClientData], token: str | None = None):
+    def __init__(self, grid, cfg: ExperimentConfig, clients: list[ClientData], token: str | None = None,
+                 he_key_id: str | None = None):
         self.grid = grid
         self.cfg = cfg
         self.settings = cfg.flower
         self.clients = {c.client_id: c for c in clients}
         self.config_yaml = dump_config(cfg)
         self.token = token or uuid.uuid4().hex
+        self.he_key_id = he_key_id  # key id of the server's public CKKS context (secure_agg in a deployment)
         self.node_of: dict[str, int] = {}  # client id -> SuperNode id
         self.last_failures: list[dict] = []  # {client_id, reason} of the last round
+        self._last_answered: list[str] = []  # clients whose training reply arrived in the last round
         self._connected = False
 
     # -- connection ------------------------------------------------------------------------------
@@ -229,7 +253,7 @@ class FlowerEngine:
         unmapped = sorted(nodes - set(self.node_of.values()))
         if not unmapped:
             return
-        content = RecordDict({"fedsafe": ConfigRecord({"config": self.config_yaml, "token": self.token})})
+        content = RecordDict({"fedsafe": _meta(self.config_yaml, self.token, self.he_key_id)})
         # at connect: what is left of connect_timeout_s; later (a node joined or came back): a short wait
         timeout = max(5.0, (deadline - time.monotonic()) if deadline else
                       min(self.settings.connect_timeout_s, self.settings.round_timeout_s))
@@ -294,8 +318,9 @@ class FlowerEngine:
             if node is None:
                 failures.append({"client_id": cid, "reason": "no connected SuperNode holds this client"})
                 continue
-            msgs.append(Message(encode_train(global_vec, rc, cid, self.config_yaml, self.token), dst_node_id=node,
-                                message_type=TRAIN, group_id=str(rc.round), ttl=self.settings.round_timeout_s + 60))
+            msgs.append(Message(encode_train(global_vec, rc, cid, self.config_yaml, self.token, self.he_key_id),
+                                dst_node_id=node, message_type=TRAIN, group_id=str(rc.round),
+                                ttl=self.settings.round_timeout_s + 60))
         pushed = self._push(msgs)
         client_of = {mid: msg.content["fedsafe"]["client_id"] for mid, msg in pushed.items()}
         accepted = {id(m) for m in pushed.values()}
@@ -330,6 +355,7 @@ class FlowerEngine:
             log.warning("round %d: client %s failed: %s", rc.round, f["client_id"], f["reason"])
         self.last_failures = sorted(failures, key=lambda f: f["client_id"])
         results = [by_client[c] for c in client_ids if c in by_client]
+        self._last_answered = [r.client_id for r in results]
         if len(results) < self.settings.min_results:
             log.error("round %d: %d of %d clients answered, fewer than flower.min_results=%d; the global adapter "
                       "is left unchanged this round", rc.round, len(results), len(client_ids),
@@ -338,6 +364,60 @@ class FlowerEngine:
                 self.last_failures.append({"client_id": r.client_id, "reason": "round below flower.min_results"})
             return []
         return results
+
+    # -- secure aggregation: a key-holding SuperNode decrypts the sum ----------------------------
+    def decrypt(self, aggregate, mask: torch.Tensor, round: int) -> torch.Tensor:
+        """Remote key holder of :class:`fedsafe.defenses.secure_agg.SecureAggServer`: a SuperNode decrypts the sum.
+
+        Sends the encrypted sum and the round's (public) keep-mask; nodes whose client answered this round
+        are asked first, one at a time; a node that fails or does not answer within
+        ``flower.decrypt_timeout_s`` is logged and the next one is asked.
+        """
+        timeout = self.settings.decrypt_timeout_s
+        answered = [c for c in self._last_answered if c in self.node_of]
+        order, seen = [], set()
+        for cid in answered + sorted(c for c in self.node_of if c not in answered):
+            if self.node_of[cid] not in seen:
+                seen.add(self.node_of[cid])
+                order.append((cid, self.node_of[cid]))
+        reasons = []
+        for cid, node in order:
+            delta, reason = self._decrypt_on(node, aggregate, mask, round, timeout)
+            if delta is not None:
+                log.info("round %d: SuperNode %d (client %s) decrypted the encrypted sum", round, node, cid)
+                return delta
+            log.warning("round %d: SuperNode %d (client %s) could not decrypt the encrypted sum: %s", round, node,
+                        cid, reason)
+            reasons.append(f"{cid}: {reason}")
+        raise FedsafeError(f"round {round}: no key-holding SuperNode decrypted the encrypted sum ("
+                           + ("; ".join(reasons) or "no SuperNode is connected") + "); finished rounds are "
+                           "checkpointed: fix the SuperNodes' he-context files and resume the run")
+
+    def _decrypt_on(self, node: int, aggregate, mask: torch.Tensor, round: int,
+                    timeout: float) -> tuple[torch.Tensor | None, str | None]:
+        """Ask one SuperNode to decrypt; (delta, None) or (None, why it failed)."""
+        arrays, config = ArrayRecord(), ConfigRecord()
+        encode_values(aggregate.to_wire(), arrays, config, "EncryptedAggregate")
+        content = RecordDict({"mask": ArrayRecord({"mask": _to_array(mask)}),
+                              "aggregate_arrays": arrays, "aggregate": config,
+                              "fedsafe": _meta(self.config_yaml, self.token, self.he_key_id, round=int(round))})
+        pushed = self._push([Message(content, dst_node_id=node, message_type=DECRYPT, group_id=str(round),
+                                     ttl=timeout + 60)])
+        if not pushed:
+            return None, "the SuperLink did not accept the message"
+        reply = next(iter(self._collect(pushed, timeout).values()), None)
+        if reply is None:
+            return None, f"no reply within flower.decrypt_timeout_s={timeout:g}"
+        if reply.has_error():
+            return None, f"Flower error {reply.error.code}: {reply.error.reason}"
+        try:
+            delta = torch.from_numpy(np.array(reply.content["delta"]["vec"].numpy(), copy=True))
+        except (KeyError, ValueError, TypeError) as exc:
+            return None, f"malformed reply: {exc!r}"
+        if delta.shape != mask.shape or not bool(torch.isfinite(delta).all()):
+            return None, (f"the decrypted sum has shape {tuple(delta.shape)} (expected {tuple(mask.shape)}) "
+                          "or non-finite values")
+        return delta, None
 
     def state_dict(self) -> dict:
         # client-side state (SCAFFOLD's c_i) lives in each SuperNode's Context, not in the server checkpoint
@@ -384,7 +464,42 @@ def node_client_id(node_config, num_clients: int) -> str:
     raise FedsafeError("the SuperNode needs --node-config 'partition-id=N' or 'client-id=\"client_NN\"'")
 
 
-def _build_worker(config_yaml: str, node_config) -> _Worker:
+def node_keys(node_config, cfg: ExperimentConfig, he_key_id: str | None) -> bytes:
+    """This SuperNode's secret-key CKKS context (node config ``he-context``), checked against the run.
+
+    The file must be the clients' file of ``fedsafe flower keys``, made with the config's ``secure_agg.ckks``
+    and, when the server names its key id, from the same key set as the server's public context.
+    """
+    from fedsafe.defenses.he_keys import CLIENTS, read_key_file
+
+    path = node_config.get(HE_CONTEXT)
+    if not path:
+        raise FedsafeError("secure_agg.enabled but this SuperNode holds no CKKS keys: start it with --node-config "
+                           f"\"{HE_CONTEXT}='/path/clients.ctx'\" (the clients' file of `fedsafe flower keys`)")
+    keys = read_key_file(str(path), CLIENTS, cfg.secure_agg.ckks, who=f"node config {HE_CONTEXT}")
+    if he_key_id is not None and keys.key_id != he_key_id:
+        raise FedsafeError(f"node config {HE_CONTEXT} {path} belongs to key set {keys.key_id}, the server's public "
+                           f"context to key set {he_key_id}: give every SuperNode the clients.ctx written together "
+                           "with the server's server.ctx")
+    return keys.context
+
+
+def server_keys(cfg: ExperimentConfig, path: str | None):
+    """The ServerApp's public CKKS key file (run config ``he-context``) when ``secure_agg`` is on, else None."""
+    from fedsafe.defenses.he_keys import SERVER, read_key_file
+
+    if not cfg.secure_agg.enabled:
+        if path:
+            log.warning("run config %s=%s is ignored: secure_agg.enabled is false", HE_CONTEXT, path)
+        return None
+    if not path:
+        raise FedsafeError(f"secure_agg.enabled in a Flower deployment needs the server's public CKKS context: "
+                           "`fedsafe flower keys --out DIR --config CONFIG`, then `fedsafe flower app ... "
+                           f"--he-context DIR/server.ctx` (or `fedsafe flower submit ... --he-context ...`)")
+    return read_key_file(path, SERVER, cfg.secure_agg.ckks, who=f"run config {HE_CONTEXT}")
+
+
+def _build_worker(config_yaml: str, node_config, he_key_id: str | None = None) -> _Worker:
     """Model + this node's client data, built from the experiment config (one per process and config)."""
     import yaml
 
@@ -394,14 +509,17 @@ def _build_worker(config_yaml: str, node_config) -> _Worker:
     from fedsafe.pipeline import build_trainer
 
     cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
-    if getattr(getattr(cfg, "secure_agg", None), "enabled", False):
-        raise FedsafeError("secure_agg.enabled under a Flower deployment is not supported yet (the CKKS keys "
-                           "would have to reach every SuperNode); use `fedsafe run --engine flower` (simulation)")
+    # the keys first: a node without them fails before the model load
+    client_context = node_keys(node_config, cfg, he_key_id) if cfg.secure_agg.enabled else None
     loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
                              seed=cfg.seed)
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
     trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
+    if client_context is not None:  # the same client party as in-process: train, then encrypt
+        from fedsafe.defenses.secure_agg import encrypting_trainer
+
+        trainer = encrypting_trainer(cfg.secure_agg, trainer, cfg.fl.rounds, client_context)
     cid = node_client_id(node_config, cfg.num_clients)
     data_path = node_config.get("data-path")
     if data_path:  # the node's own data: one client, trained with the experiment's formatting
@@ -425,19 +543,36 @@ def _build_worker(config_yaml: str, node_config) -> _Worker:
     return _Worker(trainer, {c.client_id: c for c in clients})
 
 
-def _worker_for(token: str, config_yaml: str, node_config) -> _Worker:
+def _worker_for(token: str, config_yaml: str, node_config, he_key_id: str | None = None) -> _Worker:
     if token in _LOCAL_WORKERS:
         return _LOCAL_WORKERS[token]
-    key = hashlib.sha256((config_yaml + json.dumps(dict(node_config), sort_keys=True, default=str))
-                         .encode()).hexdigest()
+    key = hashlib.sha256((config_yaml + json.dumps(dict(node_config), sort_keys=True, default=str)
+                          + str(he_key_id)).encode()).hexdigest()
     with _BUILD_LOCK:
         if key not in _BUILT_WORKERS:
-            _BUILT_WORKERS[key] = _build_worker(config_yaml, node_config)
+            _BUILT_WORKERS[key] = _build_worker(config_yaml, node_config, he_key_id)
         return _BUILT_WORKERS[key]
 
 
+def _secret_context(token: str, config_yaml: str, node_config, he_key_id: str | None):
+    """This node's secret-key CKKS context: the simulation's own client party, or the node's key file."""
+    import yaml
+
+    from fedsafe.defenses.secure_agg import EncryptingTrainer
+
+    worker = _LOCAL_WORKERS.get(token)
+    if worker is not None:
+        if not isinstance(worker.trainer, EncryptingTrainer):
+            raise FedsafeError("asked to decrypt, but this run's clients do not use secure aggregation")
+        return worker.trainer.he_client.context
+    cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
+    if not cfg.secure_agg.enabled:
+        raise FedsafeError("asked to decrypt, but the experiment config has secure_agg.enabled=false")
+    return node_keys(node_config, cfg, he_key_id)
+
+
 def handle_query(message: Message, context: Context) -> Message:
-    """Reply with the client this SuperNode holds."""
+    """Reply with the client this SuperNode holds (after checking its CKKS keys when secure_agg is on)."""
     import yaml
 
     meta = message.content["fedsafe"]
@@ -445,9 +580,29 @@ def handle_query(message: Message, context: Context) -> Message:
     if token in _LOCAL_WORKERS:
         num_clients = len(_LOCAL_WORKERS[token].clients)
     else:
-        num_clients = ExperimentConfig.model_validate(yaml.safe_load(meta["config"])).num_clients
+        cfg = ExperimentConfig.model_validate(yaml.safe_load(meta["config"]))
+        num_clients = cfg.num_clients
+        if cfg.secure_agg.enabled:  # refuse at connect, so a node without the right keys is never sampled
+            node_keys(context.node_config, cfg, meta.get("he_key_id"))
     cid = node_client_id(context.node_config, num_clients)
     return Message(RecordDict({"fedsafe": ConfigRecord({"client_id": cid})}), reply_to=message)
+
+
+def handle_decrypt(message: Message, context: Context) -> Message:
+    """Key holder: decrypt the round's encrypted sum with this node's secret key; reply with the plaintext aggregate.
+
+    Needs no model: the server sends the round's keep-mask, which :func:`decrypt_aggregate` checks against
+    the digest the clients encrypted under.
+    """
+    from fedsafe.defenses.secure_agg import EncryptedAggregate, decrypt_aggregate
+
+    content = message.content
+    meta = content["fedsafe"]
+    secret = _secret_context(meta["token"], meta["config"], context.node_config, meta.get("he_key_id"))
+    aggregate = EncryptedAggregate.from_wire(decode_values(content["aggregate_arrays"], content["aggregate"]))
+    mask = torch.from_numpy(np.array(content["mask"]["mask"].numpy(), copy=True))
+    delta = decrypt_aggregate(secret, aggregate, mask)
+    return Message(RecordDict({"delta": ArrayRecord({"vec": _to_array(delta)})}), reply_to=message)
 
 
 _STATE_KEY = "fedsafe.client_state"
@@ -456,7 +611,7 @@ _STATE_KEY = "fedsafe.client_state"
 def handle_train(message: Message, context: Context) -> Message:
     """Run local training for the client named in the message; reply with its ClientResult."""
     global_vec, rc, cid, config_yaml, token = decode_train(message.content)
-    worker = _worker_for(token, config_yaml, context.node_config)
+    worker = _worker_for(token, config_yaml, context.node_config, message.content["fedsafe"].get("he_key_id"))
     if cid not in worker.clients:
         raise FedsafeError(f"this SuperNode does not hold client {cid!r}")
     # client state that persists across rounds (SCAFFOLD's c_i) lives in the node's Context
@@ -561,6 +716,7 @@ def run_flower_experiment(cfg: ExperimentConfig | None = None, resume: str | Pat
     client_app = ClientApp()
     client_app.train()(handle_train)
     client_app.query()(handle_query)
+    client_app.query("decrypt")(handle_decrypt)
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level

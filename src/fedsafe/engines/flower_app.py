@@ -6,11 +6,14 @@ Run config keys (``[tool.flwr.app.config]``, override with ``flwr run -c``):
 - ``config-yaml``: the experiment config as YAML (the app writer embeds it, so the server machine needs
   no copy of the file);
 - ``set``: extra ``key=value`` overrides separated by ``;`` (e.g. ``"fl.rounds=2;seed=1"``);
-- ``resume``: a run directory on the server machine to continue (empty: a new run).
+- ``resume``: a run directory on the server machine to continue (empty: a new run);
+- ``he-context``: with ``secure_agg.enabled``, the server's public CKKS context (``server.ctx`` of
+  ``fedsafe flower keys``) on the server machine; a file holding the secret key is refused.
 
 SuperNode node config (``flower-supernode --node-config``): ``partition-id=N`` (the config's client N)
 or ``client-id="client_NN"``; optionally ``data-path="/my/data.jsonl"`` (train on the node's own file,
-with ``instruction-field`` / ``response-field`` / ``role``).
+with ``instruction-field`` / ``response-field`` / ``role``); with ``secure_agg.enabled``,
+``he-context="/keys/clients.ctx"`` (the clients' secret-key file of the same key set).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsafe.engines.flower import FlowerEngine, handle_query, handle_train
+from fedsafe.engines.flower import HE_CONTEXT, FlowerEngine, handle_decrypt, handle_query, handle_train, server_keys
 
 log = logging.getLogger("fedsafe")
 
@@ -41,6 +44,12 @@ def train(message: Message, context: Context) -> Message:
 def query(message: Message, context: Context) -> Message:
     """Which client this SuperNode holds."""
     return handle_query(message, context)
+
+
+@client_app.query("decrypt")
+def decrypt(message: Message, context: Context) -> Message:
+    """secure_agg: decrypt the round's encrypted sum with this node's secret key."""
+    return handle_decrypt(message, context)
 
 
 server_app = ServerApp()
@@ -68,7 +77,10 @@ def main(grid: Grid, context: Context) -> None:
             path = Path(tmp) / "experiment.yaml"
             path.write_text(str(run_config["config-yaml"]))
             cfg = load_config(path, overrides)
+    keys = server_keys(cfg, str(run_config.get(HE_CONTEXT, "") or "") or None)  # public CKKS context or None
     result = run_experiment(None if resume else cfg, resume=resume, progress=False,
-                            engine_factory=lambda trainer, clients: FlowerEngine(grid, cfg, clients))
+                            he_server_context=keys.context if keys else None,
+                            engine_factory=lambda trainer, clients: FlowerEngine(
+                                grid, cfg, clients, he_key_id=keys.key_id if keys else None))
     log.info("fedsafe run directory: %s", result.run_dir)
     print(f"fedsafe run directory: {result.run_dir}", flush=True)

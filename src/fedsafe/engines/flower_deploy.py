@@ -31,8 +31,12 @@ def _toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=True)
 
 
-def write_app(app_dir: str | Path, cfg: ExperimentConfig) -> Path:
-    """Write a Flower app directory (pyproject.toml + a two-line module) that runs ``cfg`` with fedsafe."""
+def write_app(app_dir: str | Path, cfg: ExperimentConfig, he_context: str | Path | None = None) -> Path:
+    """Write a Flower app directory (pyproject.toml + a two-line module) that runs ``cfg`` with fedsafe.
+
+    ``he_context``: the server's public CKKS context (``server.ctx`` of ``fedsafe flower keys``) when the
+    config has ``secure_agg.enabled``; a path on the server machine, made absolute here.
+    """
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     # the ServerApp runs wherever the SuperLink runs: make the output directory absolute now
@@ -69,6 +73,8 @@ clientapp = "{APP_MODULE}:client_app"
 config-yaml = {_toml_string(dump_config(cfg))}
 set = ""
 resume = ""
+# secure_agg: the server's public CKKS context (server.ctx of `fedsafe flower keys`), never clients.ctx
+he-context = {_toml_string(str(Path(he_context).expanduser().resolve()) if he_context else "")}
 """)
     return app_dir
 
@@ -97,8 +103,13 @@ def superlink_command(port: int, host: str = "127.0.0.1") -> list[str]:
 
 
 def supernode_command(superlink: str, port: int, partition_id: int | None = None, num_partitions: int | None = None,
-                      client_id: str | None = None, data_path: str | None = None) -> list[str]:
-    """``flower-supernode`` holding one fedsafe client (by index or id, optionally with its own data file)."""
+                      client_id: str | None = None, data_path: str | None = None,
+                      he_context: str | None = None) -> list[str]:
+    """``flower-supernode`` holding one fedsafe client (by index or id, optionally with its own data file).
+
+    ``he_context``: the clients' secret-key CKKS file (``clients.ctx`` of ``fedsafe flower keys``) for
+    ``secure_agg``.
+    """
     node_config = []
     if partition_id is not None:
         node_config.append(f"partition-id={partition_id}")
@@ -110,17 +121,22 @@ def supernode_command(superlink: str, port: int, partition_id: int | None = None
         node_config.append(f"data-path={_toml_string(str(Path(data_path).resolve()))}")
     if not node_config:
         raise FedsafeError("a SuperNode needs a partition id or a client id")
+    if he_context is not None:
+        node_config.append(f"he-context={_toml_string(str(Path(he_context).expanduser().resolve()))}")
     return ["flower-supernode", "--insecure", "--superlink", superlink, "--host", "127.0.0.1",
             "--port", str(port), "--node-config", " ".join(node_config)]
 
 
 def flwr_run_command(app_dir: str | Path, overrides: list[str] | None = None, resume: str | None = None,
-                     connection: str = "fedsafe") -> list[str]:
+                     connection: str = "fedsafe", he_context: str | None = None) -> list[str]:
+    """``flwr run`` of the app with fedsafe's run-config keys (overrides, resume, the server's CKKS context)."""
     cmd = ["flwr", "run", str(app_dir), connection, "--stream"]
     if overrides:
         cmd += ["--run-config", f"set={_toml_string(';'.join(overrides))}"]
     if resume:
         cmd += ["--run-config", f"resume={_toml_string(str(resume))}"]
+    if he_context:  # a path on the server machine: passed as given
+        cmd += ["--run-config", f"he-context={_toml_string(str(he_context))}"]
     return cmd
 
 
@@ -163,13 +179,15 @@ def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, wait_s: float = 10.0)
 class LocalFederation:
     """A SuperLink and one SuperNode per client as separate processes on 127.0.0.1 (tests, benchmarks, demos).
 
-    Use as a context manager: every process started is stopped (process groups) on exit.
+    Use as a context manager: every process started is stopped (process groups) on exit. ``he_context``:
+    the clients' CKKS key file every SuperNode gets (secure_agg).
     """
 
     num_nodes: int
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedsafe-flower-")))
     port: int = 0
     procs: dict = field(default_factory=dict)
+    he_context: Path | None = None
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -187,7 +205,8 @@ class LocalFederation:
         return self
 
     def start_node(self, index: int) -> subprocess.Popen:
-        cmd = supernode_command(self.superlink, free_port(), partition_id=index, num_partitions=self.num_nodes)
+        cmd = supernode_command(self.superlink, free_port(), partition_id=index, num_partitions=self.num_nodes,
+                                he_context=str(self.he_context) if self.he_context else None)
         proc = _start(cmd, self.env, self.workdir / f"supernode{index}.log")
         self.procs[f"supernode{index}"] = proc
         return proc
