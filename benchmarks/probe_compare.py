@@ -5,8 +5,11 @@
 Reads each run directory's ``results.csv`` (written by the evaluation) and ``metrics.jsonl`` (round
 records) and prints one row per (method, defense): Rule (% of AdvBench-style prompts refused, higher is
 safer), the helpfulness proxy (held-out answer perplexity, lower is better), the probe's ROC-AUC against
-the simulator's true roles (cumulative over all scored client-rounds; '-' for rules without a probe),
-the share of malicious / benign client-rounds the probe flagged, and the mean wall time per round
+the simulator's true roles (cumulative over all scored client-rounds, and the mean of the per-round AUCs,
+which ignores calibration drift between rounds; '-' for rules without a probe),
+the share of malicious / benign client-rounds the probe flagged, the mean weight s_k the probe gave
+malicious / benign client-rounds (1 = untouched; soft modes are labelled ``probe (mode)``), and the mean
+wall time per round
 (shadow training included). This is the table of ``configs/probe_grid.yaml``.
 """
 
@@ -37,14 +40,22 @@ def summarise(run_dir: Path) -> list[dict]:
     probe = [r["aggregator_info"]["probe"] for r in rounds if (r.get("aggregator_info") or {}).get("probe")]
     auc = probe[-1].get("auc_cumulative") if probe else None
     flagged = {True: [0, 0], False: [0, 0]}  # truth -> [flagged, scored]
+    weight = {True: [], False: []}  # truth -> the probe's weight s_k per client-round
     for info in probe:
         for cid, is_mal in (info.get("malicious") or {}).items():
             flagged[is_mal][1] += 1
             flagged[is_mal][0] += cid in info.get("flagged", [])
+            if cid in (info.get("weight") or {}):
+                weight[is_mal].append(info["weight"][cid])
     sec = [r["seconds"] for r in rounds if r.get("seconds") is not None]
-    base = {"probe_auc": auc, "s_per_round": sum(sec) / len(sec) if sec else None,
+    per_round = [i["auc"] for i in probe if i.get("auc") is not None]
+    base = {"probe_auc": auc, "round_auc": sum(per_round) / len(per_round) if per_round else None,
+            "s_per_round": sum(sec) / len(sec) if sec else None,
             "flag_mal": flagged[True][0] / flagged[True][1] if flagged[True][1] else None,
-            "flag_ben": flagged[False][0] / flagged[False][1] if flagged[False][1] else None}
+            "flag_ben": flagged[False][0] / flagged[False][1] if flagged[False][1] else None,
+            "w_mal": sum(weight[True]) / len(weight[True]) if weight[True] else None,
+            "w_ben": sum(weight[False]) / len(weight[False]) if weight[False] else None}
+    mode = probe[-1].get("mode") if probe else None
     results = run_dir / "results.csv"
     if not results.exists():
         return []
@@ -54,7 +65,12 @@ def summarise(run_dir: Path) -> list[dict]:
     for row in rows:
         if row.get("method") == "base":
             continue
-        out.append({"method": row["method"], "defense": row["defense"], "rule": _float(row.get("rule")),
+        method = row["method"]
+        if mode and mode != "exclude":  # the same rule name under another weighting mode is another method
+            method = f"{method} ({mode})"
+        if row.get("scenario") == "no_attack":  # the reference run: same rule name, no attackers
+            method = f"{method} (no attack)"
+        out.append({"method": method, "defense": row["defense"], "rule": _float(row.get("rule")),
                     "helpfulness_proxy": _float(row.get("helpfulness_proxy")), **base,
                     "run": run_dir.name})
     return out
@@ -79,15 +95,15 @@ def main(argv: list[str]) -> None:
             seen.add(key)
             unique.append(r)
     table = Table(title="probe comparison (Rule: higher is safer; proxy: perplexity, lower is better)")
-    for col in ("method", "defense", "Rule", "helpfulness proxy", "probe AUC", "flagged mal.", "flagged ben.",
-                "s / round"):
+    for col in ("method", "defense", "Rule", "helpfulness proxy", "probe AUC", "AUC / round", "flagged mal.", "flagged ben.",
+                "weight mal.", "weight ben.", "s / round"):
         table.add_column(col, justify="left" if col in ("method", "defense") else "right")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in unique:
         table.add_row(r["method"], r["defense"], fmt(r["rule"], ".1f"), fmt(r["helpfulness_proxy"], ".2f"),
-                      fmt(r["probe_auc"], ".3f"), fmt(r["flag_mal"], ".2f"), fmt(r["flag_ben"], ".2f"),
-                      fmt(r["s_per_round"], ".1f"))
-    Console(width=140).print(table)
+                      fmt(r["probe_auc"], ".3f"), fmt(r["round_auc"], ".3f"), fmt(r["flag_mal"], ".2f"), fmt(r["flag_ben"], ".2f"),
+                      fmt(r["w_mal"], ".2f"), fmt(r["w_ben"], ".2f"), fmt(r["s_per_round"], ".1f"))
+    Console(width=180).print(table)
 
 
 if __name__ == "__main__":
