@@ -281,6 +281,15 @@ def test_pipeline_runs_attacks_dp_accounting_and_writes_the_table(tmp_path):
     assert (rd.path / "plots" / "privacy_leakage_utility.png").exists()
     rows_ = lk.leakage_utility_rows([rd.path])
     assert len(rows_) == 3 and rows_[0]["epsilon"] == pytest.approx(dp_recs[-1]["epsilon"])
+    # a grid directory (runs under runs/) reads the same rows; anything else is a one-line error
+    grid = tmp_path / "grid"
+    (grid / "runs").mkdir(parents=True)
+    (grid / "runs" / rd.path.name).symlink_to(rd.path, target_is_directory=True)
+    assert lk.leakage_utility_rows([grid]) == rows_
+    from fedsafe.errors import FedsafeError
+
+    with pytest.raises(FedsafeError, match="neither a run directory"):
+        lk.leakage_utility_rows([tmp_path / "v.jsonl"])
 
 
 def test_bertscore_is_one_on_identical_text_and_lower_otherwise(tiny):

@@ -48,7 +48,7 @@ def privacy_command(
 
 @attack_app.command("privacy-table")
 def privacy_table_command(
-        run_dirs: list[Path] = typer.Argument(..., help="run directories (different defenses / models)"),
+        run_dirs: list[Path] = typer.Argument(..., help="run or grid directories (different defenses / models)"),
         out: Path = typer.Option(Path("."), "--out", help="folder for privacy_table.{csv,md} and the plot")) -> None:
     """Leakage-versus-utility table and plot across runs that were attacked."""
     from fedsafe.evaluation.leakage import leakage_utility_markdown, write_leakage_utility

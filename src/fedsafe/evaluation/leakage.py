@@ -276,16 +276,36 @@ def defense_label(cfg: dict) -> str:
     return "+".join(parts) or "none"
 
 
-def leakage_utility_rows(run_dirs) -> list[dict]:
-    """One row per (run, attack variant) at each run's last attacked round: leakage, privacy budget, utility."""
-    import json
+def expand_run_dirs(paths) -> list:
+    """Run directories from run or grid directories (a grid's runs sit under ``GRID/runs/``), in order."""
     from pathlib import Path
+
+    from fedsafe.errors import FedsafeError
+
+    out = []
+    for p in map(Path, paths):
+        if (p / "config.yaml").is_file():
+            out.append(p)
+            continue
+        runs = sorted(d for d in (p / "runs").glob("*") if (d / "config.yaml").is_file()) if p.is_dir() else []
+        if not runs:
+            raise FedsafeError(f"{p} is neither a run directory (no config.yaml) nor a grid directory with runs "
+                               "under runs/")
+        out.extend(runs)
+    return out
+
+
+def leakage_utility_rows(run_dirs) -> list[dict]:
+    """One row per (run, attack variant) at each run's last attacked round: leakage, privacy budget, utility.
+
+    ``run_dirs`` may hold grid directories: their runs are read in turn (:func:`expand_run_dirs`).
+    """
+    import json
 
     import yaml
 
     rows = []
-    for rd in run_dirs:
-        rd = Path(rd)
+    for rd in expand_run_dirs(run_dirs):
         cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
         records = []
         metrics = rd / "metrics.jsonl"
