@@ -342,8 +342,16 @@ def test_parties_exchange_plain_data_and_drop_bad_clients(keys):
 
 
 def test_full_run_he_on_matches_he_off(tmp_path):
-    """`fedsafe run` path on the tiny model: secure_agg on (no pruning) gives the FedAvg run's adapter."""
+    """`fedsafe run` path on the tiny model: secure_agg on (no pruning) gives the FedAvg run's adapter.
+
+    Round 1 starts from the same adapter in both runs, so its aggregate differs only by CKKS error (measured
+    ~1.5e-8). Round 2 then trains from starting points that differ by that error, and AdamW's normalised
+    steps amplify it (measured max 3e-6..1.1e-5, relative 1e-6..2e-6 over repeated runs; CKKS encryption
+    noise is fresh randomness each run), so the final adapter gets a bound with headroom over that.
+    """
     import json
+
+    from safetensors.torch import load_file
 
     from fedsafe.config import load_config
     from fedsafe.pipeline import run_experiment
@@ -352,24 +360,27 @@ def test_full_run_he_on_matches_he_off(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"placeholder instruction {i}",
                                         "response": f"placeholder answer {i} " * 2}) + "\n" for i in range(24)))
-    finals, records = {}, {}
+    finals, records, round1 = {}, {}, {}
     for he in (False, True):
         cfg = load_config(None, [
             "model.name=tiny", "lora.r=4", "fl.rounds=2", "fl.local_steps=1", "fl.batch_size=2",
             "fl.lr=0.02", "fl.lr_schedule=constant", "data.samples_per_client=4", "data.max_length=128",
             "roles.0.clients=3", "fl.clients_per_round=3", f"output_dir={tmp_path / str(he)}",
-            f"roles.0.data=[{{path: {data}}}]", "roles.0.samples_per_client=4", "fl.save_every_round=false",
+            f"roles.0.data=[{{path: {data}}}]", "roles.0.samples_per_client=4", "fl.save_every_round=true",
             f"secure_agg.enabled={str(he).lower()}", "secure_agg.prune_start=0", "secure_agg.prune_end=0"])
         result = run_experiment(cfg, progress=False)
         run_dir = RunDir.open(result.run_dir)
         finals[he] = torch.load(run_dir.checkpoint_path, weights_only=False)["server"]["global_vec"]
         records[he] = list(run_dir.records("round"))
+        round1[he] = load_file(str(run_dir.adapter_dir(1) / "adapter_model.safetensors"))
     info = records[True][-1]["aggregator_info"]
     assert info["secure_agg"] and info["he_kept_values"] == info["he_total_values"] == finals[True].numel()
     assert records[True][-1]["cosine"] is None and records[False][-1]["cosine"] is not None
     assert records[True][0]["client_weights"] == pytest.approx(records[False][0]["client_weights"])
     assert max(r["update_norm"] for r in records[False]) > 1e-3  # training really moved the adapter
-    assert (finals[True] - finals[False]).abs().max().item() < 1e-5
+    assert max((round1[True][k] - round1[False][k]).abs().max().item() for k in round1[False]) < 1e-6
+    diff = finals[True] - finals[False]
+    assert diff.abs().max().item() < 1e-4 and (diff.norm() / finals[False].norm()).item() < 2e-5
 
 
 def test_tiny_fl_rounds_with_pruning_he_on_matches_plaintext(tiny):
