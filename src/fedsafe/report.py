@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from fedsafe.rundir import atomic_write_text
+from fedsafe.rundir import atomic_write_text, grid_run_dirs
 
 log = logging.getLogger("fedsafe")
 
@@ -330,7 +330,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     records = _records(run_dir)
     series = safety_series(records)
     if is_grid:
-        for sub in _grid_subdirs(run_dir):
+        for sub in grid_run_dirs(run_dir):
             for key, pts in safety_series(_records(sub)).items():
                 series[f"{sub.name}: {key}"] = pts
     for title, maker in (("Results", lambda: plot_results(rows, plots_dir / "results.png")),
@@ -370,11 +370,6 @@ def _rel(p: Path, root: Path) -> str:
         return p.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return p.as_posix()
-
-
-def _grid_subdirs(run_dir: Path) -> list[Path]:
-    runs = run_dir / "runs"
-    return sorted(p for p in runs.iterdir() if (p / "config.yaml").exists()) if runs.exists() else []
 
 
 def _md_inline(text: str) -> str:

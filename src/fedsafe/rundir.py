@@ -184,6 +184,12 @@ class RunDir:
         return target
 
 
+def grid_run_dirs(grid_dir: Path) -> list[Path]:
+    """The runs of a grid directory (``GRID/runs/*`` holding a config.yaml), sorted; [] for anything else."""
+    runs = Path(grid_dir) / "runs"
+    return sorted(p for p in runs.iterdir() if (p / "config.yaml").is_file()) if runs.is_dir() else []
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()

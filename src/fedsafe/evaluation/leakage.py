@@ -281,13 +281,14 @@ def expand_run_dirs(paths) -> list:
     from pathlib import Path
 
     from fedsafe.errors import FedsafeError
+    from fedsafe.rundir import grid_run_dirs
 
     out = []
     for p in map(Path, paths):
         if (p / "config.yaml").is_file():
             out.append(p)
             continue
-        runs = sorted(d for d in (p / "runs").glob("*") if (d / "config.yaml").is_file()) if p.is_dir() else []
+        runs = grid_run_dirs(p)
         if not runs:
             raise FedsafeError(f"{p} is neither a run directory (no config.yaml) nor a grid directory with runs "
                                "under runs/")
