@@ -3,6 +3,27 @@
 The client/server boundary is plain data: a client receives (global adapter as a flat vector,
 :class:`RoundConfig`) and returns a :class:`ClientResult` (update vector, number of samples, metrics).
 Engines (in-process, Flower) move these objects; nothing here knows about transport.
+
+SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML 2020,
+Algorithm 1) with AdamW local steps. The paper's local step is SGD on the corrected gradient,
+y <- y - lr (g_i(y) - c_i + c), and its Option II, c_i+ = c_i - c + (x - y_i) / (K lr), "reuses the previously
+computed gradients": under SGD it equals the mean (1/K) sum_k g_i(y_k) of the K local gradients. Two things
+keep that meaning here, where AdamW takes the steps:
+
+- c_i+ is that mean of the K local gradients, computed directly. The displacement formula would measure
+  AdamW's sign-like step instead (|step| ~ lr per coordinate whatever the gradient), giving c_i ~ +-1 per
+  coordinate, orders of magnitude above the gradient, and from round 2 on the correction would dominate
+  training. Applying the correction after the optimizer step, as OpenFedLLM does (p -= lr (c - c_i), with
+  Option II on the displacement), is self-consistent but makes c_i the mean AdamW direction (still ~ +-1),
+  and its fixed point is where the clients' mean AdamW direction vanishes, not the optimum of the global
+  objective, so it does not remove client drift; we do not follow it.
+- The correction c - c_i, in gradient units, is added to the (clipped) gradient the optimizer consumes, so
+  AdamW follows g_i - c_i + c, an estimate of the global gradient, as the paper's SGD does; clipping bounds
+  the client's own gradient and never the correction. The global optimum is then a fixed point of local
+  training (g_i(x*) - c_i + c = 0 when c_i = g_i(x*), c = mean_i g_i(x*) = 0).
+
+c_i is a mean of gradients clipped to ``max_grad_norm``, so the server can bound an honest delta_c by
+2 * max_grad_norm (fedsafe.fl.server).
 """
 
 from __future__ import annotations
@@ -102,10 +123,11 @@ class LocalTrainer:
         if rc.algorithm == "fedprox" and rc.prox_mu > 0:
             global_params = [p.detach().clone() for p in params]
         scaffold = rc.algorithm == "scaffold"
-        if scaffold:
-            c_global = self._split(rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel))
+        if scaffold:  # see the module docstring: correction c - c_i in gradient units; c_i+ = mean local gradient
+            c_vec = rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel)
             c_local_vec = state.get("scaffold_c", torch.zeros(self.flat.numel))
-            correction = [cg - cl for cg, cl in zip(c_global, self._split(c_local_vec))]
+            correction = [corr.to(p.device, p.dtype) for p, corr in zip(params, self._split(c_vec - c_local_vec))]
+            grad_sum = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
 
         batches = _batch_stream(len(client.examples), rc.batch_size, gen)
         self.model.train()
@@ -130,12 +152,13 @@ class LocalTrainer:
                 with torch.no_grad():
                     for p, g in zip(params, global_params):
                         p.grad.add_(p.detach() - g, alpha=rc.prox_mu)
-            if scaffold:  # SCAFFOLD: y <- y - lr (g - c_i + c)
-                with torch.no_grad():
-                    for p, corr in zip(params, correction):
-                        p.grad.add_(corr.to(p.device, p.dtype))
             if rc.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
+            if scaffold:  # SCAFFOLD: the optimizer follows g - c_i + c; the correction is never clipped
+                with torch.no_grad():
+                    for p, corr, acc in zip(params, correction, grad_sum):
+                        acc.add_(p.grad.float())
+                        p.grad.add_(corr)
             optimizer.step()
             compute_s += time.perf_counter() - tc
             losses.append(step_loss)
@@ -148,10 +171,8 @@ class LocalTrainer:
         if step_updates:
             extra["step_updates"] = torch.stack(step_updates)
         if scaffold:
-            # Option II of Karimireddy et al. (2020): c_i+ = c_i - c + (x - y_i) / (K * lr)
-            c_vec = rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel)
-            c_local_vec = state.get("scaffold_c", torch.zeros(self.flat.numel))
-            c_new = c_local_vec - c_vec + (global_vec - local_vec) / (rc.local_steps * rc.lr)
+            # Option II of Karimireddy et al. (2020) as the mean of the K local gradients (module docstring)
+            c_new = torch.cat([acc.reshape(-1).cpu() for acc in grad_sum]) / rc.local_steps
             extra["delta_c"] = c_new - c_local_vec
             state["scaffold_c"] = c_new
         metrics = {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": losses[-1],

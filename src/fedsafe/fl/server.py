@@ -3,13 +3,25 @@
 Server optimisers treat the aggregated client update as a pseudo-gradient Delta (Reddi et al.,
 "Adaptive Federated Optimization", ICLR 2021, Algorithm 2):
 
-- fedavg / fedprox / scaffold: x <- x + eta * Delta (eta = server_lr, 1 by default)
+- fedavg / fedprox / scaffold: x <- x + eta * Delta
 - fedavgm (Hsu et al. 2019): v <- beta v + Delta;  x <- x + eta v
 - fedadagrad: m <- b1 m + (1-b1) Delta;  v <- v + Delta^2;                          x <- x + eta m / (sqrt(v) + tau)
 - fedadam:    m <- b1 m + (1-b1) Delta;  v <- b2 v + (1-b2) Delta^2;                x <- x + eta m / (sqrt(v) + tau)
 - fedyogi:    m <- b1 m + (1-b1) Delta;  v <- v - (1-b2) Delta^2 sign(v - Delta^2); x <- x + eta m / (sqrt(v) + tau)
 
-SCAFFOLD (Karimireddy et al., ICML 2020): the server keeps c and sets c <- c + (|S|/N) mean_i(delta c_i).
+eta is ``fl.server_lr``; unset, it is the optimiser's default (``FLConfig.resolved_server_lr``): 1 for the
+averaging rules and FedAvgM, 1e-3 for the adaptive ones (OpenFedLLM's fedopt_eta).
+
+A round with no valid update, one the rule skipped (the probe's ``skipped``, or no client kept and a zero
+aggregate) or one secure aggregation refused to decrypt leaves the global vector *and* the optimiser state
+unchanged: a stateful optimiser must not take a momentum step on a round that carried no information.
+
+SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1): the server keeps c and sets
+c <- c + (1/N) sum_{i in S} delta c_i. Here S is the set of clients the aggregation rule kept (weight > 0), each
+delta c_i enters with the rule's normalised weight, c <- c + (|S|/N) sum_{i in S} w_i delta c_i (FedAvg with equal
+sample counts gives the paper's formula), and delta c_i is validated like an update (finite, right size, norm at
+most 2 * fl.max_grad_norm: c_i is a mean of clipped gradients, see fedsafe.fl.client); a client whose delta c_i
+fails is dropped with its update. So a client a robust rule excludes cannot move c either.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import numpy as np
 import torch
 
 from fedsafe.config import FLConfig
-from fedsafe.errors import FedsafeError
+from fedsafe.errors import ConfigError, FedsafeError
 from fedsafe.fl.client import ClientResult, RoundConfig
 
 log = logging.getLogger("fedsafe")
@@ -40,6 +52,7 @@ class ServerOptimizer:
     def __init__(self, cfg: FLConfig, numel: int):
         self.cfg = cfg
         self.kind = cfg.algorithm
+        self.lr = cfg.resolved_server_lr
         self.state: dict[str, torch.Tensor] = {}
         if self.kind == "fedavgm":
             self.state["v"] = torch.zeros(numel)
@@ -53,7 +66,7 @@ class ServerOptimizer:
         c = self.cfg
         if self.kind == "fedavgm":
             v = self.state["v"].mul_(c.server_momentum).add_(delta)
-            return global_vec + c.server_lr * v
+            return global_vec + self.lr * v
         if self.kind in ("fedadam", "fedyogi", "fedadagrad"):
             m, v = self.state["m"], self.state["v"]
             m.mul_(c.beta1).add_(delta, alpha=1 - c.beta1)
@@ -64,8 +77,8 @@ class ServerOptimizer:
                 v.mul_(c.beta2).add_(sq, alpha=1 - c.beta2)
             else:
                 v.sub_((1 - c.beta2) * sq * torch.sign(v - sq))
-            return global_vec + c.server_lr * m / (v.sqrt() + c.tau)
-        return global_vec + c.server_lr * delta
+            return global_vec + self.lr * m / (v.sqrt() + c.tau)
+        return global_vec + self.lr * delta
 
     def state_dict(self) -> dict:
         return {k: v.clone() for k, v in self.state.items()}
@@ -95,6 +108,8 @@ class Server:
         self.max_update_norm = max_update_norm
         self.num_clients = num_clients
         self.optimizer = ServerOptimizer(fl_cfg, global_vec.numel())
+        log.info("server optimiser %s with server_lr=%g%s", fl_cfg.algorithm, self.optimizer.lr,
+                 " (the optimiser's default)" if fl_cfg.server_lr is None else "")
         self.scaffold_c = torch.zeros_like(global_vec) if fl_cfg.algorithm == "scaffold" else None
         self.compare: dict = {}  # label -> rule run on the same updates for analysis only (aggregator.compare)
         self.round = 0  # rounds completed
@@ -119,48 +134,112 @@ class Server:
         return prepare(self._context) if prepare is not None else rc
 
     def aggregate(self, results: list[ClientResult]) -> dict:
-        """Validate, aggregate and apply one round's results; return the round's aggregate statistics."""
+        """Validate, aggregate and apply one round's results; return the round's aggregate statistics.
+
+        A skipped round (see the module docstring) carries ``stats["skipped"]``, the reason.
+        """
         from fedsafe.aggregators.validation import validate_updates
 
         if self._context is not None:
             self._context.client_extra = {r.client_id: r.extra for r in results}
         if self.secure is not None:  # sum ciphertexts, a key holder decrypts; the linear step keeps pruned coords
             delta, stats = self.secure.aggregate(results, self.global_vec, self.round + 1)
+            stats = {"client_weights": [0.0] * len(results), "dropped": [], "aggregator_info": {}, "kept": [],
+                     **stats}
             for d in stats["dropped"]:
                 log.warning("round %d: dropped update of %s: %s", self.round + 1, d["client_id"], d["reason"])
-            self.global_vec = self.optimizer.step(self.global_vec, delta)
+            if delta is None or not stats["kept"]:  # refused to decrypt (too few clients) or nothing to decrypt
+                self._skip_round(stats.get("skipped") or "no valid update", stats)
+            else:
+                self.global_vec = self.optimizer.step(self.global_vec, delta)
             self.round += 1
             return stats
 
         ids = [r.client_id for r in results]
-        stacked, kept, dropped = validate_updates([r.update for r in results], ids,
-                                                  expected_numel=self.global_vec.numel(),
-                                                  max_norm=self.max_update_norm)
+        candidates, dropped = self._validate_scaffold(results)
+        stacked, kept_sub, dropped_updates = validate_updates(
+            [results[i].update for i in candidates], [ids[i] for i in candidates],
+            expected_numel=self.global_vec.numel(), max_norm=self.max_update_norm)
+        kept = [candidates[j] for j in kept_sub]
+        dropped += dropped_updates
         for d in dropped:
             log.warning("round %d: dropped update of %s: %s", self.round + 1, d["client_id"], d["reason"])
         weights_full = [0.0] * len(results)
         info: dict = {}
         compare_weights: dict = {}
+        stats = {"client_weights": weights_full, "dropped": dropped, "update_norm": 0.0,
+                 "aggregator_info": {}, "kept": kept, "compare_weights": compare_weights}
         if not kept:
-            log.warning("round %d: no valid update; the global adapter is unchanged", self.round + 1)
-            delta = torch.zeros_like(self.global_vec)
+            self._skip_round("no valid update", stats)
         else:
             kept_results = [results[i] for i in kept]
             num_samples = torch.tensor([float(r.num_samples) for r in kept_results])
-            res = self.aggregator(stacked, num_samples, [r.client_id for r in kept_results])
+            try:
+                res = self.aggregator(stacked, num_samples, [r.client_id for r in kept_results])
+            except ConfigError as exc:  # e.g. krum after drops left fewer than 2f+3 updates: skip, don't crash
+                self._skip_round(f"the aggregation rule refused {len(kept)} updates: {exc}", stats)
+                self.round += 1
+                self._context = None
+                return stats
             delta = res.update.float().cpu()
+            rule_weights = torch.as_tensor(res.client_weights, dtype=torch.float32).cpu().reshape(-1)
             for j, i in enumerate(kept):
-                weights_full[i] = float(res.client_weights[j])
+                weights_full[i] = float(rule_weights[j])
             info = res.info
-            compare_weights = self._compare_weights(stacked, num_samples, kept_results, kept, len(results))
-            if self.scaffold_c is not None:
-                dcs = [kept_results[j].extra["delta_c"] for j in range(len(kept_results))]
-                self.scaffold_c = self.scaffold_c + torch.stack(dcs).mean(0) * (len(dcs) / self.num_clients)
-        self.global_vec = self.optimizer.step(self.global_vec, delta)
+            compare_weights.update(self._compare_weights(stacked, num_samples, kept_results, kept, len(results)))
+            stats["aggregator_info"] = _jsonable(info)
+            skipped = _rule_skipped(info, rule_weights, delta)
+            if skipped is not None:
+                self._skip_round(skipped, stats)
+            else:
+                self.global_vec = self.optimizer.step(self.global_vec, delta)
+                stats["update_norm"] = float(delta.norm())
+                if self.scaffold_c is not None:
+                    self._update_scaffold_c([r.extra["delta_c"] for r in kept_results], rule_weights)
         self.round += 1
         self._context = None
-        return {"client_weights": weights_full, "dropped": dropped, "update_norm": float(delta.norm()),
-                "aggregator_info": _jsonable(info), "kept": kept, "compare_weights": compare_weights}
+        return stats
+
+    def _skip_round(self, reason: str, stats: dict) -> None:
+        """A round that carries no update: the global vector, optimiser state and SCAFFOLD's c stay as they are."""
+        log.warning("round %d: %s; the global adapter and the server optimiser state are unchanged",
+                    self.round + 1, reason)
+        stats["skipped"] = reason
+        stats["update_norm"] = 0.0
+
+    def _validate_scaffold(self, results: list[ClientResult]) -> tuple[list[int], list[dict]]:
+        """Indices of results whose SCAFFOLD delta_c is acceptable (all of them without SCAFFOLD), and the drops.
+
+        An honest client's c_i is a mean of gradients clipped to fl.max_grad_norm, so its delta_c
+        = c_i+ - c_i has norm at most 2 * max_grad_norm (1% slack for low-precision gradients).
+        """
+        from fedsafe.aggregators.validation import check_update
+
+        if self.scaffold_c is None:
+            return list(range(len(results))), []
+        bound = 2 * self.cfg.max_grad_norm if self.cfg.max_grad_norm else None
+        ok, dropped = [], []
+        for i, r in enumerate(results):
+            dc = r.extra.get("delta_c")
+            reason = check_update(dc, self.global_vec.numel()) if dc is not None else "missing from the result"
+            if reason is None and bound is not None and float(dc.float().norm()) > bound * 1.01:
+                reason = (f"L2 norm {float(dc.float().norm()):.4g} exceeds 2*fl.max_grad_norm={bound:g}, the most an "
+                          "honest client's control-variate change can have")
+            if reason is None:
+                ok.append(i)
+            else:
+                dropped.append({"client_id": r.client_id, "reason": f"SCAFFOLD delta_c: {reason}"})
+        return ok, dropped
+
+    def _update_scaffold_c(self, delta_cs: list[torch.Tensor], rule_weights: torch.Tensor) -> None:
+        """c <- c + (|S|/N) sum_{i in S} w_i delta_c_i over the clients S the rule kept, weights normalised over S."""
+        w = rule_weights.float()
+        sel = torch.nonzero(w > 0).flatten().tolist()
+        if not sel:
+            return
+        w_sel = w[sel] / w[sel].sum()
+        step = sum(float(wi) * delta_cs[j].detach().float().cpu() for wi, j in zip(w_sel, sel))
+        self.scaffold_c = self.scaffold_c + step * (len(sel) / self.num_clients)
 
     def _compare_weights(self, stacked, num_samples, kept_results, kept, n_results) -> dict:
         """Client weights each ``aggregator.compare`` rule would give (None where the rule refuses)."""
@@ -197,6 +276,18 @@ class Server:
         for label, rule_state in (state.get("compare") or {}).items():
             if label in self.compare:
                 self.compare[label].load_state_dict(rule_state)
+
+
+def _rule_skipped(info: dict, rule_weights: torch.Tensor, delta: torch.Tensor) -> str | None:
+    """Why the rule's result is no update at all (None when it is one): the probe's skip, or nobody kept."""
+    probe = info.get("probe") if isinstance(info, dict) else None
+    if isinstance(probe, dict) and probe.get("skipped"):
+        return f"the probe skipped the round (mean client weight {probe.get('mean_weight', float('nan')):.3g})"
+    if isinstance(info, dict) and info.get("skipped"):
+        return f"the aggregation rule skipped the round ({info['skipped']})"
+    if rule_weights.numel() and not bool((rule_weights > 0).any()) and not bool(delta.abs().sum() > 0):
+        return "the aggregation rule kept no client"
+    return None
 
 
 def _jsonable(obj):
