@@ -2,16 +2,21 @@
 
 Every rule is a callable ``agg(updates[n, d], num_samples[n], client_ids) -> AggregationResult`` with
 ``.update`` ([d]), ``.client_weights`` ([n], 0 for excluded clients) and ``.info``. Each lives in its own
-module whose docstring cites its paper and formula.
+module whose docstring cites its paper and formula. :func:`check_feasible` and :func:`min_clients` say
+whether a rule works with a round's number of clients (:mod:`fedsafe.aggregators.requirements`).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from typing import TYPE_CHECKING
 
-from fedsafe.aggregators.base import AggregationResult, Aggregator
+from fedsafe.aggregators.requirements import check_feasible, min_clients
 from fedsafe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedsafe.aggregators.base import AggregationResult, Aggregator
 
 # name -> "module:Class"; modules are imported lazily so that a missing optional rule never breaks the rest
 REGISTRY: dict[str, str] = {
@@ -92,4 +97,14 @@ def _load(name: str) -> type:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-__all__ = ["AggregationResult", "Aggregator", "available", "compare_rules", "get", "register"]
+def __getattr__(name: str):
+    # the base classes import torch: loaded on first use, so that fedsafe.config can import check_feasible
+    if name in ("AggregationResult", "Aggregator"):
+        from fedsafe.aggregators import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AggregationResult", "Aggregator", "available", "check_feasible", "compare_rules", "get",
+           "min_clients", "register"]

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsafe.aggregators.requirements import validate_f  # noqa: F401  (re-exported for the rules)
+
 log = logging.getLogger("fedsafe")
 
 
@@ -106,17 +108,10 @@ def column_chunks(n: int, d: int, per_column: int = 1, budget: int = CHUNK_ELEMS
 def check_f(rule: str, f: int, n: int) -> None:
     """Warn when the assumed number of attackers f is at least half the clients of this round."""
     if f >= n / 2:
-        msg = (f"{rule}: aggregator.f={f} is at least half of the {n} clients this round; no robust rule "
-               f"can separate a malicious majority")
+        msg = (f"{rule}: aggregator.params.f={f} is at least half of the {n} clients this round; no robust "
+               f"rule can separate a malicious majority")
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         log.warning(msg)
-
-
-def validate_f(f) -> int:
-    """``f`` as a non-negative int (raises ValueError, which ``get`` turns into a ConfigError)."""
-    if isinstance(f, bool) or int(f) != f or f < 0:
-        raise ValueError(f"f must be a non-negative integer, got {f!r}")
-    return int(f)
 
 
 def sort_columns(block: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from fedsafe.aggregators.base import (AggregationResult, Aggregator, check_f, column_chunks, median_of_sorted,
                                       pairwise_sq_distances, sort_columns, validate_f, window_shares)
-from fedsafe.errors import ConfigError
+from fedsafe.aggregators.requirements import bulyan_needs, require
 
 
 def recursive_krum(sq_dist: torch.Tensor, f: int, theta: int) -> list[int]:
@@ -52,13 +52,14 @@ class Bulyan(Aggregator):
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n, d = updates.shape
         f = self.f
-        if n < 4 * f + 3:
-            raise ConfigError(f"aggregator.f={f}: bulyan needs at least 4*f+3={4 * f + 3} clients per round, "
-                              f"got {n}; lower aggregator.f or raise fl.clients_per_round")
+        require(bulyan_needs(f), n)
         check_f(self.name, f, n)
         theta = n - 2 * f
         beta = theta - 2 * f
-        selected = recursive_krum(pairwise_sq_distances(updates), f, theta)
+        # exact ties are certain at the last selections (with k = 1 two mutual nearest neighbours score the
+        # same), so select in client-id order: the result must not depend on the order the clients arrived in
+        order = sorted(range(n), key=lambda i: client_ids[i])
+        selected = [order[i] for i in recursive_krum(pairwise_sq_distances(updates[order]), f, theta)]
         sel = torch.tensor(sorted(selected))
         subset = updates[sel]
         out = torch.empty(d)

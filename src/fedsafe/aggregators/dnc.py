@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, check_f, validate_f
-from fedsafe.errors import ConfigError
+from fedsafe.aggregators.requirements import dnc_needs, require, validate_filter_frac
 
 
 class DnC(Aggregator):
@@ -37,19 +37,16 @@ class DnC(Aggregator):
         self.f = validate_f(f)
         if niters < 1 or subsample_dim < 1:
             raise ValueError("niters and subsample_dim must be >= 1")
-        if filter_frac < 0:
-            raise ValueError(f"filter_frac must be >= 0, got {filter_frac}")
-        self.niters, self.subsample_dim, self.filter_frac = int(niters), int(subsample_dim), float(filter_frac)
+        self.niters, self.subsample_dim = int(niters), int(subsample_dim)
+        self.filter_frac = validate_filter_frac(filter_frac)
         self.seed = int(seed)
         self.calls = 0
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n, d = updates.shape
+        require(dnc_needs(self.f, self.filter_frac), n)
         check_f(self.name, self.f, n)
         n_remove = int(self.filter_frac * self.f)
-        if n - n_remove < 1:
-            raise ConfigError(f"aggregator.f={self.f}, filter_frac={self.filter_frac}: dnc would remove "
-                              f"{n_remove} of {n} clients")
         rng = np.random.default_rng([self.seed, self.calls, 4099])
         self.calls += 1
         b = min(self.subsample_dim, d)

@@ -4,11 +4,19 @@ Fung, Yoon, Beschastnikh, "The Limitations of Federated Learning in Sybil Settin
 Algorithm 1. The server keeps, per client id, the sum of all its past updates H_i (its history). Each round,
 over the clients present:
 
-    cs_ij  = cos(H_i, H_j) for i != j;          v_i = max_j cs_ij
-    pardoning: cs_ij <- cs_ij * v_i / v_j  when v_j > v_i
+    cs_ij  = cos(H_i, H_j) for i != j, cs_ii = 0;   v_i = max_j cs_ij
+    pardoning: cs_ij <- cs_ij * v_i / v_j  when v_j > v_i  (i != j)
     alpha_i = 1 - max_j cs_ij, clipped to [0, 1];  alpha_i <- alpha_i / max_j alpha_j
     logit:   alpha_i <- kappa * (ln(alpha_i / (1 - alpha_i)) + 0.5), clipped to [0, 1]
              (alpha_i = 1 is first set to 0.99, as in the authors' code)
+
+The zero diagonal is the authors' code (DistributedML/FoolsGold, ``deep-fg/fg/foolsgold.py`` and
+``ML/code/model_aggregator.py``: ``cs = cosine_similarity(H) - eye(n)``): it keeps every v_i >= 0, so
+pardoning only ever shrinks a similarity towards 0 and a client whose history points away from all the
+others (v_i = 0) gets all its similarities pardoned to 0 and weight 1. (With the diagonal left out of the
+maximum, v_i < 0 would make the ratio v_i / v_j negative and turn cs_ij = -1 into +1, down-weighting that
+client to 0.) Their ML code also adds 1e-5 to v and inside the log, which moves a weight by about 1e-5; it is
+not copied. A zero history has cosine 0 with everyone, as in scikit-learn's ``cosine_similarity``.
 
 Sybils that push the same objective keep similar histories and are driven to weight 0; honest clients
 with diverse data keep weight close to 1. The paper's optional importance weighting of output-layer
@@ -40,13 +48,13 @@ def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor
     gram = gram_matrix(history)
     norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
     cs = gram / norms[:, None] / norms[None, :]
-    cs.fill_diagonal_(-float("inf"))
+    cs.fill_diagonal_(0.0)  # the authors' cosine_similarity(H) - eye(n): v_i >= 0 for every client
     v = cs.max(dim=1).values
     # pardoning: scale cs_ij by v_i / v_j wherever v_j > v_i (the more suspicious client j does not
-    # drag down client i)
+    # drag down client i); v_j > v_i >= 0 there, so the ratio is in [0, 1) and keeps the sign of cs_ij
     ratio = v[:, None] / torch.where(v == 0, torch.ones_like(v), v)[None, :]
     cs = torch.where(v[None, :] > v[:, None], cs * ratio, cs)
-    cs.fill_diagonal_(-float("inf"))
+    cs.fill_diagonal_(0.0)  # the authors' loop skips i == j
     alpha = (1 - cs.max(dim=1).values).clamp(0, 1)
     top = alpha.max()
     if top <= 0:

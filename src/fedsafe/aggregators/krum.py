@@ -7,7 +7,9 @@ Descent" (NeurIPS 2017). With f assumed Byzantine clients among n, the score of 
 
 over the n - f - 2 updates N_i closest to delta_i (squared Euclidean distances). Krum outputs the update
 with the lowest score; Multi-Krum averages the m lowest-scoring updates (m = n - f by default; m = 1 is
-Krum). The rule needs n > 2f + 2 and refuses smaller rounds.
+Krum). The rule needs n > 2f + 2 (and n >= m) and refuses smaller rounds; the same condition
+(:func:`fedsafe.aggregators.requirements.krum_needs`) is checked against ``fl.clients_per_round`` when the
+config is loaded.
 
 (Ye et al.'s code returns the mean of the chosen point's neighbours and uses unsquared distances; this is
 the paper's rule.)
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, check_f, pairwise_sq_distances, validate_f
-from fedsafe.errors import ConfigError
+from fedsafe.aggregators.requirements import krum_needs, require, validate_m
 
 
 def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
@@ -32,11 +34,9 @@ def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     return nearest.sum(dim=1)
 
 
-def require_krum_n(rule: str, f: int, n: int) -> None:
-    """Refuse rounds with n <= 2f + 2 (Krum's condition), with a message that names the field."""
-    if n <= 2 * f + 2:
-        raise ConfigError(f"aggregator.f={f}: {rule} needs more than 2*f+2={2 * f + 2} clients per round, "
-                          f"got {n}; lower aggregator.f or raise fl.clients_per_round")
+def require_krum_n(rule: str, f: int, n: int, m: int | None = None) -> None:
+    """Refuse rounds with n <= 2f + 2 (Krum's condition) or n < m, with a message that names the field."""
+    require(krum_needs(f, m, rule), n)
 
 
 class MultiKrum(Aggregator):
@@ -46,17 +46,13 @@ class MultiKrum(Aggregator):
 
     def __init__(self, f: int = 1, m: int | None = None):
         self.f = validate_f(f)
-        if m is not None and (int(m) != m or m < 1):
-            raise ValueError(f"m must be a positive integer, got {m!r}")
-        self.m = None if m is None else int(m)
+        self.m = validate_m(m)
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n = updates.shape[0]
-        require_krum_n(self.name, self.f, n)
+        require_krum_n(self.name, self.f, n, self.m)
         check_f(self.name, self.f, n)
         m = n - self.f if self.m is None else self.m
-        if m > n:
-            raise ConfigError(f"aggregator.params.m={m} exceeds the {n} clients of this round")
         scores = krum_scores(pairwise_sq_distances(updates), self.f)
         # stable sort: equal scores keep client order, so the choice is deterministic
         selected = torch.sort(scores, stable=True).indices[:m]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, median_of_sorted
+from fedsafe.aggregators.requirements import RESIDUAL_MIN_CLIENTS
 
 
 def repeated_median_line(sorted_vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,7 @@ class Residual(Aggregator):
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n, d = updates.shape
-        if n < 3:
+        if n < RESIDUAL_MIN_CLIENTS:  # fl.clients_per_round is checked at config load; a short round lands here
             # the robust scale divides by n - 1 and drops one residual: with n <= 2 fall back to the mean
             w = torch.full((n,), 1.0 / n)
             return AggregationResult(w @ updates, w, {"fallback": "mean (n < 3)"})

@@ -2,7 +2,9 @@
 
 Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
 Rates" (ICML 2018): for every coordinate j sort delta_1j..delta_nj, drop k = floor(beta * n) values from
-each end and average the n - 2k that remain. ``beta`` in [0, 1/2); beta = 0 is the plain mean.
+each end and average the n - 2k that remain. ``beta`` in [0, 1/2); beta = 0 is the plain mean. With
+beta > 0, a config whose ``fl.clients_per_round`` gives k = 0 is refused when it is loaded (it would be the
+plain mean under another name); a round that ends up shorter averages everything and logs a warning.
 
 (Ye et al.'s code fixes k = 1, which with 3 clients per round is the median; here k follows beta and n.)
 
@@ -13,9 +15,14 @@ the places it holds).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns, window_shares
+from fedsafe.aggregators.requirements import trimmed_mean_min_clients, validate_beta
+
+log = logging.getLogger("fedsafe")
 
 
 class TrimmedMean(Aggregator):
@@ -24,14 +31,15 @@ class TrimmedMean(Aggregator):
     name = "trimmed_mean"
 
     def __init__(self, beta: float = 0.1):
-        if not 0 <= beta < 0.5:
-            raise ValueError(f"beta must be in [0, 0.5), got {beta}")
-        self.beta = float(beta)
+        self.beta = validate_beta(beta)
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n, d = updates.shape
         k = int(self.beta * n)
         keep = n - 2 * k
+        if k == 0 and self.beta > 0:  # fl.clients_per_round is checked at config load; a short round lands here
+            log.warning("trimmed_mean: beta=%g trims nothing from %d updates (needs %d): this round is the plain "
+                        "mean", self.beta, n, trimmed_mean_min_clients(self.beta))
         out = torch.empty(d)
         shares = torch.zeros(n, dtype=torch.float64)
         for cols in column_chunks(n, d, per_column=4):

@@ -28,6 +28,7 @@ Use in a run (config section ``secure_agg``, see :class:`fedsafe.config.SecureAg
       ckks: {poly_modulus_degree: 8192, coeff_mod_bit_sizes: [60, 40, 60], global_scale: 1099511627776.0}
       prune_start: 0.2      # FedShield's linear schedule; 0 and 0 encrypt every coordinate (exact FedAvg)
       prune_end: 0.5
+      min_clients: 2        # never decrypt a sum of fewer clients' updates (see "Minimum sum size" below)
 
 The pipeline calls :func:`secure_setup`: the trainer is wrapped in an :class:`EncryptingTrainer` (each client
 trains, then encrypts), and the :class:`fedsafe.fl.server.Server` gets a :class:`SecureAggServer` (public
@@ -77,10 +78,21 @@ aggregation). Every client holds the secret key (the key holder is a designated 
 through a setup step), so this protects updates from the server, not from other clients, and it does not
 stop a malicious client from encrypting whatever it likes. In one process, keys are made afresh for every
 run (and on resume); in a deployment, the key set of ``fedsafe flower keys`` serves every run that uses
-it. The secret key is never written to the run directory and never sent to the server. A key holder
-decrypts whatever aggregate the server sends it: an honest-but-curious server sends the sum, but a
-malicious one could send a single client's ciphertexts instead, which only a threshold scheme or a
-verifiable sum would prevent.
+it. The secret key is never written to the run directory and never sent to the server.
+
+Minimum sum size (``secure_agg.min_clients``, default 2): the decryption of a "sum" of one client is that
+client's update, so nothing below the minimum is ever decrypted. The server refuses first: with fewer kept
+ciphertexts :meth:`SecureAggServer.aggregate` decrypts nothing and returns ``delta=None`` with the reason in
+``stats["skipped"]`` (the dropped clients are still listed), and the round leaves the global adapter
+unchanged, in process and in a Flower deployment alike. The key holder checks again in
+:func:`decrypt_aggregate`: the aggregate carries the number of ciphertexts summed and their client ids,
+and a count below the minimum, or a client id named twice, is refused with :class:`DecryptRefused`. A
+Flower key-holding SuperNode applies the larger of the config's minimum and its own node config
+``he-min-clients`` (default 2), so a server cannot lower it by sending another config. What this does not
+stop: a malicious server that lies about the count (it adds one client's ciphertexts and claims several,
+or adds the same one twice under two names). The key holder cannot tell how many ciphertexts went into a
+CKKS sum; only a threshold scheme, client-signed contributions or a verifiable sum would prevent that. The
+check binds an honest-but-curious server, and any honest server's short round, not a malicious one.
 """
 
 from __future__ import annotations
@@ -102,7 +114,7 @@ from fedsafe.defenses.he_params import (
     he_security_level,
 )
 from fedsafe.defenses.pruning import MaskSchedule, mask_digest, pruning_mask
-from fedsafe.errors import ConfigError, UpdateRejected
+from fedsafe.errors import ConfigError, FedsafeError, UpdateRejected
 
 if TYPE_CHECKING:  # tenseal is imported lazily: only runs with secure_agg.enabled need it
     import tenseal as ts
@@ -111,6 +123,9 @@ if TYPE_CHECKING:  # tenseal is imported lazily: only runs with secure_agg.enabl
 
 __all__ = [
     "CKKSParams",
+    "DecryptRefused",
+    "MIN_CLIENTS",
+    "check_sum_size",
     "KeyHolder",
     "EncryptedUpdate",
     "EncryptedAggregate",
@@ -140,6 +155,12 @@ __all__ = [
 WIRE_KEY = "secure_agg"  # ClientResult.extra key of the encrypted update (plain bytes/ints/str)
 WIRE_ERROR_KEY = "secure_agg_error"  # ClientResult.extra key when a client could not encrypt
 WIRE_FORMAT = "fedsafe.ckks.v1"
+MIN_CLIENTS = 2  # default secure_agg.min_clients: a sum of one client's ciphertexts is that client's update
+REFUSED = "refused to decrypt"  # starts every DecryptRefused message (a Flower error reason carries it)
+
+
+class DecryptRefused(FedsafeError):
+    """The key holder (or the server on its behalf) refuses to decrypt a sum of too few clients."""
 
 
 class KeyHolder:
@@ -425,13 +446,41 @@ def aggregate_encrypted(
     return total.result(scale)
 
 
-def decrypt_aggregate(client_ctx: bytes | ts.Context, agg: EncryptedAggregate, mask: torch.Tensor) -> torch.Tensor:
-    """Key-holder side: decrypt the sum, divide by sum_k w_k and scatter onto the kept coordinates (0 elsewhere)."""
+def check_min_clients(min_clients) -> int:
+    """``secure_agg.min_clients`` as an int >= 1."""
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise ConfigError(f"secure_agg.min_clients must be an integer >= 1, got {min_clients!r}")
+    return min_clients
+
+
+def check_sum_size(agg: EncryptedAggregate, min_clients: int = MIN_CLIENTS) -> None:
+    """Key holder: refuse (:class:`DecryptRefused`) a sum of fewer than ``min_clients`` ciphertexts or one that
+    names a client twice; the count is the server's claim (see the module docstring for what that binds)."""
+    check_min_clients(min_clients)
+    ids = list(agg.client_ids)
+    if ids and len(ids) != agg.num_clients:
+        raise DecryptRefused(f"{REFUSED}: the aggregate claims to sum {agg.num_clients} clients but names {len(ids)}")
+    named = [c for c in ids if c is not None]
+    twice = sorted({c for c in named if named.count(c) > 1})
+    if twice:
+        raise DecryptRefused(f"{REFUSED}: the aggregate names client(s) {twice} more than once")
+    if agg.num_clients < min_clients:
+        raise DecryptRefused(f"{REFUSED} a sum of {agg.num_clients} client update(s), fewer than "
+                             f"secure_agg.min_clients={min_clients} (a sum of one client is that client's update)")
+
+
+def decrypt_aggregate(client_ctx: bytes | ts.Context, agg: EncryptedAggregate, mask: torch.Tensor,
+                      min_clients: int = MIN_CLIENTS) -> torch.Tensor:
+    """Key-holder side: decrypt the sum, divide by sum_k w_k and scatter onto the kept coordinates (0 elsewhere).
+
+    A sum of fewer than ``min_clients`` clients (by the aggregate's count) is refused before anything is decrypted.
+    """
     context = load_context(client_ctx)
     if not context.is_private():
         raise ConfigError(
             "decrypt_aggregate needs the secret-key (client) context; the server's public context cannot decrypt"
         )
+    check_sum_size(agg, min_clients)
     _check_mask(mask, mask.numel(), "decrypt_aggregate")
     if mask_digest(mask) != agg.mask_digest:
         raise ConfigError("decrypt_aggregate: the mask differs from the one the aggregate was built with")
@@ -458,12 +507,14 @@ class SecureAggClient:
 
     ``specs`` (the LoRA tensor layout, :attr:`fedsafe.fl.params.FlatLoRA.specs`) makes the pruning
     per tensor (A and B separately); the mask of round t is ``pruning_mask(global_vec, p_t, specs)`` with
-    ``p_t = pruning_schedule(t, total_rounds, prune_start, prune_end)``, so all parties agree on it.
+    ``p_t = pruning_schedule(t, total_rounds, prune_start, prune_end)``, so all parties agree on it. As key
+    holder it decrypts no sum of fewer than ``min_clients`` clients (``secure_agg.min_clients``).
     """
 
     def __init__(self, context: bytes, specs: Sequence[Any] | None, prune_start: float = 0.2,
-                 prune_end: float = 0.5, total_rounds: int = 1):
+                 prune_end: float = 0.5, total_rounds: int = 1, min_clients: int = MIN_CLIENTS):
         self.schedule = MaskSchedule(specs, prune_start, prune_end, total_rounds)
+        self.min_clients = check_min_clients(min_clients)
         self.context = load_context(context)
         if not self.context.is_private():
             raise ConfigError("SecureAggClient needs KeyHolder.client_context_bytes() (with the secret key)")
@@ -501,10 +552,13 @@ class SecureAggClient:
         return ClientResult(result.client_id, empty, result.num_samples, metrics, extra)
 
     def decrypt(self, aggregate: EncryptedAggregate | dict, global_vec: torch.Tensor, round: int) -> torch.Tensor:
-        """Key holder: decrypt the server's sum into the round's delta (weighted FedAvg; 0 on pruned coordinates)."""
+        """Key holder: decrypt the server's sum into the round's delta (weighted FedAvg; 0 on pruned coordinates).
+
+        Raises :class:`DecryptRefused` for a sum of fewer than ``min_clients`` clients.
+        """
         if isinstance(aggregate, dict):
             aggregate = EncryptedAggregate.from_wire(aggregate)
-        return decrypt_aggregate(self.context, aggregate, self.mask(global_vec, round))
+        return decrypt_aggregate(self.context, aggregate, self.mask(global_vec, round), self.min_clients)
 
 
 class EncryptingTrainer:
@@ -538,15 +592,21 @@ class SecureAggServer:
     With ``schedule`` (public: the LoRA layout and pruning schedule) the server derives the round's mask
     itself and drops any client that encrypted under another mask; without it, the first client's mask
     is taken as the round's and the key holder checks it when it decrypts.
+
+    With fewer than ``min_clients`` kept ciphertexts nothing is decrypted: :meth:`aggregate` returns
+    ``delta=None`` and ``stats["skipped"]`` (the reason), and the round leaves the global adapter unchanged;
+    likewise when the key holder refuses (:class:`DecryptRefused`).
     """
 
     name = "secure_fedavg"
 
     def __init__(self, server_context: bytes,
                  decrypt: Callable[[EncryptedAggregate, torch.Tensor, int], torch.Tensor] | None,
-                 params: CKKSParams | None = None, schedule: MaskSchedule | None = None):
+                 params: CKKSParams | None = None, schedule: MaskSchedule | None = None,
+                 min_clients: int = MIN_CLIENTS):
         self.server_context = server_context
         self.schedule = schedule
+        self.min_clients = check_min_clients(min_clients)
         if load_context(server_context).is_private():  # also fails at setup, not in round 1, on bad bytes
             raise ConfigError("SecureAggServer must get KeyHolder.server_context_bytes(), not the secret-key context")
         self.decrypt = decrypt
@@ -570,8 +630,14 @@ class SecureAggServer:
         return (f"secure aggregation: CKKS {level}, server holds the public context only "
                 f"({len(self.server_context):,} bytes)")
 
-    def aggregate(self, results: list[ClientResult], global_vec: torch.Tensor, round: int) -> tuple[torch.Tensor, dict]:
-        """Sum the encrypted updates, have them decrypted; return (delta, round stats as Server.aggregate)."""
+    def aggregate(self, results: list[ClientResult], global_vec: torch.Tensor,
+                  round: int) -> tuple[torch.Tensor | None, dict]:
+        """Sum the encrypted updates, have them decrypted; return (delta, round stats as Server.aggregate).
+
+        ``delta`` is None when the round is refused (fewer than ``min_clients`` kept ciphertexts, or the key
+        holder refused): then ``stats["skipped"]`` holds the reason, every client weight is 0, ``kept`` is
+        empty and ``dropped`` still lists the clients whose ciphertexts were rejected.
+        """
         t0 = time.perf_counter()
         expected = mask_digest(self.schedule.mask(global_vec, round)) if self.schedule is not None else None
         total = CiphertextSum(self.server_context, expected)
@@ -586,27 +652,37 @@ class SecureAggServer:
             except UpdateRejected as e:
                 dropped.append({"client_id": r.client_id, "reason": str(e)})
         weights_full = [0.0] * len(results)
-        info: dict = {"secure_agg": True}
-        if not kept:
-            delta = torch.zeros_like(global_vec)
-        else:
-            agg = total.result()
-            aggregate_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            if self.decrypt is None:
-                raise ConfigError("SecureAggServer has no key holder to decrypt the sum (decrypt is unset)")
+        info: dict = {"secure_agg": True, "he_min_clients": self.min_clients}
+        if len(kept) < self.min_clients:  # decrypt nothing: a sum of so few updates would reveal them
+            return None, self._skipped(f"{len(kept)} of {len(results)} encrypted updates kept, fewer than "
+                                       f"secure_agg.min_clients={self.min_clients}: nothing is decrypted", results,
+                                       dropped, info)
+        agg = total.result()
+        aggregate_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if self.decrypt is None:
+            raise ConfigError("SecureAggServer has no key holder to decrypt the sum (decrypt is unset)")
+        try:
             delta = self.decrypt(agg, global_vec, round).to(global_vec.device, global_vec.dtype)
-            weight_sum = agg.weight_sum or 1.0
-            for j, i in enumerate(kept):
-                weights_full[i] = float(total.weights[j] or 0.0) / weight_sum
-            info.update({"he_kept_values": agg.length, "he_total_values": int(global_vec.numel()),
-                         "he_ciphertexts_per_client": total.num_ciphertexts, "he_aggregate_bytes": agg.nbytes,
-                         "he_aggregate_seconds": aggregate_s, "he_decrypt_seconds": time.perf_counter() - t1,
-                         "he_mask_digest": agg.mask_digest, "he_weight_sum": agg.weight_sum})
-            if self.params is not None:
-                info["he_security"] = self.params.security_label()
+        except DecryptRefused as exc:  # the key holder's own minimum (e.g. a SuperNode's he-min-clients)
+            return None, self._skipped(f"the key holder {exc}", results, dropped, info)
+        weight_sum = agg.weight_sum or 1.0
+        for j, i in enumerate(kept):
+            weights_full[i] = float(total.weights[j] or 0.0) / weight_sum
+        info.update({"he_kept_values": agg.length, "he_total_values": int(global_vec.numel()),
+                     "he_ciphertexts_per_client": total.num_ciphertexts, "he_aggregate_bytes": agg.nbytes,
+                     "he_aggregate_seconds": aggregate_s, "he_decrypt_seconds": time.perf_counter() - t1,
+                     "he_mask_digest": agg.mask_digest, "he_weight_sum": agg.weight_sum})
+        if self.params is not None:
+            info["he_security"] = self.params.security_label()
         return delta, {"client_weights": weights_full, "dropped": dropped, "update_norm": float(delta.norm()),
                        "aggregator_info": info, "kept": kept}
+
+    @staticmethod
+    def _skipped(reason: str, results: list, dropped: list[dict], info: dict) -> dict:
+        """Round stats of a refused round: no client weighted, the reason under ``skipped`` (the Server logs it)."""
+        return {"client_weights": [0.0] * len(results), "dropped": dropped, "update_norm": 0.0,
+                "aggregator_info": {**info, "skipped": reason}, "kept": [], "skipped": reason}
 
 
 def secure_setup(cfg, trainer, total_rounds: int,
@@ -623,10 +699,11 @@ def secure_setup(cfg, trainer, total_rounds: int,
     """
     schedule = MaskSchedule(trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds)
     if server_context is not None:
-        return trainer, SecureAggServer(server_context, None, cfg.ckks, schedule)
+        return trainer, SecureAggServer(server_context, None, cfg.ckks, schedule, cfg.min_clients)
     keys = KeyHolder(cfg.ckks)
     encrypting = encrypting_trainer(cfg, trainer, total_rounds, keys.client_context_bytes())
-    return encrypting, SecureAggServer(keys.server_context_bytes(), encrypting.he_client.decrypt, cfg.ckks, schedule)
+    return encrypting, SecureAggServer(keys.server_context_bytes(), encrypting.he_client.decrypt, cfg.ckks, schedule,
+                                       cfg.min_clients)
 
 
 def encrypting_trainer(cfg, trainer, total_rounds: int, client_context: bytes) -> EncryptingTrainer:
@@ -634,7 +711,8 @@ def encrypting_trainer(cfg, trainer, total_rounds: int, client_context: bytes) -
 
     ``cfg`` is the ``secure_agg`` section; the same party code runs in this process and on a Flower SuperNode.
     """
-    he_client = SecureAggClient(client_context, trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds)
+    he_client = SecureAggClient(client_context, trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds,
+                                cfg.min_clients)
     return EncryptingTrainer(trainer, he_client)
 
 
@@ -644,7 +722,8 @@ class SecureAggregator:
     Paper: FedShield-LLM (Mia & Amini, 2025), with the fixes listed in the module docstring. Formula:
     delta = scatter_M(Dec(sum_k Enc(w_k * delta_k[M]))), w_k = n_k / sum n, M = pruning_mask(global, p_t),
     p_t = pruning_schedule(t, T, prune_start, prune_end). Hyperparameters: CKKS params, prune_start,
-    prune_end, total_rounds, specs (per-tensor pruning; global ranking when None).
+    prune_end, total_rounds, specs (per-tensor pruning; global ranking when None), min_clients (the smallest
+    sum that is decrypted; fewer updates raise :class:`DecryptRefused`).
 
     It runs the same party code as a real run (:class:`SecureAggClient` encrypts each update,
     :class:`SecureAggServer` sums with the public context, the client party decrypts).
@@ -660,15 +739,16 @@ class SecureAggregator:
         total_rounds: int = 1,
         specs: Sequence[Any] | None = None,
         key_holder: KeyHolder | None = None,
+        min_clients: int = MIN_CLIENTS,
     ):
         self.params = params or CKKSParams()
         if key_holder is not None and key_holder.params != self.params:
             raise ConfigError("SecureAggregator: key_holder was built with different CKKS parameters")
         self.key_holder = key_holder or KeyHolder(self.params)
         self.client = SecureAggClient(self.key_holder.client_context_bytes(), specs, prune_start, prune_end,
-                                      total_rounds)
+                                      total_rounds, min_clients)
         self.server = SecureAggServer(self.key_holder.server_context_bytes(), self.client.decrypt, self.params,
-                                      MaskSchedule(specs, prune_start, prune_end, total_rounds))
+                                      MaskSchedule(specs, prune_start, prune_end, total_rounds), min_clients)
 
     def aggregate(
         self,
@@ -696,6 +776,8 @@ class SecureAggregator:
         delta, stats = self.server.aggregate(results, global_vec, round)
         if stats["dropped"]:
             raise UpdateRejected("; ".join(f"{d['client_id']}: {d['reason']}" for d in stats["dropped"]))
+        if delta is None:
+            raise DecryptRefused(f"{REFUSED}: {stats['skipped']}")
         info = dict(stats["aggregator_info"])
         info.update({"ratio": self.client.ratio(round), "client_weights": stats["client_weights"],
                      "bytes_per_client": [r.metrics["he_bytes"] for r in results],

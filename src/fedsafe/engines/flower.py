@@ -20,7 +20,10 @@ Two ways to run it:
 
 Faults: a client whose reply does not arrive within ``flower.round_timeout_s`` or comes back as a Flower
 error is logged as failed (``failed`` in the round record) and the round goes on with the replies that
-arrived; below ``flower.min_results`` replies the round leaves the global adapter unchanged.
+arrived; below ``flower.min_results`` replies the round leaves the global adapter unchanged. That threshold is
+raised to what the round needs anyway (:func:`round_min_results`): the aggregation rule's smallest round (e.g.
+2f+3 for Krum, the check the config passed with ``fl.clients_per_round`` at load) or, under secure
+aggregation, ``secure_agg.min_clients``, so a round with too few replies is skipped, not a failed rule.
 
 Secure aggregation (``secure_agg.enabled``) in a deployment: ``fedsafe flower keys`` writes the key set
 (:mod:`fedsafe.defenses.he_keys`); every SuperNode holds the secret-key file (node config ``he-context``)
@@ -32,6 +35,12 @@ replies with the plaintext aggregate; if it fails, the next key-holding node is 
 step, the mask schedule, the metrics and the run directory are the in-process code. Every message carries
 the server's key id, so a node holding another key set refuses (at connect, so it is never sampled) instead
 of encrypting under a key the others cannot use.
+
+A sum of fewer than ``secure_agg.min_clients`` clients is never decrypted. The server does not ask (the
+round leaves the global adapter unchanged, reason logged, as in-process), and a key-holding SuperNode
+refuses one by the aggregate's client count, with the larger of the config's minimum and its own node config
+``he-min-clients`` (default 2), so a server cannot lower it by sending another config; a refusal also leaves
+the round's adapter unchanged rather than asking the next node.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ TRAIN = "train"
 QUERY = "query"
 DECRYPT = "query.decrypt"  # secure_agg: a key-holding SuperNode decrypts the round's encrypted sum
 HE_CONTEXT = "he-context"  # node config / run config key: path of a key file of `fedsafe flower keys`
+HE_MIN_CLIENTS = "he-min-clients"  # node config key: this key holder decrypts no sum of fewer clients (default 2)
 _POLL_S = 0.05
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +235,7 @@ class FlowerEngine:
         self.he_key_id = he_key_id  # key id of the server's public CKKS context (secure_agg in a deployment)
         self.node_of: dict[str, int] = {}  # client id -> SuperNode id
         self.last_failures: list[dict] = []  # {client_id, reason} of the last round
+        self.min_results, self._min_results_why = round_min_results(cfg)
         self._last_answered: list[str] = []  # clients whose training reply arrived in the last round
         self._connected = False
 
@@ -356,12 +367,13 @@ class FlowerEngine:
         self.last_failures = sorted(failures, key=lambda f: f["client_id"])
         results = [by_client[c] for c in client_ids if c in by_client]
         self._last_answered = [r.client_id for r in results]
-        if len(results) < self.settings.min_results:
-            log.error("round %d: %d of %d clients answered, fewer than flower.min_results=%d; the global adapter "
-                      "is left unchanged this round", rc.round, len(results), len(client_ids),
-                      self.settings.min_results)
+        if len(results) < self.min_results:
+            log.error("round %d: %d of %d clients answered, fewer than %d (%s); the global adapter is left "
+                      "unchanged this round", rc.round, len(results), len(client_ids), self.min_results,
+                      self._min_results_why)
+            reason = f"round below {self.min_results} replies ({self._min_results_why})"
             for r in results:
-                self.last_failures.append({"client_id": r.client_id, "reason": "round below flower.min_results"})
+                self.last_failures.append({"client_id": r.client_id, "reason": reason})
             return []
         return results
 
@@ -380,12 +392,16 @@ class FlowerEngine:
             if self.node_of[cid] not in seen:
                 seen.add(self.node_of[cid])
                 order.append((cid, self.node_of[cid]))
+        from fedsafe.defenses.secure_agg import REFUSED, DecryptRefused
+
         reasons = []
         for cid, node in order:
             delta, reason = self._decrypt_on(node, aggregate, mask, round, timeout)
             if delta is not None:
                 log.info("round %d: SuperNode %d (client %s) decrypted the encrypted sum", round, node, cid)
                 return delta
+            if REFUSED in reason:  # the key holder's minimum sum size: the round is skipped, no other node asked
+                raise DecryptRefused(f"{REFUSED} (SuperNode {node}, client {cid}): {reason}")
             log.warning("round %d: SuperNode %d (client %s) could not decrypt the encrypted sum: %s", round, node,
                         cid, reason)
             reasons.append(f"{cid}: {reason}")
@@ -396,11 +412,7 @@ class FlowerEngine:
     def _decrypt_on(self, node: int, aggregate, mask: torch.Tensor, round: int,
                     timeout: float) -> tuple[torch.Tensor | None, str | None]:
         """Ask one SuperNode to decrypt; (delta, None) or (None, why it failed)."""
-        arrays, config = ArrayRecord(), ConfigRecord()
-        encode_values(aggregate.to_wire(), arrays, config, "EncryptedAggregate")
-        content = RecordDict({"mask": ArrayRecord({"mask": _to_array(mask)}),
-                              "aggregate_arrays": arrays, "aggregate": config,
-                              "fedsafe": _meta(self.config_yaml, self.token, self.he_key_id, round=int(round))})
+        content = encode_decrypt(aggregate, mask, round, self.config_yaml, self.token, self.he_key_id)
         pushed = self._push([Message(content, dst_node_id=node, message_type=DECRYPT, group_id=str(round),
                                      ttl=timeout + 60)])
         if not pushed:
@@ -426,6 +438,23 @@ class FlowerEngine:
     def load_state_dict(self, state: dict) -> None:
         if self.cfg.fl.algorithm == "scaffold":
             log.warning("flower: resuming SCAFFOLD restarts the clients' control variates (kept on the nodes)")
+
+
+def round_min_results(cfg: ExperimentConfig) -> tuple[int, str]:
+    """The fewest replies a round is aggregated from, and why: ``flower.min_results``, raised to the rule's
+    smallest round (:func:`fedsafe.aggregators.min_clients`) or, under secure aggregation,
+    ``secure_agg.min_clients``."""
+    from fedsafe.aggregators import min_clients
+
+    need, why = cfg.flower.min_results, [f"flower.min_results={cfg.flower.min_results}"]
+    if cfg.secure_agg.enabled:
+        rule_need, rule_why = cfg.secure_agg.min_clients, f"secure_agg.min_clients={cfg.secure_agg.min_clients}"
+    else:
+        rule_need = min_clients(cfg.aggregator.name, cfg.aggregator.params)
+        rule_why = f"aggregator {cfg.aggregator.name} needs {rule_need}"
+    if rule_need > need:
+        need, why = rule_need, why + [rule_why]
+    return need, "; ".join(why)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -588,20 +617,53 @@ def handle_query(message: Message, context: Context) -> Message:
     return Message(RecordDict({"fedsafe": ConfigRecord({"client_id": cid})}), reply_to=message)
 
 
+def encode_decrypt(aggregate, mask: torch.Tensor, round: int, config_yaml: str, token: str,
+                   he_key_id: str | None = None) -> RecordDict:
+    """The content of a ``query.decrypt`` message: the encrypted sum (with its client count), the round's mask."""
+    arrays, config = ArrayRecord(), ConfigRecord()
+    encode_values(aggregate.to_wire(), arrays, config, "EncryptedAggregate")
+    return RecordDict({"mask": ArrayRecord({"mask": _to_array(mask)}), "aggregate_arrays": arrays,
+                       "aggregate": config, "fedsafe": _meta(config_yaml, token, he_key_id, round=int(round))})
+
+
+def key_holder_min_clients(token: str, config_yaml: str, node_config) -> int:
+    """The smallest sum this key holder decrypts: the simulation's own setting, or on a SuperNode the larger of
+    the config's ``secure_agg.min_clients`` and the node's own ``he-min-clients`` (default 2; the config comes
+    from the server, so it may raise the minimum but never lower it)."""
+    import yaml
+
+    from fedsafe.defenses.secure_agg import MIN_CLIENTS, EncryptingTrainer
+
+    worker = _LOCAL_WORKERS.get(token)
+    if worker is not None and isinstance(worker.trainer, EncryptingTrainer):
+        return worker.trainer.he_client.min_clients
+    cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
+    try:
+        floor = int(node_config.get(HE_MIN_CLIENTS, MIN_CLIENTS))
+    except (TypeError, ValueError) as exc:
+        raise FedsafeError(f"node config {HE_MIN_CLIENTS}={node_config.get(HE_MIN_CLIENTS)!r} is not an integer") \
+            from exc
+    if floor < 1:
+        raise FedsafeError(f"node config {HE_MIN_CLIENTS}={floor} must be >= 1")
+    return max(cfg.secure_agg.min_clients, floor)
+
+
 def handle_decrypt(message: Message, context: Context) -> Message:
     """Key holder: decrypt the round's encrypted sum with this node's secret key; reply with the plaintext aggregate.
 
     Needs no model: the server sends the round's keep-mask, which :func:`decrypt_aggregate` checks against
-    the digest the clients encrypted under.
+    the digest the clients encrypted under. A sum of fewer clients than :func:`key_holder_min_clients` is
+    refused (:class:`fedsafe.defenses.secure_agg.DecryptRefused`) before anything is decrypted.
     """
     from fedsafe.defenses.secure_agg import EncryptedAggregate, decrypt_aggregate
 
     content = message.content
     meta = content["fedsafe"]
     secret = _secret_context(meta["token"], meta["config"], context.node_config, meta.get("he_key_id"))
+    min_clients = key_holder_min_clients(meta["token"], meta["config"], context.node_config)
     aggregate = EncryptedAggregate.from_wire(decode_values(content["aggregate_arrays"], content["aggregate"]))
     mask = torch.from_numpy(np.array(content["mask"]["mask"].numpy(), copy=True))
-    delta = decrypt_aggregate(secret, aggregate, mask)
+    delta = decrypt_aggregate(secret, aggregate, mask, min_clients)
     return Message(RecordDict({"delta": ArrayRecord({"vec": _to_array(delta)})}), reply_to=message)
 
 
