@@ -6,10 +6,13 @@ model reduces what the global model memorises of any one client's data. Two loss
 
 - ``ProximalL2``: (mu / 2) * ||theta - theta_global||^2 on the LoRA parameters (the FedProx term of
   Li et al., MLSys 2020, here composable with any fl.algorithm);
-- ``KLToGlobal``: beta * KL(p_global || p_local) averaged over the batch's response tokens, with both
-  distributions at temperature T. The global model's logits come from the same in-memory model with the
-  global LoRA tensors substituted by ``torch.func.functional_call`` (no copy of the model, and the trained
-  parameters are never modified in place, so autograd stays valid). Cost: one extra forward pass without
+- ``KLToGlobal``: beta * KL(p_global || p_local) with both distributions at temperature T, averaged over each
+  example's own response tokens and then over the examples (``per_example`` gives the per-example values).
+  A mean over all of the batch's tokens would weight an example by the other examples' lengths, which
+  couples them and breaks local DP-SGD's per-example sensitivity; the per-example mean does not. The global
+  model's logits come from the same in-memory model with the global LoRA tensors substituted by
+  ``torch.func.functional_call`` (no copy of the model, and the trained parameters are never modified in
+  place, so autograd stays valid). Cost: one extra forward pass without
   gradients per micro-batch (about a third of a training step); the pass is skipped while the local
   parameters still equal the global ones (the first step of each round), where the KL is exactly zero.
 """
@@ -48,7 +51,7 @@ class ProximalL2:
 
 
 class KLToGlobal:
-    """beta * KL(p_global || p_local) on the response tokens of the client's batch."""
+    """beta * KL(p_global || p_local) on each example's response tokens, averaged over the batch's examples."""
 
     data_independent = False
 
@@ -69,14 +72,15 @@ class KLToGlobal:
         # optimizer steps update parameters in place, which bumps their version counters
         return self._versions == [p._version for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, model, batch, out) -> torch.Tensor:
+    def per_example(self, model, batch, out) -> torch.Tensor:
+        """beta * KL per example [b]: the mean over that example's response tokens only (0 if it has none)."""
         if self.global_params is None:
             raise RuntimeError("KLToGlobal used before start(); the trainer calls start() at the start of fit")
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         if self._unchanged(model) or not bool(mask.any()):
-            return logits.sum() * 0.0  # theta == theta_global: KL is exactly 0 (and so is its gradient)
+            return logits.sum((1, 2)) * 0.0  # theta == theta_global: KL is exactly 0 (and so is its gradient)
         with torch.no_grad():
             self.extra_forwards += 1
             g = torch.func.functional_call(model, self.global_params, args=(),
@@ -84,10 +88,14 @@ class KLToGlobal:
                                                    "attention_mask": batch["attention_mask"]},
                                            strict=False).logits[:, :-1].float()
         t = self.temperature
-        log_p_local = torch.log_softmax(logits[mask] / t, dim=-1)
-        log_p_global = torch.log_softmax(g[mask] / t, dim=-1)
-        kl = (log_p_global.exp() * (log_p_global - log_p_local)).sum(-1).mean()
-        return self.beta * kl
+        log_p_local = torch.log_softmax(logits / t, dim=-1)
+        log_p_global = torch.log_softmax(g / t, dim=-1)
+        kl_tokens = (log_p_global.exp() * (log_p_global - log_p_local)).sum(-1)  # [b, L]
+        kl_tokens = torch.where(mask, kl_tokens, torch.zeros_like(kl_tokens))
+        return self.beta * kl_tokens.sum(1) / mask.sum(1).clamp(min=1)
+
+    def __call__(self, model, batch, out) -> torch.Tensor:
+        return self.per_example(model, batch, out).mean()
 
 
 def loss_terms(cfg) -> list:

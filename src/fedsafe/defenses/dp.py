@@ -7,31 +7,57 @@ Gaussian noise to the sum and divides by the number of sampled clients m:
 
     Delta = (sum_i clip(delta_i) + N(0, (sigma C)^2 I)) / m.
 
-One round is a subsampled Gaussian mechanism with noise multiplier sigma on the client-level sensitivity C;
-rounds compose. **Local DP-SGD** (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016): every
-local step clips each example's gradient (per-sample gradients of the LoRA parameters from Opacus hooks) to
-C_local, adds N(0, (sigma_local C_local)^2) to the sum and divides by the batch size.
+**Neighbouring relation and sensitivity.** fedsafe samples a fixed number m of the N clients without
+replacement each round, so N is public and the natural relation is *replace-one* (one client's data replaced
+by anything): the clipped sums of neighbouring datasets then differ by up to 2C, not C. dp-accounting's
+noise multiplier is the noise std divided by the L2 sensitivity (docstring of
+``_compute_rdp_sample_wor_gaussian``: "The ratio of the standard deviation of the Gaussian noise to the
+l2-sensitivity"), and its RDP accountant does not apply the factor 2 itself, so the event gets sigma / 2
+(Wang, Balle & Kasiviswanathan, AISTATS 2019, Theorem 27, for sampling without replacement). ``poisson`` is
+the usual add/remove-one analysis of Poisson sampling at rate q = m/N with sensitivity C (the analysis of
+McMahan et al.); fedsafe does not sample clients that way, so that figure is an approximation and the record
+says so. dp-accounting's PLD accountant, unlike its RDP one, does apply the factor 2 for REPLACE_ONE itself;
+fedsafe never hands it that relation, and :func:`check_dp_accounting` refuses an untested version.
+
+**Local DP-SGD** (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016): every local step takes a
+Poisson-sampled batch (each example independently with probability q = b/n, Opacus's
+``UniformWithReplacementSampler``), clips each example's gradient (per-sample gradients of the LoRA
+parameters from Opacus hooks) to C_local, adds N(0, (sigma_local C_local)^2) to the sum and divides by the
+expected batch size b; the accountant's Poisson subsampled Gaussian (add/remove-one example) is then exact.
+
+**Who must not know the seed.** By default the noise (and local DP-SGD's batch sampling, and the server's client
+sampling) is drawn from the experiment seed, so a simulation is reproducible; anyone holding ``config.yaml``
+can regenerate the noise and subtract it, so the reported epsilon holds only against an adversary without the
+seed. ``dp.secure_noise: true`` draws the noise from the OS's CSPRNG (``os.urandom``) and local DP-SGD's
+batches from a generator seeded by it. Client sampling still follows the seed (it is chosen by the server
+loop), so with secure noise the client-level accountant claims no amplification by sampling and counts every
+client in every round.
 
 Accounting uses Google's ``dp-accounting``: RDP (Mironov 2017; Mironov, Talwar & Zhang 2019) or PLD
-(privacy loss distributions, the numerical accountant family PRV belongs to). fedsafe samples a fixed number
-of clients without replacement each round; the RDP accountant supports that exactly under the replace-one
-neighbouring relation (``sampling: without_replacement``, the default with RDP). ``poisson`` is the usual
-add/remove-one analysis of Poisson sampling at rate q = m/N (an approximation of fedsafe's sampling). Local
-DP-SGD draws shuffled batches, which the accountant approximates as Poisson sampling at q = b/n.
+(privacy loss distributions, the numerical accountant family PRV belongs to).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
+import re
+import secrets
+import warnings
 
+import numpy as np
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator
 from fedsafe.errors import ConfigError
-from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, _batch_stream, derive_seed
+from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 log = logging.getLogger("fedsafe")
+
+# dp-accounting versions whose noise-multiplier convention was checked against its source (see module docstring)
+DP_ACCOUNTING_TESTED = ((0, 6), (0, 7))  # [low, high)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,13 +71,37 @@ def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Te
     return x * factors[:, None], norms
 
 
+def os_gaussian(numel: int) -> torch.Tensor:
+    """``numel`` standard normal samples (float64) from the OS's CSPRNG (``os.urandom``), by Box-Muller."""
+    pairs = (numel + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53  # (0, 1]: log(u1) is finite
+    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * math.pi * u2
+    return torch.from_numpy(np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:numel])
+
+
+def gaussian_noise(numel: int, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, std^2) noise [numel] (float32): from ``generator`` (seeded simulation) or, if None, from the OS."""
+    if generator is None:
+        return (os_gaussian(numel) * std).float()
+    return torch.randn(numel, generator=generator) * std
+
+
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded from the OS's randomness (for sampling that must not follow the public seed)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 class DPFedAvg(Aggregator):
     """Client-level DP-FedAvg (McMahan et al. 2018): clip each update to C, sum, add N(0, (sigma C)^2), / m."""
 
     name = "dp_fedavg"
     needs_plaintext = True  # the server clips individual updates
 
-    def __init__(self, clip_norm: float = 1.0, noise_multiplier: float = 1.0, seed: int = 0):
+    def __init__(self, clip_norm: float = 1.0, noise_multiplier: float = 1.0, seed: int = 0,
+                 secure_noise: bool = False):
         if clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if noise_multiplier < 0:
@@ -59,17 +109,20 @@ class DPFedAvg(Aggregator):
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.seed = seed
+        self.secure_noise = secure_noise
         self.calls = 0  # rounds aggregated: seeds each round's noise, so a resumed run draws the same noise
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         m = updates.shape[0]
         clipped, norms = clip_rows(updates, self.clip_norm)
-        gen = torch.Generator().manual_seed(derive_seed("dp_fedavg", self.seed, self.calls))
+        gen = None if self.secure_noise else torch.Generator().manual_seed(derive_seed("dp_fedavg", self.seed,
+                                                                                      self.calls))
         self.calls += 1
         std = self.noise_multiplier * self.clip_norm
-        noise = torch.randn(updates.shape[1], generator=gen) * std
-        update = (clipped.sum(0) + noise) / m
+        noise = gaussian_noise(updates.shape[1], std, gen)
+        update = (clipped.sum(0) + noise.to(clipped.dtype)) / m
         info = {"clip_norm": self.clip_norm, "noise_std_sum": std, "noise_std_mean": std / m,
+                "noise": "os" if self.secure_noise else "seeded",
                 "clipped_fraction": float((norms > self.clip_norm).float().mean()),
                 "update_norms_before_clip": norms.tolist()}
         return AggregationResult(update, torch.full((m,), 1.0 / m), info)
@@ -94,8 +147,63 @@ def _quiet_absl() -> None:
         pass
 
 
+@functools.lru_cache(maxsize=None)
+def check_dp_accounting() -> str:
+    """Refuse a dp-accounting whose noise-multiplier convention was not checked; returns its version.
+
+    fedsafe divides sigma by the sensitivity factor (2 under replace-one) itself. A release that started to apply
+    that factor inside its RDP accountant would count it twice, so besides the version range this probes the
+    convention: without sampling (m = N), the replace-one event must give exactly the plain Gaussian's epsilon.
+    """
+    from importlib.metadata import version
+
+    import dp_accounting as dpa
+    from dp_accounting import rdp
+
+    found = version("dp-accounting")
+    parts = tuple(int(x) for x in re.findall(r"\d+", found)[:2])
+    low, high = DP_ACCOUNTING_TESTED
+    if not low <= parts < high:
+        raise RuntimeError(f"dp-accounting {found} is not a version fedsafe's DP accounting was checked with "
+                           f"(>={low[0]}.{low[1]},<{high[0]}.{high[1]}): its noise-multiplier convention under "
+                           f"replace-one may differ; install one, e.g. pip install 'dp-accounting>=0.6,<0.7'")
+    _quiet_absl()
+    replace = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    replace.compose(dpa.SampledWithoutReplacementDpEvent(4, 4, dpa.GaussianDpEvent(2.0)))
+    plain = rdp.RdpAccountant()
+    plain.compose(dpa.GaussianDpEvent(2.0))
+    if not math.isclose(replace.get_epsilon(1e-5), plain.get_epsilon(1e-5), rel_tol=1e-9):
+        raise RuntimeError(f"dp-accounting {found}: the RDP accountant no longer treats the noise multiplier of "
+                           "a replace-one event as std / sensitivity; fedsafe's accounting would be wrong")
+    return found
+
+
+def resolve_sampling(accountant: str, sampling: str) -> str:
+    """``auto`` -> without_replacement for RDP (exact for fedsafe), poisson for PLD (its only option)."""
+    if sampling == "auto":
+        return "without_replacement" if accountant == "rdp" else "poisson"
+    if accountant == "pld" and sampling == "without_replacement":
+        raise ConfigError("dp.sampling=without_replacement needs dp.accountant=rdp (dp-accounting's PLD "
+                          "accountant supports Poisson sampling only)")
+    if sampling not in ("poisson", "without_replacement"):
+        raise ConfigError(f"dp.sampling={sampling!r} is not one of auto, poisson, without_replacement")
+    return sampling
+
+
+def neighbouring(sampling: str) -> tuple[str, float]:
+    """(relation, L2 distance of neighbouring clipped sums in units of the clip norm) of a sampling model."""
+    if sampling == "without_replacement":
+        return "replace-one", 2.0
+    if sampling == "poisson":
+        return "add-or-remove-one", 1.0
+    raise ValueError(f"sampling must be poisson or without_replacement, got {sampling!r}")
+
+
 def dp_event(noise_multiplier: float, population: int, sample_size: int, sampling: str):
-    """The dp-accounting event of one round/step: a subsampled Gaussian mechanism."""
+    """The dp-accounting event of one round/step: a (subsampled) Gaussian mechanism.
+
+    ``noise_multiplier`` is in dp-accounting's convention, noise std / L2 sensitivity (see :func:`epsilon`).
+    """
     import dp_accounting as dpa
 
     gaussian = dpa.GaussianDpEvent(noise_multiplier)
@@ -108,19 +216,15 @@ def dp_event(noise_multiplier: float, population: int, sample_size: int, samplin
     raise ValueError(f"sampling must be poisson or without_replacement, got {sampling!r}")
 
 
-def resolve_sampling(accountant: str, sampling: str) -> str:
-    """``auto`` -> without_replacement for RDP (exact for fedsafe), poisson for PLD (its only option)."""
-    if sampling == "auto":
-        return "without_replacement" if accountant == "rdp" else "poisson"
-    if accountant == "pld" and sampling == "without_replacement":
-        raise ConfigError("dp.sampling=without_replacement needs dp.accountant=rdp (dp-accounting's PLD "
-                          "accountant supports Poisson sampling only)")
-    return sampling
-
-
 def epsilon(noise_multiplier: float, population: int, sample_size: int, steps: int, delta: float,
             accountant: str = "rdp", sampling: str = "auto") -> float:
-    """(epsilon, delta)-DP after ``steps`` subsampled Gaussian steps, from dp-accounting."""
+    """(epsilon, delta)-DP after ``steps`` subsampled Gaussian steps, from dp-accounting.
+
+    ``noise_multiplier`` is fedsafe's sigma, noise std / clip norm. Under ``without_replacement`` (replace-one)
+    neighbouring sums differ by 2 clip norms, so dp-accounting gets sigma / 2; under ``poisson`` (add/remove-one)
+    it gets sigma. Without sampling (``sample_size >= population``) the event is a plain Gaussian with that
+    multiplier, whose privacy depends only on it, so it is accounted under dp-accounting's default relation.
+    """
     import dp_accounting as dpa
     from dp_accounting import pld, rdp
 
@@ -128,23 +232,27 @@ def epsilon(noise_multiplier: float, population: int, sample_size: int, steps: i
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    check_dp_accounting()
     sampling = resolve_sampling(accountant, sampling)
-    _quiet_absl()
+    _, sensitivity = neighbouring(sampling)
+    event = dp_event(noise_multiplier / sensitivity, population, sample_size, sampling)
     if accountant == "rdp":
-        relation = (dpa.NeighboringRelation.REPLACE_ONE if sampling == "without_replacement"
-                    and sample_size < population else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        relation = (dpa.NeighboringRelation.REPLACE_ONE
+                    if isinstance(event, dpa.SampledWithoutReplacementDpEvent)
+                    else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
         acc = rdp.RdpAccountant(neighboring_relation=relation)
-    elif accountant == "pld":
-        acc = pld.PLDAccountant()
+    elif accountant == "pld":  # add/remove-one only: its REPLACE_ONE would apply the factor 2 a second time
+        acc = pld.PLDAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
     else:
         raise ConfigError(f"dp.accountant={accountant!r} is not one of rdp, pld")
-    acc.compose(dp_event(noise_multiplier, population, sample_size, sampling), steps)
+    acc.compose(event, steps)
     return float(acc.get_epsilon(delta))
 
 
-def default_delta(n: int) -> float:
-    """delta = 1 / n^1.1: below 1/n, as the usual rule of thumb asks."""
-    return 1.0 / max(n, 2) ** 1.1
+def _warn_large_delta(delta: float, n: int, what: str) -> None:
+    if delta >= 1.0 / n:
+        log.warning("dp.delta=%.2e is not below 1/%d (%s): an (epsilon, delta) guarantee with such a delta "
+                    "allows leaking one record outright", delta, n, what)
 
 
 class ClientDPAccountant:
@@ -154,19 +262,45 @@ class ClientDPAccountant:
         self.dp = cfg.dp
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
-        self.delta = cfg.dp.delta or default_delta(num_clients)
+        self.delta = cfg.dp.delta
         self.sampling = resolve_sampling(cfg.dp.accountant, cfg.dp.sampling)
+        self.relation, self.sensitivity = neighbouring(self.sampling)
+        # the client sample follows the public seed; against an adversary who knows it (the one secure noise is
+        # for) sampling hides nothing, so no amplification is claimed: every client counts in every round
+        self.amplified = clients_per_round < num_clients and not cfg.dp.secure_noise
+        _warn_large_delta(self.delta, num_clients, "clients")
 
     def epsilon(self, rounds: int) -> float:
-        return epsilon(self.dp.noise_multiplier, self.num_clients, self.clients_per_round, rounds, self.delta,
+        """Epsilon after ``rounds`` rounds at :attr:`delta`."""
+        population = self.num_clients if self.amplified else self.clients_per_round
+        return epsilon(self.dp.noise_multiplier, population, self.clients_per_round, rounds, self.delta,
                        self.dp.accountant, self.sampling)
+
+    def guarantee(self) -> str:
+        """In words: which relation, which adversary, which approximation the epsilon assumes."""
+        c = self.dp.clip_norm
+        parts = [f"{self.relation} client (N={self.num_clients} public, neighbouring sums differ by up to "
+                 f"{self.sensitivity:g}C = {self.sensitivity * c:g})"]
+        if self.dp.secure_noise:
+            parts.append("noise from OS randomness")
+            if self.clients_per_round < self.num_clients:
+                parts.append("client sampling follows the public seed, so no amplification by sampling is claimed")
+        else:
+            parts.append("holds only against an adversary without the experiment seed (the noise can be "
+                         "regenerated from config.yaml; use dp.secure_noise=true in a deployment)")
+        if self.amplified and self.sampling == "poisson":
+            parts.append("approximation: fedsafe samples a fixed number of clients, accounted as Poisson sampling")
+        return "; ".join(parts)
 
     def record(self, round_no: int) -> dict:
         """The ``dp`` metrics record of a finished round."""
         return {"type": "dp", "round": round_no, "level": "client", "epsilon": self.epsilon(round_no),
                 "delta": self.delta, "noise_multiplier": self.dp.noise_multiplier, "clip_norm": self.dp.clip_norm,
-                "sampling_rate": self.clients_per_round / self.num_clients, "accountant": self.dp.accountant,
-                "sampling": self.sampling}
+                "neighbouring": self.relation, "sensitivity": self.sensitivity * self.dp.clip_norm,
+                "accounted_noise_multiplier": self.dp.noise_multiplier / self.sensitivity,
+                "sampling_rate": (self.clients_per_round / self.num_clients) if self.amplified else 1.0,
+                "accountant": self.dp.accountant, "sampling": self.sampling,
+                "noise": "os" if self.dp.secure_noise else "seeded", "guarantee": self.guarantee()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,34 +308,51 @@ class ClientDPAccountant:
 # ------------------------------------------------------------------------------------------------
 
 class DPLocalTrainer(LocalTrainer):
-    """Local DP-SGD on the LoRA parameters (Abadi et al. 2016): per-sample clipping + Gaussian noise.
+    """Local DP-SGD on the LoRA parameters (Abadi et al. 2016): Poisson batches, per-sample clipping, noise.
 
     Per-sample gradients come from Opacus's ``GradSampleModule`` hooks on PEFT's LoRA ``nn.Linear`` layers
-    (attached for the duration of ``fit`` only). Each example's loss is its mean token loss on response
-    tokens; SCAFFOLD is refused, FedProx's term is added after the noise, ``fl.max_grad_norm`` is not used
-    (per-sample clipping replaces it);
-    data-dependent ``loss_terms`` (KL) go through the per-sample clipping, data-independent
-    ones (the proximal term) are added to the privatised gradient. The client's cumulative (epsilon, delta) is reported in its
-    metrics (``dp_epsilon``).
+    (attached for the duration of ``fit`` only). Each step draws a Poisson batch (every example with probability
+    q = b/n, b = batch_size * grad_accum) and divides the noisy sum by b, so one step is exactly the Poisson
+    subsampled Gaussian the accountant composes (add/remove-one example, sensitivity C_local). Each example's
+    loss is its mean token loss on response tokens; SCAFFOLD is refused, FedProx's term is added after the
+    noise, ``fl.max_grad_norm`` is not used (per-sample clipping replaces it). Data-dependent ``loss_terms``
+    (KL) must give one value per example (``per_example``) and go through the per-sample clipping;
+    data-independent ones (the proximal term) are added to the privatised gradient. The client's cumulative
+    (epsilon, delta) is reported in its metrics (``dp_epsilon``, ``dp_delta``).
     """
 
-    def __init__(self, model, tokenizer, clip_norm: float, noise_multiplier: float, delta: float | None = None,
-                 accountant: str = "rdp", loss_terms=None):
+    def __init__(self, model, tokenizer, clip_norm: float, noise_multiplier: float, delta: float = 1e-5,
+                 accountant: str = "rdp", loss_terms=None, secure_noise: bool = False):
         super().__init__(model, tokenizer, loss_terms)
+        for term in self.loss_terms:
+            if not getattr(term, "data_independent", False) and not hasattr(term, "per_example"):
+                raise ConfigError(f"dp.local=true needs per-example loss terms; {type(term).__name__} has no "
+                                  "per_example() (a batch-level term couples examples and breaks the "
+                                  "per-example sensitivity)")
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.accountant = accountant
+        self.secure_noise = secure_noise
+        self._delta_checked: set[int] = set()
 
-    def private_gradient(self, gsm, examples, gen: torch.Generator):
+    def private_gradient(self, gsm, examples, gen: torch.Generator | None, expected_batch_size: int | None = None):
         """One DP-SGD gradient: (sum_i clip(g_i, C) + N(0, (sigma C)^2)) / b, as a flat vector.
 
-        ``gsm`` is the Opacus ``GradSampleModule`` around the model. Returns (gradient, per-example losses,
-        per-example gradient norms before clipping).
+        ``gsm`` is the Opacus ``GradSampleModule`` around the model; ``gen`` draws the noise (None: OS
+        randomness); ``b`` is ``expected_batch_size`` (Poisson sampling) or the batch's size. A Poisson batch
+        may be empty: the gradient is then noise / b. Returns (gradient, per-example losses, per-example
+        gradient norms before clipping).
         """
         from fedsafe.data.format import IGNORE_INDEX, collate
 
         params = self.flat.params
+        numel = sum(p.numel() for p in params)
+        b = expected_batch_size or len(examples)
+        std = self.noise_multiplier * self.clip_norm
+        if not examples:
+            empty = torch.zeros(0)
+            return gaussian_noise(numel, std, gen).to(self.device) / b, empty, empty
         batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
         out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"][:, 1:]
@@ -209,12 +360,11 @@ class DPLocalTrainer(LocalTrainer):
                                                 ignore_index=IGNORE_INDEX, reduction="none")
         valid = (labels != IGNORE_INDEX).float()
         per_example = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
-        loss = per_example.sum()  # loss_reduction="sum": grad_sample[i] is example i's own gradient
-        for term in self.loss_terms:  # data-dependent terms go through the per-sample clipping
+        per_example_loss = per_example
+        for term in self.loss_terms:  # data-dependent terms go through the per-sample clipping, one value each
             if not getattr(term, "data_independent", False):
-                loss = loss + term(self.model, batch, out) * len(examples)
-        import warnings
-
+                per_example_loss = per_example_loss + term.per_example(self.model, batch, out)
+        loss = per_example_loss.sum()  # loss_reduction="sum": grad_sample[i] is example i's own gradient
         with warnings.catch_warnings():  # Opacus's full backward hooks on frozen inputs: expected with LoRA
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
@@ -224,8 +374,8 @@ class DPLocalTrainer(LocalTrainer):
                 p.grad_sample = None
                 p.grad = None
             clipped, norms = clip_rows(flat_gs, self.clip_norm)
-            noise = torch.randn(flat_gs.shape[1], generator=gen) * (self.noise_multiplier * self.clip_norm)
-            grad = (clipped.sum(0) + noise.to(clipped.device)) / len(examples)
+            noise = gaussian_noise(flat_gs.shape[1], std, gen)
+            grad = (clipped.sum(0) + noise.to(clipped.device)) / b
         return grad, per_example.detach(), norms
 
     def fit(self, client, global_vec: torch.Tensor, rc: RoundConfig, client_state: dict | None = None) -> ClientResult:
@@ -233,6 +383,7 @@ class DPLocalTrainer(LocalTrainer):
         import time
 
         from opacus import GradSampleModule
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         if rc.algorithm in ("scaffold",):
             raise ConfigError("dp.local=true cannot be combined with fl.algorithm=scaffold")
@@ -243,8 +394,10 @@ class DPLocalTrainer(LocalTrainer):
             if hasattr(term, "start"):
                 term.start(self.model, global_vec)
         seed = derive_seed(rc.seed, rc.round, client.client_id, "dpsgd")
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # LoRA dropout: not part of the privacy argument
+        # batches and noise: from the seed (reproducible simulation) or from the OS (secure_noise)
+        sample_gen = secret_generator() if self.secure_noise else torch.Generator().manual_seed(seed)
+        noise_gen = None if self.secure_noise else sample_gen
         params = self.flat.params
         optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
         prox = None
@@ -253,16 +406,18 @@ class DPLocalTrainer(LocalTrainer):
 
             prox = ProximalL2(rc.prox_mu)
             prox.start(self.model, global_vec)
-        batch_size = min(rc.batch_size * rc.grad_accum, client.num_samples)
-        batches = _batch_stream(client.num_samples, batch_size, gen)
+        n = client.num_samples
+        batch_size = min(rc.batch_size * rc.grad_accum, n)  # expected Poisson batch size b, q = b / n
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=batch_size / n, generator=sample_gen,
+                                                steps=rc.local_steps)
         gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="sum", strict=False)
         self.model.train()
-        losses, clipped_frac = [], []
+        losses, clipped_frac, batch_sizes = [], [], []
         try:
-            for _ in range(rc.local_steps):
+            for idx in sampler:
                 optimizer.zero_grad(set_to_none=True)
-                idx = next(batches)
-                grad, per_example, norms = self.private_gradient(gsm, [client.examples[i] for i in idx], gen)
+                grad, per_example, norms = self.private_gradient(gsm, [client.examples[i] for i in idx], noise_gen,
+                                                                 expected_batch_size=batch_size)
                 for p, spec in zip(params, self.flat.specs):
                     p.grad = grad[spec.offset: spec.offset + spec.numel].view(spec.shape).to(p.dtype)
                 for term in self.loss_terms:  # e.g. the proximal term: no data, so no privacy cost
@@ -271,8 +426,10 @@ class DPLocalTrainer(LocalTrainer):
                 if prox is not None:
                     prox.add_grad(params)
                 optimizer.step()
-                losses.append(float(per_example.mean()))
-                clipped_frac.append(float((norms > self.clip_norm).float().mean()))
+                batch_sizes.append(len(idx))
+                if len(idx):
+                    losses.append(float(per_example.mean()))
+                    clipped_frac.append(float((norms > self.clip_norm).float().mean()))
         finally:
             gsm._close()
             for p in params:
@@ -282,15 +439,21 @@ class DPLocalTrainer(LocalTrainer):
         update = local_vec - global_vec
         steps_total = state.get("dp_steps", 0) + rc.local_steps
         state["dp_steps"] = steps_total
-        delta = self.delta or default_delta(client.num_samples)
-        eps = epsilon(self.noise_multiplier, client.num_samples, batch_size, steps_total, delta,
-                      self.accountant, "poisson")
-        metrics = {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-                   "steps": rc.local_steps, "samples": client.num_samples, "update_norm": float(update.norm()),
-                   "dp_epsilon": eps, "dp_delta": delta, "dp_steps": steps_total,
-                   "dp_clipped_fraction": sum(clipped_frac) / len(clipped_frac),
+        if n not in self._delta_checked:  # once per dataset size, not every round
+            self._delta_checked.add(n)
+            _warn_large_delta(self.delta, n, f"samples of client {client.client_id}")
+        eps = epsilon(self.noise_multiplier, n, batch_size, steps_total, self.delta, self.accountant, "poisson")
+        nan = float("nan")
+        metrics = {"loss": sum(losses) / len(losses) if losses else nan,
+                   "first_loss": losses[0] if losses else nan, "last_loss": losses[-1] if losses else nan,
+                   "steps": rc.local_steps, "samples": n, "update_norm": float(update.norm()),
+                   "dp_epsilon": eps, "dp_delta": self.delta, "dp_steps": steps_total,
+                   "dp_sampling": "poisson", "dp_sampling_rate": batch_size / n,
+                   "dp_mean_batch": sum(batch_sizes) / len(batch_sizes),
+                   "dp_noise": "os" if self.secure_noise else "seeded",
+                   "dp_clipped_fraction": sum(clipped_frac) / len(clipped_frac) if clipped_frac else nan,
                    "compute_seconds": time.perf_counter() - t0, "seconds": time.perf_counter() - t0}
-        return ClientResult(client.client_id, update, client.num_samples, metrics, {})
+        return ClientResult(client.client_id, update, n, metrics, {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +467,7 @@ def build_trainer(cfg, model, tokenizer) -> LocalTrainer:
     terms = loss_terms(cfg)
     if cfg.dp.local:
         return DPLocalTrainer(model, tokenizer, cfg.dp.local_clip_norm, cfg.dp.local_noise_multiplier,
-                              cfg.dp.delta, cfg.dp.accountant, terms)
+                              cfg.dp.delta, cfg.dp.accountant, terms, secure_noise=cfg.dp.secure_noise)
     return LocalTrainer(model, tokenizer, terms)
 
 
@@ -315,7 +478,7 @@ def wrap_aggregator(cfg, aggregator: Aggregator) -> Aggregator:
     if cfg.aggregator.name != "fedavg":
         raise ConfigError(f"dp.client_level=true needs aggregator.name=fedavg (the noise is calibrated to the "
                           f"clipped mean), got {cfg.aggregator.name!r}")
-    return DPFedAvg(cfg.dp.clip_norm, cfg.dp.noise_multiplier, seed=cfg.seed)
+    return DPFedAvg(cfg.dp.clip_norm, cfg.dp.noise_multiplier, seed=cfg.seed, secure_noise=cfg.dp.secure_noise)
 
 
 def client_accountant(cfg) -> ClientDPAccountant | None:
