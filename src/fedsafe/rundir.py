@@ -7,6 +7,7 @@ adapters/final/, adapters/posthoc/, results.csv, report.md/.html, plots/.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 
 from fedsafe.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,17 +72,15 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def environment_info(seed: int | None = None, device: str | None = None) -> dict:
-    """Package versions, device and seed (what env.json records)."""
-    import importlib.metadata as md
+    """Package versions (the main ones, then all), the lock's hash, device and seed (what env.json records)."""
+    from fedsafe.lockfile import canonical_name, installed_versions, lock_info
 
-    versions = {}
-    for pkg in ("fedsafe", "torch", "transformers", "peft", "datasets", "accelerate", "flwr", "tenseal",
-                "opacus", "dp-accounting", "pydantic", "numpy"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    installed = installed_versions()
+    versions = {pkg: installed.get(canonical_name(pkg)) for pkg in (
+        "fedsafe", "torch", "transformers", "peft", "datasets", "accelerate", "flwr", "tenseal", "opacus",
+        "dp-accounting", "pydantic", "numpy")}
     info = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "lock": lock_info(installed), "installed": dict(sorted(installed.items())),
             "cuda_available": torch.cuda.is_available(), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
@@ -96,6 +97,31 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.tracker = None  # a fedsafe.tracking.Tracker that sees every record log() writes
+
+    def start_tracking(self, tracking, config: dict) -> None:
+        """Stream every record that :meth:`log` writes to the tracker ``tracking`` names (config.tracking)."""
+        from fedsafe.tracking import open_tracker
+
+        # on --resume the tracker continues its run (tracking.json): records before the checkpoint are there
+        self.tracker = open_tracker(tracking, self.path, config)
+
+    def close_tracking(self) -> None:
+        """Finish the tracker's run (artifacts, status); records stay in metrics.jsonl either way."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            try:
+                tracker.close()
+            except Exception as exc:  # the run's own outputs are complete; a tracker must not fail it
+                log.warning("tracking: closing %s failed: %s", tracker.name, exc)
+
+    def _track(self, record: dict) -> None:
+        try:
+            self.tracker.log(record)
+        except Exception as exc:
+            log.warning("tracking: %s failed (%s: %s); it is switched off, metrics.jsonl has every record",
+                        self.tracker.name, type(exc).__name__, exc)
+            self.tracker = None
 
     @classmethod
     def create(cls, output_dir: str | Path, name: str) -> "RunDir":
@@ -143,6 +169,8 @@ class RunDir:
             f.write(json.dumps(record, default=_json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tracker is not None:  # after the file: metrics.jsonl is the source of truth
+            self._track(json.loads(json.dumps(record, default=_json_default)))
 
     def records(self, kind: str | None = None) -> list[dict]:
         """Parsed metrics records (a torn last line from a crash is skipped)."""

@@ -1,0 +1,234 @@
+"""Experiment trackers (fedsafe.tracking): every metrics.jsonl record reaches TensorBoard / MLflow / wandb as it
+is written, under the documented tag names, offline, and metrics.jsonl stays complete when a tracker fails."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from fedsafe.config import TrackingConfig, load_config
+from fedsafe.errors import ConfigError
+from fedsafe.rundir import RunDir
+from fedsafe.tracking import record_scalars
+
+RECORDS = [
+    {"type": "eval", "round": 0, "method": "base", "defense": "none", "rule": 87.5, "judge": None,
+     "n_prompts": 8, "seed": 3, "per_prompt": {"rule": [100.0, 0.0]}},
+    {"type": "client", "round": 1, "client_id": "c0", "role": "benign", "malicious": False, "loss": 2.5,
+     "aggregation_weight": 0.5},
+    {"type": "client", "round": 1, "client_id": "c1", "role": "benign", "malicious": False, "loss": 1.5,
+     "aggregation_weight": 0.5},
+    {"type": "round", "round": 1, "mean_loss": 2.0, "update_norm": 0.25, "clients": ["c0", "c1"],
+     "aggregator_info": {"probe": {"probability": {"c0": 0.1}}}, "cosine": [[1.0, 0.5], [0.5, 1.0]]},
+    {"type": "dp", "round": 1, "epsilon": 1.25, "delta": 1e-5},
+    {"type": "eval", "round": 1, "method": "fedavg", "defense": "posthoc_l1", "rule": 62.5, "n_prompts": 8},
+]
+# what record_scalars must make of RECORDS (the module docstring's naming rule)
+EXPECTED = {
+    ("eval/base/none/rule", 0): 87.5, ("eval/base/none/n_prompts", 0): 8.0,
+    ("client/c0/loss", 1): 2.5, ("client/c0/aggregation_weight", 1): 0.5,
+    ("client/c1/loss", 1): 1.5, ("client/c1/aggregation_weight", 1): 0.5,
+    ("round/mean_loss", 1): 2.0, ("round/update_norm", 1): 0.25,
+    ("round/aggregator_info/probe/probability/c0", 1): 0.1,
+    ("dp/epsilon", 1): 1.25, ("dp/delta", 1): 1e-5,
+    ("eval/fedavg/posthoc_l1/rule", 1): 62.5, ("eval/fedavg/posthoc_l1/n_prompts", 1): 8.0,
+}
+
+
+def _expected_scalars():
+    out = {}
+    for rec in RECORDS:
+        step, scalars = record_scalars(rec)
+        out.update({(tag, step): v for tag, v in scalars.items()})
+    return out
+
+
+def test_record_scalars_naming_and_what_is_skipped():
+    assert _expected_scalars() == EXPECTED  # strings, bools, None, lists (cosine, per_prompt) and seed skipped
+    step, scalars = record_scalars({"type": "round", "round": 2, "mean_loss": float("nan"), "x y": 1})
+    assert step == 2 and scalars == {"round/x_y": 1.0}  # non-finite values dropped; tags sanitised
+
+
+def test_config_shorthand_and_missing_package_names_field_and_extra(monkeypatch):
+    assert load_config(None, ["tracking=tensorboard"]).tracking.backend == "tensorboard"
+    assert load_config(None, []).tracking.backend == "none"
+    import fedsafe.tracking as tracking
+
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["tracking.backend=wandb"])
+    assert "tracking.backend" in str(err.value) and "fedsafe[wandb]" in str(err.value)
+    with pytest.raises(ConfigError, match="tracking.backend"):
+        load_config(None, ["tracking=comet"])
+
+
+def _event_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {(tag, ev.step): ev.value for tag in acc.Tags()["scalars"] for ev in acc.Scalars(tag)}
+
+
+def test_tensorboard_gets_each_record_as_it_is_written(tmp_path):
+    run = RunDir.create(tmp_path, "tb")
+    run.start_tracking(TrackingConfig(backend="tensorboard"), {"seed": 0})
+    seen = {}
+    for rec in RECORDS:
+        run.log(rec)
+        step, scalars = record_scalars(rec)
+        seen.update({(tag, step): v for tag, v in scalars.items()})
+        got = _event_scalars(run.path / "tensorboard")  # read back before close: streamed, not batched at the end
+        assert set(got) == set(seen)
+        assert all(math.isclose(got[k], v, rel_tol=1e-6) for k, v in seen.items())  # float32 in event files
+    run.close_tracking()
+    assert len(run.records()) == len(RECORDS)  # metrics.jsonl has every record
+
+
+def test_mlflow_local_store_run_metrics_artifacts_and_resume(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run = RunDir.create(tmp_path, "ml")
+    (run.path / "config.yaml").write_text("seed: 0\n")
+    cfg = TrackingConfig(backend="mlflow", project="proj")
+    run.start_tracking(cfg, {"seed": 0, "fl": {"rounds": 2}})
+    for rec in RECORDS[:3]:
+        run.log(rec)
+    run_id = run.tracker.run_id
+    run.close_tracking()
+    # --resume: a new process opens the same run directory and continues the same MLflow run
+    resumed = RunDir.open(run.path)
+    resumed.start_tracking(cfg, {"seed": 0, "fl": {"rounds": 2}})
+    assert resumed.tracker.run_id == run_id
+    for rec in RECORDS[3:]:
+        resumed.log(rec)
+    resumed.close_tracking()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store: beside runs
+    got = {}
+    for tag in {tag for tag, _ in EXPECTED}:
+        got.update({(tag, m.step): m.value for m in client.get_metric_history(run_id, tag)})
+    assert got == pytest.approx(EXPECTED)
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED" and info.info.experiment_id == client.get_experiment_by_name("proj").experiment_id
+    assert info.data.params["fl.rounds"] == "2" and info.info.run_name == run.path.name
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "metrics.jsonl"} <= artifacts
+
+
+class _FakeWandbRun:
+    def __init__(self, calls, **kwargs):
+        self.calls, self.id = calls, kwargs.get("id") or "run123"
+
+    def define_metric(self, name, step_metric=None):
+        self.calls.append(("define_metric", name, step_metric))
+
+    def log(self, data):
+        self.calls.append(("log", data))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def _fake_wandb(monkeypatch, fail_online=False):
+    calls = []
+
+    def init(mode, **kwargs):
+        calls.append(("init", mode, kwargs))
+        if fail_online and mode == "online":
+            raise RuntimeError("network unreachable")
+        return _FakeWandbRun(calls, **kwargs)
+
+    module = types.ModuleType("wandb")
+    module.init = init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    return calls
+
+
+def test_wandb_offline_without_credentials_and_round_as_step(tmp_path, monkeypatch):
+    """The adapter's contract with wandb (a stand-in module; the real package runs in the next test)."""
+    calls = _fake_wandb(monkeypatch)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run = RunDir.create(tmp_path, "wb")
+    run.start_tracking(TrackingConfig(backend="wandb", project="p"), {"seed": 0})
+    for rec in RECORDS:
+        run.log(rec)
+    run.close_tracking()
+    init = calls[0]
+    assert init[0] == "init" and init[1] == "offline"
+    assert init[2]["dir"] == str(run.path.resolve()) and init[2]["project"] == "p" and init[2]["config"] == {"seed": 0}
+    assert ("define_metric", "*", "round") in calls  # any order of records is fine for wandb
+    logged = [c[1] for c in calls if c[0] == "log"]
+    got = {(tag, d["round"]): v for d in logged for tag, v in d.items() if tag != "round"}
+    assert got == EXPECTED and calls[-1] == ("finish",)
+    assert json.loads((run.path / "tracking.json").read_text())["wandb"]["id"] == "run123"
+
+
+def test_wandb_falls_back_to_offline_when_online_fails(tmp_path, monkeypatch):
+    calls = _fake_wandb(monkeypatch, fail_online=True)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    run = RunDir.create(tmp_path, "wb")
+    run.start_tracking(TrackingConfig(backend="wandb"), {})
+    assert [c[1] for c in calls if c[0] == "init"] == ["online", "offline"]
+    run.close_tracking()
+
+
+def test_wandb_real_package_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")  # optional extra fedsafe[wandb]; the stand-in tests above always run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = RunDir.create(tmp_path, "wb")
+    run.start_tracking(TrackingConfig(backend="wandb"), {"seed": 0})
+    for rec in RECORDS:
+        run.log(rec)
+    summary = dict(run.tracker.run.summary)
+    run.close_tracking()
+    assert summary["client/c1/loss"] == 1.5 and summary["eval/fedavg/posthoc_l1/rule"] == 62.5
+    assert list((run.path / "wandb").glob("offline-run-*/run-*.wandb")), "no offline run file written"
+    del wandb
+
+
+def test_a_failing_tracker_is_switched_off_and_the_file_keeps_every_record(tmp_path, caplog):
+    class Broken:
+        name = "broken"
+
+        def log(self, record):
+            raise OSError("disk of the tracking server is full")
+
+        def close(self):
+            raise AssertionError("a switched-off tracker is not closed")
+
+    run = RunDir.create(tmp_path, "x")
+    run.tracker = Broken()
+    for rec in RECORDS:
+        run.log(rec)
+    run.close_tracking()
+    assert run.tracker is None and len(run.records()) == len(RECORDS)
+    assert "broken failed" in caplog.text
+
+
+def test_pipeline_streams_round_client_eval_and_dp_records(tmp_path, test_seed):
+    """A tiny end-to-end run with tracking=tensorboard: every numeric field of every record is in TensorBoard."""
+    from fedsafe.pipeline import run_experiment
+
+    cfg = load_config(None, [
+        "model.name=tiny", f"output_dir={tmp_path}", "name=t", f"seed={test_seed}", "fl.rounds=2",
+        "fl.local_steps=1", "fl.batch_size=2", "data.samples_per_client=4", "data.max_length=64",
+        "roles.0.clients=2", "fl.clients_per_round=2", "eval.prompts=starter:heldout", "eval.n_prompts=2",
+        "eval.max_new_tokens=4", "eval.helpfulness_proxy=false", "dp.client_level=true", "dp.noise_multiplier=0.5",
+        "tracking=tensorboard"])
+    run_dir = run_experiment(cfg, progress=False).run_dir
+    records = RunDir(run_dir).records()
+    assert {"round", "client", "eval", "dp"} <= {r["type"] for r in records}
+    want = {}
+    for rec in records:
+        step, scalars = record_scalars(rec)
+        want.update({(tag, step): v for tag, v in scalars.items()})
+    got = _event_scalars(run_dir / "tensorboard")
+    assert set(got) == set(want)
+    assert all(math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-30) for k, v in want.items())
