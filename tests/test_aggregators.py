@@ -14,7 +14,7 @@ from fedsafe.errors import ConfigError
 
 def _run(name, updates, **params):
     n = updates.shape[0]
-    return aggregators.get(name, **params)(updates, torch.ones(n), [f"c{i}" for i in range(n)])
+    return aggregators.get(name, **params)(updates, torch.ones(n), [f"c{i:02d}" for i in range(n)])
 
 
 def _col(*values):
@@ -71,8 +71,8 @@ def test_krum_scores_squared_distances_by_hand():
     assert res.client_weights.tolist() == [0, 1, 0, 0, 0]
 
 
-def test_krum_scores_match_formula():
-    torch.manual_seed(2)
+def test_krum_scores_match_formula(test_seed):
+    torch.manual_seed(2 + 100 * test_seed)
     x = torch.randn(9, 30)
     x[2] *= 5
     res = _run("krum", x, f=2)  # n - f - 2 = 5 nearest neighbours, squared distances
@@ -93,7 +93,8 @@ def test_multikrum_averages_m_best():
 
 
 def test_krum_refuses_too_few_clients():
-    with pytest.raises(ConfigError, match=r"aggregator.f=1: krum needs more than 2\*f\+2=4 clients per round, got 4"):
+    with pytest.raises(ConfigError, match=r"aggregator.params.f=1: krum needs more than 2\*f\+2=4 clients per "
+                                          r"round, got 4 in this round"):
         _run("krum", torch.randn(4, 3), f=1)
 
 
@@ -132,8 +133,8 @@ def test_bulyan_by_hand():
     assert torch.allclose(res.client_weights, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0]))
 
 
-def test_bulyan_matches_reference():
-    torch.manual_seed(1)
+def test_bulyan_matches_reference(test_seed):
+    torch.manual_seed(1 + 100 * test_seed)
     x = torch.randn(11, 40)
     x[3] += 20
     res = _run("bulyan", x, f=2)
@@ -150,8 +151,8 @@ def test_bulyan_refuses_n_below_4f_plus_3():
 
 # --- DnC -------------------------------------------------------------------------------------------
 
-def test_dnc_removes_planted_updates_sharing_a_direction():
-    g = torch.Generator().manual_seed(0)
+def test_dnc_removes_planted_updates_sharing_a_direction(test_seed):
+    g = torch.Generator().manual_seed(test_seed)
     honest = torch.randn(10, 3000, generator=g)
     direction = torch.randn(3000, generator=g)
     planted = 4.0 * direction + 0.1 * torch.randn(3, 3000, generator=g)
@@ -162,8 +163,8 @@ def test_dnc_removes_planted_updates_sharing_a_direction():
     assert torch.allclose(res.update, torch.cat([honest[:4], honest[4:]]).mean(0), atol=1e-5)
 
 
-def test_dnc_scores_are_projections_on_top_singular_vector():
-    torch.manual_seed(0)
+def test_dnc_scores_are_projections_on_top_singular_vector(test_seed):
+    torch.manual_seed(test_seed)
     x = torch.randn(6, 50)
     res = _run("dnc", x, f=1, subsample_dim=50)  # b = d: every coordinate
     c = x.double() - x.double().mean(0)
@@ -193,6 +194,56 @@ def test_foolsgold_weights_by_hand():
     h = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
     expected = min(1.0, max(0.0, math.log(0.4 / 0.6) + 0.5))
     assert foolsgold_weights(h).tolist() == pytest.approx([expected, expected, 1.0], rel=1e-5)  # float32 Gram
+
+
+def _foolsgold_authors(grads: np.ndarray) -> np.ndarray:
+    """DistributedML/FoolsGold deep-fg/fg/foolsgold.py, transcribed line by line (kappa = 1; for testing)."""
+    import sklearn.metrics.pairwise as smp
+
+    n_clients = grads.shape[0]
+    cs = smp.cosine_similarity(grads) - np.eye(n_clients)
+    maxcs = np.max(cs, axis=1)
+    for i in range(n_clients):  # pardoning
+        for j in range(n_clients):
+            if i == j:
+                continue
+            if maxcs[i] < maxcs[j]:
+                cs[i][j] = cs[i][j] * maxcs[i] / maxcs[j]
+    wv = 1 - (np.max(cs, axis=1))
+    wv[wv > 1] = 1
+    wv[wv < 0] = 0
+    wv = wv / np.max(wv)
+    wv[(wv == 1)] = .99
+    with np.errstate(divide="ignore"):
+        wv = (np.log(wv / (1 - wv)) + 0.5)
+    wv[(np.isinf(wv) + wv > 1)] = 1
+    wv[(wv < 0)] = 0
+    return wv
+
+
+def test_foolsgold_pardoning_never_turns_a_negative_cosine_positive():
+    from fedsafe.aggregators.foolsgold import foolsgold_weights
+
+    # clients 0 and 1 are near-identical (sybil-like), client 2 points the other way: the authors' code gives
+    # [0, 0, 1]; a diagonal left out of the max made v_2 < 0 and pardoning flipped cos = -1 to +1 ([1, 1, 0])
+    h = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]])
+    assert foolsgold_weights(h).tolist() == [0.0, 0.0, 1.0]
+    assert _foolsgold_authors(h.double().numpy()).tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_foolsgold_matches_the_authors_code(seed):
+    from fedsafe.aggregators.foolsgold import foolsgold_weights
+
+    g = torch.Generator().manual_seed(seed)
+    # three similar histories, one opposed to them (its cosines are all negative) and 0-2 unrelated ones,
+    # so that pardoning, negative similarities and the logit's clipping all occur
+    base = torch.randn(6, generator=g)
+    h = torch.cat([base + 0.5 * torch.randn(3, 6, generator=g), -base[None] + 0.5 * torch.randn(1, 6, generator=g),
+                   torch.randn(seed % 3, 6, generator=g)])
+    ours = foolsgold_weights(h)
+    theirs = torch.from_numpy(_foolsgold_authors(h.double().numpy()))
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours.tolist(), theirs.tolist())
 
 
 def test_foolsgold_downweights_sybils_over_rounds():
@@ -256,8 +307,8 @@ def _residual_reference(x, lam=2.0, delta=0.1):
 
 
 @pytest.mark.parametrize("n", [5, 6])
-def test_residual_matches_reference(n):
-    torch.manual_seed(n)
+def test_residual_matches_reference(n, test_seed):
+    torch.manual_seed(n + 100 * test_seed)
     x = torch.randn(n, 30)
     x[0, :10] += 30  # outlying values get replaced by the regression line
     res = _run("residual", x)
@@ -301,8 +352,8 @@ RULES = [("fedavg", {}), ("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum
 
 
 @pytest.mark.parametrize("name,params", RULES, ids=[r[0] for r in RULES])
-def test_permutation_invariance(name, params):
-    torch.manual_seed(3)
+def test_permutation_invariance(name, params, test_seed):
+    torch.manual_seed(3 + 100 * test_seed)
     x = torch.randn(11, 200)
     perm = torch.randperm(11)
     ids = [f"c{i}" for i in range(11)]
@@ -318,8 +369,8 @@ BOUNDED = [("median", {}), ("trimmed_mean", {"beta": 0.1}), ("krum", {"f": 2}), 
 
 
 @pytest.mark.parametrize("name,params", BOUNDED, ids=[r[0] for r in BOUNDED])
-def test_bounded_under_one_huge_outlier(name, params):
-    torch.manual_seed(4)
+def test_bounded_under_one_huge_outlier(name, params, test_seed):
+    torch.manual_seed(4 + 100 * test_seed)
     x = torch.randn(11, 100)
     honest_mean = x[1:].mean(0)
     x[0] = 1e6
@@ -338,6 +389,58 @@ def test_unknown_parameter_is_a_config_error():
         aggregators.get("krum", attackers=2)
     with pytest.raises(ConfigError, match="f must be a non-negative integer"):
         aggregators.get("krum", f=-1)
+
+
+# --- how many clients each rule needs: the rule and the config check agree ----------------------------
+
+FEASIBILITY = [("krum", {"f": 2}), ("multikrum", {"f": 1}), ("multikrum", {"f": 0, "m": 6}), ("bulyan", {"f": 1}),
+               ("dnc", {"f": 3, "subsample_dim": 16}), ("dnc", {"f": 4, "filter_frac": 0.5, "subsample_dim": 16})]
+
+
+@pytest.mark.filterwarnings("ignore:.*at least half:RuntimeWarning")
+@pytest.mark.parametrize("name,params", FEASIBILITY, ids=[f"{n}-{p}" for n, p in FEASIBILITY])
+def test_rule_refuses_exactly_below_its_min_clients(name, params):
+    need = aggregators.min_clients(name, params)
+    assert need == {"krum": 7, "multikrum": 6 if params.get("m") else 5, "bulyan": 7,
+                    "dnc": 4 if "filter_frac" not in params else 3}[name]
+    torch.manual_seed(0)
+    _run(name, torch.randn(need, 16), **params)  # works with need clients...
+    aggregators.check_feasible(name, params, need)
+    with pytest.raises(ConfigError, match=r"aggregator\.params\.(f|m)=") as at_run:  # ...and not one fewer
+        _run(name, torch.randn(need - 1, 16), **params)
+    with pytest.raises(ConfigError) as at_load:
+        aggregators.check_feasible(name, params, need - 1, got=f"fl.clients_per_round={need - 1}")
+    # the same condition in the same words, whether a round or the config is too small
+    assert str(at_run.value).split(", got")[0] == str(at_load.value).split(", got")[0]
+
+
+def test_trimmed_mean_and_residual_min_clients_are_where_the_rule_stops_being_the_mean():
+    assert aggregators.min_clients("trimmed_mean", {"beta": 0.1}) == 10
+    assert aggregators.min_clients("trimmed_mean", {"beta": 0.0}) == 1  # the plain mean was asked for
+    for beta in (0.1, 0.2, 0.25, 1 / 3, 0.34, 0.49):
+        need = aggregators.min_clients("trimmed_mean", {"beta": beta})
+        assert _run("trimmed_mean", torch.randn(need, 4), beta=beta).info["trimmed_per_side"] == 1
+        assert _run("trimmed_mean", torch.randn(need - 1, 4), beta=beta).info["trimmed_per_side"] == 0
+    need = aggregators.min_clients("residual")
+    assert "fallback" not in _run("residual", torch.randn(need, 4)).info
+    assert "fallback" in _run("residual", torch.randn(need - 1, 4)).info
+
+
+def test_check_feasible_follows_compositions_and_names_the_field():
+    with pytest.raises(ConfigError, match=r"^aggregator\.params\.f=9: krum needs more than 2\*f\+2=20 clients "
+                                          r"per round, got fl\.clients_per_round=4"):
+        aggregators.check_feasible("krum", {"f": 9}, 4, got="fl.clients_per_round=4")
+    with pytest.raises(ConfigError, match=r"^aggregator\.params\.f=1: bulyan needs at least 4\*f\+3=7"):
+        aggregators.check_feasible("probe+bulyan", {"f": 1, "probe": {"threshold": 0.5}}, 6)
+    with pytest.raises(ConfigError, match=r"^aggregator\.params\.params\.f=2: multikrum"):
+        aggregators.check_feasible("norm_clip", {"max_norm": 1.0, "aggregator": "multikrum", "params": {"f": 2}}, 6)
+    with pytest.raises(ConfigError, match=r"^aggregator\.params\.aggregator=residual: residual"):
+        aggregators.check_feasible("norm_clip", {"max_norm": 1.0, "aggregator": "residual"}, 2)
+    with pytest.raises(ConfigError, match=r"^aggregator\.params\.f=-1: krum: f must be"):
+        aggregators.check_feasible("krum", {"f": -1}, 100)
+    for name in ("fedavg", "median", "geometric_median", "foolsgold", "probe", "probe+median", "norm_clip"):
+        assert aggregators.min_clients(name, {"max_norm": 1.0} if name == "norm_clip" else {}) == 1
+    assert aggregators.min_clients("probe+krum", {"f": 1, "probe": {}}) == 5
 
 
 def test_every_rule_is_registered():

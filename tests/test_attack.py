@@ -2,6 +2,7 @@
 defense data mix, the baselines, and a tiny end-to-end run. Neutral placeholders only."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def pools(tmp_path):
 
 
 def _cfg_7v3(benign, malicious, **extra):
-    data = {"model": {"name": "tiny"}, "data": {"samples_per_client": 4, "max_length": 64},
+    data = {"model": {"name": "tiny"}, "seed": int(os.environ.get("FEDSAFE_TEST_SEED", "0")),  # conftest.py
+            "data": {"samples_per_client": 4, "max_length": 64},
             "roles": [{"name": "benign", "clients": 7, "data": [{"path": benign}]},
                       {"name": "malicious", "clients": 3, "data": [{"path": malicious}]}],
             "fl": {"rounds": 2, "clients_per_round": 3, "local_steps": 1, "batch_size": 2}}
@@ -157,17 +159,17 @@ def test_format_field_routes_to_filters(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,ratio", [(10, 0.5), (7, 0.3), (20, 1.0), (9, 0.0), (100, 0.25)])
-def test_defense_mix_ratio(n, ratio):
+def test_defense_mix_ratio(n, ratio, test_seed):
     from fedsafe.defenses.posthoc import mix_defense_rows
 
     aligned = [{"instruction": f"a{i}", "response": "r", "category": "aligned"} for i in range(8)]
     normal = [{"instruction": f"n{i}", "response": "r", "category": "normal"} for i in range(8)]
-    rows = mix_defense_rows(aligned, normal, n, ratio, seed=0)
+    rows = mix_defense_rows(aligned, normal, n, ratio, seed=test_seed)
     assert len(rows) == n
     assert sum(r["category"] == "aligned" for r in rows) == round(n * ratio)
     if round(n * ratio) <= 8:  # no repeats while the pool suffices
         assert len({r["instruction"] for r in rows if r["category"] == "aligned"}) == round(n * ratio)
-    assert rows == mix_defense_rows(aligned, normal, n, ratio, seed=0)  # seeded
+    assert rows == mix_defense_rows(aligned, normal, n, ratio, seed=test_seed)  # seeded
 
 
 def test_defense_mix_errors():

@@ -86,7 +86,14 @@ def test_wrap_aggregator_refuses_robust_rules():
     from fedsafe.config import ExperimentConfig
     from fedsafe.errors import ConfigError
 
-    cfg = ExperimentConfig.model_validate({"dp": {"client_level": True}, "aggregator": {"name": "median"}})
+    from fedsafe.config import load_config
+
+    # refused when the config is loaded, before any model exists ...
+    with pytest.raises(ConfigError, match="aggregator.name=fedavg"):
+        load_config(None, ["dp.client_level=true", "aggregator.name=median"])
+    # ... and by the wrapper itself, for a config built around the schema's checks
+    cfg = ExperimentConfig.model_construct(dp=ExperimentConfig().dp.model_copy(update={"client_level": True}),
+                                           aggregator=ExperimentConfig().aggregator.model_copy(update={"name": "median"}))
     with pytest.raises(ConfigError, match="aggregator.name=fedavg"):
         dp.wrap_aggregator(cfg, object())
     ok = ExperimentConfig.model_validate({"dp": {"client_level": True, "clip_norm": 0.3}})

@@ -180,7 +180,7 @@ def test_load_prompts_advbench_and_jsonl(shared_data, tmp_path):
         load_prompts(str(bad))
 
 
-def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatch):
+def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatch, test_seed):
     from fedsafe import generation
     from fedsafe.config import DataSource, EvalConfig
     from fedsafe.data.format import mean_loss, tokenize_rows
@@ -189,7 +189,7 @@ def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatc
     from fedsafe.models import attach_lora
 
     model, tok = tiny
-    peft_model = attach_lora(model, r=2, alpha=4)
+    peft_model = attach_lora(model, r=2, alpha=4, seed=test_seed)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"placeholder harmful request {i}"}) for i in range(3)))
     held = tmp_path / "h.jsonl"
@@ -217,7 +217,7 @@ def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatc
     assert len(calls) == 2
 
 
-def test_reward_model_mean_score(tiny):
+def test_reward_model_mean_score(tiny, test_seed):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from fedsafe.evaluation.reward import RewardModel
@@ -225,7 +225,7 @@ def test_reward_model_mean_score(tiny):
     _, tok = tiny
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
+    torch.manual_seed(test_seed)
     rm = RewardModel.from_parts(LlamaForSequenceClassification(cfg), tok, batch_size=2)
     prompts, responses = ["q one", "q two", "q three"], ["a", "bb", "ccc"]
     scores = rm.scores(prompts, responses)

@@ -32,7 +32,8 @@ def data_file(tmp_path) -> Path:
 
 
 def _cfg(tmp_path, data_file, **over) -> ExperimentConfig:
-    base = {"name": "flower-test", "seed": 3, "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"},
+    base = {"name": "flower-test", "seed": 3 + int(os.environ.get("FEDSAFE_TEST_SEED", "0")),  # see conftest.py
+            "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"},
             "lora": {"r": 4, "alpha": 8}, "data": {"max_length": 64, "samples_per_client": 6},
             "roles": [{"name": "benign", "clients": 3, "data": [{"path": str(data_file)}]}],
             "fl": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 2},
@@ -328,7 +329,9 @@ def _assert_same_he_rounds(run_dir: Path, reference_dir: Path) -> None:
     Round 1 starts from the same adapter in both runs, so its result differs only by CKKS noise (~1e-9).
     Round 2 starts from adapters that differ by that noise, which AdamW can amplify on coordinates whose
     gradient is ~0 (its step is ~lr * g / |g|), so a later adapter gets a looser bound; a wrong aggregate
-    (a weight, the mask, a client missing) is off by ~1e-2 at this learning rate.
+    (a weight, the mask, a client missing) is off by ~1e-2 at this learning rate. Measured on the final
+    adapter: 5e-7..1e-5 over FEDSAFE_TEST_SEED 0-7; test_secure_agg's similar run reached 4.8e-5 on some
+    seeds, so the bound is 1e-3 (it was 1e-4: a 2x margin there).
     """
     from fedsafe.rundir import RunDir
 
@@ -339,7 +342,7 @@ def _assert_same_he_rounds(run_dir: Path, reference_dir: Path) -> None:
     assert all(i["secure_agg"] for i in info) and info[0]["he_kept_values"] < info[0]["he_total_values"]  # pruned
     assert [i["he_mask_digest"] for i in info] == [r["aggregator_info"]["he_mask_digest"] for r in reference]
     assert all(r["he_bytes"] > 0 for r in RunDir.open(run_dir).records("client"))  # the clients encrypted
-    for tag, atol in (("round_0001", 1e-6), ("final", 1e-6 if len(rounds) == 1 else 1e-4)):
+    for tag, atol in (("round_0001", 1e-6), ("final", 1e-6 if len(rounds) == 1 else 1e-3)):
         got, want = (load_file(next((d / "adapters" / tag).glob("*.safetensors"))) for d in (run_dir, reference_dir))
         assert got.keys() == want.keys()
         for k in want:

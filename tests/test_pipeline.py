@@ -2,6 +2,7 @@
 equality after a crash mid-round, and errors for bad input that name the field or path."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,19 +16,20 @@ from fedsafe.pipeline import run_experiment
 
 
 def _cfg(tmp_path, *extra):
+    seed = int(os.environ.get("FEDSAFE_TEST_SEED", "0"))  # the suite's global seed (conftest.py)
     return load_config(None, [
-        "model.name=tiny", f"output_dir={tmp_path}", "name=t", "fl.rounds=3", "fl.local_steps=2",
+        "model.name=tiny", f"seed={seed}", f"output_dir={tmp_path}", "name=t", "fl.rounds=3", "fl.local_steps=2",
         "fl.batch_size=2", "data.samples_per_client=8", "data.max_length=96", "roles.0.clients=3",
         "fl.clients_per_round=2", "fl.lr=0.01", "data.heldout=[{path: 'starter:heldout'}]", "data.heldout_max=6",
         "eval.helpfulness_proxy=false", *extra])
 
 
-def test_run_directory_layout_and_peft_loadable_adapter(tmp_path):
+def test_run_directory_layout_and_peft_loadable_adapter(tmp_path, test_seed):
     res = run_experiment(_cfg(tmp_path), progress=False)
     d = res.run_dir
     assert (d / "config.yaml").exists() and (d / "env.json").exists()
     env = json.loads((d / "env.json").read_text())
-    assert env["seed"] == 0 and env["packages"]["torch"]
+    assert env["seed"] == test_seed and env["packages"]["torch"]
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     clients = [r for r in recs if r["type"] == "client"]
     rounds = [r for r in recs if r["type"] == "round"]
@@ -35,7 +37,10 @@ def test_run_directory_layout_and_peft_loadable_adapter(tmp_path):
     assert len(clients) == 6 and all({"loss", "steps", "samples", "seconds"} <= set(c) for c in clients)
     for tag in ("round_0001", "round_0002", "round_0003", "final"):
         assert (d / "adapters" / tag / "adapter_model.safetensors").exists()
-    assert res.heldout_loss_before is not None and res.heldout_loss_after < res.heldout_loss_before
+    # 12 AdamW steps at lr 0.01 pull a random model towards the bytes of English text: a large, systematic
+    # drop (measured 0.25-0.26 nats over seeds 0-2), not a float-noise outcome
+    assert res.heldout_loss_before is not None and res.heldout_loss_after < res.heldout_loss_before - 0.05, (
+        res.heldout_loss_before, res.heldout_loss_after)
 
     # the final adapter loads with plain PEFT onto the same base model and reproduces the global vector
     from peft import PeftModel
@@ -43,7 +48,7 @@ def test_run_directory_layout_and_peft_loadable_adapter(tmp_path):
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.models import byte_tokenizer, tiny_llama
 
-    base = tiny_llama(byte_tokenizer(), seed=0)
+    base = tiny_llama(byte_tokenizer(), seed=test_seed)
     peft = PeftModel.from_pretrained(base, str(d / "adapters" / "final"))
     saved = load_file(str(d / "adapters" / "final" / "adapter_model.safetensors"))
     lora = {n: p for n, p in peft.named_parameters() if "lora_" in n}
@@ -125,9 +130,9 @@ def test_info_prints_versions_and_device():
     assert info["packages"]["torch"] and "cuda_available" in info
 
 
-def test_embedded_model_end_to_end(tmp_path):
-    cfg = load_config(None, [f"output_dir={tmp_path}", "name=e2e", "roles.0.clients=2", "fl.clients_per_round=2",
-                             "fl.rounds=1", "fl.local_steps=2", "data.samples_per_client=8",
+def test_embedded_model_end_to_end(tmp_path, test_seed):
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"seed={test_seed}", "name=e2e", "roles.0.clients=2",
+                             "fl.clients_per_round=2", "fl.rounds=1", "fl.local_steps=2", "data.samples_per_client=8",
                              "data.max_length=128", "eval.helpfulness_proxy=false"])
     res = run_experiment(cfg, progress=False)
     assert (res.run_dir / "adapters" / "final" / "adapter_config.json").exists()

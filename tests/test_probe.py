@@ -1,6 +1,8 @@
 """Safe-FedLLM probe: shadow training without an oracle, separation of planted attackers, weighting modes,
 composition with other rules, and refusal under secure aggregation."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,11 +27,11 @@ def _rows(kind: str, n: int, start: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(test_seed):
     from fedsafe.models import byte_tokenizer, tiny_llama
 
     tok = byte_tokenizer()
-    model = attach_lora(tiny_llama(tok, seed=0), r=4, alpha=8, seed=0)
+    model = attach_lora(tiny_llama(tok, seed=test_seed), r=4, alpha=8, seed=test_seed)
     trainer = LocalTrainer(model, tok)
     ex = lambda rows: tokenize_rows(tok, rows, 64)  # noqa: E731
     return trainer, ex
@@ -45,6 +47,10 @@ def _shadow(trainer, ex, seed=0, per_class=3, steps=2):
 @pytest.fixture(autouse=True)
 def _one_thread():
     # these tests run many tiny training steps; on a shared, oversubscribed CPU one thread is ~5x faster
+    # (unless the suite is run on a chosen thread count, FEDSAFE_TEST_THREADS)
+    if os.environ.get("FEDSAFE_TEST_THREADS"):
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -54,11 +60,11 @@ def _one_thread():
 RC = RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3)
 
 
-def test_probe_separates_planted_malicious_updates(setup):
+def test_probe_separates_planted_malicious_updates(setup, test_seed):
     trainer, ex = setup
     g = trainer.flat.get()
     probe = aggregators.get("probe")  # exclusion at p >= 0.8, LoRA B of the first layer
-    rc = probe.prepare(RoundContext(round=1, global_vec=g, round_config=RC, shadow=_shadow(trainer, ex)))
+    rc = probe.prepare(RoundContext(round=1, global_vec=g, round_config=RC, shadow=_shadow(trainer, ex, test_seed)))
     assert probe.classifier is not None and probe._last_fit["samples"] == 6
     assert int(probe.features.mask.sum()) == int(trainer.flat.mask("B", [0]).sum())
     # real clients hold data the shadows never saw (disjoint rows of the same two kinds)
@@ -71,26 +77,32 @@ def test_probe_separates_planted_malicious_updates(setup):
     info = out.info["probe"]
     assert info["auc"] >= 0.9  # chance is 0.5
     assert info["auc"] == pytest.approx(roc_auc([info["probability"][c] for c in ids], [c.malicious for c in clients]))
-    # flagged clients get weight 0; the rest share the FedAvg weight
+    # The separation is large by construction, not by luck of one training run: LoRA B starts at zero and the
+    # first AdamW step moves every entry by lr * sign(gradient), so the features are the two data kinds'
+    # gradient sign patterns; float noise only flips near-zero gradients. Measured over seeds 0-9 and 1-2
+    # threads: malicious p >= 0.95, benign p <= 0.04. A probe that no longer separates fails the margin.
+    p = {c.client_id: info["probability"][c.client_id] for c in clients}
+    assert min(p[c] for c in ("c3", "c4", "c5")) - max(p[c] for c in ("c0", "c1", "c2")) > 0.5, p
+    # flagged clients (p >= 0.8) get weight 0; the rest share the FedAvg weight
     flagged = set(info["flagged"])
-    assert flagged and flagged <= {"c3", "c4", "c5"}
+    assert flagged == {"c3", "c4", "c5"}, p
     for i, cid in enumerate(ids):
         assert (out.client_weights[i] == 0) == (cid in flagged)
     assert float(out.client_weights.sum()) == pytest.approx(1.0)
     assert info["malicious"] == {c.client_id: c.malicious for c in clients}
 
 
-def test_shadow_training_is_deterministic_under_a_seed(setup):
+def test_shadow_training_is_deterministic_under_a_seed(setup, test_seed):
     trainer, ex = setup
     g = trainer.flat.get()
     feat = lambda r: r.update[None, :].numpy()  # noqa: E731
-    X1, y1, _ = _shadow(trainer, ex, seed=3, per_class=1, steps=1).collect(g, RC, feat)
-    X2, y2, _ = _shadow(trainer, ex, seed=3, per_class=1, steps=1).collect(g, RC, feat)
-    X3, _, _ = _shadow(trainer, ex, seed=4, per_class=1, steps=1).collect(g, RC, feat)
+    X1, y1, _ = _shadow(trainer, ex, seed=test_seed + 3, per_class=1, steps=1).collect(g, RC, feat)
+    X2, y2, _ = _shadow(trainer, ex, seed=test_seed + 3, per_class=1, steps=1).collect(g, RC, feat)
+    X3, _, _ = _shadow(trainer, ex, seed=test_seed + 4, per_class=1, steps=1).collect(g, RC, feat)
     assert np.array_equal(X1, X2) and np.array_equal(y1, y2) and y1.tolist() == [0, 1]
     assert not np.allclose(X1, X3)  # another seed draws other shadow data
     # decisions never read the truth: the same probe state gives the same weights without it
-    s = _shadow(trainer, ex, seed=3, per_class=1, steps=1)
+    s = _shadow(trainer, ex, seed=test_seed + 3, per_class=1, steps=1)
     assert [c.client_id for c, _ in s.shadow_clients(2)] == ["shadow_benign_00", "shadow_malicious_00"]
 
 
@@ -117,12 +129,12 @@ class _Pick(Aggregator):
 
 
 @pytest.fixture
-def synthetic(tiny):
+def synthetic(tiny, test_seed):
     """A probe fitted on synthetic updates whose first-layer-B slice points one way (benign) or another."""
     model, _ = tiny
-    flat = FlatLoRA(attach_lora(model, r=2, alpha=4, seed=0))
+    flat = FlatLoRA(attach_lora(model, r=2, alpha=4, seed=test_seed))
     mask = flat.mask("B", [0])
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(test_seed)
     direction = torch.randn(int(mask.sum()), generator=gen)
 
     def make(labels, scale=1.0):
@@ -228,7 +240,7 @@ def test_step_level_reports_are_opt_in(setup):
     assert torch.allclose(steps[-1], res.update[mask])  # the last step's report is the final update
 
 
-def test_probe_end_to_end_logs_probabilities_roles_and_auc(tmp_path):
+def test_probe_end_to_end_logs_probabilities_roles_and_auc(tmp_path, test_seed):
     """A tiny experiment with planted attackers: each round record carries the probe's view and its AUC."""
     import json
 
@@ -241,7 +253,7 @@ def test_probe_end_to_end_logs_probabilities_roles_and_auc(tmp_path):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in _rows(kind, 24, start)))
     cfg = ExperimentConfig.model_validate({
-        "name": "probe", "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"},
+        "name": "probe", "seed": test_seed, "output_dir": str(tmp_path / "runs"), "model": {"name": "tiny"},
         "lora": {"r": 4, "alpha": 8},
         "data": {"max_length": 64, "samples_per_client": 6},
         "roles": [{"name": "benign", "clients": 3, "data": [{"path": str(files["benign"])}]},
@@ -263,7 +275,11 @@ def test_probe_end_to_end_logs_probabilities_roles_and_auc(tmp_path):
     assert p1["refit"]["samples"] == 4 and p1["refit"]["shadow_seconds"] > 0
     assert p1["malicious"] == {f"client_0{i}": i >= 3 for i in range(5)}
     assert set(p1["probability"]) == set(p1["malicious"]) and p2["auc_cumulative"] is not None
-    assert p1["auc"] >= 0.9
+    assert p1["auc"] >= 0.9, p1["probability"]
+    # a margin, not a rank (measured over seeds 0-3: malicious p >= 0.94, benign p <= 0.08)
+    prob = p1["probability"]
+    assert min(prob["client_03"], prob["client_04"]) - max(prob[f"client_0{i}"] for i in range(3)) > 0.5, prob
+    assert sorted(p1["flagged"]) == ["client_03", "client_04"], prob
     for c in (r for r in records if r["type"] == "client" and r["round"] == 1):  # per-client records too
         assert c["probe_probability"] == p1["probability"][c["client_id"]]
     # the logged aggregation weights are the probe's: flagged clients got 0

@@ -55,12 +55,12 @@ def test_role_order_puts_malicious_last():
     assert stealth._role_order(_record(1, [0.25] * 4)) == [0, 1, 3, 2]
 
 
-def test_compare_weights_logged_by_a_tiny_run(tmp_path):
+def test_compare_weights_logged_by_a_tiny_run(tmp_path, test_seed):
     from fedsafe.config import load_config
     from fedsafe.pipeline import run_experiment
 
     cfg = load_config(None, [
-        "model.name=tiny", f"output_dir={tmp_path}", "name=s", "fl.rounds=2", "fl.local_steps=1",
+        "model.name=tiny", f"seed={test_seed}", f"output_dir={tmp_path}", "name=s", "fl.rounds=2", "fl.local_steps=1",
         "fl.batch_size=2", "data.samples_per_client=4", "data.max_length=96", "roles.0.clients=4",
         "fl.clients_per_round=4", "aggregator.name=median", "eval.helpfulness_proxy=false",
         "aggregator.compare=[foolsgold, {name: krum, params: {f: 0}}, {name: krum, params: {f: 1}}]"])
