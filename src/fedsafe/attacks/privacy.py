@@ -11,8 +11,11 @@ LLM Training? Vulnerabilities, Attacks, and Defense Evaluation" (Findings of EMN
   in-memory model: theta_t is loaded, theta_{t-k} is substituted with ``torch.func.functional_call``, each
   with its own KV cache) and in parameter space ``theta_t + alpha * (theta_t - theta_{t-k})`` on the flat
   LoRA vector (A and B factors extrapolated separately, so the implied weight change is not linear in alpha);
-- **loss-based membership inference** (Yeom et al., CSF 2018): AUC of -loss on victim vs held-out samples,
-  plus the reference-calibrated score loss - loss_base (Carlini et al., USENIX Security 2021);
+- **loss-based membership inference** (Yeom et al., CSF 2018): AUC of -loss on members vs held-out samples,
+  plus the reference-calibrated score loss - loss_base (Carlini et al., USENIX Security 2021). Members (and
+  the samples completed by the partial-input attack) are drawn only from the victim examples that were
+  actually trained on by round t, in an update the rule kept (the ``seen_examples`` each client reports);
+  a client's data holds many examples its few local steps never reach, and those are not members;
 - **canaries** (Carlini et al., "The Secret Sharer", USENIX Security 2019): seeded random secrets in a
   fixed format are inserted into victims' data; we report each secret's exact extraction rate and its
   exposure = log2(M+1) - log2(rank), the rank of the true secret's log-perplexity among M random candidates
@@ -28,7 +31,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -432,11 +435,16 @@ def canary_extraction(model, tokenizer, canary: Canary, *, n_samples: int, tempe
 
 @dataclass
 class AttackData:
-    """What the attack is scored against: victims' examples, non-members and canaries (ground truth)."""
+    """What the attack is scored against: victims' examples, non-members and canaries (ground truth).
+
+    ``victim_keys[i]`` is ``(client_id, index into that client's examples)`` of ``victims[i]``: what the
+    clients' ``seen_examples`` reports refer to.
+    """
 
     victims: list[TokenizedExample]
     nonmembers: list[TokenizedExample]
     canaries: list[Canary]
+    victim_keys: list[tuple[str, int]] = field(default_factory=list)
 
 
 class PrivacyAttacker:
@@ -461,6 +469,44 @@ class PrivacyAttacker:
         texts = [tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in data.victims]
         self.index = lk.ReferenceIndex(texts)
         self.seed = self.pcfg.seed if self.pcfg.seed is not None else cfg.seed
+        # without a run directory, the caller may set {(client_id, example index)} trained on (else: unknown)
+        self.trained: set[tuple[str, int]] | None = None
+
+    def trained_on(self, t: int) -> set[tuple[str, int]] | None:
+        """``(client_id, example index)`` of the victim examples trained on in rounds 1..t, None when unknown.
+
+        Read from the run's client records (``seen_examples``, reported by the local trainers); an update the
+        rule dropped (aggregation weight 0) did not reach the global model, so its examples do not count.
+        """
+        if self.run_dir is None:
+            return self.trained
+        victims = {cid for cid, _ in self.data.victim_keys}
+        out: set[tuple[str, int]] = set()
+        for r in self.run_dir.records("client"):
+            if r.get("round", 0) > t or r.get("client_id") not in victims:
+                continue
+            if "seen_examples" not in r:
+                return None
+            w = r.get("aggregation_weight")
+            if w is not None and not w > 0:
+                continue
+            out.update((r["client_id"], int(i)) for i in r["seen_examples"])
+        return out
+
+    def member_pool(self, t: int) -> tuple[list[TokenizedExample], str]:
+        """The victim examples members are drawn from at round ``t``, and where they come from.
+
+        ``"trained_on"``: only examples trained on by round t. ``"all_victim_examples"`` (with a warning)
+        when that is unknown: runs written before clients reported ``seen_examples``, or local DP-SGD with
+        ``dp.secure_noise`` (its batches stay secret).
+        """
+        trained = self.trained_on(t) if self.data.victim_keys else None
+        if trained is None:
+            log.warning("privacy: the victim examples trained on are unknown (no seen_examples in the client "
+                        "records); membership inference and partial-input completion draw from all victim "
+                        "examples, many of which may never have been trained on")
+            return list(self.data.victims), "all_victim_examples"
+        return [e for e, key in zip(self.data.victims, self.data.victim_keys) if key in trained], "trained_on"
 
     def observe(self, round_no: int, vec: torch.Tensor) -> None:
         """Store the global adapter of ``round_no`` (only the last k+1 rounds and round 0 are kept)."""
@@ -506,9 +552,13 @@ class PrivacyAttacker:
         results: dict = {}
         data = self.data
         rng = random.Random(seed)
-        members = rng.sample(data.victims, min(p.n_mia, len(data.victims))) if p.n_mia else []
+        pool, pool_kind = self.member_pool(t) if (p.n_mia or p.n_partial) else ([], "")
+        if (p.n_mia or p.n_partial) and not pool:
+            log.warning("privacy: no victim example was trained on by round %d (in an update the rule kept); "
+                        "membership inference and partial-input completion are skipped", t)
+        members = rng.sample(pool, min(p.n_mia, len(pool))) if p.n_mia else []
         nonmembers = data.nonmembers[: p.n_mia] if p.n_mia else []
-        partial = rng.sample(data.victims, min(p.n_partial, len(data.victims))) if p.n_partial else []
+        partial = rng.sample(pool, min(p.n_partial, len(pool))) if p.n_partial else []
         try:
             for name, vec, contrast in self.variants(t):
                 t0 = time.perf_counter()
@@ -518,7 +568,7 @@ class PrivacyAttacker:
                     gens = zero_input_attack(self.model, tok, p.n_zero_input, max_new_tokens=p.max_new_tokens,
                                              temperature=p.temperature, top_p=p.top_p, seed=seed,
                                              batch_size=p.batch_size, contrast=contrast, progress=self.progress)
-                    rep = lk.leakage(gens, self.index, candidates=p.candidates)
+                    rep = lk.leakage(gens, self.index, candidates=p.candidates, exhaustive=p.exhaustive)
                     res["zero_input"] = rep.summary
                     res["zero_input"]["canaries_in_generations"] = sum(
                         any(c.secret in g for g in gens) for c in data.canaries)
@@ -537,6 +587,7 @@ class PrivacyAttacker:
                     res["mia"] = membership_inference(self.model, members, nonmembers, tok.pad_token_id,
                                                       batch_size=p.batch_size, contrast=contrast,
                                                       reference=name == "plain")
+                    res["mia"].update(member_pool=pool_kind, n_trained_on=len(pool))
                 if data.canaries and p.canaries is not None:
                     per = []
                     for i, c in enumerate(data.canaries):
@@ -582,7 +633,8 @@ def flatten_result(res: dict) -> dict:
     z = res.get("zero_input")
     if z:
         out.update(zero_rougeL=z["rougeL_mean"], zero_rougeL_max=z["rougeL_max"], zero_exact=z["exact_rate"],
-                   zero_near_exact=z["near_exact_rate"], zero_canaries=z.get("canaries_in_generations"))
+                   zero_near_exact=z["near_exact_rate"], zero_canaries=z.get("canaries_in_generations"),
+                   zero_rougeL_lower_bound=z.get("lower_bound"))
         if "bertscore_mean" in z:
             out["zero_bertscore"] = z["bertscore_mean"]
     for key, val in res.items():
@@ -592,6 +644,7 @@ def flatten_result(res: dict) -> dict:
                         f"partial{pct}_near_exact": val["near_exact_rate"]})
     if "mia" in res:
         out["mia_auc"] = res["mia"]["auc"]
+        out.update(mia_n_members=res["mia"]["n_members"], mia_member_pool=res["mia"].get("member_pool"))
         if "auc_ref" in res["mia"]:
             out["mia_auc_ref"] = res["mia"]["auc_ref"]
     if "canaries" in res:
@@ -663,8 +716,12 @@ def attack_data(cfg, clients, tokenizer, canaries: list[Canary]) -> AttackData:
         ex = format_example(tokenizer, c.instruction, c.response, cfg.data.max_length, cfg.data.system_prompt)
         if ex is not None:
             canary_ids.add(tuple(ex.input_ids.tolist()))
-    victims = [e for c in victim_clients(cfg, clients) for e in c.examples
-               if tuple(e.input_ids.tolist()) not in canary_ids]
+    victims, keys = [], []
+    for c in victim_clients(cfg, clients):
+        for i, e in enumerate(c.examples):  # the index is what the client's seen_examples report refers to
+            if tuple(e.input_ids.tolist()) not in canary_ids:
+                victims.append(e)
+                keys.append((c.client_id, i))
     sources = cfg.privacy.nonmembers or cfg.data.heldout
     nonmembers = []
     if sources and cfg.privacy.n_mia:
@@ -675,7 +732,7 @@ def attack_data(cfg, clients, tokenizer, canaries: list[Canary]) -> AttackData:
     elif cfg.privacy.n_mia:
         log.warning("privacy: no non-member data (privacy.nonmembers or data.heldout); membership inference "
                     "is skipped")
-    return AttackData(victims, nonmembers, canaries)
+    return AttackData(victims, nonmembers, canaries, keys)
 
 
 def build_attacker(cfg, model, tokenizer, flat, init_vec: torch.Tensor, clients, canaries: list[Canary],

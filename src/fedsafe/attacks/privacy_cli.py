@@ -103,11 +103,19 @@ def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list
 def _print(results: dict, t: int) -> None:
     from fedsafe.attacks.privacy import flatten_result
 
-    table = Table(title=f"privacy attacks on the round-{t} global model")
+    flats = {name: flatten_result(res) for name, res in results.items()}
+    lower = any(f.get("zero_rougeL_lower_bound") for f in flats.values())
+    table = Table(title=f"privacy attacks on the round-{t} global model",
+                  caption=">= lower bound: the n-gram prefilter scored only candidate training texts; "
+                          "--set privacy.exhaustive=true scores all" if lower else None)
     table.add_column("variant")
     for h in HEADLINE:
         table.add_column(h, justify="right")
-    for name, res in results.items():
-        flat = flatten_result(res)
-        table.add_row(name, *[("-" if flat.get(h) is None else f"{flat[h]:.3f}") for h in HEADLINE])
+    for name, flat in flats.items():
+        cells = []
+        for h in HEADLINE:
+            v = flat.get(h)
+            bound = ">=" if h in ("zero_rougeL", "zero_near_exact") and flat.get("zero_rougeL_lower_bound") else ""
+            cells.append("-" if v is None else f"{bound}{v:.3f}")
+        table.add_row(name, *cells)
     console.print(table)

@@ -413,8 +413,10 @@ class DPLocalTrainer(LocalTrainer):
         gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="sum", strict=False)
         self.model.train()
         losses, clipped_frac, batch_sizes = [], [], []
+        seen: set[int] = set()  # the Poisson samples; reported only when they follow the public seed (below)
         try:
             for idx in sampler:
+                seen.update(int(i) for i in idx)
                 optimizer.zero_grad(set_to_none=True)
                 grad, per_example, norms = self.private_gradient(gsm, [client.examples[i] for i in idx], noise_gen,
                                                                  expected_batch_size=batch_size)
@@ -453,6 +455,8 @@ class DPLocalTrainer(LocalTrainer):
                    "dp_noise": "os" if self.secure_noise else "seeded",
                    "dp_clipped_fraction": sum(clipped_frac) / len(clipped_frac) if clipped_frac else nan,
                    "compute_seconds": time.perf_counter() - t0, "seconds": time.perf_counter() - t0}
+        if not self.secure_noise:  # seeded batches are public anyway; secret (OS) Poisson samples must stay secret
+            metrics["seen_examples"] = sorted(seen)
         return ClientResult(client.client_id, update, n, metrics, {})
 
 

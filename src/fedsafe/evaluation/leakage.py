@@ -7,7 +7,12 @@ Findings of EMNLP 2025) scores every generated text against its best match among
 texts. An exhaustive search is |gen| x |ref| LCS computations; we instead
 
 1. prefilter: an inverted index of word trigrams (plus rare unigrams as a fallback) ranks the training
-   texts by shared n-grams, and only the top ``candidates`` per generation are scored exactly;
+   texts by shared n-grams, and only the top ``candidates`` per generation are scored exactly. The result is
+   a LOWER BOUND on the best-match ROUGE-L (and on the near-exact rate): a training text that shares no
+   trigram and no rare word with a generation is never scored, even when its ROUGE-L is the highest (e.g.
+   a generation made of frequent words in another order scores 0 here and 0.625 exhaustively). Reports say
+   so (``lower_bound`` in the summary, ``zero_rougeL_lower_bound`` and a ">=" in the privacy table);
+   ``exhaustive=True`` (``privacy.exhaustive``) scores every training text and gives the exact value;
 2. score each pair with a bit-parallel LCS (Allison & Dix 1986; Hyyro 2004) on Python big integers,
    O(|gen| * ceil(|ref| / word)) instead of O(|gen| * |ref|) Python steps.
 
@@ -161,11 +166,16 @@ def leakage(generations: Sequence[str], references: Sequence[str] | ReferenceInd
     """Best-match ROUGE-L of each generation against the training texts, with exact/near-exact rates.
 
     ``exact``: the generation's word sequence equals a training text; ``near_exact``: best ROUGE-L F1 >=
-    ``near_exact`` (0.9 by default, as in the extraction literature).
+    ``near_exact`` (0.9 by default, as in the extraction literature). Without ``exhaustive`` only the n-gram
+    prefilter's ``candidates`` are scored, so the scores and the near-exact rate are lower bounds (the summary
+    says ``lower_bound: True``); the exact rate is exact either way.
     """
     index = references if isinstance(references, ReferenceIndex) else ReferenceIndex(references)
     matches = [index.best_match(g, candidates, exhaustive) for g in generations]
-    return LeakageReport(matches, summarize(matches, near_exact))
+    summary = summarize(matches, near_exact)
+    summary.update(search="exhaustive" if exhaustive else f"prefilter(candidates={candidates})",
+                   lower_bound=not exhaustive)
+    return LeakageReport(matches, summary)
 
 
 def summarize(matches: Sequence[BestMatch], near_exact: float = NEAR_EXACT) -> dict:
@@ -254,10 +264,16 @@ MODEL_ALIGNMENT: dict[str, bool | None] = {
     "meta-llama/Llama-2-7b-hf": False, "meta-llama/Meta-Llama-3-8B": False,
 }
 
-TABLE_COLUMNS = ("run", "model", "aligned", "defense", "epsilon", "variant", "round", "zero_rougeL",
-                 "zero_near_exact", "zero_exact", "partial30_rougeL", "partial30_exact", "partial80_rougeL",
-                 "partial80_exact", "mia_auc", "mia_auc_ref", "canary_exposure", "canary_extraction",
-                 "heldout_loss", "helpfulness_proxy")
+# eps_client/delta_client: client-level DP-FedAvg (a whole client's data, replace-one); eps_example/delta_example:
+# local DP-SGD (one training example of a client; the largest over the clients). Different units: never merged.
+TABLE_COLUMNS = ("run", "model", "aligned", "defense", "eps_client", "delta_client", "eps_example",
+                 "delta_example", "variant", "round", "zero_rougeL", "zero_near_exact", "zero_rougeL_lower_bound",
+                 "zero_exact", "partial30_rougeL", "partial30_exact", "partial80_rougeL", "partial80_exact",
+                 "mia_auc", "mia_auc_ref", "mia_n_members", "mia_member_pool", "canary_exposure",
+                 "canary_extraction", "heldout_loss", "helpfulness_proxy")
+
+#: columns that are lower bounds when the row's zero_rougeL_lower_bound is true (n-gram prefilter)
+LOWER_BOUND_COLUMNS = ("zero_rougeL", "zero_near_exact")
 
 
 def defense_label(cfg: dict) -> str:
@@ -320,16 +336,21 @@ def leakage_utility_rows(run_dirs) -> list[dict]:
         if not priv:
             continue
         last = max(r["round"] for r in priv)
-        dp_eps = [r["epsilon"] for r in records if r.get("type") == "dp" and r.get("round", 0) <= last]
-        local_eps = [r["dp_epsilon"] for r in records if r.get("type") == "client" and "dp_epsilon" in r]
-        eps = max(dp_eps[-1:] + local_eps) if (dp_eps or local_eps) else None
+        # client-level and example-level epsilon are different guarantees: each gets its own column
+        dp_recs = [r for r in records if r.get("type") == "dp" and r.get("round", 0) <= last]
+        local = [r for r in records if r.get("type") == "client" and r.get("dp_epsilon") is not None
+                 and r.get("round", 0) <= last]
+        worst_local = max(local, key=lambda r: r["dp_epsilon"]) if local else {}
         heldout = [r for r in records if r.get("type") == "heldout"]
         evals = [r for r in records if r.get("type") == "eval" and r.get("defense", "none") == "none"]
         model = (cfg.get("model") or {}).get("name", "?")
         latest = {r.get("variant"): r for r in priv if r["round"] == last}  # a re-run attack replaces the old
         for r in latest.values():
             row = {"run": rd.name, "model": model, "aligned": MODEL_ALIGNMENT.get(model),
-                   "defense": defense_label(cfg), "epsilon": eps, "variant": r.get("variant"), "round": last,
+                   "defense": defense_label(cfg), "variant": r.get("variant"), "round": last,
+                   "eps_client": dp_recs[-1]["epsilon"] if dp_recs else None,
+                   "delta_client": dp_recs[-1].get("delta") if dp_recs else None,
+                   "eps_example": worst_local.get("dp_epsilon"), "delta_example": worst_local.get("dp_delta"),
                    "heldout_loss": heldout[-1].get("after") if heldout else None,
                    "helpfulness_proxy": evals[-1].get("helpfulness_proxy") if evals else None}
             row.update({k: r.get(k) for k in TABLE_COLUMNS if k not in row})
@@ -337,20 +358,28 @@ def leakage_utility_rows(run_dirs) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
+def _fmt(v, col: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return "inf" if v == float("inf") else f"{v:.3f}"
+        if v == float("inf"):
+            return "inf"
+        return f"{v:.2e}" if col.startswith("delta") else f"{v:.3f}"
     return str(v)
 
 
 def leakage_utility_markdown(rows: list[dict]) -> str:
-    """The leakage-versus-utility rows as a Markdown table."""
+    """The leakage-versus-utility rows as a Markdown table (">=": a lower bound from the n-gram prefilter)."""
     cols = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        cells = []
+        for c in cols:
+            cell = _fmt(r.get(c), c)
+            if c in LOWER_BOUND_COLUMNS and r.get("zero_rougeL_lower_bound") and r.get(c) is not None:
+                cell = ">=" + cell
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,6 +407,12 @@ def write_leakage_utility(run_dirs, out_dir, leakage_key: str = "zero_rougeL",
           "Leakage: best-match ROUGE-L / exact rates of zero-input generations, exact suffix rate of 30%/80% "
           "prefix completions, membership-inference AUC, canary exposure (bits) and extraction rate. "
           "Utility: held-out loss after training (lower is better) and the helpfulness proxy.\n\n"
+          "A \">=\" marks a lower bound: with the n-gram prefilter (privacy.exhaustive: false) a best match that "
+          "shares no word trigram or rare word with a generation is never scored; privacy.exhaustive: true gives "
+          "the exact value. Membership-inference members are victim examples actually trained on "
+          "(mia_member_pool: trained_on). eps_client/delta_client: client-level DP-FedAvg (neighbouring "
+          "datasets differ in one client's data); eps_example/delta_example: local DP-SGD (one training example; "
+          "the largest over the clients). The two are different guarantees and are not comparable.\n\n"
           + leakage_utility_markdown(rows))
     atomic_write_text(out / "privacy_table.md", md)
     plot = _plot_leakage_utility(rows, out / "plots" / "privacy_leakage_utility.png", leakage_key, utility_key)

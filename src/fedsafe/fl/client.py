@@ -134,12 +134,14 @@ class LocalTrainer:
         losses = []
         compute_s = 0.0
         step_updates = []
+        seen: set[int] = set()  # indices of the examples trained on (privacy: MIA members are drawn from them)
         for _ in range(rc.local_steps):
             tc = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for _micro in range(rc.grad_accum):
                 idx = next(batches)
+                seen.update(idx)
                 batch = {k: v.to(self.device) for k, v in
                          collate([client.examples[i] for i in idx], self.pad_id).items()}
                 out = self.model(**batch)
@@ -178,7 +180,7 @@ class LocalTrainer:
         metrics = {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                    "steps": rc.local_steps, "samples": client.num_samples,
                    "update_norm": float(update.norm()), "compute_seconds": compute_s,
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "seen_examples": sorted(seen)}
         return ClientResult(client.client_id, update, client.num_samples, metrics, extra)
 
     def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
