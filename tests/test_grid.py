@@ -114,3 +114,150 @@ def test_tiny_grid_of_two_settings_end_to_end(tmp_path):
     assert [s["setting"] for s in settings] == ["no_attack", "attack"]
     assert all((grid_dir / s["run_dir"] / "results.csv").exists() for s in settings)
     assert (grid_dir / "report.html").exists() and (grid_dir / "plots" / "results.png").exists()
+
+
+def test_parse_and_resolve_seeds(tmp_path):
+    from fedsafe.grid import parse_seeds, resolve_seeds
+
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("5,") == [5]
+    for bad in ("0", "a", "1,1"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    _data(tmp_path)
+    spec, settings = load_grid(_grid(tmp_path, {"scenario": {"no_attack": {}}}))
+    resolved, per_seed = resolve_seeds(spec, settings)
+    assert resolved[0][1].seeds == [0] and not per_seed  # one seed, as before: run dirs keep their names
+    resolved, per_seed = resolve_seeds(spec, settings, [3, 4])
+    assert resolved[0][1].seeds == [3, 4] and per_seed
+    spec_seeds = spec.model_copy(update={"seeds": [1, 2]})
+    assert resolve_seeds(spec_seeds, settings)[0][0][1].seeds == [1, 2]
+    # seeds in the experiment config (as in a run config file)
+    _, settings = load_grid(_grid(tmp_path, {"scenario": {"no_attack": {"seeds": [5, 6]}}}))
+    assert resolve_seeds(spec, settings)[0][0][1].seeds == [5, 6]
+    with pytest.raises(ConfigError, match="seeds"):
+        load_grid(_grid(tmp_path, {"scenario": {"no_attack": {"seeds": [1, 1]}}}))
+
+
+def _runs_of(grid_dir):
+    return sorted(p.name.rsplit("-", 2)[0] for p in (grid_dir / "runs").iterdir())
+
+
+def test_tiny_grid_with_seeds_then_resume_skips_finished_seeds(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fedsafe.pipeline
+    from fedsafe.cli import _register_optional_commands, app
+    from fedsafe.report import read_outcomes, read_results
+
+    _data(tmp_path)
+    path = _grid(tmp_path, {"scenario": {
+        "no_attack": {},
+        "attack": {"roles": ATTACK_ROLES, "fl.clients_per_round": 3, "posthoc.enabled": True}}})
+    spec = yaml.safe_load(path.read_text())
+    spec["config"]["eval"].update({"base": True, "n_prompts": 3})
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "prompts.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": f"placeholder harmful request {i}"}) for i in range(4)))
+    trained = []
+    real = fedsafe.pipeline.run_experiment
+    monkeypatch.setattr(fedsafe.pipeline, "run_experiment",
+                        lambda cfg=None, **kw: trained.append(cfg.seed if cfg else "resumed") or real(cfg, **kw))
+    _register_optional_commands()
+    runner = CliRunner()
+    # seed 0 only, then resume with two seeds: only seed 1 is trained the second time
+    result = runner.invoke(app, ["grid", str(path), "--seeds", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    grid_dir = tmp_path / "out" / result.stdout.strip().splitlines()[-1].split("/")[-1]
+    assert trained == [0, 0] and _runs_of(grid_dir) == ["attack-s0", "no_attack-s0"]
+    result = runner.invoke(app, ["grid", str(path), "--seeds", "2", "--resume", str(grid_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert trained == [0, 0, 1, 1]
+    assert _runs_of(grid_dir) == ["attack-s0", "attack-s1", "no_attack-s0", "no_attack-s1"]
+
+    rows = read_results(grid_dir)
+    assert sorted((r["scenario"], r["seed"]) for r in rows) == sorted(
+        (s, seed) for s in ("base", "no_attack", "attack", "attack_posthoc") for seed in (0, 1))
+    outcomes = read_outcomes(grid_dir)
+    assert len(outcomes) == len(rows) and all(o["prompt_ids"] == [0, 1, 2] and len(o["rule"]) == 3 for o in outcomes)
+    with open(grid_dir / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [(s["scenario"], s["n_seeds"], s["seeds"]) for s in summary] == [
+        ("base", "2", "0 1"), ("no_attack", "2", "0 1"), ("attack", "2", "0 1"), ("attack_posthoc", "2", "0 1")]
+    for s in summary:
+        assert float(s["rule_ci_low"]) <= float(s["rule_mean"]) <= float(s["rule_ci_high"])
+        assert s["helpfulness_proxy_std"] != ""
+    with open(grid_dir / "comparisons.csv", newline="") as f:
+        pairs = {(r["compared"], r["reference"]) for r in csv.DictReader(f)}
+    assert pairs == {("attack", "no_attack"), ("attack_posthoc", "attack")}
+    with open(grid_dir / "settings.csv", newline="") as f:
+        assert [(r["setting"], r["seed"]) for r in csv.DictReader(f)] == [
+            ("no_attack", "0"), ("attack", "0"), ("no_attack", "1"), ("attack", "1")]
+    # the seed drives training: the same setting's seeds see different first rounds
+    losses = {}
+    for run in (grid_dir / "runs").iterdir():
+        first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line).get("type") == "round")
+        losses[run.name.rsplit("-", 2)[0]] = first["mean_loss"]
+        assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == int(run.name.rsplit("-", 2)[0][-1])
+    assert losses["attack-s0"] != losses["attack-s1"]
+    # one shared generation cache: the base model (all LoRA B = 0) is evaluated once per seed, not per setting
+    assert len(list((grid_dir / "cache" / "generations").glob("base-*.json"))) == 2
+    # a changed grid is not resumed silently
+    result = runner.invoke(app, ["grid", str(path), "--seeds", "2", "--resume", str(grid_dir), "--no-progress",
+                                 "--set", "fl.lr=0.01"])
+    assert result.exit_code != 0 and "differs from the one run" in str(result.exception)
+
+
+def test_run_with_seeds_is_a_grid_of_one_setting(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsafe.cli import _register_optional_commands, app
+
+    _data(tmp_path)
+    spec = yaml.safe_load(_grid(tmp_path, {}).read_text())
+    cfg = {**spec["config"], "name": "one", "output_dir": str(tmp_path / "out"), "seeds": [3, 4]}
+    cfg["eval"]["n_prompts"] = 2
+    for src in cfg["roles"][0]["data"] + cfg["posthoc"]["aligned"] + cfg["posthoc"]["normal"] + cfg["data"]["heldout"]:
+        src["path"] = str(tmp_path / src["path"])
+    cfg["eval"]["prompts"] = str(tmp_path / "prompts.jsonl")
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
+    _register_optional_commands()
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "one.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    grid_dir = tmp_path / "out" / result.stdout.strip().splitlines()[-1].split("/")[-1]
+    assert _runs_of(grid_dir) == ["one-s3", "one-s4"]
+    with open(grid_dir / "summary.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["setting"], row["n_seeds"], row["seeds"]) == ("one", "2", "3 4")
+    # grid.yaml holds the experiment, so the repeated run can be resumed as a grid
+    _, settings = load_grid(grid_dir / "grid.yaml")
+    assert settings[0][1].seeds == [3, 4] and settings[0][1].fl.rounds == 1
+
+
+def test_partitions_and_attack_data_follow_the_experiment_seed(monkeypatch):
+    from fedsafe.attacks import datagen
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.data import build_clients
+    from fedsafe.models import byte_tokenizer
+
+    asked = []
+
+    def fake_generate_rows(model_name, kind, n, loaded=None, **kw):  # records the seed datagen is given
+        asked.append(kw["seed"])
+        return [{"instruction": f"placeholder request {i} {kw['seed']}", "response": f"placeholder answer {i}"}
+                for i in range(n)]
+
+    monkeypatch.setattr(datagen, "generate_rows", fake_generate_rows)
+    roles = [{"name": "benign", "clients": 2, "data": [{"path": "starter:train"}]},
+             {"name": "malicious", "clients": 1, "data": [{"generate": {"kind": "unaligned", "n": 8}}]},
+             {"name": "fixed", "clients": 1, "malicious": True,
+              "data": [{"generate": {"kind": "unaligned", "n": 8, "seed": 42}}]}]
+    tok = byte_tokenizer()
+    clients = {}
+    for seed in (0, 1):
+        cfg = ExperimentConfig(seed=seed, roles=roles, data={"samples_per_client": 4, "max_length": 64})
+        clients[seed] = build_clients(cfg, tok)
+    assert asked[0] != asked[2] and asked[1] == asked[3] == 42  # explicit generate.seed wins
+    benign = {s: [ex.input_ids.tolist() for ex in cs[0].examples] for s, cs in clients.items()}
+    assert benign[0] != benign[1]  # the partition follows the seed

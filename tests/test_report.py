@@ -38,9 +38,9 @@ def test_results_csv_columns_and_empty_cells(tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         body = list(reader)
-    assert header == RESULT_COLUMNS == ["scenario", "method", "defense", "rule", "judge", "rm", "mt1",
-                                        "helpfulness_proxy", "n_prompts"]
-    assert body[0] == ["attack", "fedavg", "none", "25", "", "", "", "7.5", "48"]
+    assert header == RESULT_COLUMNS == ["setting", "scenario", "method", "defense", "seed", "rule", "judge", "rm",
+                                        "mt1", "helpfulness_proxy", "n_prompts"]
+    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "7.5", "48"]
     rows = read_results(run)
     assert [r["scenario"] for r in rows] == ["attack", "attack_posthoc"]
     assert rows[1]["rule"] == pytest.approx(93.75) and rows[1]["judge"] is None
@@ -50,8 +50,8 @@ def test_table_has_only_measured_columns():
     rows = [{"scenario": "s", "method": "fedavg", "defense": "none", "rule": 50.0, "judge": None, "rm": None,
              "mt1": 6.25, "helpfulness_proxy": None, "n_prompts": 4}]
     header, body = results_table(rows)
-    assert header == ["Scenario", "Method", "Defense", "Rule (%) ↑", "MT-1 ↑", "Prompts"]
-    assert body == [["s", "fedavg", "none", "50.0", "6.25", "4"]]
+    assert header == ["Scenario", "Method", "Defense", "Rule (%) ↑", "MT-1 ↑", "Seeds", "Prompts"]
+    assert body == [["s", "fedavg", "none", "50.0", "6.25", "1", "4"]]  # one seed, no per-prompt data: no interval
 
 
 def test_report_from_synthetic_run(tmp_path):
@@ -62,8 +62,8 @@ def test_report_from_synthetic_run(tmp_path):
                           "rule": 93.75, "helpfulness_proxy": 7.9, "n_prompts": 48}])
     md_path, html_path = write_report(run)
     md = md_path.read_text()
-    assert "| attack_posthoc | fedavg | posthoc_l1 | 93.8 | 7.90 | 48 |" in md
-    assert "Judge" not in md.split("## Plots")[0]  # not measured: no column
+    assert "| attack_posthoc | fedavg | posthoc_l1 | 93.8 | 7.90 | 1 | 48 |" in md
+    assert "Judge (%)" not in md.split("## Plots")[0]  # not measured: no column
     for name in ("results", "loss", "safety", "weights"):
         assert (run / "plots" / f"{name}.png").exists()
         assert f"plots/{name}.png" in md
@@ -78,3 +78,147 @@ def test_report_with_no_results_yet(tmp_path):
     run = _synthetic_run(tmp_path)
     md_path, _ = write_report(run)
     assert "No evaluation results yet" in md_path.read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds and intervals
+# ------------------------------------------------------------------------------------------------
+
+N_PROMPTS = 20
+
+
+def _flags(hits: set[int]) -> list[float]:
+    return [100.0 if i in hits else 0.0 for i in range(N_PROMPTS)]
+
+
+def _seeded_dir(tmp_path):
+    """A grid-like directory: no_attack / attack / attack_posthoc for seeds 0 and 1, with per-prompt outcomes."""
+    from fedsafe.report import write_outcomes, write_results
+
+    d = tmp_path / "seeded"
+    d.mkdir()
+    refusals = {  # (scenario, seed) -> prompts answered with a refusal
+        ("no_attack", 0): set(range(18)), ("no_attack", 1): set(range(19)),
+        ("attack", 0): set(range(4)), ("attack", 1): set(range(6)),
+        ("attack_posthoc", 0): set(range(4)), ("attack_posthoc", 1): set(range(6)),  # no recovery at all
+    }
+    rows, outcomes = [], []
+    for (scenario, seed), hits in refusals.items():
+        setting = "no_attack" if scenario == "no_attack" else "attack"
+        defense = "posthoc_l1" if scenario.endswith("_posthoc") else "none"
+        key = {"setting": setting, "scenario": scenario, "method": "fedavg", "defense": defense, "seed": seed}
+        rows.append({**key, "rule": 100.0 * len(hits) / N_PROMPTS, "helpfulness_proxy": 5.0 + seed,
+                     "n_prompts": N_PROMPTS})
+        outcomes.append({**key, "prompt_ids": list(range(N_PROMPTS)), "rule": _flags(hits)})
+    write_results(d, rows)
+    write_outcomes(d, outcomes)
+    return d
+
+
+def test_summary_csv_gives_mean_std_and_interval_per_setting(tmp_path):
+    d = _seeded_dir(tmp_path)
+    md = write_report(d)[0].read_text()
+    with open(d / "summary.csv", newline="") as f:
+        summary = {r["scenario"]: r for r in csv.DictReader(f)}
+    assert list(summary) == ["no_attack", "attack", "attack_posthoc"]
+    s = summary["attack"]
+    assert s["n_seeds"] == "2" and s["seeds"] == "0 1" and s["n_prompts"] == "20"
+    assert float(s["rule_mean"]) == pytest.approx(25.0)  # (20 + 30) / 2
+    assert float(s["rule_std"]) == pytest.approx(7.0710678, rel=1e-4)
+    assert float(s["rule_ci_low"]) < 25.0 < float(s["rule_ci_high"])
+    # the helpfulness proxy has no per-prompt values: a t-interval over the two seeds (5.0, 6.0)
+    half = 12.706204736 * 0.5  # t_{0.975, 1} * sd / sqrt(2)
+    assert float(s["helpfulness_proxy_ci_low"]) == pytest.approx(5.5 - half, rel=1e-6)
+    assert "[" in md.split("## Comparisons")[0]  # numbers carry their interval in the table
+
+
+def test_comparisons_mark_what_is_not_significant(tmp_path):
+    d = _seeded_dir(tmp_path)
+    md = write_report(d)[0].read_text()
+    with open(d / "comparisons.csv", newline="") as f:
+        diffs = {(r["compared"], r["reference"], r["metric"]): r for r in csv.DictReader(f)}
+    drop = diffs[("attack", "no_attack", "rule")]
+    assert float(drop["difference"]) == pytest.approx(-67.5)  # (20 - 90 + 30 - 95) / 2
+    assert float(drop["ci_high"]) < 0 and drop["significant"] == "true"
+    same = diffs[("attack_posthoc", "attack", "rule")]  # identical outcomes, prompt by prompt
+    assert float(same["difference"]) == 0.0 and float(same["ci_low"]) == float(same["ci_high"]) == 0.0
+    assert same["significant"] == "false"
+    assert "## Comparisons" in md and "| attack_posthoc | attack | Rule (%) ↑ | 0.0 [0.0, 0.0] | no |" in md
+
+
+def _eval_run(root, name, seed, scenario, rules, posthoc=None, base=None):
+    """A run directory whose metrics hold eval records (round -> Rule) and per-prompt outcomes."""
+    run = root / f"{name}-s{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(ExperimentConfig(name=name, seed=seed)))
+    recs = []
+
+    def ev(rnd, scen, defense, rule):
+        hits = set(range(round(rule * N_PROMPTS / 100)))
+        recs.append({"type": "eval", "round": rnd, "setting": name, "scenario": scen, "method": "fedavg",
+                     "defense": defense, "seed": seed, "rule": rule,
+                     "per_prompt": {"prompt_ids": list(range(N_PROMPTS)), "rule": _flags(hits)}})
+    if base is not None:
+        ev(0, "base", "none", base)
+        recs[-1]["method"] = "base"
+    for rnd, rule in rules.items():
+        ev(rnd, scenario, "none", rule)
+    if posthoc is not None:
+        ev(max(rules), scenario + "_posthoc", "posthoc_l1", posthoc)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return run
+
+
+def test_safety_plot_draws_trajectories_with_two_points_only(tmp_path):
+    from fedsafe.report import collect_safety, plot_safety, safety_lines
+
+    # end-of-run evaluations only: one point per series, so no "over rounds" plot
+    single = [_eval_run(tmp_path / "a", "no_attack", 0, "no_attack", {3: 90.0}),
+              _eval_run(tmp_path / "a", "attack", 0, "attack", {3: 40.0}, posthoc=80.0)]
+    assert safety_lines(collect_safety(single)) == []
+    assert plot_safety(collect_safety(single), tmp_path / "none.png") is None
+    # round 0 (eval.base) and every round, two seeds: lines labelled by scenario, post-hoc as a last step
+    runs = []
+    for seed in (0, 1):
+        runs.append(_eval_run(tmp_path / "b", "no_attack", seed, "no_attack", {1: 95.0, 2: 95.0, 3: 90.0}, base=60.0))
+        runs.append(_eval_run(tmp_path / "b", "attack", seed, "attack", {1: 60.0 - 10 * seed, 2: 40.0, 3: 20.0},
+                              posthoc=85.0, base=60.0))
+    lines = safety_lines(collect_safety(runs))
+    by_label = {label: (xs, est, dashed) for label, xs, est, dashed in lines}
+    assert set(by_label) == {"attack", "no_attack", "attack_posthoc"}  # no directory names
+    xs, est, dashed = by_label["attack"]
+    assert xs == [0, 1, 2, 3] and not dashed
+    assert est[0].mean == 60.0 and est[1].mean == pytest.approx(55.0) and est[1].n_seeds == 2
+    assert est[1].lo < 55.0 < est[1].hi  # the band
+    xs, est, dashed = by_label["attack_posthoc"]
+    assert xs == [3, 4] and dashed and est[0].mean == 20.0 and est[1].mean == 85.0
+    path = plot_safety(collect_safety(runs), tmp_path / "plots" / "safety.png")
+    assert path.exists() and path.stat().st_size > 10_000
+
+
+def test_results_plot_has_error_bars(tmp_path):
+    from fedsafe.report import plot_results, read_outcomes, summarize
+
+    d = _seeded_dir(tmp_path)
+    groups = summarize(read_results(d), read_outcomes(d))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def spy(self, x, height, *args, **kwargs):
+        seen.setdefault("yerr", []).append(kwargs.get("yerr"))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    matplotlib.axes.Axes.bar = spy
+    try:
+        path = plot_results(groups, tmp_path / "results.png")
+    finally:
+        matplotlib.axes.Axes.bar = real_bar
+        plt.close("all")
+    assert path.exists()
+    lower, upper = seen["yerr"][0]  # Rule: mean - lo and hi - mean for every bar
+    assert len(lower) == 3 and all(v > 0 for v in lower + upper)

@@ -46,16 +46,33 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
         set_: list[str] = typer.Option([], "--set", help="override a field: --set fl.rounds=5 (repeatable)"),
         resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run directory"),
         engine: str = typer.Option("inprocess", "--engine", help="inprocess | flower"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="repeat the run per seed (3 means seeds 0,1,2; "
+                                                                  "or a list such as 0,4,7): a grid directory "
+                                                                  "with means and 95% intervals"),
         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Run an experiment from a config file (or the quickstart) and print its run directory."""
     from fedsafe.config import load_config, quickstart_path
 
     if resume is not None:
-        if config is not None or set_:
-            raise FedsafeError("--resume continues a run with its saved config; do not pass a config or --set")
+        if config is not None or set_ or seeds is not None:
+            raise FedsafeError("--resume continues a run with its saved config; do not pass a config, --set "
+                               "or --seeds (a repeated run is a grid: fedsafe grid ... --resume GRID_DIR)")
         cfg = None
     else:
         cfg = load_config(config if config is not None else quickstart_path(), set_)
+    if cfg is not None and (seeds is not None or cfg.seeds is not None):
+        # one setting repeated per seed: a grid of one setting (summary.csv, intervals, resumable)
+        from fedsafe.grid import GridSpec, parse_seeds, print_results, run_grid
+
+        if engine != "inprocess":
+            raise FedsafeError(f"--seeds / seeds: runs the in-process engine only, not --engine {engine}")
+        # grid.yaml then holds the whole experiment: `fedsafe grid GRID_DIR/grid.yaml --resume GRID_DIR` continues it
+        spec = GridSpec(name=cfg.name, output_dir=cfg.output_dir, config=cfg.model_dump(mode="json"))
+        grid_dir = run_grid(spec, [(cfg.name, cfg)], progress=not no_progress,
+                            seeds=parse_seeds(seeds) if seeds is not None else None)
+        print_results(grid_dir, f"{cfg.name}: seeds {', '.join(map(str, parse_seeds(seeds) if seeds else cfg.seeds))}")
+        print(grid_dir)
+        return
     if engine == "flower":
         from fedsafe.engines.flower import run_flower_experiment
 

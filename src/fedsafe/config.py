@@ -96,6 +96,11 @@ class DataConfig(_Strict):
 
 
 FL_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# server_lr when fl.server_lr is unset: eta = 1 is plain averaging (McMahan et al.; Karimireddy et al.'s SCAFFOLD
+# with eta_g = 1; FedAvgM as in Hsu et al. 2019 and Flower); the adaptive FedOpt rules (Reddi et al. 2021) take
+# eta = 1e-3 as OpenFedLLM does (fedopt_eta, with tau = 1e-3): with eta = 1 their first step is ~0.24 per coordinate
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "scaffold": 1.0, "fedavgm": 1.0,
+                     "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
 
 
 class FLConfig(_Strict):
@@ -113,12 +118,21 @@ class FLConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, description="gradient clipping in local steps (None: off)")
     algorithm: Literal[FL_ALGORITHMS] = Field("fedavg", description=", ".join(FL_ALGORITHMS))  # type: ignore[valid-type]
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu")
-    server_lr: float = Field(1.0, gt=0, description="server learning rate (FedAvgM / FedOpt)")
+    server_lr: float | None = Field(None, gt=0, description="server learning rate eta (x <- x + eta * aggregate "
+                                                            "for fedavg/fedprox/scaffold; FedAvgM / FedOpt step "
+                                                            "size); None: the optimiser's default, 1.0 for fedavg, "
+                                                            "fedprox, scaffold, fedavgm and 1e-3 for fedadam, "
+                                                            "fedyogi, fedadagrad (OpenFedLLM)")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum")
     beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay")
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau")
     save_every_round: bool = Field(True, description="write adapters/round_XXXX each round")
+
+    @property
+    def resolved_server_lr(self) -> float:
+        """``server_lr``, or the algorithm's default from :data:`DEFAULT_SERVER_LR` when it is unset."""
+        return self.server_lr if self.server_lr is not None else DEFAULT_SERVER_LR[self.algorithm]
 
 
 class AggregatorConfig(_Strict):
@@ -221,6 +235,9 @@ class EvalConfig(_Strict):
     prompts: str | None = Field(None, description="harmful prompts: AdvBench CSV, JSON/JSONL, 'starter:heldout' "
                                                  "or a hub id; None disables safety evaluation")
     n_prompts: int = Field(48, ge=1, description="evaluate on this many prompts")
+    sample_prompts: bool = Field(False, description="draw the n_prompts at random from the prompt set, seeded "
+                                                    "by the experiment seed (default: the first n_prompts in "
+                                                    "file order, the same for every seed)")
     max_new_tokens: int = Field(48, ge=1, description="generation length for evaluation")
     batch_size: int = Field(16, ge=1, description="generation batch size")
     rule_list: Literal["fedit", "gcg"] = Field("fedit", description="refusal-string list of the Rule metric")
@@ -281,12 +298,17 @@ class PrivacyConfig(_Strict):
                                           description="partial-input completion: prefix shares (the paper: 30%, 80%)")
     n_partial: int = Field(32, ge=0, description="victim samples completed per prefix share (0: skip)")
     partial_greedy: bool = Field(True, description="complete prefixes greedily (else sample)")
-    n_mia: int = Field(64, ge=0, description="members and non-members for membership inference (0: skip)")
+    n_mia: int = Field(64, ge=0, description="members and non-members for membership inference (0: skip); "
+                                             "members are drawn from the victim examples trained on by then")
     nonmembers: list[DataSource] | None = Field(None, description="non-member data for membership inference "
                                                                   "(default: data.heldout)")
     canaries: CanaryConfig | None = Field(None, description="insert random secrets into victims' data")
     candidates: int = Field(8, ge=1, description="leakage: training texts scored per generation after the "
-                                                 "n-gram prefilter")
+                                                 "n-gram prefilter (the best-match ROUGE-L is then a lower "
+                                                 "bound: a best match sharing no trigram or rare word is missed)")
+    exhaustive: bool = Field(False, description="leakage: score every generation against every training text "
+                                                "(exact best-match ROUGE-L, |gen| x |train| LCS computations) "
+                                                "instead of the n-gram prefilter's candidates")
     bertscore_model: str | None = Field(None, description="local encoder for optional BERTScore of the "
                                                           "best matches")
     batch_size: int = Field(16, ge=1, description="generation / scoring batch size")
@@ -302,15 +324,25 @@ class DPConfig(_Strict):
     clip_norm: float = Field(1.0, gt=0, description="client-level: L2 bound C of each client update")
     noise_multiplier: float = Field(1.0, ge=0, description="client-level: sigma (noise std = sigma * C)")
     local: bool = Field(False, description="local DP-SGD (Abadi et al., CCS 2016) on the LoRA parameters "
-                                           "via Opacus per-sample gradients")
+                                           "via Opacus per-sample gradients, on Poisson-sampled batches (each "
+                                           "example with probability batch_size*grad_accum / client samples)")
     local_clip_norm: float = Field(1.0, gt=0, description="local DP-SGD: per-sample gradient bound")
-    local_noise_multiplier: float = Field(1.0, ge=0, description="local DP-SGD: sigma")
-    delta: float | None = Field(None, gt=0, lt=1, description="target delta (default: 1/N^1.1 with N the "
-                                                               "number of clients, or samples for local DP)")
+    local_noise_multiplier: float = Field(1.0, ge=0, description="local DP-SGD: sigma (noise std = sigma * "
+                                                                 "local_clip_norm on the batch's gradient sum)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="target delta of every (epsilon, delta) fedsafe reports "
+                                                        "(client-level and local); keep it well below 1/N (N: "
+                                                        "clients, or a client's samples for local DP)")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting RDP or PLD (PRV-style) accountant")
     sampling: Literal["auto", "poisson", "without_replacement"] = Field(
-        "auto", description="sampling model for the accountant; auto: without_replacement (what fedsafe does) "
-                            "with rdp, poisson with pld")
+        "auto", description="client-level sampling model for the accountant; auto: without_replacement (what "
+                            "fedsafe does; replace-one neighbours, sensitivity 2*clip_norm) with rdp, poisson "
+                            "(add/remove-one, sensitivity clip_norm; an approximation of fedsafe's fixed-size "
+                            "sampling) with pld")
+    secure_noise: bool = Field(False, description="draw DP noise (and local DP-SGD's Poisson batches) from the OS's "
+                                                  "randomness instead of the experiment seed: needed in a real "
+                                                  "deployment, where the seed in config.yaml is public (seeded noise "
+                                                  "can be regenerated and subtracted); runs are then not "
+                                                  "reproducible")
 
 
 class ConstrainedConfig(_Strict):
@@ -333,6 +365,10 @@ class SecureAggConfig(_Strict):
     prune_start: float = Field(0.2, ge=0, lt=1, description="pruning ratio in round 1 (magnitude of the global "
                                                             "adapter, per LoRA tensor; 0 encrypts every value)")
     prune_end: float = Field(0.5, ge=0, lt=1, description="pruning ratio in the last round (linear in between)")
+    min_clients: int = Field(2, ge=1, description="never decrypt a sum of fewer clients' updates (a sum of one is "
+                                                  "that client's update): a round with fewer kept ciphertexts "
+                                                  "leaves the global adapter unchanged; key holders refuse such "
+                                                  "a sum too. 1 turns the protection off")
 
 
 class LocalProbingConfig(_Strict):
@@ -359,6 +395,37 @@ class PersonalizationConfig(_Strict):
     enabled: bool = False
     steps: int = Field(10, ge=1, description="fine-tuning steps per benign client")
     lr: float | None = Field(None, gt=0, description="default: fl.lr")
+
+
+class TrackingConfig(_Strict):
+    """An experiment tracker that receives every metrics.jsonl record as it is written (fedsafe.tracking).
+
+    ``tracking: tensorboard`` is short for ``tracking: {backend: tensorboard}``.
+    """
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="none | tensorboard (<run_dir>/tensorboard) | mlflow (local SQLite store beside "
+                            "the run directories unless tracking.uri) | wandb (offline without credentials)")
+    project: str = Field("fedsafe", min_length=1, description="MLflow experiment / wandb project name")
+    uri: str | None = Field(None, description="mlflow: tracking URI (default sqlite:///<output_dir>/mlflow.db)")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="wandb: auto = online with credentials (falls back to offline), else offline")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"backend": data} if isinstance(data, str) else data
+
+    @field_validator("backend")
+    @classmethod
+    def _installed(cls, backend: str) -> str:
+        if backend != "none":
+            from fedsafe.tracking import missing_package_message
+
+            problem = missing_package_message(backend)
+            if problem:
+                raise ValueError(problem)
+        return backend
 
 
 class BaselinesConfig(_Strict):
@@ -416,6 +483,9 @@ class ExperimentConfig(_Strict):
 
     name: str = Field("quickstart", description="run name; the run directory is <output_dir>/<name>-<time>")
     seed: int = Field(0, description="seeds sampling, data, LoRA init and local training")
+    seeds: list[int] | None = Field(None, min_length=1, description="repeat the experiment once per seed "
+                                                                   "(each run gets seed=s); results then "
+                                                                   "carry means and 95% intervals")
     output_dir: str = Field("runs", description="parent of run directories")
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -433,8 +503,16 @@ class ExperimentConfig(_Strict):
     constrained: ConstrainedConfig = Field(default_factory=ConstrainedConfig)
     secure_agg: SecureAggConfig = Field(default_factory=SecureAggConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     total_clients: int | None = Field(None, ge=1, description="total clients when roles give a fraction")
     scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -458,6 +536,14 @@ class ExperimentConfig(_Strict):
         if k > n:
             raise ValueError(f"fl.clients_per_round={self.fl.clients_per_round} exceeds the {n} clients "
                              "defined by roles")
+        if self.dp.client_level and self.fl.algorithm == "scaffold":
+            raise ValueError("dp.client_level=true cannot be combined with fl.algorithm=scaffold: the server's "
+                             "control variate c is built from each client's raw, unclipped delta_c, which the "
+                             "client-level epsilon does not cover; use another fl.algorithm or turn "
+                             "dp.client_level off")
+        if self.dp.client_level and self.aggregator.name != "fedavg":  # checked here, before a model loads
+            raise ValueError(f"dp.client_level=true needs aggregator.name=fedavg (the noise is calibrated to the "
+                             f"clipped mean), got aggregator.name={self.aggregator.name!r}")
         if self.secure_agg.enabled and self.baselines.probing.enabled:
             raise ValueError("baselines.probing needs each client's plaintext local model; it is incompatible "
                              "with secure_agg.enabled")
@@ -468,6 +554,28 @@ class ExperimentConfig(_Strict):
                                  server_clipping=self.dp.client_level)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _round_size_fits_rule(self):
+        """The rule (and secure aggregation) must work with the clients of a round: checked here, at load,
+        with the conditions the rules check every round (fedsafe.aggregators.requirements)."""
+        from fedsafe.aggregators.requirements import check_feasible
+
+        k = self.clients_per_round
+        got = f"fl.clients_per_round={self.fl.clients_per_round:g}"
+        if k != self.fl.clients_per_round:
+            got += f" ({k} of {self.num_clients} clients)"
+        if self.secure_agg.enabled:  # _check refused every rule but FedAvg, which works with any round size
+            if k < self.secure_agg.min_clients:
+                raise ValueError(f"secure_agg.min_clients={self.secure_agg.min_clients}: secure aggregation "
+                                 f"decrypts no sum of fewer clients, got {got}, so every round would be refused; "
+                                 "raise fl.clients_per_round or lower secure_agg.min_clients")
+            return self
+        try:
+            check_feasible(self.aggregator.name, self.aggregator.params, k, got)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property

@@ -23,6 +23,17 @@ from its final adapter), the embedded model and generated data come from fedsafe
 run's generations are cached by adapter hash. The grid directory holds ``grid.yaml``, ``settings.csv``
 (setting -> run directory), the combined ``results.csv`` (same columns as a run's), ``report.md/.html``
 and ``runs/<setting>-<time>/`` for each trained or defended run. Its path is printed last.
+
+Seeds: ``seeds: [0, 1, 2]`` in the grid file (or in its experiment config), or ``--seeds 3`` (seeds
+0, 1, 2) or ``--seeds 0,4,7`` on the command line, repeats every setting once per seed, in
+``runs/<setting>-s<seed>-<time>/``. ``results.csv`` and ``outcomes.jsonl`` (per-prompt values) keep
+one row per (setting, seed); ``summary.csv`` and the report give each setting's mean, standard deviation
+and 95% interval over seeds and prompts, and paired differences (see :mod:`fedsafe.stats`). Seeds run
+in turn, all settings of seed 0 first. Shared work: settings that share training share it per seed,
+generated attack data is cached by its seed, and evaluations share one generation cache
+(``<grid>/cache``), so the base model's round-0 evaluation runs once. ``fedsafe grid GRID.yaml --resume
+GRID_DIR`` continues an interrupted grid: a finished (setting, seed) is not rerun, and a training run
+interrupted after a checkpoint continues from it.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import io
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 import yaml
@@ -68,6 +79,8 @@ class GridSpec(BaseModel):
         default_factory=dict, description="axis -> label -> overrides; settings are the product of the axes")
     settings: list[GridSetting] = Field(default_factory=list, description="extra explicit settings")
     share_training: bool = Field(True, description="settings differing only in posthoc share one training run")
+    seeds: list[int] | None = Field(None, min_length=1, description="run every setting once per seed "
+                                                                   "(default: the config's seeds, else its seed)")
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridSpec, list[tuple[str, ExperimentConfig]]]:
@@ -152,7 +165,8 @@ def defense_label(cfg: ExperimentConfig) -> str:
     return f"posthoc_l{cfg.posthoc.level}" if cfg.posthoc.enabled else "none"
 
 
-def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = True) -> Path:
+def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = True, dir_name: str | None = None,
+                   cache_dir: Path | None = None) -> Path:
     """Apply ``cfg.posthoc`` to the final adapter of an already trained run, evaluate, and report."""
     from safetensors.torch import load_file
 
@@ -162,14 +176,15 @@ def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = Tr
     from fedsafe.pipeline import Session, _evaluate, _write_report
     from fedsafe.rundir import environment_info
 
-    run_dir = RunDir.create(cfg.output_dir, cfg.name)
+    run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
     atomic_write_text(run_dir.config_path, dump_config(cfg))
+    run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))
     loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed)
     run_dir.write_json("env.json", environment_info(cfg.seed, str(loaded.device)))
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
     flat = FlatLoRA(peft_model)
-    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get())
+    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get(), cache_dir)
     final_vec = flat.from_state_dict(load_file(str(Path(trained_run) / "adapters" / "final" / "adapter_model.safetensors")))
     run_dir.log({"type": "shared_training", "round": cfg.fl.rounds, "trained_run": str(trained_run)})
     console.print(f"[bold]{cfg.name}:[/] defending the final adapter of {trained_run}")
@@ -178,6 +193,7 @@ def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = Tr
     if cfg.eval.prompts:
         _evaluate(session, defended, round_idx=cfg.fl.rounds, defense=defense_label(cfg))
     _write_report(run_dir)
+    run_dir.close_tracking()
     return run_dir.path
 
 
@@ -198,65 +214,219 @@ def plan_training(settings: list[tuple[str, ExperimentConfig]], share: bool = Tr
     return plan
 
 
-def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progress: bool = True) -> Path:
-    """Run every setting (sharing training where possible); return the grid directory."""
-    from fedsafe.pipeline import run_experiment
-    from fedsafe.report import read_results, write_report, write_results
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: ``3`` means seeds 0, 1, 2; ``0,4,7`` (or ``5,``) lists the seeds."""
+    text = text.strip()
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return list(range(n))
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a list such as 0,4,7") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give distinct seeds, e.g. 0,4,7")
+    return seeds
 
-    grid_dir = RunDir.create(spec.output_dir, spec.name).path
-    atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+def resolve_seeds(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], seeds: list[int] | None = None
+                  ) -> tuple[list[tuple[str, ExperimentConfig]], bool]:
+    """Give every setting its seed list (``--seeds`` > grid ``seeds`` > config ``seeds`` > config ``seed``).
+
+    Returns the settings with ``seeds`` filled in, and whether seeds were asked for (run directories are
+    then named ``<setting>-s<seed>``).
+    """
+    chosen = seeds or spec.seeds
+    out, explicit = [], chosen is not None
+    for name, cfg in settings:
+        cfg_seeds = chosen or cfg.seeds or [cfg.seed]
+        explicit = explicit or cfg.seeds is not None
+        out.append((name, cfg.model_copy(update={"seeds": list(cfg_seeds)})))
+    return out, explicit
+
+
+def _seed_cfg(cfg: ExperimentConfig, seed: int, output_dir: Path) -> ExperimentConfig:
+    return cfg.model_copy(update={"seed": seed, "seeds": None, "output_dir": str(output_dir)})
+
+
+def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progress: bool = True,
+             seeds: list[int] | None = None, resume: Path | None = None) -> Path:
+    """Run every setting for every seed (sharing training where possible); return the grid directory.
+
+    With ``resume`` (an existing grid directory) the (setting, seed) pairs listed in its settings.csv
+    are not rerun, and an interrupted training run with a checkpoint continues from it.
+    """
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.report import write_report
+
+    settings, per_seed_dirs = resolve_seeds(spec, settings, seeds)
+    if resume is not None:
+        grid_dir = Path(resume)
+        if not (grid_dir / "grid.yaml").exists():
+            raise ConfigError(f"--resume {grid_dir}: not a grid directory (no grid.yaml)")
+    else:
+        grid_dir = RunDir.create(spec.output_dir, spec.name).path
+        atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     runs_root = grid_dir / "runs"
+    cache_dir = grid_dir / "cache"
     groups = plan_training(settings, spec.share_training)
-    combined: list[dict] = []
-    setting_rows: list[tuple[str, str, str]] = []  # setting, run_dir, how
-    console.print(f"[bold]grid:[/] {grid_dir} ({len(settings)} settings, {len(groups)} training runs)")
-    for trainer_name, members in groups:
-        trainer_cfg = dict(members)[trainer_name]
-        trainer_cfg = trainer_cfg.model_copy(update={"output_dir": str(runs_root)})
-        console.rule(f"[bold]{trainer_name}")
-        trained = run_experiment(trainer_cfg, progress=progress).run_dir
-        trained_rows = read_results(trained)
-        for name, cfg in members:
-            if name == trainer_name:
-                rows, where, how = trained_rows, trained, "trained"
-            elif not cfg.posthoc.enabled:
-                rows = [r for r in trained_rows if r["defense"] == "none"]
-                where, how = trained, f"shares training with {trainer_name}"
+    done = _read_settings(grid_dir) if resume is not None else {}
+    combined = _Combined()
+    setting_rows: list[tuple[str, int, str, str]] = []  # setting, seed, run_dir, how
+    all_seeds = list(dict.fromkeys(s for _, cfg in settings for s in cfg.seeds))  # in the order given
+    n_runs = sum(len(dict(members)[t].seeds) for t, members in groups)
+    console.print(f"[bold]grid:[/] {grid_dir} ({len(settings)} settings x seeds {all_seeds}, {n_runs} training runs)")
+    for seed in all_seeds:
+        for trainer_name, members in groups:
+            trainer_cfg = dict(members)[trainer_name]
+            if seed not in trainer_cfg.seeds:
+                continue
+            suffix = f"-s{seed}" if per_seed_dirs else ""
+            trainer_cfg = _seed_cfg(trainer_cfg, seed, runs_root)
+            if (trainer_name, seed) in done:
+                trained = grid_dir / done[(trainer_name, seed)][0]
+                _check_unchanged(trained, trainer_cfg, trainer_name, seed)
+                console.print(f"[bold]{trainer_name}{suffix}:[/] finished earlier ({trained.name}), not rerun")
             else:
-                cfg = cfg.model_copy(update={"output_dir": str(runs_root)})
-                where = defend_trained(cfg, trained, progress=progress)
-                rows, how = read_results(where), f"defends the model trained by {trainer_name}"
-            setting_rows.append((name, str(Path(where).relative_to(grid_dir)), how))
-            for r in rows:
-                if r not in combined:
-                    combined.append(r)
-        write_results(grid_dir, combined)
-        _write_settings(grid_dir, setting_rows)
+                console.rule(f"[bold]{trainer_name}{suffix}")
+                partial = _interrupted_run(runs_root, trainer_cfg, {grid_dir / d for d, _ in done.values()})
+                if partial is not None:
+                    console.print(f"continuing the interrupted run {partial.name}")
+                    trained = run_experiment(resume=partial, progress=progress, cache_dir=cache_dir).run_dir
+                else:
+                    trained = run_experiment(trainer_cfg, progress=progress, dir_name=trainer_name + suffix,
+                                             cache_dir=cache_dir).run_dir
+            # the undefended rows belong to a member without a defense when there is one
+            owner = next((n for n, c in members if not c.posthoc.enabled), trainer_name)
+            for name, cfg in members:
+                if name == trainer_name:
+                    where, how = trained, "trained"
+                    keep = (lambda r: True) if owner == trainer_name else (lambda r: r["defense"] != "none")
+                elif not cfg.posthoc.enabled:
+                    where, how, keep = trained, f"shares training with {trainer_name}", (lambda r: r["defense"] == "none")
+                elif (name, seed) in done:
+                    where, how, keep = grid_dir / done[(name, seed)][0], done[(name, seed)][1], (lambda r: True)
+                else:
+                    cfg = _seed_cfg(cfg, seed, runs_root)
+                    where = defend_trained(cfg, trained, progress=progress, dir_name=name + suffix,
+                                           cache_dir=cache_dir)
+                    how, keep = f"defends the model trained by {trainer_name}", (lambda r: True)
+                combined.claim(Path(where), name, keep)
+                setting_rows.append((name, seed, str(Path(where).relative_to(grid_dir)), how))
+            combined.write(grid_dir)
+            _write_settings(grid_dir, setting_rows)
     write_report(grid_dir)
     return grid_dir
 
 
-def _write_settings(grid_dir: Path, rows: list[tuple[str, str, str]]) -> None:
+class _Combined:
+    """The grid's results.csv and outcomes.jsonl, gathered from its runs with each row's setting set.
+
+    Each row of a run is claimed once (a shared training run's rows go to the settings that share it);
+    identical base-model rows of several training runs (same seed) are kept once.
+    """
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.outcomes: list[dict] = []
+        self._claimed: set[tuple] = set()
+
+    def claim(self, run_dir: Path, setting: str, keep) -> None:
+        from fedsafe.report import read_outcomes, read_results
+
+        outcomes = read_outcomes(run_dir)
+        for i, row in enumerate(read_results(run_dir)):
+            if (str(run_dir), i) in self._claimed or not keep(row):
+                continue
+            self._claimed.add((str(run_dir), i))
+            ident = {k: row.get(k) for k in ("scenario", "method", "defense", "seed")}
+            row = {**row, "setting": setting}
+            if row["scenario"] == "base" and any(
+                    {k: v for k, v in r.items() if k != "setting"} == {k: v for k, v in row.items() if k != "setting"}
+                    for r in self.rows):
+                continue
+            self.rows.append(row)
+            match = [o for o in outcomes if {k: o.get(k) for k in ident} == ident]
+            if match:  # the last evaluation of this row (a resumed run may have repeated it)
+                self.outcomes.append({**match[-1], "setting": setting})
+
+    def write(self, grid_dir: Path) -> None:
+        from fedsafe.report import write_outcomes, write_results
+
+        write_results(grid_dir, self.rows)
+        write_outcomes(grid_dir, self.outcomes)
+
+
+def _read_settings(grid_dir: Path) -> dict[tuple[str, int], tuple[str, str]]:
+    """(setting, seed) -> (run_dir, how) of the pairs a grid directory already finished."""
+    path = grid_dir / "settings.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {(r["setting"], int(r.get("seed") or 0)): (r["run_dir"], r["how"]) for r in csv.DictReader(f)}
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in (config or {}).items() if k != "output_dir"}
+
+
+def _check_unchanged(run_dir: Path, cfg: ExperimentConfig, name: str, seed: int) -> None:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    if _comparable(saved) != _comparable(yaml.safe_load(dump_config(cfg))):
+        raise ConfigError(f"--resume: setting {name!r} (seed {seed}) differs from the one run in {run_dir}; "
+                          "the grid file changed since, so start a new grid")
+
+
+def _interrupted_run(runs_root: Path, cfg: ExperimentConfig, finished: set[Path]) -> Path | None:
+    """A run directory of ``cfg`` that stopped after a checkpoint and is not finished, if any."""
+    from fedsafe.rundir import grid_run_dirs
+
+    want = _comparable(yaml.safe_load(dump_config(cfg)))
+    finished = {p.resolve() for p in finished}
+    for run in grid_run_dirs(runs_root.parent):
+        if run.resolve() in finished or not (run / "checkpoint" / "state.pt").exists():
+            continue
+        if _comparable(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))) == want:
+            return run
+    return None
+
+
+def _write_settings(grid_dir: Path, rows: list[tuple[str, int, str, str]]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["setting", "run_dir", "how"])
+    w.writerow(["setting", "seed", "run_dir", "how"])
     w.writerows(rows)
     atomic_write_text(grid_dir / "settings.csv", buf.getvalue())
 
 
 def print_results(run_dir: Path, title: str) -> None:
-    """The combined results table on the console (stderr), in the paper's layout."""
-    from fedsafe.report import read_results, results_table
+    """The combined results table on the console (stderr), in the paper's layout, with 95% intervals,
+    then the paired differences."""
+    from fedsafe.report import (INTERVALS_NOTE, comparison_rows, comparisons_table, read_outcomes, read_results,
+                                results_table, summarize)
 
-    header, body = results_table(read_results(run_dir))
+    groups = summarize(read_results(run_dir), read_outcomes(run_dir))
+    header, body = results_table(read_results(run_dir), groups=groups)
     table = Table(title=title)
+    n_keys = header.index("Defense") + 1
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 3 else "right")
+        table.add_column(h, justify="left" if i < n_keys else "right")
     for row in body:
         table.add_row(*row)
     console.print(table)
     console.print("Rule: % of responses with a refusal string (higher is safer). Helpfulness proxy: "
-                  "perplexity of held-out reference answers (offline proxy, lower is better).")
+                  "perplexity of held-out reference answers (offline proxy, lower is better). " + INTERVALS_NOTE)
+    diffs = [d for d in comparison_rows(groups) if d["metric"] == "rule"]
+    if diffs:
+        header, body = comparisons_table(diffs)
+        table = Table(title="Paired differences (compared - reference)")
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i < 3 else "right")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
 
 
 def select_settings(settings: list[tuple[str, ExperimentConfig]], patterns: list[str]) -> list[tuple[str, ExperimentConfig]]:
@@ -276,16 +446,23 @@ def grid_command(grid_file: Path = typer.Argument(..., help="grid YAML: a base e
                  set_: list[str] = typer.Option([], "--set", help="override a base field for every setting"),
                  only: list[str] = typer.Option([], "--only", help="run only the settings with this name "
                                                                   "(shell-style pattern; repeatable)"),
+                 seeds: Optional[str] = typer.Option(None, "--seeds", help="run every setting per seed: 3 means "
+                                                                         "seeds 0,1,2; or a list such as 0,4,7"),
+                 resume: Optional[Path] = typer.Option(None, "--resume", help="continue this grid directory: "
+                                                                             "finished (setting, seed) pairs "
+                                                                             "are not rerun"),
                  dry_run: bool = typer.Option(False, "--dry-run", help="list the settings and exit"),
                  no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Run a matrix of settings (shared training where possible) and print one combined table."""
     spec, settings = load_grid(grid_file, set_)
     settings = select_settings(settings, only)
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     if dry_run:
-        for name, cfg in settings:
-            print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}\tdefense={defense_label(cfg)}")
+        for name, cfg in resolve_seeds(spec, settings, seed_list)[0]:
+            print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}\tdefense={defense_label(cfg)}"
+                  f"\tseeds={','.join(map(str, cfg.seeds))}")
         return
-    grid_dir = run_grid(spec, settings, progress=not no_progress)
+    grid_dir = run_grid(spec, settings, progress=not no_progress, seeds=seed_list, resume=resume)
     print_results(grid_dir, f"{spec.name}: {len(settings)} settings")
     console.print(f"report: {grid_dir / 'report.html'}")
     print(grid_dir)

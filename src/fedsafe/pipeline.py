@@ -56,6 +56,11 @@ class Session:
     tokenizer: object
     flat: FlatLoRA
     init_vec: torch.Tensor
+    cache_dir: Path | None = None  # generation cache (a grid shares one across its runs); default run_dir/cache
+
+    @property
+    def eval_cache(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.run_dir.path / "cache"
 
     def save_adapter(self, vec: torch.Tensor, tag) -> Path:
         return self.run_dir.save_adapter(self.peft_model, self.flat, vec, tag)
@@ -67,8 +72,13 @@ def _progress() -> Progress:
 
 
 def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
-                   progress: bool = True, engine_factory=None, he_server_context: bytes | None = None) -> RunResult:
+                   progress: bool = True, engine_factory=None, he_server_context: bytes | None = None,
+                   dir_name: str | None = None, cache_dir: str | Path | None = None) -> RunResult:
     """Run (or resume) one experiment and return where its outputs are.
+
+    ``dir_name`` names a new run directory (default ``cfg.name``; a grid adds the seed); ``cache_dir``
+    holds the evaluation generations (default ``<run>/cache``; a grid shares one so that identical
+    evaluations, such as the base model's, run once).
 
     ``engine_factory(trainer, clients)`` builds the engine that runs local training (default: in-process;
     :mod:`fedsafe.engines.flower` passes one that sends the same work to Flower ClientApps).
@@ -81,9 +91,10 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
         cfg = load_config(run_dir.config_path)
     else:
         cfg = cfg or ExperimentConfig()
-        run_dir = RunDir.create(cfg.output_dir, cfg.name)
+        run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
         atomic_write_text(run_dir.config_path, dump_config(cfg))
     console.print(f"[bold]run directory:[/] {run_dir.path}")
+    run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))  # every metrics record also goes there
     torch.manual_seed(cfg.seed)
 
     # 2. model: loaded once; every client swaps its LoRA vector into it
@@ -93,7 +104,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
     flat = FlatLoRA(peft_model)
-    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get())
+    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get(),
+                      Path(cache_dir) if cache_dir is not None else None)
     generator_cache = {"model": peft_model, "tokenizer": loaded.tokenizer, "name": cfg.model.name}
 
     # 3. data: roles -> disjoint client partitions (tokenised once)
@@ -208,6 +220,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
 
     # 6. report
     _write_report(run_dir)
+    run_dir.close_tracking()
     _print_summary(result, cfg)
     return result
 
@@ -226,22 +239,28 @@ def scenario_label(cfg: ExperimentConfig, defense: str) -> str:
 def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str | None = None,
               defense: str = "none") -> dict:
     """Evaluate the model with adapter ``vec``; log an eval record and append a results.csv row."""
-    from fedsafe.evaluation.runner import evaluate_model
-    from fedsafe.report import append_results
+    from fedsafe.evaluation.runner import evaluate_model, noop_adapter_key
+    from fedsafe.report import append_outcomes, append_results
 
     cfg = session.cfg
     session.flat.set(vec)
     t0 = time.perf_counter()
     scores = evaluate_model(session.peft_model, session.tokenizer, cfg.eval,
-                            cache_dir=session.run_dir.path / "cache", adapter_vec=vec,
-                            heldout=cfg.data.heldout, max_length=cfg.data.max_length, progress=True)
+                            cache_dir=session.eval_cache, adapter_vec=vec,
+                            heldout=cfg.data.heldout, max_length=cfg.data.max_length, progress=True,
+                            seed=cfg.seed, adapter_key=noop_adapter_key(session.peft_model, session.flat, vec))
     method = method or cfg.aggregator.name
-    row = {"scenario": scenario_label(cfg, defense) if method != "base" else "base", "method": method,
-           "defense": defense, **{k: scores.get(k) for k in ("rule", "judge", "rm", "mt1",
-                                                               "helpfulness_proxy", "n_prompts")}}
-    session.run_dir.log({"type": "eval", "round": round_idx, **row, "seconds": time.perf_counter() - t0})
+    row = {"setting": cfg.name, "scenario": scenario_label(cfg, defense) if method != "base" else "base",
+           "method": method, "defense": defense, "seed": cfg.seed,
+           **{k: scores.get(k) for k in ("rule", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts")}}
+    per_prompt = scores.get("per_prompt")
+    session.run_dir.log({"type": "eval", "round": round_idx, **row, "seconds": time.perf_counter() - t0,
+                         **({"per_prompt": per_prompt} if per_prompt else {})})
     if round_idx == cfg.fl.rounds or method == "base":
         append_results(session.run_dir.path, [row])
+        if per_prompt:  # what the report's intervals resample (fedsafe.stats)
+            append_outcomes(session.run_dir.path, [{**{k: row[k] for k in ("setting", "scenario", "method",
+                                                                            "defense", "seed")}, **per_prompt}])
     console.print(f"eval (round {round_idx}, {row['scenario']}, {defense}): "
                   + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     return row

@@ -1,12 +1,18 @@
 """Tables and plots from a run directory (or a grid directory): results.csv, report.md, report.html.
 
-``results.csv`` has one row per (scenario, method, defense) evaluation with the columns
+``results.csv`` has one row per (setting, scenario, method, defense, seed) evaluation with the columns
 :data:`RESULT_COLUMNS`; Rule and Judge are percentages (higher is safer), RM is the mean reward,
 MT-1 the MT-Bench turn-1 rating (1-10), and ``helpfulness_proxy`` the perplexity of held-out reference
 answers (an offline proxy; lower is better). A metric that was not measured is left empty.
 
 The results table follows Ye et al. (ICLR 2025), Table 1: rows are methods, columns Rule / Judge /
 RM / MT-1 as available. ``report.html`` is self-contained (images inlined as base64).
+
+Seeds and intervals: ``outcomes.jsonl`` holds each final evaluation's per-prompt values; ``summary.csv``
+and the report give, per (setting, scenario, method, defense), the number of seeds, the mean, the
+standard deviation over seeds and a 95% interval of every metric, and the report states paired
+differences between settings (attack vs no attack, defended vs undefended) with their intervals.
+The method is described in :mod:`fedsafe.stats`.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from fedsafe.rundir import atomic_write_text, grid_run_dirs
 
 log = logging.getLogger("fedsafe")
 
-RESULT_COLUMNS = ["scenario", "method", "defense", "rule", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts"]
+RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "judge", "rm", "mt1",
+                  "helpfulness_proxy", "n_prompts"]
+KEY_COLUMNS = ("setting", "scenario", "method", "defense")  # one summary row per key, over its seeds
+PER_PROMPT_METRICS = ("rule", "judge", "rm")  # metrics outcomes.jsonl holds per prompt (bootstrap intervals)
 METRIC_HEADERS = {"rule": "Rule (%) ↑", "judge": "Judge (%) ↑", "rm": "RM ↑", "mt1": "MT-1 ↑",
                   "helpfulness_proxy": "Helpfulness proxy (ppl) ↓"}
 GRID_SPEC = "grid.yaml"
@@ -55,12 +64,12 @@ def read_results(run_dir: str | Path) -> list[dict]:
             row: dict = {}
             for col in RESULT_COLUMNS:
                 v = rec.get(col, "")
-                if col in ("scenario", "method", "defense"):
+                if col in KEY_COLUMNS:
                     row[col] = v
                 elif v == "":
                     row[col] = None
                 else:
-                    row[col] = int(float(v)) if col == "n_prompts" else float(v)
+                    row[col] = int(float(v)) if col in ("n_prompts", "seed") else float(v)
             rows.append(row)
     return rows
 
@@ -82,6 +91,205 @@ def append_results(run_dir: str | Path, rows: list[dict]) -> Path:
     return write_results(run_dir, read_results(run_dir) + list(rows))
 
 
+def read_outcomes(run_dir: str | Path) -> list[dict]:
+    """The records of ``outcomes.jsonl``: key columns, seed, ``prompt_ids`` and per-prompt metric lists."""
+    path = Path(run_dir) / "outcomes.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line from a crash
+            continue
+    return out
+
+
+def write_outcomes(run_dir: str | Path, records: list[dict]) -> Path:
+    """(Re)write ``outcomes.jsonl``, atomically."""
+    path = Path(run_dir) / "outcomes.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def append_outcomes(run_dir: str | Path, records: list[dict]) -> Path:
+    """Append per-prompt outcome records to ``outcomes.jsonl``."""
+    return write_outcomes(run_dir, read_outcomes(run_dir) + list(records))
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds and intervals: summary.csv and paired comparisons (method: fedsafe.stats)
+# ------------------------------------------------------------------------------------------------
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(c) or "" for c in KEY_COLUMNS)
+
+
+def summarize(rows: list[dict], outcomes: list[dict] | None = None) -> list[dict]:
+    """One record per (setting, scenario, method, defense): seeds, prompts and an Estimate per metric.
+
+    A metric with per-prompt outcomes for every seed gets the hierarchical bootstrap over seeds and
+    prompts; otherwise a Student-t interval over the per-seed values (see :mod:`fedsafe.stats`).
+    """
+    from fedsafe.stats import summarize_per_prompt, summarize_per_seed
+
+    by_key: dict[tuple, dict[int | None, dict]] = {}
+    for r in rows:  # a (key, seed) evaluated twice keeps the last row
+        by_key.setdefault(_key(r), {})[r.get("seed")] = r
+    per_prompt = _outcome_index(outcomes or [])
+    groups = []
+    for key, seeds in by_key.items():
+        estimates = {}
+        for m in METRIC_HEADERS:
+            if all(seeds[s].get(m) is None for s in seeds):
+                continue
+            pp = {s: per_prompt.get((key, s), {}).get(m) for s in seeds}
+            if m in PER_PROMPT_METRICS and all(v is not None for v in pp.values()):
+                estimates[m] = summarize_per_prompt(pp)
+            else:
+                estimates[m] = summarize_per_seed([seeds[s].get(m) for s in seeds])
+        prompts = [seeds[s].get("n_prompts") for s in seeds if seeds[s].get("n_prompts")]
+        groups.append({**dict(zip(KEY_COLUMNS, key)), "seeds": sorted(s for s in seeds if s is not None),
+                       "n_seeds": len(seeds), "n_prompts": max(prompts) if prompts else None,
+                       "metrics": estimates, "per_prompt": {s: per_prompt.get((key, s), {}) for s in seeds},
+                       "per_seed": {s: seeds[s] for s in seeds}})
+    return groups
+
+
+def _outcome_index(outcomes: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(key, seed) -> metric -> {prompt id: value}.
+
+    A metric measured on its own prompt set (e.g. over-refusal on benign prompts) gives its ids as
+    ``<metric>_prompt_ids``; the others share ``prompt_ids``.
+    """
+    index: dict[tuple, dict[str, dict]] = {}
+    for rec in outcomes:
+        metrics = {}
+        for m in PER_PROMPT_METRICS:
+            ids = rec.get(f"{m}_prompt_ids") or rec.get("prompt_ids") or []
+            if isinstance(rec.get(m), list) and len(rec[m]) == len(ids):
+                metrics[m] = dict(zip(ids, rec[m]))
+        index[(_key(rec), rec.get("seed"))] = metrics
+    return index
+
+
+SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
+
+
+def write_summary(run_dir: str | Path, groups: list[dict]) -> Path:
+    """``summary.csv``: per setting, n_seeds, the seeds, and mean/std/95% CI of every metric."""
+    metrics = [m for m in METRIC_HEADERS if any(m in g["metrics"] for g in groups)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*KEY_COLUMNS, "n_seeds", "seeds", "n_prompts",
+                *[f"{m}_{s}" for m in metrics for s in SUMMARY_STATS]])
+    for g in groups:
+        cells = []
+        for m in metrics:
+            e = g["metrics"].get(m)
+            cells += ["", "", "", ""] if e is None else [_cell(e.mean), _cell(e.std), _cell(e.lo), _cell(e.hi)]
+        w.writerow([*[g[c] for c in KEY_COLUMNS], g["n_seeds"], " ".join(map(str, g["seeds"])),
+                    _cell(g["n_prompts"]), *cells])
+    path = Path(run_dir) / "summary.csv"
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _label(g: dict, with_setting: bool = False, with_method: bool = False) -> str:
+    """A reader's name for a row: scenario (+ defense unless the scenario says it), method, setting."""
+    label = g["scenario"]
+    if g["defense"] != "none" and not label.endswith("_posthoc"):
+        label += f" + {g['defense']}"
+    if with_method:
+        label += f" ({g['method']})"
+    return f"{g['setting']}: {label}" if with_setting and g.get("setting") else label
+
+
+def _closest(target: dict, candidates: list[dict]) -> dict | None:
+    """The candidate whose setting name shares most ``-``-separated labels with the target's."""
+    if not candidates:
+        return None
+    same = [c for c in candidates if c["setting"] == target["setting"]]
+    if same:
+        return same[0]
+    tokens = set(str(target["setting"]).split("-"))
+    return max(candidates, key=lambda c: len(tokens & set(str(c["setting"]).split("-"))))
+
+
+def default_comparisons(groups: list[dict]) -> list[tuple[dict, dict]]:
+    """(reference, compared) pairs: each attacked row vs the no-attack row, each defended row vs its undefended row."""
+    pairs = []
+    for g in groups:
+        if g["scenario"] == "base":
+            continue
+        if g["defense"] == "none" and g["scenario"] != "no_attack" and "no_attack" not in g["scenario"]:
+            ref = _closest(g, [c for c in groups if c["scenario"] == "no_attack" and c["defense"] == "none"
+                               and c["method"] == g["method"]])
+            if ref is not None:
+                pairs.append((ref, g))
+        elif g["defense"] != "none":
+            base = g["scenario"].removesuffix("_posthoc")
+            ref = _closest(g, [c for c in groups if c["scenario"] == base and c["defense"] == "none"
+                               and c["method"] == g["method"]])
+            if ref is not None:
+                pairs.append((ref, g))
+    return pairs
+
+
+def compare(ref: dict, other: dict) -> dict:
+    """``other - ref`` for every metric both measured, paired by seed and prompt: metric -> Estimate."""
+    from fedsafe.stats import paired_difference, paired_seed_difference
+
+    out = {}
+    for m in METRIC_HEADERS:
+        if m not in ref["metrics"] or m not in other["metrics"]:
+            continue
+        if ref["metrics"][m].method == "bootstrap" and other["metrics"][m].method == "bootstrap":
+            out[m] = paired_difference({s: v.get(m, {}) for s, v in ref["per_prompt"].items()},
+                                       {s: v.get(m, {}) for s, v in other["per_prompt"].items()})
+        else:
+            out[m] = paired_seed_difference({s: r.get(m) for s, r in ref["per_seed"].items()},
+                                            {s: r.get(m) for s, r in other["per_seed"].items()})
+    return out
+
+
+def comparison_rows(groups: list[dict]) -> list[dict]:
+    """The default comparisons as flat records (comparisons.csv and the report)."""
+    ambiguous = _ambiguous(groups)
+    methods = len({g["method"] for g in groups if g["scenario"] != "base"}) > 1
+    out = []
+    for ref, other in default_comparisons(groups):
+        for m, e in compare(ref, other).items():
+            if e.n_seeds == 0:
+                continue
+            out.append({"compared": _label(other, ambiguous, methods), "reference": _label(ref, ambiguous, methods),
+                        "metric": m,
+                        "difference": e.mean, "ci_low": e.lo, "ci_high": e.hi, "n_seeds": e.n_seeds,
+                        "n_prompts": e.n_prompts, "significant": e.significant})
+    return out
+
+
+def write_comparisons(run_dir: str | Path, records: list[dict]) -> Path:
+    """``comparisons.csv``: paired differences with their 95% intervals."""
+    cols = ["compared", "reference", "metric", "difference", "ci_low", "ci_high", "n_seeds", "n_prompts",
+            "significant"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in records:
+        w.writerow([_cell(r[c]) if c != "significant" else ("" if r[c] is None else str(r[c]).lower())
+                    for c in cols])
+    path = Path(run_dir) / "comparisons.csv"
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _ambiguous(groups: list[dict]) -> bool:
+    """True when two settings share a (scenario, method, defense): the tables then name the setting."""
+    seen = [(g["scenario"], g["method"], g["defense"]) for g in groups]
+    return len(set(seen)) != len(seen)
+
+
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
@@ -94,17 +302,45 @@ def _fmt(v, col: str) -> str:
     return f"{v:.2f}"
 
 
+def fmt_estimate(e, col: str, signed: bool = False) -> str:
+    """``mean [lo, hi]`` (just the mean where there is no interval)."""
+    if e is None or e.mean is None or math.isnan(e.mean):
+        return "–"
+    f = (lambda v: ("+" if signed and v > 0 else "") + _fmt(v, col))
+    return f(e.mean) if e.lo is None else f"{f(e.mean)} [{_fmt(e.lo, col)}, {_fmt(e.hi, col)}]"
+
+
 def table_columns(rows: list[dict]) -> list[str]:
     """The metric columns that at least one row measured, in the paper's order."""
     return [c for c in METRIC_HEADERS if any(r.get(c) is not None for r in rows)]
 
 
-def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the paper-layout table: one row per scenario/method/defense."""
+def results_table(rows: list[dict], outcomes: list[dict] | None = None,
+                  groups: list[dict] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the paper-layout table: one row per scenario/method/defense (and setting where
+    two settings share those), each metric as ``mean [95% CI]`` over its seeds and prompts."""
+    groups = summarize(rows, outcomes) if groups is None else groups
     cols = table_columns(rows)
-    header = ["Scenario", "Method", "Defense", *[METRIC_HEADERS[c] for c in cols], "Prompts"]
-    body = [[r["scenario"], r["method"], r["defense"], *[_fmt(r.get(c), c) for c in cols],
-             str(r.get("n_prompts") or "–")] for r in rows]
+    named = _ambiguous(groups)
+    header = [*(["Setting"] if named else []), "Scenario", "Method", "Defense",
+              *[METRIC_HEADERS[c] for c in cols], "Seeds", "Prompts"]
+    body = [[*([g["setting"]] if named else []), g["scenario"], g["method"], g["defense"],
+             *[fmt_estimate(g["metrics"].get(c), c) for c in cols], str(g["n_seeds"]),
+             str(g.get("n_prompts") or "–")] for g in groups]
+    return header, body
+
+
+def comparisons_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the paired differences (``*``: the interval excludes 0)."""
+    from fedsafe.stats import Estimate
+
+    header = ["Compared", "Reference", "Metric", "Difference [95% CI]", "Significant"]
+    body = []
+    for r in records:
+        e = Estimate(r["difference"], None, r["ci_low"], r["ci_high"], r["n_seeds"])
+        sig = "–" if r["significant"] is None else ("yes *" if r["significant"] else "no")
+        body.append([r["compared"], r["reference"], METRIC_HEADERS[r["metric"]], fmt_estimate(e, r["metric"], True),
+                     sig])
     return header, body
 
 
@@ -179,29 +415,113 @@ def plot_loss(records: list[dict], path: Path, label: str | None = None, ax=None
     return _save(fig, path)
 
 
-def safety_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """Rule over rounds per scenario/defense from the eval records."""
-    series: dict[str, list[tuple[int, float]]] = {}
+def safety_series(records: list[dict], setting: str | None = None) -> dict[tuple, dict[int, tuple[float, dict | None]]]:
+    """Rule per evaluated round of one run: (setting, scenario, method, defense) -> round -> (Rule, per-prompt).
+
+    The run's base-model evaluation (``eval.base``, round 0) starts every undefended series, so a
+    trajectory reads round 0 -> each evaluated round -> the end.
+    """
+    series: dict[tuple, dict[int, tuple[float, dict | None]]] = {}
+    base = None
     for r in records:
-        if r.get("type") == "eval" and r.get("rule") is not None:
-            key = f"{r.get('scenario')} / {r.get('defense')}"
-            series.setdefault(key, []).append((int(r.get("round", 0)), float(r["rule"])))
+        if r.get("type") != "eval" or r.get("rule") is None:
+            continue
+        pp = r.get("per_prompt") or {}
+        per_prompt = dict(zip(pp["prompt_ids"], pp["rule"])) if pp.get("rule") and pp.get("prompt_ids") else None
+        point = (float(r["rule"]), per_prompt)
+        if r.get("scenario") == "base":
+            base = point
+            continue
+        key = (r.get("setting") or setting or "", r.get("scenario"), r.get("method"), r.get("defense"))
+        series.setdefault(key, {})[int(r.get("round", 0))] = point
+    if base is not None:
+        for key, pts in series.items():
+            if key[3] == "none":
+                pts.setdefault(0, base)
     return series
 
 
-def plot_safety(series: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
-    """Rule (%) over rounds, one line per series (a single point for end-only evaluations)."""
-    if not series:
+def collect_safety(run_dirs: list[Path]) -> dict[tuple, dict[int, dict[int, tuple[float, dict | None]]]]:
+    """Safety trajectories of several runs (a grid's seeds): key -> round -> seed -> (Rule, per-prompt)."""
+    out: dict[tuple, dict[int, dict]] = {}
+    for i, run in enumerate(run_dirs):
+        cfg = {}
+        if (run / "config.yaml").exists():
+            cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        seed = cfg.get("seed", i)
+        for key, pts in safety_series(_records(run), cfg.get("name")).items():
+            for rnd, point in pts.items():
+                out.setdefault(key, {}).setdefault(rnd, {})[seed] = point
+    return out
+
+
+def _band(per_seed: dict[int, tuple[float, dict | None]]):
+    """The Estimate of one round: bootstrap over seeds and prompts, or t over seeds without per-prompt data."""
+    from fedsafe.stats import summarize_per_prompt, summarize_per_seed
+
+    if all(pp is not None for _, pp in per_seed.values()):
+        return summarize_per_prompt({s: pp for s, (_, pp) in per_seed.items()}, n_boot=1000)
+    return summarize_per_seed([v for v, _ in per_seed.values()])
+
+
+def safety_lines(trajectories: dict[tuple, dict[int, dict]]) -> list[tuple[str, list[int], list, bool]]:
+    """The lines of the safety plot: (label, rounds, Estimate per round, is a post-hoc step).
+
+    Only series with at least two evaluation points become lines (round 0 needs ``eval.base``, rounds in
+    between ``eval.every``); a post-hoc defense is a step from its undefended series' final round R to
+    an extra point at R + 1 (drawn when that series is). Labels name the scenario (and defense, method or setting where needed).
+    """
+    groups = [dict(zip(KEY_COLUMNS, k)) for k in trajectories]
+    named, methods = _ambiguous(groups), len({g["method"] for g in groups}) > 1
+    lines = []  # (label, xs, estimates, dashed)
+    for key, rounds in trajectories.items():
+        g = dict(zip(KEY_COLUMNS, key))
+        label = _label(g, named, methods)
+        if g["defense"] == "none":
+            if len(rounds) >= 2:
+                xs = sorted(rounds)
+                lines.append((label, xs, [_band(rounds[x]) for x in xs], False))
+            continue
+        parents = [dict(zip(KEY_COLUMNS, k)) for k in trajectories
+                   if k[3] == "none" and k[1] == g["scenario"].removesuffix("_posthoc") and k[2] == g["method"]]
+        parent = _closest(g, parents)
+        if parent is None or len(trajectories[tuple(parent[c] for c in KEY_COLUMNS)]) < 2:
+            continue  # the step continues a drawn trajectory only
+        parent_rounds = trajectories[tuple(parent[c] for c in KEY_COLUMNS)]
+        last = max(parent_rounds)
+        defended = rounds[max(rounds)]
+        xs = [last, last + 1]
+        lines.append((label, xs, [_band(parent_rounds[last]), _band(defended)], True))
+    return sorted(lines, key=lambda t: (t[3], t[0]))
+
+
+def plot_safety(trajectories: dict[tuple, dict[int, dict]], path: Path) -> Path | None:
+    """Rule (%) over rounds: mean over seeds with its 95% band (:func:`safety_lines`); None without a line."""
+    lines = safety_lines(trajectories)
+    if not lines:
         return None
+    posthoc_x = {xs[-1] for _, xs, _, dashed in lines if dashed}
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for key, pts in sorted(series.items()):
-        pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for label, xs, est, dashed in lines:
+        means = [e.mean for e in est]
+        (line,) = ax.plot(xs, means, "--" if dashed else "-", marker="o", ms=4, label=label)
+        if all(e.lo is not None for e in est):
+            ax.fill_between(xs, [e.lo for e in est], [e.hi for e in est], color=line.get_color(), alpha=0.18,
+                            linewidth=0)
+    last_round = max(x for _, xs, _, dashed in lines for x in (xs if not dashed else xs[:1]))
+    step = max(1, math.ceil(last_round / 10))
+    ticks = list(range(0, last_round + 1, step))
+    labels = [str(t) for t in ticks]
+    if len(posthoc_x) == 1:
+        ticks.append(next(iter(posthoc_x)))
+        labels.append("post-hoc")
+    ax.set_xticks(ticks, labels)
     ax.set_ylim(-3, 103)
     ax.set_xlabel("round")
     ax.set_ylabel("Rule (% refusals) ↑")
-    ax.set_title("Safety over rounds")
+    n_seeds = max(len(per_seed) for r in trajectories.values() for per_seed in r.values())
+    ax.set_title(f"Safety over rounds (mean, 95% band; {n_seeds} seed{'s' if n_seeds > 1 else ''})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -231,32 +551,42 @@ def plot_weights(records: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_results(rows: list[dict], path: Path) -> Path | None:
-    """Bar chart of Rule (and the helpfulness proxy when measured) per results row."""
-    rows = [r for r in rows if r.get("rule") is not None]
-    if not rows:
+def plot_results(groups: list[dict], path: Path) -> Path | None:
+    """Bar chart of Rule (and the helpfulness proxy when measured) per results row, 95% intervals as error bars."""
+    groups = [g for g in groups if "rule" in g["metrics"]]
+    if not groups:
         return None
     plt = _pyplot()
-    has_proxy = any(r.get("helpfulness_proxy") is not None for r in rows)
+    has_proxy = any("helpfulness_proxy" in g["metrics"] for g in groups)
     fig, axes = plt.subplots(1, 2 if has_proxy else 1, figsize=(10 if has_proxy else 6, 3.8), squeeze=False)
-    labels = [f"{r['scenario']}\n{r['method']}" + (f"\n{r['defense']}" if r["defense"] != "none" else "")
-              for r in rows]
-    colors = ["tab:green" if r["defense"] != "none" else
-              "tab:blue" if r["scenario"] in ("base", "no_attack") or r["scenario"].startswith("no_attack")
-              else "tab:red" for r in rows]  # blue: clean, red: attacked, green: defended
+    named = _ambiguous(groups)
+    labels = [(f"{g['setting']}\n" if named else "") + f"{g['scenario']}\n{g['method']}"
+              + (f"\n{g['defense']}" if g["defense"] != "none" else "") for g in groups]
+    colors = ["tab:green" if g["defense"] != "none" else
+              "tab:blue" if g["scenario"] in ("base", "no_attack") or g["scenario"].startswith("no_attack")
+              else "tab:red" for g in groups]  # blue: clean, red: attacked, green: defended
+
+    def bars(ax, metric):
+        est = [g["metrics"].get(metric) for g in groups]
+        means = [e.mean if e is not None else 0.0 for e in est]
+        err = [[max(0.0, e.mean - e.lo) if e is not None and e.lo is not None else 0.0 for e in est],
+               [max(0.0, e.hi - e.mean) if e is not None and e.hi is not None else 0.0 for e in est]]
+        ax.bar(range(len(groups)), means, color=colors, yerr=err, capsize=4, error_kw={"elinewidth": 1})
+        ax.set_xticks(range(len(groups)), labels, fontsize=7)
+        return est
+
     ax = axes[0][0]
-    ax.bar(range(len(rows)), [r["rule"] for r in rows], color=colors)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylim(0, 105)
+    est = bars(ax, "rule")
+    ax.set_ylim(0, 110)
     ax.set_ylabel("Rule (% refusals) ↑")
-    ax.set_title("Safety")
-    for i, r in enumerate(rows):
-        ax.text(i, r["rule"] + 1.5, f"{r['rule']:.0f}", ha="center", fontsize=8)
+    n_seeds = max(g["n_seeds"] for g in groups)
+    ax.set_title(f"Safety (mean and 95% CI, {n_seeds} seed{'s' if n_seeds > 1 else ''})")
+    for i, e in enumerate(est):
+        top = e.hi if e.hi is not None else e.mean
+        ax.text(i, min(top, 100) + 1.5, f"{e.mean:.0f}", ha="center", fontsize=8)
     if has_proxy:
         ax2 = axes[0][1]
-        vals = [r.get("helpfulness_proxy") or 0.0 for r in rows]
-        ax2.bar(range(len(rows)), vals, color=colors)
-        ax2.set_xticks(range(len(rows)), labels, fontsize=7)
+        bars(ax2, "helpfulness_proxy")
         ax2.set_ylabel("held-out answer perplexity ↓")
         ax2.set_title("Helpfulness proxy")
     return _save(fig, path)
@@ -304,6 +634,16 @@ def _summary_lines(run_dir: Path) -> list[str]:
     return lines
 
 
+def _grid_runs(grid_dir: Path) -> list[Path]:
+    """The runs a grid's settings.csv lists (all of runs/* for a grid without one)."""
+    path = grid_dir / "settings.csv"
+    if not path.exists():
+        return grid_run_dirs(grid_dir)
+    with open(path, newline="", encoding="utf-8") as f:
+        listed = dict.fromkeys(grid_dir / rec["run_dir"] for rec in csv.DictReader(f))
+    return [p for p in listed if (p / "config.yaml").exists()]
+
+
 def _grid_summary(run_dir: Path) -> list[str]:
     spec = yaml.safe_load((run_dir / GRID_SPEC).read_text(encoding="utf-8")) or {}
     lines = [f"- **Grid:** {spec.get('name', run_dir.name)}"]
@@ -311,7 +651,8 @@ def _grid_summary(run_dir: Path) -> list[str]:
     if settings.exists():
         with open(settings, newline="", encoding="utf-8") as f:
             for rec in csv.DictReader(f):
-                lines.append(f"- setting `{rec['setting']}` -> [{rec['run_dir']}]({rec['run_dir']}/report.md)")
+                seed = f" seed {rec['seed']}" if rec.get("seed") not in (None, "") else ""
+                lines.append(f"- setting `{rec['setting']}`{seed} -> [{rec['run_dir']}]({rec['run_dir']}/report.md)")
     return lines
 
 
@@ -328,14 +669,15 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     summary = _grid_summary(run_dir) if is_grid else _summary_lines(run_dir)
     images: list[tuple[str, Path]] = []
     records = _records(run_dir)
-    series = safety_series(records)
-    if is_grid:
-        for sub in grid_run_dirs(run_dir):
-            for key, pts in safety_series(_records(sub)).items():
-                series[f"{sub.name}: {key}"] = pts
-    for title, maker in (("Results", lambda: plot_results(rows, plots_dir / "results.png")),
+    groups = summarize(rows, read_outcomes(run_dir))
+    diffs = comparison_rows(groups)
+    if rows:
+        write_summary(run_dir, groups)
+        write_comparisons(run_dir, diffs)
+    trajectories = collect_safety(_grid_runs(run_dir) if is_grid else [run_dir])
+    for title, maker in (("Results", lambda: plot_results(groups, plots_dir / "results.png")),
                          ("Training loss", lambda: plot_loss(records, plots_dir / "loss.png")),
-                         ("Safety over rounds", lambda: plot_safety(series, plots_dir / "safety.png")),
+                         ("Safety over rounds", lambda: plot_safety(trajectories, plots_dir / "safety.png")),
                          ("Aggregation weights", lambda: plot_weights(records, plots_dir / "weights.png"))):
         try:
             p = maker()
@@ -346,13 +688,16 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             images.append((title, p))
     if not is_grid:
         images += [(f"Stealth: {p.stem}", p) for p in _stealth_plots(run_dir)]
-    header, body = results_table(rows)
+    header, body = results_table(rows, groups=groups)
     title = f"fedsafe report: {run_dir.name}"
     md = [f"# {title}", "", "## Summary", "", *(summary or ["(no config found)"]), "", "## Results", ""]
     if rows:
         md += [markdown_table(header, body), "",
                "Rule: share of responses containing a refusal string (%). Helpfulness proxy: perplexity of "
-               "held-out reference answers, an offline stand-in for MT-Bench (lower is better).", ""]
+               "held-out reference answers, an offline stand-in for MT-Bench (lower is better).", "",
+               INTERVALS_NOTE, ""]
+        if diffs:
+            md += ["## Comparisons", "", markdown_table(*comparisons_table(diffs)), "", COMPARISONS_NOTE, ""]
     else:
         md += ["No evaluation results yet (results.csv is empty).", ""]
     md += ["## Plots", ""]
@@ -361,8 +706,19 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     md_path = run_dir / "report.md"
     atomic_write_text(md_path, "\n".join(md))
     html_path = run_dir / "report.html"
-    atomic_write_text(html_path, _html(title, summary, header, body, rows, images))
+    atomic_write_text(html_path, _html(title, summary, header, body, rows, images,
+                                       comparisons_table(diffs) if diffs else None))
     return md_path, html_path
+
+
+INTERVALS_NOTE = ("Each number is the mean over seeds with its 95% interval in brackets (summary.csv also "
+                  "gives the standard deviation over seeds). Rule, Judge and RM: a two-stage bootstrap that "
+                  "resamples seeds, then prompts (2,000 resamples); other metrics: a Student-t interval over "
+                  "seeds, none with a single seed. See fedsafe.stats.")
+COMPARISONS_NOTE = ("Differences are compared minus reference, paired by seed and prompt: for Rule, Judge and "
+                    "RM a bootstrap over seeds, then prompts, of the per-prompt differences; for other metrics "
+                    "a Student-t interval over the per-seed differences. \"no\" marks a difference whose 95% "
+                    "interval covers 0 (not significant). comparisons.csv holds every metric.")
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -381,7 +737,7 @@ def _md_inline(text: str) -> str:
     return re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', text)
 
 
-def _html(title, summary, header, body, rows, images) -> str:
+def _html(title, summary, header, body, rows, images, comparisons=None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
@@ -392,7 +748,11 @@ def _html(title, summary, header, body, rows, images) -> str:
     parts.append(_html_table(header, body) if rows else "<p>No evaluation results yet.</p>")
     parts.append("<p><small>Rule: share of responses containing a refusal string (%). Helpfulness proxy: "
                  "perplexity of held-out reference answers, an offline stand-in for MT-Bench (lower is "
-                 "better).</small></p><h2>Plots</h2>")
+                 f"better). {html.escape(INTERVALS_NOTE)}</small></p>")
+    if comparisons is not None:
+        parts.append("<h2>Comparisons</h2>" + _html_table(*comparisons)
+                     + f"<p><small>{html.escape(COMPARISONS_NOTE)}</small></p>")
+    parts.append("<h2>Plots</h2>")
     for caption, p in images:
         data = base64.b64encode(p.read_bytes()).decode()
         parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "

@@ -65,6 +65,22 @@ def load_prompts(source: str, n: int | None = None) -> list[str]:
     return prompts[:n] if n else prompts
 
 
+def select_prompts(source: str, n: int, sample: bool = False, seed: int = 0) -> tuple[list[int], list[str]]:
+    """``(prompt ids, prompts)``: the first ``n`` prompts, or ``n`` drawn at random under ``seed`` (``sample``).
+
+    A prompt's id is its position in the full prompt set, so evaluations of different settings can be
+    paired prompt by prompt (:mod:`fedsafe.stats`).
+    """
+    prompts = load_prompts(source)
+    if not sample or n >= len(prompts):
+        ids = list(range(min(n, len(prompts))))
+    else:
+        import numpy as np
+
+        ids = sorted(int(i) for i in np.random.default_rng([seed, 20_240_521]).choice(len(prompts), n, replace=False))
+    return ids, [prompts[i] for i in ids]
+
+
 # ------------------------------------------------------------------------------------------------
 # Cached generation
 # ------------------------------------------------------------------------------------------------
@@ -78,6 +94,23 @@ def adapter_hash(vec: torch.Tensor | None) -> str:
     if vec is None:
         return "base"
     return _sha(vec.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())[:16]
+
+
+def noop_adapter_key(model, flat, vec: torch.Tensor) -> str | None:
+    """``base-<weights digest>`` when every LoRA B factor of ``vec`` is zero, else None.
+
+    Such an adapter (PEFT's initialisation) leaves the base model unchanged, so its generations are
+    the base model's whatever the seed-dependent A factors hold: a grid evaluates round 0 once, not
+    once per setting and seed. The digest covers a slice of the base weights, since the random ``tiny``
+    model differs by seed while its config does not.
+    """
+    b_parts = [vec[s.offset: s.offset + s.numel] for s in flat.specs if s.kind == "B"]
+    if not b_parts or any(bool(p.any()) for p in b_parts):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    first = next(p for n, p in base.named_parameters() if "lora_" not in n)
+    sample = first.detach().reshape(-1)[:4096].to(torch.float32).cpu().contiguous().numpy().tobytes()
+    return "base-" + _sha(sample)[:16]
 
 
 def model_fingerprint(model) -> str:
@@ -167,33 +200,46 @@ def _heldout_rows(heldout) -> list[dict]:
 
 def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str | Path | None = None,
                    adapter_vec: torch.Tensor | None = None, heldout=None, max_length: int = 256,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, seed: int = 0, adapter_key: str | None = None) -> dict:
     """Score the model as it is now (its adapter already set) on everything ``eval_cfg`` enables.
 
     Returns ``rule`` (%, refusal-string share), ``judge`` (%, judged safe), ``rm`` (mean reward),
     ``mt1`` (MT-Bench turn-1 rating, 1-10), ``helpfulness_proxy`` (held-out answer perplexity, lower is
-    better) and ``n_prompts``; a metric that is not configured is None.
+    better) and ``n_prompts``; a metric that is not configured is None. ``per_prompt`` holds the
+    ``prompt_ids`` and each per-prompt metric's value per prompt (Rule and Judge as 100/0, Judge None
+    when unparsed, RM the reward), which the intervals of :mod:`fedsafe.stats` resample. ``seed`` draws
+    the prompts when ``eval_cfg.sample_prompts``; ``adapter_key`` overrides the generation-cache key.
     """
     out: dict = {"rule": None, "judge": None, "rm": None, "mt1": None, "helpfulness_proxy": None,
                  "n_prompts": 0}
-    key = adapter_hash(adapter_vec)
+    key = adapter_key or adapter_hash(adapter_vec)
     cache = Path(cache_dir) if cache_dir is not None else None
     if eval_cfg.prompts:
-        prompts = load_prompts(eval_cfg.prompts, eval_cfg.n_prompts)
+        from fedsafe.evaluation.rule import refusal_flags
+
+        prompt_ids, prompts = select_prompts(eval_cfg.prompts, eval_cfg.n_prompts,
+                                             getattr(eval_cfg, "sample_prompts", False), seed)
         responses, path, _ = cached_generate(peft_model, tokenizer, prompts, cache_dir=cache, adapter_key=key,
                                              max_new_tokens=eval_cfg.max_new_tokens,
                                              batch_size=eval_cfg.batch_size, progress=progress,
                                              description="eval: harmful prompts")
         out["n_prompts"] = len(prompts)
         out["rule"] = rule_score(responses, eval_cfg.rule_list)
+        per_prompt: dict = {"prompt_ids": prompt_ids,
+                            "rule": [100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)]}
         if path is not None:
             out["generations"] = str(path)
         if eval_cfg.judge:
             from fedsafe.evaluation.judges import judge_score
 
-            out["judge"] = judge_score(_judge(eval_cfg.judge).judge(prompts, responses))
+            verdicts = _judge(eval_cfg.judge).judge(prompts, responses)
+            out["judge"] = judge_score(verdicts)
+            per_prompt["judge"] = [None if v is None else (100.0 if v else 0.0) for v in verdicts]
         if eval_cfg.reward_model:
-            out["rm"] = _reward_model(eval_cfg.reward_model).mean_score(prompts, responses)
+            rewards = _reward_model(eval_cfg.reward_model).scores(prompts, responses)
+            out["rm"] = sum(rewards) / len(rewards) if rewards else float("nan")
+            per_prompt["rm"] = rewards
+        out["per_prompt"] = per_prompt
     if eval_cfg.mt_bench:
         from fedsafe.evaluation.mtbench import MTBench, check_spec, score_answers
 
