@@ -89,6 +89,25 @@ def defense_rows(cfg: PosthocConfig, seed: int, session=None) -> list[dict]:
     return mix_defense_rows(aligned, normal, cfg.n_samples, cfg.aligned_ratio, seed)
 
 
+def finetune(peft_model, tokenizer, global_vec: torch.Tensor, rows: list[dict], pc: PosthocConfig, fl,
+             max_length: int, system_prompt: str | None, seed: int) -> tuple[torch.Tensor, dict]:
+    """Fine-tune ``global_vec`` on defense ``rows`` for ``pc.steps`` steps; return (defended vector, metrics).
+
+    ``fl`` (the experiment's FLConfig) supplies the defaults the defense shares with local training:
+    lr and batch size when ``pc`` leaves them unset, gradient accumulation, clipping, weight decay.
+    """
+    examples = tokenize_rows(tokenizer, rows, max_length, system_prompt)
+    if not examples:
+        raise ConfigError("posthoc: no defense example survived tokenisation; raise data.max_length")
+    trainer = LocalTrainer(peft_model, tokenizer)
+    rc = RoundConfig(round=fl.rounds + 1, lr=pc.lr or fl.lr, local_steps=pc.steps,
+                     batch_size=pc.batch_size or fl.batch_size, grad_accum=fl.grad_accum,
+                     seed=seed, max_grad_norm=fl.max_grad_norm, weight_decay=fl.weight_decay)
+    server_client = ClientData("server_posthoc", "server", examples)
+    result = trainer.fit(server_client, global_vec, replace(rc, algorithm="fedavg"))
+    return global_vec + result.update, {"samples": len(examples), **result.metrics}
+
+
 def posthoc_defense(session, global_vec: torch.Tensor, console=None) -> torch.Tensor:
     """Fine-tune ``global_vec`` on defense data for ``posthoc.steps`` steps; return the defended vector."""
     cfg = session.cfg
@@ -98,19 +117,12 @@ def posthoc_defense(session, global_vec: torch.Tensor, console=None) -> torch.Te
     from fedsafe.attacks.datagen import write_jsonl
 
     write_jsonl(session.run_dir.path / "posthoc_data.jsonl", rows)  # what the defense trained on, with provenance
-    examples = tokenize_rows(session.tokenizer, rows, cfg.data.max_length, cfg.data.system_prompt)
-    if not examples:
-        raise ConfigError("posthoc: no defense example survived tokenisation; raise data.max_length")
-    trainer = LocalTrainer(session.peft_model, session.tokenizer)
-    rc = RoundConfig(round=cfg.fl.rounds + 1, lr=pc.lr or cfg.fl.lr, local_steps=pc.steps,
-                     batch_size=pc.batch_size or cfg.fl.batch_size, grad_accum=cfg.fl.grad_accum,
-                     seed=cfg.seed, max_grad_norm=cfg.fl.max_grad_norm, weight_decay=cfg.fl.weight_decay)
-    server_client = ClientData("server_posthoc", "server", examples)
-    result = trainer.fit(server_client, global_vec, replace(rc, algorithm="fedavg"))
-    session.run_dir.log({"type": "posthoc", "round": cfg.fl.rounds, "level": pc.level, "samples": len(examples),
+    defended, metrics = finetune(session.peft_model, session.tokenizer, global_vec, rows, pc, cfg.fl,
+                                 cfg.data.max_length, cfg.data.system_prompt, cfg.seed)
+    session.run_dir.log({"type": "posthoc", "round": cfg.fl.rounds, "level": pc.level,
                          "aligned_ratio": pc.aligned_ratio,
-                         "unique_instructions": len({r["instruction"] for r in rows}), **result.metrics})
+                         "unique_instructions": len({r["instruction"] for r in rows}), **metrics})
     if console is not None:
-        console.print(f"post-hoc defense (level {pc.level}): {len(examples)} samples, {pc.steps} steps, "
-                      f"loss {result.metrics['first_loss']:.3f} -> {result.metrics['last_loss']:.3f}")
-    return global_vec + result.update
+        console.print(f"post-hoc defense (level {pc.level}): {metrics['samples']} samples, {pc.steps} steps, "
+                      f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}")
+    return defended
