@@ -93,14 +93,18 @@ def append_results(run_dir: str | Path, rows: list[dict]) -> Path:
 
 def read_outcomes(run_dir: str | Path) -> list[dict]:
     """The records of ``outcomes.jsonl``: key columns, seed, ``prompt_ids`` and per-prompt metric lists."""
-    path = Path(run_dir) / "outcomes.jsonl"
+    return _read_jsonl(Path(run_dir) / "outcomes.jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON records of a JSONL file ([] when it is missing); a torn last line from a crash is skipped."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line from a crash
+        except json.JSONDecodeError:
             continue
     return out
 
@@ -361,16 +365,7 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return _read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _pyplot():
