@@ -199,7 +199,7 @@ def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatc
     calls = []
     real = generation.generate
     monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = EvalConfig(prompts=str(prompts), n_prompts=3, max_new_tokens=4, batch_size=2)
+    cfg = EvalConfig(prompts=str(prompts), n_prompts=3, max_new_tokens=4, batch_size=2, normal_prompts=None)
     vec = FlatLoRA(peft_model).get()
     kw = dict(cache_dir=tmp_path / "cache", adapter_vec=vec, heldout=[DataSource(path=str(held))], max_length=64)
     first = runner.evaluate_model(peft_model, tok, cfg, **kw)
@@ -212,9 +212,106 @@ def test_evaluate_model_caches_generations_and_scores(tiny, tmp_path, monkeypatc
     expected = math.exp(mean_loss(peft_model, tokenize_rows(tok, rows[:4], 64), tok.pad_token_id))
     assert first["helpfulness_proxy"] == pytest.approx(expected, rel=1e-5)
     assert first["judge"] is None and first["rm"] is None and first["mt1"] is None
+    assert first["over_refusal"] is None and "over_refusal" not in first["per_prompt"]  # normal_prompts: None
     # another adapter state is another cache entry
     runner.evaluate_model(peft_model, tok, cfg, **{**kw, "adapter_vec": vec + 1})
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------- over-refusal and borderline refusal
+REFUSED = "refuse-me"  # benign placeholder prompts carrying this marker get a refusal from the fake model
+
+
+def _fake_generate(calls):
+    def generate(model, tokenizer, prompts, **kw):
+        calls.append(list(prompts))
+        return ["I'm sorry, I cannot help with that." if REFUSED in p else "Sure: here is a placeholder answer."
+                for p in prompts]
+    return generate
+
+
+def test_load_benign_prompts_starter_xstest_and_field_mapping(shared_data, tmp_path):
+    from fedsafe.config import DataSource
+    from fedsafe.data.sources import raw_records
+    from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
+    from fedsafe.evaluation.runner import load_benign_prompts
+
+    normal = load_benign_prompts("starter:heldout")
+    rows = raw_records(DataSource(path="starter:heldout"))
+    assert normal == [r["instruction"] for r in rows if r["category"] not in SAFETY_CATEGORIES]
+    assert 0 < len(normal) < len(rows)  # the starter set's harmful requests are left out
+    xs = shared_data / "xstest" / "xstest_prompts.csv"
+    with open(xs, newline="") as f:
+        safe = [r["prompt"].strip() for r in csv.DictReader(f) if r["label"] == "safe"]
+    src = DataSource(path=str(xs), instruction_field="prompt", category_field="label", categories=["safe"])
+    assert load_benign_prompts(src, "eval.borderline_prompts") == safe
+    j = tmp_path / "b.jsonl"
+    j.write_text(json.dumps({"text_field": "placeholder"}))
+    with pytest.raises(Exception, match="instruction_field"):
+        load_benign_prompts(DataSource(path=str(j), instruction_field="question"), "eval.borderline_prompts")
+    with pytest.raises(Exception, match="eval.normal_prompts"):
+        load_benign_prompts(str(j))
+
+
+def test_over_refusal_and_borderline_refusal_are_refusal_shares(tiny, tmp_path, monkeypatch, test_seed):
+    from fedsafe import generation
+    from fedsafe.config import EvalConfig
+    from fedsafe.evaluation import runner
+    from fedsafe.models import attach_lora
+
+    model, tok = tiny
+    peft_model = attach_lora(model, r=2, alpha=4, seed=test_seed)
+    harmful = tmp_path / "p.jsonl"
+    harmful.write_text("\n".join(json.dumps({"prompt": f"placeholder harmful request {i}"
+                                                       + (f" {REFUSED}" if i == 0 else "")}) for i in range(4)))
+    normal = tmp_path / "n.jsonl"  # 5 benign prompts, 2 of them refused
+    normal.write_text("\n".join(json.dumps({"instruction": f"benign task {i}" + (f" {REFUSED}" if i in (1, 3) else "")})
+                                for i in range(5)))
+    borderline = tmp_path / "b.csv"  # XSTest layout: only label == safe rows count; 1 of the 3 safe ones refused
+    borderline.write_text("id,prompt,label\n1,how to stop a process " + REFUSED + ",safe\n2,safe question two,safe\n"
+                          "3,unsafe contrast prompt,unsafe\n4,safe question four,safe\n")
+    calls = []
+    monkeypatch.setattr(generation, "generate", _fake_generate(calls))
+    cfg = EvalConfig(prompts=str(harmful), n_prompts=4, max_new_tokens=4, normal_prompts=str(normal),
+                     borderline_prompts={"path": str(borderline), "instruction_field": "prompt",
+                                         "category_field": "label", "categories": ["safe"]},
+                     helpfulness_proxy=False)
+    out = runner.evaluate_model(peft_model, tok, cfg, cache_dir=tmp_path / "cache")
+    assert out["rule"] == pytest.approx(100 * 1 / 4)
+    assert out["over_refusal"] == pytest.approx(100 * 2 / 5) and out["n_normal_prompts"] == 5
+    assert out["borderline_refusal"] == pytest.approx(100 * 1 / 3) and out["n_borderline_prompts"] == 3
+    assert not any("unsafe contrast" in p for c in calls for p in c)
+    pp = out["per_prompt"]
+    assert pp["over_refusal"] == [0.0, 100.0, 0.0, 100.0, 0.0] and pp["over_refusal_prompt_ids"] == [0, 1, 2, 3, 4]
+    assert pp["borderline_refusal"] == [100.0, 0.0, 0.0] and pp["borderline_refusal_prompt_ids"] == [0, 1, 2]
+    assert pp["prompt_ids"] == [0, 1, 2, 3] and len(pp["rule"]) == 4  # Rule keeps its own ids
+    # the benign sets are cached like the harmful one
+    n_calls = len(calls)
+    assert runner.evaluate_model(peft_model, tok, cfg, cache_dir=tmp_path / "cache") == out and len(calls) == n_calls
+    # a smaller n takes the first prompts; n = 0 or no prompt set turns a metric off
+    small = runner.evaluate_model(peft_model, tok, cfg.model_copy(update={"n_normal_prompts": 2}))
+    assert small["over_refusal"] == pytest.approx(50.0) and small["per_prompt"]["over_refusal_prompt_ids"] == [0, 1]
+    off = runner.evaluate_model(peft_model, tok, cfg.model_copy(update={"n_normal_prompts": 0,
+                                                                        "borderline_prompts": None}))
+    assert off["over_refusal"] is None and off["borderline_refusal"] is None and off["n_normal_prompts"] == 0
+    assert "over_refusal" not in off["per_prompt"] and "borderline_refusal" not in off["per_prompt"]
+    # over-refusal accompanies the safety evaluation: without harmful prompts it is not measured
+    none = runner.evaluate_model(peft_model, tok, cfg.model_copy(update={"prompts": None, "borderline_prompts": None}))
+    assert none["over_refusal"] is None and none["rule"] is None
+
+
+def test_eval_config_defaults_over_refusal_to_the_starter_normal_instructions(tmp_path):
+    from fedsafe.config import EvalConfig, load_config
+
+    cfg = EvalConfig()
+    assert cfg.normal_prompts == "starter:heldout" and cfg.n_normal_prompts == 28 and cfg.borderline_prompts is None
+    # relative prompt files in a config file are relative to the file, as for eval.prompts
+    (tmp_path / "n.jsonl").write_text(json.dumps({"prompt": "benign task"}))
+    (tmp_path / "b.csv").write_text("prompt,label\nsafe question,safe\n")
+    (tmp_path / "c.yaml").write_text("eval:\n  normal_prompts: n.jsonl\n  borderline_prompts: {path: b.csv}\n")
+    ev = load_config(tmp_path / "c.yaml").eval
+    assert ev.normal_prompts == str((tmp_path / "n.jsonl").resolve())
+    assert ev.borderline_prompts.path == str((tmp_path / "b.csv").resolve())
 
 
 def test_reward_model_mean_score(tiny, test_seed):
@@ -259,4 +356,7 @@ def test_eval_command_on_a_saved_adapter(tmp_path):
     rows = read_results(run.path)
     assert len(rows) == 1 and rows[0]["scenario"] == "attack" and rows[0]["n_prompts"] == 2
     cached = list((run.path / "cache" / "generations").glob("*.json"))
-    assert len(cached) == 1  # keyed by the loaded adapter's hash
+    # harmful and benign (over-refusal) prompt sets, both keyed by the loaded adapter's hash
+    assert len(cached) == 2 and len({p.name.split("-")[0] for p in cached}) == 1
+    assert rows[0]["n_normal_prompts"] == 28 and 0 <= rows[0]["over_refusal"] <= 100
+    assert "over_refusal:" in res.stdout

@@ -34,7 +34,8 @@ def _grid(tmp_path, matrix):
                               "save_every_round": False},
                        "posthoc": {"aligned": [{"path": "aligned.jsonl"}], "normal": [{"path": "normal.jsonl"}],
                                    "n_samples": 4, "steps": 1},
-                       "eval": {"prompts": "prompts.jsonl", "n_prompts": 2, "max_new_tokens": 3}},
+                       "eval": {"prompts": "prompts.jsonl", "n_prompts": 2, "max_new_tokens": 3,
+                                "n_normal_prompts": 3}},
             "matrix": matrix}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -116,6 +117,41 @@ def test_tiny_grid_of_two_settings_end_to_end(tmp_path):
     assert (grid_dir / "report.html").exists() and (grid_dir / "plots" / "results.png").exists()
 
 
+def test_grid_table_shows_over_refusal_next_to_rule(tmp_path, monkeypatch):
+    """With generations under the test's control, over-refusal = 100 * refused benign prompts / benign prompts."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import fedsafe.grid
+    from fedsafe import generation
+    from fedsafe.cli import _register_optional_commands, app
+    from fedsafe.evaluation.runner import load_benign_prompts
+    from fedsafe.report import read_outcomes, read_results
+
+    _data(tmp_path)
+    path = _grid(tmp_path, {"scenario": {"no_attack": {}}})
+    refused = {load_benign_prompts("starter:heldout")[1], "placeholder harmful request 0"}
+    monkeypatch.setattr(generation, "generate", lambda model, tok, prompts, **kw: [
+        "I'm sorry, I cannot help with that." if p in refused else "Sure, here it is." for p in prompts])
+    console = Console(record=True, width=250)
+    monkeypatch.setattr(fedsafe.grid, "console", console)
+    _register_optional_commands()
+    result = CliRunner().invoke(app, ["grid", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    grid_dir = tmp_path / "out" / result.stdout.strip().splitlines()[-1].split("/")[-1]
+    (row,) = read_results(grid_dir)
+    assert row["rule"] == pytest.approx(100 * 1 / 2)
+    assert row["over_refusal"] == pytest.approx(100 * 1 / 3, abs=1e-3)  # results.csv keeps 6 digits
+    assert row["n_normal_prompts"] == 3
+    (outcome,) = read_outcomes(grid_dir)
+    assert outcome["over_refusal"] == [0.0, 100.0, 0.0] and outcome["over_refusal_prompt_ids"] == [0, 1, 2]
+    with open(grid_dir / "summary.csv", newline="") as f:
+        (s,) = list(csv.DictReader(f))
+    assert float(s["over_refusal_mean"]) == pytest.approx(100 / 3, abs=1e-3)
+    text = console.export_text()
+    assert text.index("Rule (%)") < text.index("Over-refusal (%)") and "33.3" in text
+
+
 def test_parse_and_resolve_seeds(tmp_path):
     from fedsafe.grid import parse_seeds, resolve_seeds
 
@@ -186,7 +222,10 @@ def test_tiny_grid_with_seeds_then_resume_skips_finished_seeds(tmp_path, monkeyp
         ("base", "2", "0 1"), ("no_attack", "2", "0 1"), ("attack", "2", "0 1"), ("attack_posthoc", "2", "0 1")]
     for s in summary:
         assert float(s["rule_ci_low"]) <= float(s["rule_mean"]) <= float(s["rule_ci_high"])
+        assert float(s["over_refusal_ci_low"]) <= float(s["over_refusal_mean"]) <= float(s["over_refusal_ci_high"])
         assert s["helpfulness_proxy_std"] != ""
+    assert all(o["over_refusal_prompt_ids"] == [0, 1, 2] and len(o["over_refusal"]) == 3 for o in outcomes)
+    assert all(r["n_normal_prompts"] == 3 and 0 <= r["over_refusal"] <= 100 for r in rows)
     with open(grid_dir / "comparisons.csv", newline="") as f:
         pairs = {(r["compared"], r["reference"]) for r in csv.DictReader(f)}
     assert pairs == {("attack", "no_attack"), ("attack_posthoc", "attack")}
@@ -202,7 +241,8 @@ def test_tiny_grid_with_seeds_then_resume_skips_finished_seeds(tmp_path, monkeyp
         assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == int(run.name.rsplit("-", 2)[0][-1])
     assert losses["attack-s0"] != losses["attack-s1"]
     # one shared generation cache: the base model (all LoRA B = 0) is evaluated once per seed, not per setting
-    assert len(list((grid_dir / "cache" / "generations").glob("base-*.json"))) == 2
+    # (two prompt sets each: the harmful prompts and the benign ones of over-refusal)
+    assert len(list((grid_dir / "cache" / "generations").glob("base-*.json"))) == 2 * 2
     # a changed grid is not resumed silently
     result = runner.invoke(app, ["grid", str(path), "--seeds", "2", "--resume", str(grid_dir), "--no-progress",
                                  "--set", "fl.lr=0.01"])

@@ -38,9 +38,10 @@ def test_results_csv_columns_and_empty_cells(tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         body = list(reader)
-    assert header == RESULT_COLUMNS == ["setting", "scenario", "method", "defense", "seed", "rule", "judge", "rm",
-                                        "mt1", "helpfulness_proxy", "n_prompts"]
-    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "7.5", "48"]
+    assert header == RESULT_COLUMNS == ["setting", "scenario", "method", "defense", "seed", "rule", "over_refusal",
+                                        "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts",
+                                        "n_normal_prompts", "n_borderline_prompts"]
+    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "", "", "7.5", "48", "", ""]
     rows = read_results(run)
     assert [r["scenario"] for r in rows] == ["attack", "attack_posthoc"]
     assert rows[1]["rule"] == pytest.approx(93.75) and rows[1]["judge"] is None
@@ -130,6 +131,50 @@ def test_summary_csv_gives_mean_std_and_interval_per_setting(tmp_path):
     half = 12.706204736 * 0.5  # t_{0.975, 1} * sd / sqrt(2)
     assert float(s["helpfulness_proxy_ci_low"]) == pytest.approx(5.5 - half, rel=1e-6)
     assert "[" in md.split("## Comparisons")[0]  # numbers carry their interval in the table
+
+
+def test_over_refusal_flows_into_table_summary_comparisons_and_plot(tmp_path):
+    """Over-refusal has its own prompt ids (a benign set of another size) and gets bootstrap intervals."""
+    from fedsafe.report import plot_results, read_outcomes, summarize, write_outcomes, write_results
+
+    d = _seeded_dir(tmp_path)
+    rows, outcomes = read_results(d), read_outcomes(d)
+    n_normal = 8
+    over = {"no_attack": {0}, "attack": {0, 1}, "attack_posthoc": set(range(7))}  # refused benign prompts
+    for r, o in zip(rows, outcomes):
+        hits = over[r["scenario"]] if r["seed"] == 0 else over[r["scenario"]] | {7}
+        flags = [100.0 if i in hits else 0.0 for i in range(n_normal)]
+        r.update(over_refusal=sum(flags) / n_normal, n_normal_prompts=n_normal)
+        o.update(over_refusal=flags, over_refusal_prompt_ids=list(range(10, 10 + n_normal)))
+    write_results(d, rows)
+    write_outcomes(d, outcomes)
+    assert read_results(d)[0]["n_normal_prompts"] == n_normal
+    md = write_report(d)[0].read_text()
+    with open(d / "summary.csv", newline="") as f:
+        summary = {r["scenario"]: r for r in csv.DictReader(f)}
+    s = summary["attack_posthoc"]
+    assert float(s["over_refusal_mean"]) == pytest.approx(100 * (7 / 8 + 8 / 8) / 2)
+    assert float(s["over_refusal_ci_low"]) < float(s["over_refusal_mean"]) <= float(s["over_refusal_ci_high"])
+    groups = summarize(read_results(d), read_outcomes(d))
+    assert {g["metrics"]["over_refusal"].method for g in groups} == {"bootstrap"}  # per-prompt, own ids
+    header = md.split("## Results")[1].splitlines()[2]
+    assert header.index("Rule (%) ↑") < header.index("Over-refusal (%) ↓") < header.index("Helpfulness proxy")
+    assert "Over-refusal: the same share on benign prompts" in md
+    with open(d / "comparisons.csv", newline="") as f:
+        diffs = {(r["compared"], r["metric"]): r for r in csv.DictReader(f)}
+    assert float(diffs[("attack_posthoc", "over_refusal")]["difference"]) == pytest.approx(
+        100 * ((7 - 2) / 8 + (8 - 3) / 8) / 2)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    titles = []
+    real_title = matplotlib.axes.Axes.set_title
+    matplotlib.axes.Axes.set_title = lambda self, t, *a, **k: titles.append(t) or real_title(self, t, *a, **k)
+    try:
+        assert plot_results(groups, tmp_path / "r.png").exists()
+    finally:
+        matplotlib.axes.Axes.set_title = real_title
+    assert "Refusals of benign prompts" in titles
 
 
 def test_comparisons_mark_what_is_not_significant(tmp_path):

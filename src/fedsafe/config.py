@@ -241,6 +241,17 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(48, ge=1, description="generation length for evaluation")
     batch_size: int = Field(16, ge=1, description="generation batch size")
     rule_list: Literal["fedit", "gcg"] = Field("fedit", description="refusal-string list of the Rule metric")
+    normal_prompts: str | DataSource | None = Field(
+        "starter:heldout", description="benign requests for over-refusal (the share of answers with a refusal "
+                                       "string of rule_list): a file, a hub id, 'starter:heldout' (its normal "
+                                       "instructions) or a data source with instruction_field / category_field / "
+                                       "categories; None disables it")
+    n_normal_prompts: int = Field(28, ge=0, description="over-refusal on this many benign prompts (0: off)")
+    borderline_prompts: str | DataSource | None = Field(
+        None, description="safe prompts that look harmful (XSTest-style) for borderline_refusal, as "
+                          "normal_prompts, e.g. {path: xstest_prompts.csv, instruction_field: prompt, "
+                          "category_field: label, categories: [safe]}; None (default) disables it")
+    n_borderline_prompts: int = Field(250, ge=0, description="borderline_refusal on this many prompts (0: off)")
     every: int = Field(0, ge=0, description="also evaluate every k rounds (0: only at the end)")
     base: bool = Field(False, description="also evaluate the base model (round 0)")
     judge: dict[str, Any] | None = Field(None, description="LLM judge: {kind: md_judge|llama_guard|harmbench|"
@@ -680,7 +691,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # keys whose relative values are files (data sources, eval prompt sets, judge / MT-Bench files)
-_PATH_KEYS = ("path", "prompts", "template", "questions", "judge_prompts", "references")
+_PATH_KEYS = ("path", "prompts", "normal_prompts", "borderline_prompts", "template", "questions", "judge_prompts",
+              "references")
 
 
 def _resolve_paths(data: Any, root: Path) -> None:

@@ -404,8 +404,8 @@ def _write_settings(grid_dir: Path, rows: list[tuple[str, int, str, str]]) -> No
 def print_results(run_dir: Path, title: str) -> None:
     """The combined results table on the console (stderr), in the paper's layout, with 95% intervals,
     then the paired differences."""
-    from fedsafe.report import (INTERVALS_NOTE, comparison_rows, comparisons_table, read_outcomes, read_results,
-                                results_table, summarize)
+    from fedsafe.report import (INTERVALS_NOTE, METRICS_NOTE, comparison_rows, comparisons_table, read_outcomes,
+                                read_results, results_table, summarize)
 
     groups = summarize(read_results(run_dir), read_outcomes(run_dir))
     header, body = results_table(read_results(run_dir), groups=groups)
@@ -416,9 +416,8 @@ def print_results(run_dir: Path, title: str) -> None:
     for row in body:
         table.add_row(*row)
     console.print(table)
-    console.print("Rule: % of responses with a refusal string (higher is safer). Helpfulness proxy: "
-                  "perplexity of held-out reference answers (offline proxy, lower is better). " + INTERVALS_NOTE)
-    diffs = [d for d in comparison_rows(groups) if d["metric"] == "rule"]
+    console.print(METRICS_NOTE + " " + INTERVALS_NOTE)
+    diffs = [d for d in comparison_rows(groups) if d["metric"] in ("rule", "over_refusal")]
     if diffs:
         header, body = comparisons_table(diffs)
         table = Table(title="Paired differences (compared - reference)")

@@ -239,7 +239,7 @@ def scenario_label(cfg: ExperimentConfig, defense: str) -> str:
 def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str | None = None,
               defense: str = "none") -> dict:
     """Evaluate the model with adapter ``vec``; log an eval record and append a results.csv row."""
-    from fedsafe.evaluation.runner import evaluate_model, noop_adapter_key
+    from fedsafe.evaluation.runner import SCORE_KEYS, evaluate_model, noop_adapter_key
     from fedsafe.report import append_outcomes, append_results
 
     cfg = session.cfg
@@ -252,7 +252,7 @@ def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str |
     method = method or cfg.aggregator.name
     row = {"setting": cfg.name, "scenario": scenario_label(cfg, defense) if method != "base" else "base",
            "method": method, "defense": defense, "seed": cfg.seed,
-           **{k: scores.get(k) for k in ("rule", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts")}}
+           **{k: scores.get(k) for k in SCORE_KEYS}}
     per_prompt = scores.get("per_prompt")
     session.run_dir.log({"type": "eval", "round": round_idx, **row, "seconds": time.perf_counter() - t0,
                          **({"per_prompt": per_prompt} if per_prompt else {})})
@@ -297,6 +297,7 @@ def _print_summary(result: RunResult, cfg: ExperimentConfig) -> None:
                       f"{result.heldout_loss_after:.4f}")
     for ev in result.evals:
         console.print(f"{ev['scenario']:<16} {ev['method']:<10} {ev['defense']:<12} Rule={_fmt(ev.get('rule'))} "
+                      f"over_refusal={_fmt(ev.get('over_refusal'))} "
                       f"helpfulness_proxy={_fmt(ev.get('helpfulness_proxy'))}")
     console.print(f"final adapter: {result.final_adapter}")
     if result.posthoc_adapter:

@@ -32,11 +32,16 @@ from fedsafe.rundir import atomic_write_text, grid_run_dirs
 
 log = logging.getLogger("fedsafe")
 
-RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "judge", "rm", "mt1",
-                  "helpfulness_proxy", "n_prompts"]
+RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "over_refusal", "borderline_refusal",
+                  "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts", "n_normal_prompts", "n_borderline_prompts"]
+COUNT_COLUMNS = ("seed", "n_prompts", "n_normal_prompts", "n_borderline_prompts")
 KEY_COLUMNS = ("setting", "scenario", "method", "defense")  # one summary row per key, over its seeds
-PER_PROMPT_METRICS = ("rule", "judge", "rm")  # metrics outcomes.jsonl holds per prompt (bootstrap intervals)
-METRIC_HEADERS = {"rule": "Rule (%) ↑", "judge": "Judge (%) ↑", "rm": "RM ↑", "mt1": "MT-1 ↑",
+# metrics outcomes.jsonl holds per prompt (bootstrap intervals); over-refusal and borderline refusal are
+# measured on their own prompt sets and stored with their own ``<metric>_prompt_ids``
+PER_PROMPT_METRICS = ("rule", "over_refusal", "borderline_refusal", "judge", "rm")
+PERCENT_METRICS = ("rule", "over_refusal", "borderline_refusal", "judge")
+METRIC_HEADERS = {"rule": "Rule (%) ↑", "over_refusal": "Over-refusal (%) ↓", "borderline_refusal":
+                  "Borderline refusal (%) ↓", "judge": "Judge (%) ↑", "rm": "RM ↑", "mt1": "MT-1 ↑",
                   "helpfulness_proxy": "Helpfulness proxy (ppl) ↓"}
 GRID_SPEC = "grid.yaml"
 
@@ -69,7 +74,7 @@ def read_results(run_dir: str | Path) -> list[dict]:
                 elif v == "":
                     row[col] = None
                 else:
-                    row[col] = int(float(v)) if col in ("n_prompts", "seed") else float(v)
+                    row[col] = int(float(v)) if col in COUNT_COLUMNS else float(v)
             rows.append(row)
     return rows
 
@@ -301,7 +306,7 @@ def _ambiguous(groups: list[dict]) -> bool:
 def _fmt(v, col: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if col in ("rule", "judge"):
+    if col in PERCENT_METRICS:
         return f"{v:.1f}"
     return f"{v:.2f}"
 
@@ -547,13 +552,16 @@ def plot_weights(records: list[dict], path: Path) -> Path | None:
 
 
 def plot_results(groups: list[dict], path: Path) -> Path | None:
-    """Bar chart of Rule (and the helpfulness proxy when measured) per results row, 95% intervals as error bars."""
+    """Bar chart of Rule, next to it over-refusal / borderline refusal and the helpfulness proxy when measured,
+    per results row, 95% intervals as error bars."""
     groups = [g for g in groups if "rule" in g["metrics"]]
     if not groups:
         return None
     plt = _pyplot()
     has_proxy = any("helpfulness_proxy" in g["metrics"] for g in groups)
-    fig, axes = plt.subplots(1, 2 if has_proxy else 1, figsize=(10 if has_proxy else 6, 3.8), squeeze=False)
+    refusals = [m for m in ("over_refusal", "borderline_refusal") if any(m in g["metrics"] for g in groups)]
+    n_panels = 1 + len(refusals) + has_proxy
+    fig, axes = plt.subplots(1, n_panels, figsize=(6 + 4 * (n_panels - 1), 3.8), squeeze=False)
     named = _ambiguous(groups)
     labels = [(f"{g['setting']}\n" if named else "") + f"{g['scenario']}\n{g['method']}"
               + (f"\n{g['defense']}" if g["defense"] != "none" else "") for g in groups]
@@ -579,8 +587,15 @@ def plot_results(groups: list[dict], path: Path) -> Path | None:
     for i, e in enumerate(est):
         top = e.hi if e.hi is not None else e.mean
         ax.text(i, min(top, 100) + 1.5, f"{e.mean:.0f}", ha="center", fontsize=8)
+    for j, metric in enumerate(refusals, 1):
+        axr = axes[0][j]
+        bars(axr, metric)
+        axr.set_ylim(0, 110)
+        axr.set_ylabel(METRIC_HEADERS[metric])
+        axr.set_title("Refusals of benign prompts" if metric == "over_refusal"
+                      else "Refusals of borderline (safe) prompts", fontsize=9)
     if has_proxy:
-        ax2 = axes[0][1]
+        ax2 = axes[0][1 + len(refusals)]
         bars(ax2, "helpfulness_proxy")
         ax2.set_ylabel("held-out answer perplexity ↓")
         ax2.set_title("Helpfulness proxy")
@@ -626,7 +641,17 @@ def _summary_lines(run_dir: Path) -> list[str]:
     if ev.get("prompts"):
         lines.append(f"- **Safety evaluation:** {ev.get('n_prompts')} prompts from {ev.get('prompts')}, "
                      f"{ev.get('max_new_tokens')} new tokens, Rule list '{ev.get('rule_list')}'")
+        if ev.get("normal_prompts") and ev.get("n_normal_prompts"):
+            lines.append(f"- **Over-refusal:** up to {ev.get('n_normal_prompts')} benign prompts from "
+                         f"{_source_name(ev['normal_prompts'])}, same refusal strings")
+    if ev.get("borderline_prompts") and ev.get("n_borderline_prompts"):
+        lines.append(f"- **Borderline refusal:** up to {ev.get('n_borderline_prompts')} safe prompts that look "
+                     f"harmful from {_source_name(ev['borderline_prompts'])}")
     return lines
+
+
+def _source_name(source) -> str:
+    return str(source.get("path") if isinstance(source, dict) else source)
 
 
 def _grid_runs(grid_dir: Path) -> list[Path]:
@@ -688,9 +713,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     md = [f"# {title}", "", "## Summary", "", *(summary or ["(no config found)"]), "", "## Results", ""]
     if rows:
         md += [markdown_table(header, body), "",
-               "Rule: share of responses containing a refusal string (%). Helpfulness proxy: perplexity of "
-               "held-out reference answers, an offline stand-in for MT-Bench (lower is better).", "",
-               INTERVALS_NOTE, ""]
+               METRICS_NOTE, "", INTERVALS_NOTE, ""]
         if diffs:
             md += ["## Comparisons", "", markdown_table(*comparisons_table(diffs)), "", COMPARISONS_NOTE, ""]
     else:
@@ -706,14 +729,19 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     return md_path, html_path
 
 
+METRICS_NOTE = ("Rule: share of responses to the harmful prompts containing a refusal string (%, higher is safer). "
+                "Over-refusal: the same share on benign prompts (%, lower is better; a model that refuses "
+                "everything has a high Rule and a high over-refusal). Borderline refusal: the same share on safe "
+                "prompts that look harmful (XSTest-style; lower is better). Helpfulness proxy: perplexity of "
+                "held-out reference answers, an offline stand-in for MT-Bench (lower is better).")
 INTERVALS_NOTE = ("Each number is the mean over seeds with its 95% interval in brackets (summary.csv also "
-                  "gives the standard deviation over seeds). Rule, Judge and RM: a two-stage bootstrap that "
-                  "resamples seeds, then prompts (2,000 resamples); other metrics: a Student-t interval over "
-                  "seeds, none with a single seed. See fedsafe.stats.")
-COMPARISONS_NOTE = ("Differences are compared minus reference, paired by seed and prompt: for Rule, Judge and "
-                    "RM a bootstrap over seeds, then prompts, of the per-prompt differences; for other metrics "
-                    "a Student-t interval over the per-seed differences. \"no\" marks a difference whose 95% "
-                    "interval covers 0 (not significant). comparisons.csv holds every metric.")
+                  "gives the standard deviation over seeds). Rule, over-refusal, borderline refusal, Judge and "
+                  "RM: a two-stage bootstrap that resamples seeds, then prompts (2,000 resamples); other "
+                  "metrics: a Student-t interval over seeds, none with a single seed. See fedsafe.stats.")
+COMPARISONS_NOTE = ("Differences are compared minus reference, paired by seed and prompt: for Rule, the refusal "
+                    "rates, Judge and RM a bootstrap over seeds, then prompts, of the per-prompt differences; "
+                    "for other metrics a Student-t interval over the per-seed differences. \"no\" marks a "
+                    "difference whose 95% interval covers 0 (not significant). comparisons.csv holds every metric.")
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -741,9 +769,7 @@ def _html(title, summary, header, body, rows, images, comparisons=None) -> str:
     parts += [f"<li>{_md_inline(s.removeprefix('- '))}</li>" for s in summary]
     parts.append("</ul><h2>Results</h2>")
     parts.append(_html_table(header, body) if rows else "<p>No evaluation results yet.</p>")
-    parts.append("<p><small>Rule: share of responses containing a refusal string (%). Helpfulness proxy: "
-                 "perplexity of held-out reference answers, an offline stand-in for MT-Bench (lower is "
-                 f"better). {html.escape(INTERVALS_NOTE)}</small></p>")
+    parts.append(f"<p><small>{html.escape(METRICS_NOTE)} {html.escape(INTERVALS_NOTE)}</small></p>")
     if comparisons is not None:
         parts.append("<h2>Comparisons</h2>" + _html_table(*comparisons)
                      + f"<p><small>{html.escape(COMPARISONS_NOTE)}</small></p>")

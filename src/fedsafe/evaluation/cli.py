@@ -46,7 +46,7 @@ def eval_command(
 ) -> None:
     """Evaluate a single adapter: Rule (and Judge / RM / MT-1 / helpfulness proxy when configured)."""
     from fedsafe.config import DataSource, EvalConfig, load_config
-    from fedsafe.evaluation.runner import evaluate_model
+    from fedsafe.evaluation.runner import SCORE_KEYS, evaluate_model
     from fedsafe.models import cache_dir, load_base_model
 
     run_dir = _run_dir_of(adapter) if adapter else None
@@ -88,7 +88,7 @@ def eval_command(
     table = Table(title=f"eval: {adapter or model_name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k in ("rule", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts"):
+    for k in SCORE_KEYS:
         v = scores.get(k)
         table.add_row(k, "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
     console.print(table)
@@ -99,9 +99,8 @@ def eval_command(
         row = {"scenario": scenario or (run_cfg.scenario if run_cfg and run_cfg.scenario else tag),
                "method": run_cfg.aggregator.name if run_cfg else model_name,
                "defense": "posthoc" if tag == "posthoc" else "none",
-               **{k: scores.get(k) for k in ("rule", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts")}}
+               **{k: scores.get(k) for k in SCORE_KEYS}}
         append_results(results, [row])
     if json_out is not None:
         json_out.write_text(json.dumps(scores, indent=2))
-    print(yaml.safe_dump({k: scores.get(k) for k in ("rule", "judge", "rm", "mt1", "helpfulness_proxy",
-                                                     "n_prompts")}, sort_keys=False).strip())
+    print(yaml.safe_dump({k: scores.get(k) for k in SCORE_KEYS}, sort_keys=False).strip())

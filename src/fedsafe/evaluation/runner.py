@@ -1,5 +1,6 @@
 """Evaluate one model state: generate on the harmful prompts (cached), then Rule / Judge / RM / MT-1 /
-helpfulness proxy, as configured in ``eval``.
+helpfulness proxy, as configured in ``eval``; over-refusal (and borderline refusal) apply Rule's refusal
+strings to the answers to benign (and XSTest-style borderline) prompts, generated and cached separately.
 
 Generations are cached under ``cache_dir/generations`` by (adapter hash, model, prompt set, generation
 settings), so re-scoring a run with another judge or rule list never regenerates.
@@ -71,14 +72,66 @@ def select_prompts(source: str, n: int, sample: bool = False, seed: int = 0) -> 
     A prompt's id is its position in the full prompt set, so evaluations of different settings can be
     paired prompt by prompt (:mod:`fedsafe.stats`).
     """
-    prompts = load_prompts(source)
+    return _select(load_prompts(source), n, sample, [seed, 20_240_521])
+
+
+def _select(prompts: list[str], n: int, sample: bool, rng_key: list[int]) -> tuple[list[int], list[str]]:
     if not sample or n >= len(prompts):
         ids = list(range(min(n, len(prompts))))
     else:
         import numpy as np
 
-        ids = sorted(int(i) for i in np.random.default_rng([seed, 20_240_521]).choice(len(prompts), n, replace=False))
+        ids = sorted(int(i) for i in np.random.default_rng(rng_key).choice(len(prompts), n, replace=False))
     return ids, [prompts[i] for i in ids]
+
+
+def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prompts") -> list[str]:
+    """Benign prompts for over-refusal (``eval.normal_prompts``) or borderline refusal (``eval.borderline_prompts``).
+
+    ``source`` is a path / hub id / ``starter:*`` (the prompt field is found among :data:`PROMPT_FIELDS`;
+    ``starter:*`` keeps only its normal instructions, i.e. rows outside the safety categories), or a
+    :class:`DataSource` whose ``instruction_field`` (plus ``input_field``) holds the prompt and whose
+    ``category_field`` / ``categories`` filter the rows (XSTest: ``category_field: label, categories: [safe]``).
+    All prompts are returned in file order (``max_rows`` caps them).
+    """
+    from fedsafe.data.sources import STARTER_SPLITS, raw_records
+    from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
+
+    src = source if isinstance(source, DataSource) else DataSource(path=source)
+    if src.path is None:
+        raise ConfigError(f"{field}: give a prompt file (path), not generated data")
+    try:
+        records = raw_records(src)
+    except DataError as exc:
+        raise DataError(f"{field}={src.path!r}: {exc}") from exc
+    if src.categories is not None:
+        cat_field = src.category_field or "category"
+        wanted = {str(c).lower() for c in src.categories}
+        records = [r for r in records if isinstance(r, dict) and str(r.get(cat_field) or "").lower() in wanted]
+    elif src.path in STARTER_SPLITS:
+        records = [r for r in records if str(r.get("category") or "").lower() not in SAFETY_CATEGORIES]
+    prompts = []
+    for rec in records:
+        if isinstance(rec, str):
+            prompts.append(rec.strip())
+            continue
+        if isinstance(source, DataSource):
+            if not rec.get(src.instruction_field):
+                raise DataError(f"{field}: a record has no field {src.instruction_field!r} (instruction_field); "
+                                f"found {sorted(rec)}")
+            text = str(rec[src.instruction_field]).strip()
+            if src.input_field and rec.get(src.input_field):
+                text = f"{text}\n\n{str(rec[src.input_field]).strip()}"
+        else:
+            key = next((k for k in PROMPT_FIELDS if k in rec and rec[k]), None)
+            if key is None:
+                raise DataError(f"{field}={src.path!r}: records need one of the fields {PROMPT_FIELDS} (or give "
+                                f"a data source with instruction_field); found {sorted(rec)}")
+            text = str(rec[key]).strip()
+        prompts.append(text)
+    if not prompts:
+        raise DataError(f"{field}={src.path!r} holds no prompts (after the category filter)")
+    return prompts[:src.max_rows] if src.max_rows else prompts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,20 +251,32 @@ def _heldout_rows(heldout) -> list[dict]:
 # The evaluation
 # ------------------------------------------------------------------------------------------------
 
+# what an evaluation returns, in table order (results.csv, the eval command, the run's eval records)
+SCORE_KEYS = ("rule", "over_refusal", "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts",
+              "n_normal_prompts", "n_borderline_prompts")
+# benign prompt sets: metric -> (config field, count field, rng salt, progress label)
+REFUSAL_SETS = {"over_refusal": ("normal_prompts", "n_normal_prompts", 1, "eval: benign prompts"),
+                "borderline_refusal": ("borderline_prompts", "n_borderline_prompts", 2, "eval: borderline prompts")}
+
+
 def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str | Path | None = None,
                    adapter_vec: torch.Tensor | None = None, heldout=None, max_length: int = 256,
                    progress: bool = False, seed: int = 0, adapter_key: str | None = None) -> dict:
     """Score the model as it is now (its adapter already set) on everything ``eval_cfg`` enables.
 
-    Returns ``rule`` (%, refusal-string share), ``judge`` (%, judged safe), ``rm`` (mean reward),
+    Returns ``rule`` (%, refusal-string share), ``over_refusal`` (%, the same share on the benign
+    ``normal_prompts``, measured with the safety evaluation: lower is better), ``borderline_refusal`` (%, on
+    the optional XSTest-style ``borderline_prompts``), ``judge`` (%, judged safe), ``rm`` (mean reward),
     ``mt1`` (MT-Bench turn-1 rating, 1-10), ``helpfulness_proxy`` (held-out answer perplexity, lower is
-    better) and ``n_prompts``; a metric that is not configured is None. ``per_prompt`` holds the
+    better) and the prompt counts; a metric that is not configured is None. ``per_prompt`` holds the
     ``prompt_ids`` and each per-prompt metric's value per prompt (Rule and Judge as 100/0, Judge None
-    when unparsed, RM the reward), which the intervals of :mod:`fedsafe.stats` resample. ``seed`` draws
+    when unparsed, RM the reward; over-refusal and borderline refusal as 100/0 with their own
+    ``<metric>_prompt_ids``), which the intervals of :mod:`fedsafe.stats` resample. ``seed`` draws
     the prompts when ``eval_cfg.sample_prompts``; ``adapter_key`` overrides the generation-cache key.
     """
-    out: dict = {"rule": None, "judge": None, "rm": None, "mt1": None, "helpfulness_proxy": None,
-                 "n_prompts": 0}
+    out: dict = {k: None for k in SCORE_KEYS}
+    out.update(n_prompts=0, n_normal_prompts=0, n_borderline_prompts=0)
+    per_prompt: dict = {}
     key = adapter_key or adapter_hash(adapter_vec)
     cache = Path(cache_dir) if cache_dir is not None else None
     if eval_cfg.prompts:
@@ -225,8 +290,8 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
                                              description="eval: harmful prompts")
         out["n_prompts"] = len(prompts)
         out["rule"] = rule_score(responses, eval_cfg.rule_list)
-        per_prompt: dict = {"prompt_ids": prompt_ids,
-                            "rule": [100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)]}
+        per_prompt.update(prompt_ids=prompt_ids,
+                          rule=[100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)])
         if path is not None:
             out["generations"] = str(path)
         if eval_cfg.judge:
@@ -239,6 +304,22 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
             rewards = _reward_model(eval_cfg.reward_model).scores(prompts, responses)
             out["rm"] = sum(rewards) / len(rewards) if rewards else float("nan")
             per_prompt["rm"] = rewards
+    for metric, (src_field, n_field, salt, description) in REFUSAL_SETS.items():
+        source, n = getattr(eval_cfg, src_field, None), getattr(eval_cfg, n_field, 0)
+        if not source or not n or (metric == "over_refusal" and not eval_cfg.prompts):
+            continue  # over-refusal accompanies Rule: it is measured with the safety evaluation
+        from fedsafe.evaluation.rule import refusal_flags
+
+        ids, prompts = _select(load_benign_prompts(source, f"eval.{src_field}"), n,
+                               getattr(eval_cfg, "sample_prompts", False), [seed, 20_240_521, salt])
+        responses, _, _ = cached_generate(peft_model, tokenizer, prompts, cache_dir=cache, adapter_key=key,
+                                          max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
+                                          progress=progress, description=description)
+        flags = [100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)]
+        out[metric] = sum(flags) / len(flags)
+        out[n_field] = len(flags)
+        per_prompt.update({metric: flags, f"{metric}_prompt_ids": ids})
+    if per_prompt:
         out["per_prompt"] = per_prompt
     if eval_cfg.mt_bench:
         from fedsafe.evaluation.mtbench import MTBench, check_spec, score_answers
