@@ -194,20 +194,20 @@ def test_defense_levels_2_and_3_use_the_pipeline(monkeypatch, tmp_path, tiny):
 
     monkeypatch.setattr(datagen, "generate_rows", fake_rows)
 
-    class S:  # the parts of a pipeline session that defense_rows reads
-        peft_model, tokenizer = tiny
-        cfg = ExperimentConfig.model_validate({"model": {"name": "tiny"}})
+    class S:  # the parts of a run context (fedsafe.plugins.RunContext) that defense_rows reads
+        model, tokenizer = tiny
+        model_name = "tiny"
 
     pc = PosthocConfig(enabled=True, level=3, n_samples=20, aligned_ratio=0.25, seed_instructions=4)
-    rows = defense_rows(pc, seed=1, session=S)
+    rows = defense_rows(pc, seed=1, ctx=S)
     assert len(rows) == 20 and sum(r["category"] == "aligned" for r in rows) == 5
     assert calls == [("aggregated", "aligned", 4, "aggregated", False), ("aggregated", "normal", 4, "aggregated", False)]
     calls.clear()
-    defense_rows(PosthocConfig(enabled=True, level=2, generator_model="tiny", n_samples=6), seed=1, session=S)
+    defense_rows(PosthocConfig(enabled=True, level=2, generator_model="tiny", n_samples=6), seed=1, ctx=S)
     assert calls[0][0] == "tiny" and calls[0][4] is True  # the base model: reused with the adapter off
     calls.clear()
     defense_rows(PosthocConfig(enabled=True, level=2, generator_model="some/other-model", n_samples=6), seed=1,
-                 session=S)
+                 ctx=S)
     assert calls[0][0] == "some/other-model" and calls[0][3] is None
 
 

@@ -74,7 +74,7 @@ def test_secure_noise_differs_across_runs_while_seeded_noise_repeats():
     assert torch.equal(seeded[0], seeded[1])
     cfg = ExperimentConfig.model_validate({"seed": 7, "dp": {"client_level": True, "clip_norm": C,
                                                              "noise_multiplier": sigma, "secure_noise": True}})
-    secure = [dp.wrap_aggregator(cfg, None)(*args) for _ in range(2)]
+    secure = [dp.wrap_aggregator(cfg.dp, None, cfg.aggregator.name, cfg.seed)(*args) for _ in range(2)]
     assert secure[0].info["noise"] == "os"
     assert not torch.equal(secure[0].update, secure[1].update)
     assert not torch.allclose(secure[0].update, seeded[0])
@@ -95,9 +95,9 @@ def test_wrap_aggregator_refuses_robust_rules():
     cfg = ExperimentConfig.model_construct(dp=ExperimentConfig().dp.model_copy(update={"client_level": True}),
                                            aggregator=ExperimentConfig().aggregator.model_copy(update={"name": "median"}))
     with pytest.raises(ConfigError, match="aggregator.name=fedavg"):
-        dp.wrap_aggregator(cfg, object())
+        dp.wrap_aggregator(cfg.dp, object(), cfg.aggregator.name)
     ok = ExperimentConfig.model_validate({"dp": {"client_level": True, "clip_norm": 0.3}})
-    assert isinstance(dp.wrap_aggregator(ok, object()), dp.DPFedAvg)
+    assert isinstance(dp.wrap_aggregator(ok.dp, object(), ok.aggregator.name), dp.DPFedAvg)
 
 
 # --- the accountant --------------------------------------------------------------------------------
@@ -294,8 +294,13 @@ def _client_dp_cfg(clients=10, per_round=3, **dp_fields):
         "fl": {"clients_per_round": per_round}, "dp": {"client_level": True, **dp_fields}})
 
 
+def _accountant(cfg):
+    """The accountant the differential_privacy plug-in builds for a config (its own section + the counts)."""
+    return dp.ClientDPAccountant(cfg.dp, cfg.num_clients, cfg.clients_per_round)
+
+
 def test_client_accountant_record_per_round():
-    acc = dp.client_accountant(_client_dp_cfg(noise_multiplier=1.2, delta=1e-4, clip_norm=0.5))
+    acc = _accountant(_client_dp_cfg(noise_multiplier=1.2, delta=1e-4, clip_norm=0.5))
     r1, r2 = acc.record(1), acc.record(2)
     assert r1["type"] == "dp" and r1["delta"] == 1e-4 and r1["sampling_rate"] == pytest.approx(0.3)
     assert r1["epsilon"] < r2["epsilon"]
@@ -304,7 +309,7 @@ def test_client_accountant_record_per_round():
     assert r1["neighbouring"] == "replace-one" and r1["sensitivity"] == pytest.approx(1.0)  # 2C
     assert r1["accounted_noise_multiplier"] == pytest.approx(0.6)
     assert r1["noise"] == "seeded" and "without the experiment seed" in r1["guarantee"]
-    poisson = dp.client_accountant(_client_dp_cfg(noise_multiplier=1.2, sampling="poisson", clip_norm=0.5)).record(1)
+    poisson = _accountant(_client_dp_cfg(noise_multiplier=1.2, sampling="poisson", clip_norm=0.5)).record(1)
     assert poisson["neighbouring"] == "add-or-remove-one" and poisson["sensitivity"] == pytest.approx(0.5)
     assert "approximation" in poisson["guarantee"]
 
@@ -316,17 +321,17 @@ def test_default_delta_is_small_and_absolute(caplog):
     from fedsafe.config import DPConfig
 
     assert DPConfig().delta == 1e-5
-    acc = dp.client_accountant(_client_dp_cfg(clients=3, per_round=2))
+    acc = _accountant(_client_dp_cfg(clients=3, per_round=2))
     assert acc.record(1)["delta"] == 1e-5
     with caplog.at_level(logging.WARNING, logger="fedsafe"):
-        dp.client_accountant(_client_dp_cfg(clients=3, per_round=2, delta=0.4))
+        _accountant(_client_dp_cfg(clients=3, per_round=2, delta=0.4))
     assert "not below 1/3" in caplog.text
 
 
 def test_secure_noise_claims_no_amplification_from_seeded_client_sampling():
     """With OS noise the adversary may hold the seed, hence know who was sampled: every round counts fully."""
-    seeded = dp.client_accountant(_client_dp_cfg(clients=10, per_round=3, noise_multiplier=2.0)).record(5)
-    secure = dp.client_accountant(_client_dp_cfg(clients=10, per_round=3, noise_multiplier=2.0,
+    seeded = _accountant(_client_dp_cfg(clients=10, per_round=3, noise_multiplier=2.0)).record(5)
+    secure = _accountant(_client_dp_cfg(clients=10, per_round=3, noise_multiplier=2.0,
                                                  secure_noise=True)).record(5)
     assert secure["noise"] == "os" and secure["sampling_rate"] == 1.0 and "no amplification" in secure["guarantee"]
     exact = _analytic_gaussian_epsilon(2 * math.sqrt(5) / 2.0, 1e-5)  # 5 Gaussians, sensitivity 2C
@@ -581,11 +586,12 @@ def test_dp_sgd_refuses_batch_level_loss_terms():
 
 def test_trainer_runs_loss_terms_from_config():
     from fedsafe.config import ExperimentConfig
+    from fedsafe.pipeline import build_trainer  # the local_training hooks of the constrained and DP plug-ins
     from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
 
     peft, tok = _tiny_peft()
     cfg = ExperimentConfig.model_validate({"constrained": {"l2_mu": 0.5, "kl_beta": 0.1}})
-    trainer = dp.build_trainer(cfg, peft, tok)
+    trainer = build_trainer(cfg, peft, tok)
     assert type(trainer) is LocalTrainer and len(trainer.loss_terms) == 2
     g = trainer.flat.get()
     res = trainer.fit(ClientData("c", "benign", _examples(tok)), g, RoundConfig(round=1, lr=1e-2, local_steps=3,
@@ -593,4 +599,4 @@ def test_trainer_runs_loss_terms_from_config():
     assert trainer.loss_terms[1].extra_forwards == 2  # steps 2 and 3 (step 1 starts at the global model)
     assert res.update.norm() > 0
     cfg_dp = ExperimentConfig.model_validate({"dp": {"local": True}})
-    assert isinstance(dp.build_trainer(cfg_dp, peft, tok), dp.DPLocalTrainer)
+    assert isinstance(build_trainer(cfg_dp, peft, tok), dp.DPLocalTrainer)

@@ -394,7 +394,7 @@ def test_membership_members_are_drawn_from_examples_trained_on(memorised, tmp_pa
     rd.log({"type": "client", "round": 2, "client_id": "a", "aggregation_weight": 1.0, "seen_examples": trained[2:]})
     rd.log({"type": "client", "round": 2, "client_id": "b", "aggregation_weight": 0.0, "seen_examples": [0, 1, 2, 3]})
     rd.log({"type": "client", "round": 3, "client_id": "a", "aggregation_weight": 1.0, "seen_examples": [2, 3, 4]})
-    attacker = pv.PrivacyAttacker(cfg, m, tok, flat, theta0, data, rd, progress=False)
+    attacker = pv.PrivacyAttacker(cfg.privacy, m, tok, flat, theta0, data, rd, progress=False, seed=cfg.seed)
     attacker.observe(1, theta1)
     attacker.observe(2, theta2)
     try:
@@ -418,7 +418,8 @@ def test_membership_falls_back_to_all_victims_only_when_training_is_unknown(memo
     cfg = ExperimentConfig.model_validate({"privacy": {"enabled": True, "n_mia": 4}})
     rd = RunDir.create(tmp_path, "old")
     rd.log({"type": "client", "round": 1, "client_id": "a", "aggregation_weight": 1.0})  # an older run's record
-    attacker = pv.PrivacyAttacker(cfg, m, tok, flat, memorised["rounds"][0], data, rd, progress=False)
+    attacker = pv.PrivacyAttacker(cfg.privacy, m, tok, flat, memorised["rounds"][0], data, rd, progress=False,
+                                  seed=cfg.seed)
     with caplog.at_level("WARNING", logger="fedsafe"):
         pool, kind = attacker.member_pool(1)
     assert kind == "all_victim_examples" and len(pool) == 4 and "trained on are unknown" in caplog.text

@@ -14,11 +14,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsafe.defenses.he_params import CKKSParams, check_compatible
+from fedsafe.attacks.privacy_extraction import CanaryConfig, PrivacyConfig  # noqa: F401  (plug-in sections)
+from fedsafe.attacks.sign_flip import SignFlipConfig
+from fedsafe.defenses.constrained_updates import ConstrainedConfig
+from fedsafe.defenses.differential_privacy import DPConfig
+from fedsafe.defenses.local_probing import LocalProbingConfig
+from fedsafe.defenses.personalization import PersonalizationConfig
+from fedsafe.defenses.posthoc_finetune import PosthocConfig
+from fedsafe.defenses.safe_fedllm_probe import ProbeConfig, ProbeFeaturesConfig  # noqa: F401
+from fedsafe.defenses.secure_aggregation import SecureAggConfig
+from fedsafe.defenses.weak_dp import WeakDPConfig
 from fedsafe.errors import ConfigError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from fedsafe.schema import DataSource, Strict as _Strict  # noqa: F401  (DataSource: re-exported)
 
 
 class ModelConfig(_Strict):
@@ -41,32 +48,6 @@ class LoRAConfig(_Strict):
         "all-linear", description="module names to adapt, or 'all-linear'")
 
 
-class DataSource(_Strict):
-    """One instruction-data source: a local file, a hub dataset id, the starter set, or generated data."""
-
-    path: str | None = Field(None, description="local .json/.jsonl/.csv/.parquet file, 'starter:train', "
-                                               "'starter:heldout', or a hub dataset id")
-    split: str = Field("train", description="split of a hub dataset")
-    subset: str | None = Field(None, description="hub dataset config name / data_dir")
-    instruction_field: str = Field("instruction", description="field holding the instruction")
-    input_field: str | None = Field(None, description="optional field appended to the instruction")
-    response_field: str = Field("response", description="field holding the response")
-    category_field: str | None = Field(None, description="field used for Dirichlet partitioning and filtering")
-    categories: list[str] | None = Field(None, description="keep only rows whose category is in this list")
-    format: Literal["auto", "instruction", "hh_rlhf_rejected", "beavertails_unsafe"] = Field(
-        "auto", description="row parser: plain instruction/response fields, or a safety-dataset filter")
-    generate: dict[str, Any] | None = Field(
-        None, description="generate this data with fedsafe's pipeline instead of reading a file: "
-                          "{kind: unaligned|aligned|normal, n: 100, model: embedded, seed: 0, ...}")
-    max_rows: int | None = Field(None, ge=1, description="take at most this many rows (after shuffling)")
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.path is None) == (self.generate is None):
-            raise ValueError("give exactly one of 'path' or 'generate'")
-        return self
-
-
 class RoleConfig(_Strict):
     """A group of clients that share a role (benign, malicious, victim, ...) and a data pool."""
 
@@ -77,6 +58,25 @@ class RoleConfig(_Strict):
     fraction: float | None = Field(None, gt=0, le=1, description="share of total_clients with this role (sets "
                                                                  "clients; e.g. malicious 0.3 of 10 -> 3)")
     malicious: bool | None = Field(None, description="ground truth for analysis; default: name == 'malicious'")
+    attack: dict[str, Any] | None = Field(
+        None, description="adaptive attack of a malicious role (fedsafe.attacks.adaptive): {name: scaling|alie|"
+                          "ipm|minmax|minsum|mixing|probe_evasion|collusion, knowledge: partial|full, ...params}")
+
+    @field_validator("attack")
+    @classmethod
+    def _attack(cls, v):
+        if v is None:
+            return None
+        from fedsafe.attacks.adaptive.base import parse_attack  # the attack's own model validates its params
+
+        return parse_attack(v).model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _attack_needs_malicious(self):
+        if self.attack is not None and not self.is_malicious:
+            raise ValueError(f"attack: role {self.name!r} is not malicious; only a malicious role can attack "
+                             "(give it a name starting with 'malicious' or set malicious: true)")
+        return self
 
     @property
     def is_malicious(self) -> bool:
@@ -115,6 +115,9 @@ class FLConfig(_Strict):
     lr_min: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule over rounds")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="over rounds, as in OpenFedLLM")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="client optimizer of the plain local trainer: "
+                                                                    "adamw, or sgd (plain SGD; with local_steps=1 "
+                                                                    "the update is -lr * gradient, FedSGD)")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping in local steps (None: off)")
     algorithm: Literal[FL_ALGORITHMS] = Field("fedavg", description=", ".join(FL_ALGORITHMS))  # type: ignore[valid-type]
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu")
@@ -128,6 +131,11 @@ class FLConfig(_Strict):
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau")
     save_every_round: bool = Field(True, description="write adapters/round_XXXX each round")
+    lora_aggregation: Literal["factors", "ffa", "rolora", "fedex"] = Field(
+        "factors", description="how LoRA factors are aggregated (fedsafe.fl.lora_aggregation): factors (average A "
+                               "and B separately, inexact), ffa (FFA-LoRA: A frozen, only B trained and sent), "
+                               "rolora (RoLoRA: B in odd rounds, A in even rounds), fedex (FedEx-LoRA: average "
+                               "plus a dense residual on the base weights, saved next to the adapter)")
 
     @property
     def resolved_server_lr(self) -> float:
@@ -146,71 +154,6 @@ class AggregatorConfig(_Strict):
         default_factory=list, description="analysis only: rules also run on each round's updates so their "
                                           "client weights are logged (round record compare_weights), e.g. "
                                           "[median, {name: krum, params: {f: 1}}]; they never change the model")
-
-
-class PosthocConfig(_Strict):
-    """Server-side post-hoc safety fine-tuning on defense data (Ye et al., levels 1-3)."""
-
-    enabled: bool = False
-    level: Literal[1, 2, 3] = Field(1, description="1: sample datasets; 2: external model generates; "
-                                                   "3: the aggregated model generates")
-    aligned: list[DataSource] | None = Field(None, description="level 1: aligned (harmful request + refusal) data")
-    normal: list[DataSource] | None = Field(None, description="level 1: normal data")
-    generator_model: str = Field("embedded", description="level 2: model that generates the defense data")
-    n_samples: int = Field(200, ge=1, description="defense samples (the paper uses 1,000)")
-    aligned_ratio: float = Field(0.5, ge=0, le=1, description="share of aligned samples in the defense data")
-    steps: int = Field(30, ge=1, description="defense fine-tuning steps (the paper uses 500)")
-    lr: float | None = Field(None, gt=0, description="defense learning rate (default: fl.lr)")
-    batch_size: int | None = Field(None, ge=1, description="default: fl.batch_size")
-    seed_instructions: int = Field(64, ge=1, description="levels 2/3: instructions to generate per kind")
-    max_new_tokens: int = Field(96, ge=8, description="levels 2/3: response length")
-    generation: dict[str, Any] = Field(default_factory=dict, description="levels 2/3: more datagen options "
-                                       "(temperature, top_p, batch_size, per_prompt, instructions: <file>, ...)")
-
-
-class ProbeFeaturesConfig(_Strict):
-    """Which part of a LoRA update the probe reads (Safe-FedLLM: LoRA B of the first layer, L2-normalised)."""
-
-    layers: Literal["first", "all"] | list[int] = Field(
-        "first", description="transformer layers: 'first' (lowest index), 'all', or a list of indices")
-    kind: Literal["A", "B", "both"] = Field("B", description="LoRA factor(s) to read")
-    project_dim: int | None = Field(None, ge=1, description="seeded Gaussian random projection to this "
-                                                            "dimension (None: no projection)")
-    normalize: bool = Field(True, description="L2-normalise each feature vector")
-
-
-class ProbeConfig(_Strict):
-    """Safe-FedLLM probe (Tao et al., ACL 2026) trained on the server's own shadow clients (no oracle).
-
-    Used when ``aggregator.name`` is ``probe`` or ``probe+<rule>``; see fedsafe.aggregators.probe.
-    """
-
-    benign: list[DataSource] | None = Field(None, description="benign shadow data (normal + aligned rows) "
-                                                              "held by the server")
-    malicious: list[DataSource] | None = Field(None, description="malicious shadow data (unaligned rows: "
-                                                                 "generated or a public dataset)")
-    benign_shadows: int = Field(4, ge=1, description="benign shadow clients per refit")
-    malicious_shadows: int = Field(4, ge=1, description="malicious shadow clients per refit")
-    samples_per_shadow: int = Field(32, ge=1, description="examples drawn (seeded) for each shadow client")
-    steps: int | None = Field(None, ge=1, description="local steps of a shadow client (default: fl.local_steps)")
-    refit_every: int = Field(1, ge=0, description="re-run shadows and refit every k rounds (0: fit once, "
-                                                  "in round 1; a late attacker may then be missed)")
-    history: int = Field(1, ge=1, description="fit on the shadow batches of the last this-many refits")
-    features: ProbeFeaturesConfig = Field(default_factory=ProbeFeaturesConfig)
-    C: float = Field(100.0, gt=0, description="inverse L2 regularisation of the logistic regression (features "
-                                              "are unit-norm, so a weak penalty lets p reach the threshold)")
-    mode: Literal["exclude", "probability", "trust"] = Field(
-        "exclude", description="exclude: weight 0 if p >= threshold; probability: weight 1-p; trust: "
-                               "Beta trust score over rounds with decay")
-    threshold: float = Field(0.8, gt=0, le=1, description="probability at which a client is flagged")
-    decay: float = Field(0.9, ge=0, le=1, description="trust mode: forgetting factor of past evidence")
-    min_weight: float = Field(0.0, ge=0, le=1, description="soft modes: clients below this weight are excluded")
-    skip_below: float = Field(0.0, ge=0, le=1, description="skip the round (no update) when the mean client "
-                                                           "weight falls below this")
-    level: Literal["client", "step"] = Field(
-        "client", description="client: the final update; step: clients also report every local step's "
-                              "update features (trusts the client's report)")
-    seed: int | None = Field(None, description="shadow sampling/training and projection seed (default: seed)")
 
 
 class FlowerConfig(_Strict):
@@ -260,152 +203,6 @@ class EvalConfig(_Strict):
     mt_bench: dict[str, Any] | None = Field(None, description="MT-Bench turn-1 with a judge: {questions, "
                                                              "judge_prompts, references, judge: {...}}")
     helpfulness_proxy: bool = Field(True, description="perplexity of held-out reference answers (offline proxy)")
-
-
-class CanaryConfig(_Strict):
-    """Random secrets inserted into victims' data (Carlini et al., "The Secret Sharer", USENIX Security 2019)."""
-
-    n: int = Field(4, ge=1, description="number of distinct canaries")
-    repeats: int = Field(5, ge=1, description="copies of each canary in its victim's data")
-    digits: int = Field(6, ge=1, le=18, description="random digits of each secret (|R| = 10^digits)")
-    instruction: str = Field("What is the account number of {name}?",
-                             description="canary instruction; {name} is a seeded made-up name")
-    template: str = Field("The account number of {name} is {secret}.",
-                          description="canary response; must contain {secret} (and may contain {name})")
-    n_candidates: int = Field(1000, ge=10, description="random candidate secrets for the exposure rank")
-    n_samples: int = Field(8, ge=0, description="sampled completions per canary for the extraction rate "
-                                                "(plus one greedy)")
-
-    @field_validator("template")
-    @classmethod
-    def _has_secret(cls, v: str) -> str:
-        if "{secret}" not in v:
-            raise ValueError("must contain the placeholder {secret}")
-        return v
-
-
-class PrivacyConfig(_Strict):
-    """Training-data extraction attacks by a participating client on the global model.
-
-    Guo et al., "Can Federated Learning Safeguard Private Data in LLM Training?" (Findings of EMNLP 2025):
-    zero-input generation, partial-input completion, multi-round tracking, loss-based membership inference.
-    """
-
-    enabled: bool = Field(False, description="run the attacks on the final global model (and every k rounds)")
-    every: int = Field(0, ge=0, description="also attack every k rounds during training (0: only at the end)")
-    victim_roles: list[str] | None = Field(None, description="roles whose data the attacker targets "
-                                                             "(default: every non-malicious role)")
-    variants: list[Literal["plain", "logit_contrast", "param_contrast"]] = Field(
-        default_factory=lambda: ["plain", "logit_contrast", "param_contrast"],
-        description="plain: theta_t; logit_contrast: z_t + alpha (z_t - z_{t-k}); "
-                    "param_contrast: theta_t + alpha (theta_t - theta_{t-k})")
-    k: int = Field(1, ge=1, description="multi-round tracking: compare round t with round t-k (round 0 = init)")
-    alpha: float = Field(1.0, ge=0, description="multi-round tracking: contrast strength")
-    n_zero_input: int = Field(64, ge=0, description="zero-input generations from BOS (0: skip)")
-    max_new_tokens: int = Field(64, ge=1, description="zero-input generation length")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling threshold")
-    prefix_fractions: list[float] = Field(default_factory=lambda: [0.3, 0.8],
-                                          description="partial-input completion: prefix shares (the paper: 30%, 80%)")
-    n_partial: int = Field(32, ge=0, description="victim samples completed per prefix share (0: skip)")
-    partial_greedy: bool = Field(True, description="complete prefixes greedily (else sample)")
-    n_mia: int = Field(64, ge=0, description="members and non-members for membership inference (0: skip); "
-                                             "members are drawn from the victim examples trained on by then")
-    nonmembers: list[DataSource] | None = Field(None, description="non-member data for membership inference "
-                                                                  "(default: data.heldout)")
-    canaries: CanaryConfig | None = Field(None, description="insert random secrets into victims' data")
-    candidates: int = Field(8, ge=1, description="leakage: training texts scored per generation after the "
-                                                 "n-gram prefilter (the best-match ROUGE-L is then a lower "
-                                                 "bound: a best match sharing no trigram or rare word is missed)")
-    exhaustive: bool = Field(False, description="leakage: score every generation against every training text "
-                                                "(exact best-match ROUGE-L, |gen| x |train| LCS computations) "
-                                                "instead of the n-gram prefilter's candidates")
-    bertscore_model: str | None = Field(None, description="local encoder for optional BERTScore of the "
-                                                          "best matches")
-    batch_size: int = Field(16, ge=1, description="generation / scoring batch size")
-    seed: int | None = Field(None, description="attack sampling seed (default: seed)")
-
-
-class DPConfig(_Strict):
-    """Differential privacy: client-level DP-FedAvg at the server and/or local DP-SGD at each client."""
-
-    client_level: bool = Field(False, description="DP-FedAvg (McMahan et al., ICLR 2018): clip each client "
-                                                  "update to clip_norm, add N(0, (noise_multiplier*clip_norm)^2) "
-                                                  "to the sum")
-    clip_norm: float = Field(1.0, gt=0, description="client-level: L2 bound C of each client update")
-    noise_multiplier: float = Field(1.0, ge=0, description="client-level: sigma (noise std = sigma * C)")
-    local: bool = Field(False, description="local DP-SGD (Abadi et al., CCS 2016) on the LoRA parameters "
-                                           "via Opacus per-sample gradients, on Poisson-sampled batches (each "
-                                           "example with probability batch_size*grad_accum / client samples)")
-    local_clip_norm: float = Field(1.0, gt=0, description="local DP-SGD: per-sample gradient bound")
-    local_noise_multiplier: float = Field(1.0, ge=0, description="local DP-SGD: sigma (noise std = sigma * "
-                                                                 "local_clip_norm on the batch's gradient sum)")
-    delta: float = Field(1e-5, gt=0, lt=1, description="target delta of every (epsilon, delta) fedsafe reports "
-                                                        "(client-level and local); keep it well below 1/N (N: "
-                                                        "clients, or a client's samples for local DP)")
-    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting RDP or PLD (PRV-style) accountant")
-    sampling: Literal["auto", "poisson", "without_replacement"] = Field(
-        "auto", description="client-level sampling model for the accountant; auto: without_replacement (what "
-                            "fedsafe does; replace-one neighbours, sensitivity 2*clip_norm) with rdp, poisson "
-                            "(add/remove-one, sensitivity clip_norm; an approximation of fedsafe's fixed-size "
-                            "sampling) with pld")
-    secure_noise: bool = Field(False, description="draw DP noise (and local DP-SGD's Poisson batches) from the OS's "
-                                                  "randomness instead of the experiment seed: needed in a real "
-                                                  "deployment, where the seed in config.yaml is public (seeded noise "
-                                                  "can be regenerated and subtracted); runs are then not "
-                                                  "reproducible")
-
-
-class ConstrainedConfig(_Strict):
-    """Regularisation-constrained local updates (a privacy defense in Guo et al. 2025)."""
-
-    l2_mu: float = Field(0.0, ge=0, description="coefficient of mu/2 ||theta - theta_global||^2 on the LoRA "
-                                                "parameters (0: off)")
-    kl_beta: float = Field(0.0, ge=0, description="coefficient of KL(p_global || p_local) on the client's "
-                                                  "response tokens (0: off; one extra forward per batch)")
-    kl_temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions in the KL")
-
-
-class SecureAggConfig(_Strict):
-    """CKKS secure aggregation with shared-mask LoRA pruning (FedShield-LLM, fixed); see fedsafe.defenses.secure_agg."""
-
-    enabled: bool = Field(False, description="clients encrypt their weighted updates; the server sums ciphertexts "
-                                             "with the public context only; a key holder decrypts")
-    ckks: CKKSParams = Field(default_factory=CKKSParams, description="CKKS parameters (N, moduli, scale); the "
-                                                                     "security level is reported at start")
-    prune_start: float = Field(0.2, ge=0, lt=1, description="pruning ratio in round 1 (magnitude of the global "
-                                                            "adapter, per LoRA tensor; 0 encrypts every value)")
-    prune_end: float = Field(0.5, ge=0, lt=1, description="pruning ratio in the last round (linear in between)")
-    min_clients: int = Field(2, ge=1, description="never decrypt a sum of fewer clients' updates (a sum of one is "
-                                                  "that client's update): a round with fewer kept ciphertexts "
-                                                  "leaves the global adapter unchanged; key holders refuse such "
-                                                  "a sum too. 1 turns the protection off")
-
-
-class LocalProbingConfig(_Strict):
-    """Baseline: the server probes each local model on harmful prompts and excludes compliant clients.
-
-    Needs plaintext local models: incompatible with secure aggregation (see fedsafe.defenses.baselines).
-    """
-
-    enabled: bool = False
-    prompts: str | None = Field(None, description="harmful prompts file (CSV/JSON/JSONL); None: the base model "
-                                                  "generates them with the datagen pipeline")
-    n_prompts: int = Field(8, ge=1, description="probe prompts per client")
-    max_new_tokens: int = Field(32, ge=1, description="answer length when probing")
-    criterion: Literal["relative", "absolute"] = Field(
-        "relative", description="absolute: exclude if compliance > threshold; relative: if compliance > the "
-                                "global model's + margin (for bases that are not safety-aligned)")
-    threshold: float = Field(0.5, ge=0, le=1, description="absolute criterion: compliance share to exclude")
-    margin: float = Field(0.25, ge=0, le=1, description="relative criterion: allowed excess compliance")
-
-
-class PersonalizationConfig(_Strict):
-    """Baseline: each benign client fine-tunes the final global model on its own data."""
-
-    enabled: bool = False
-    steps: int = Field(10, ge=1, description="fine-tuning steps per benign client")
-    lr: float | None = Field(None, gt=0, description="default: fl.lr")
 
 
 class TrackingConfig(_Strict):
@@ -514,9 +311,14 @@ class ExperimentConfig(_Strict):
     constrained: ConstrainedConfig = Field(default_factory=ConstrainedConfig)
     secure_agg: SecureAggConfig = Field(default_factory=SecureAggConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    weak_dp: WeakDPConfig = Field(default_factory=WeakDPConfig)
+    sign_flip: SignFlipConfig = Field(default_factory=SignFlipConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     total_clients: int | None = Field(None, ge=1, description="total clients when roles give a fraction")
     scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
+    extensions: dict[str, Any] = Field(default_factory=dict, description="sections of third-party plug-ins "
+                                       "(fedsafe.plugins.register): written at the top level like any section, "
+                                       "validated by the plug-in's own Config")
 
     @field_validator("seeds")
     @classmethod
@@ -537,6 +339,48 @@ class ExperimentConfig(_Strict):
     def _role_fractions(cls, data):
         return _resolve_role_fractions(data) if isinstance(data, dict) else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _extension_sections(cls, data):
+        """Top-level sections of registered third-party plug-ins move into ``extensions``."""
+        if not isinstance(data, dict):
+            return data
+        from fedsafe.plugins import extension_sections, load_lazy
+
+        for key in list(data) + list(data.get("extensions") or {}):
+            load_lazy(key)  # a built-in plug-in whose module is heavy registers when its section is used
+        owners = extension_sections()
+        found = {k: data[k] for k in owners if k in data}
+        if not found:
+            return data
+        return {**{k: v for k, v in data.items() if k not in found},
+                "extensions": {**dict(data.get("extensions") or {}), **found}}
+
+    @model_validator(mode="after")
+    def _validate_extensions(self):
+        """Each third-party section is validated by its plug-in's Config; errors name the full field path."""
+        if not self.extensions:
+            return self
+        from fedsafe.plugins import extension_sections
+
+        owners = extension_sections()
+        for key, value in list(self.extensions.items()):
+            owner = owners.get(key)
+            if owner is None:
+                raise ValueError(f"{key}: unknown section (no registered plug-in owns it; registered: "
+                                 f"{sorted(owners) or 'none'})")
+            if isinstance(value, owner.Config):
+                continue
+            try:
+                self.extensions[key] = owner.Config.model_validate(value if value is not None else {})
+            except ValidationError as err:
+                msgs = "; ".join(f"{key}.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                 + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                    and not isinstance(e.get("input"), dict) else "")
+                                 for e in err.errors())
+                raise ValueError(msgs) from None
+        return self
+
     @model_validator(mode="after")
     def _check(self):
         names = [r.name for r in self.roles]
@@ -547,24 +391,15 @@ class ExperimentConfig(_Strict):
         if k > n:
             raise ValueError(f"fl.clients_per_round={self.fl.clients_per_round} exceeds the {n} clients "
                              "defined by roles")
-        if self.dp.client_level and self.fl.algorithm == "scaffold":
-            raise ValueError("dp.client_level=true cannot be combined with fl.algorithm=scaffold: the server's "
-                             "control variate c is built from each client's raw, unclipped delta_c, which the "
-                             "client-level epsilon does not cover; use another fl.algorithm or turn "
-                             "dp.client_level off")
-        if self.dp.client_level and self.aggregator.name != "fedavg":  # checked here, before a model loads
-            raise ValueError(f"dp.client_level=true needs aggregator.name=fedavg (the noise is calibrated to the "
-                             f"clipped mean), got aggregator.name={self.aggregator.name!r}")
-        if self.secure_agg.enabled and self.baselines.probing.enabled:
-            raise ValueError("baselines.probing needs each client's plaintext local model; it is incompatible "
-                             "with secure_agg.enabled")
-        if self.secure_agg.enabled:  # refuse rules that need plaintext updates (fedsafe.defenses.he_params)
-            try:
-                check_compatible(self.aggregator.name, self.fl.algorithm,
-                                 max_update_norm=self.aggregator.max_update_norm,
-                                 server_clipping=self.dp.client_level)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+        from fedsafe.fl.lora_aggregation import check_config as check_lora_aggregation
+
+        check_lora_aggregation(self)  # fl.lora_aggregation against secure_agg, dp, the server optimiser, the probe
+        from fedsafe.plugins import check_config as check_plugins
+
+        try:  # every attack's and defense's own checks, and their declared incompatibilities (fedsafe.plugins)
+            check_plugins(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @model_validator(mode="after")
@@ -577,11 +412,7 @@ class ExperimentConfig(_Strict):
         got = f"fl.clients_per_round={self.fl.clients_per_round:g}"
         if k != self.fl.clients_per_round:
             got += f" ({k} of {self.num_clients} clients)"
-        if self.secure_agg.enabled:  # _check refused every rule but FedAvg, which works with any round size
-            if k < self.secure_agg.min_clients:
-                raise ValueError(f"secure_agg.min_clients={self.secure_agg.min_clients}: secure aggregation "
-                                 f"decrypts no sum of fewer clients, got {got}, so every round would be refused; "
-                                 "raise fl.clients_per_round or lower secure_agg.min_clients")
+        if self.secure_agg.enabled:  # the secure_aggregation plug-in allows FedAvg only and checks min_clients
             return self
         try:
             check_feasible(self.aggregator.name, self.aggregator.params, k, got)
@@ -692,7 +523,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # keys whose relative values are files (data sources, eval prompt sets, judge / MT-Bench files)
 _PATH_KEYS = ("path", "prompts", "normal_prompts", "borderline_prompts", "template", "questions", "judge_prompts",
-              "references")
+              "references", "policy")
 
 
 def _resolve_paths(data: Any, root: Path) -> None:
@@ -718,5 +549,7 @@ def quickstart_path() -> Path:
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML (what the run directory stores)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (what the run directory stores); third-party sections at the top level."""
+    data = cfg.model_dump(mode="json")
+    extensions = data.pop("extensions", None) or {}
+    return yaml.safe_dump({**data, **extensions}, sort_keys=False)

@@ -173,7 +173,7 @@ def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = Tr
     from fedsafe.defenses.posthoc import posthoc_defense
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.models import attach_lora, load_base_model
-    from fedsafe.pipeline import Session, _evaluate, _write_report
+    from fedsafe.pipeline import Session, _evaluate, _run_context, _write_report
     from fedsafe.rundir import environment_info
 
     run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
@@ -188,7 +188,7 @@ def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = Tr
     final_vec = flat.from_state_dict(load_file(str(Path(trained_run) / "adapters" / "final" / "adapter_model.safetensors")))
     run_dir.log({"type": "shared_training", "round": cfg.fl.rounds, "trained_run": str(trained_run)})
     console.print(f"[bold]{cfg.name}:[/] defending the final adapter of {trained_run}")
-    defended = posthoc_defense(session, final_vec, console=console)
+    defended = posthoc_defense(cfg.posthoc, _run_context(session), final_vec)
     session.save_adapter(defended, "posthoc")
     if cfg.eval.prompts:
         _evaluate(session, defended, round_idx=cfg.fl.rounds, defense=defense_label(cfg))

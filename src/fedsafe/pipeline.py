@@ -1,6 +1,7 @@
-"""One experiment from top to bottom: data -> clients -> rounds -> post-hoc defense -> eval -> report.
+"""One experiment from top to bottom: model -> plug-ins -> clients -> rounds -> after training -> eval -> report.
 
-Read :func:`run_experiment` to see the order of events and where each step lives.
+Read :func:`run_experiment` to see the order of events and where each step lives. Attacks and defenses are
+plug-ins (:mod:`fedsafe.plugins`): they act only through the hooks this file calls, never through a branch here.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import fedsafe.plugins
 from fedsafe import aggregators
 from fedsafe.config import ExperimentConfig, dump_config, load_config
-from fedsafe.attacks.privacy import build_attacker, prepare_canaries
 from fedsafe.data import build_clients, build_heldout
-from fedsafe.defenses import dp as dp_defense
 from fedsafe.data.format import mean_loss
 from fedsafe.engines.inprocess import InProcessEngine
-from fedsafe.errors import FedsafeError
 from fedsafe.fl.client import LocalTrainer
 from fedsafe.fl.loop import load_checkpoint, run_rounds
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.fl.server import Server
 from fedsafe.models import attach_lora, load_base_model
+from fedsafe.plugins import Output, RunContext, Setup
 from fedsafe.rundir import RunDir, atomic_write_text, environment_info
 
 log = logging.getLogger("fedsafe")
@@ -57,6 +57,7 @@ class Session:
     flat: FlatLoRA
     init_vec: torch.Tensor
     cache_dir: Path | None = None  # generation cache (a grid shares one across its runs); default run_dir/cache
+    heldout: list = field(default_factory=list)  # held-out examples for the loss before/after
 
     @property
     def eval_cache(self) -> Path:
@@ -84,8 +85,47 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     :mod:`fedsafe.engines.flower` passes one that sends the same work to Flower ClientApps).
     ``he_server_context`` (secure_agg in a deployment): the public CKKS context of ``fedsafe flower keys``;
     the clients hold the secret key on their machines and the engine's ``decrypt`` asks one of them.
+
+    Every attack and defense is a plug-in (:mod:`fedsafe.plugins`): this function only calls their hooks.
     """
-    # 1. run directory: new, or the one being resumed (its saved config wins)
+    cfg, run_dir = _open_run_dir(cfg, resume, dir_name)                      # 1. run directory (new or resumed)
+    session = _load_model(cfg, run_dir, cache_dir)                           # 2. the one model in memory
+    ctx = _run_context(session, he_server_context, progress)
+    plugins = fedsafe.plugins.build(cfg, ctx)                                # 3. the attacks and defenses
+    clients = plugins.client_data(_build_clients(session, ctx))              # 4. client data (canaries, ...)
+    ctx.clients = clients
+    ctx.trainer = plugins.local_training(LocalTrainer(session.peft_model, session.tokenizer))  # 5. local step
+    server = _build_server(cfg, session, len(clients))                      # 6. server and rule
+    ctx.server = server
+    server.aggregator = plugins.server_view(server.aggregator)               #    the server's view before the rule
+    engine = (engine_factory or InProcessEngine)(plugins.client_side(ctx.trainer), clients)
+    ctx.engine = engine
+    plugins.aggregate(server)                                                #    the sum (secure aggregation)
+    result, done = _start(session, server, engine, resume)
+    _train(session, server, engine, clients, plugins, result, progress)      # 7. federated rounds
+    final_vec = server.global_vec
+    result.final_adapter = session.save_adapter(final_vec, "final")
+    _heldout_after(session, result, final_vec)
+    outputs = plugins.after_training(final_vec)                              # 8. after training
+    _finish(session, result, final_vec, outputs)                             # 9. evaluation and report
+    return result
+
+
+def build_trainer(cfg: ExperimentConfig, peft_model, tokenizer) -> LocalTrainer:
+    """The client-side local trainer of ``cfg``: the plain trainer with every plug-in's ``local_training``
+    hook applied (local DP-SGD, constrained-update terms), without the ``client_update`` hooks."""
+    from fedsafe.plugins import RunContext, Setup
+
+    ctx = RunContext(**vars(Setup.from_config(cfg)), model=peft_model, tokenizer=tokenizer)
+    return fedsafe.plugins.build(cfg, ctx).local_training(LocalTrainer(peft_model, tokenizer))
+
+
+# ------------------------------------------------------------------------------------------------
+# The steps of run_experiment
+# ------------------------------------------------------------------------------------------------
+
+def _open_run_dir(cfg: ExperimentConfig | None, resume, dir_name: str | None) -> tuple[ExperimentConfig, RunDir]:
+    """A new run directory with the resolved config, or the one being resumed (its saved config wins)."""
     if resume is not None:
         run_dir = RunDir.open(resume)
         cfg = load_config(run_dir.config_path)
@@ -96,74 +136,72 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     console.print(f"[bold]run directory:[/] {run_dir.path}")
     run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))  # every metrics record also goes there
     torch.manual_seed(cfg.seed)
+    return cfg, run_dir
 
-    # 2. model: loaded once; every client swaps its LoRA vector into it
+
+def _load_model(cfg: ExperimentConfig, run_dir: RunDir, cache_dir) -> Session:
+    """Load the base model once and attach LoRA; every client swaps its LoRA vector into it."""
     loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
                              seed=cfg.seed)
     run_dir.write_json("env.json", environment_info(cfg.seed, str(loaded.device)))
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
     flat = FlatLoRA(peft_model)
-    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get(),
-                      Path(cache_dir) if cache_dir is not None else None)
-    generator_cache = {"model": peft_model, "tokenizer": loaded.tokenizer, "name": cfg.model.name}
+    return Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get(),
+                   Path(cache_dir) if cache_dir is not None else None)
 
-    # 3. data: roles -> disjoint client partitions (tokenised once)
-    clients = build_clients(cfg, loaded.tokenizer, generator_cache)
-    heldout = build_heldout(cfg, loaded.tokenizer)
-    flat.set(session.init_vec)  # generation for data may have used the model
-    canaries = prepare_canaries(cfg, clients, loaded.tokenizer, run_dir)  # privacy: secrets in victims' data
-    _print_clients(clients)
 
-    # 4. federated rounds
-    from fedsafe.aggregators.probe import with_probe_config
-
-    aggregator = aggregators.get(cfg.aggregator.name, **with_probe_config(cfg))
-    aggregator = dp_defense.wrap_aggregator(cfg, aggregator)  # dp.client_level: clipped, noised FedAvg
-    server = Server(cfg.fl, session.init_vec, aggregator, seed=cfg.seed,
-                    max_update_norm=cfg.aggregator.max_update_norm, num_clients=len(clients))
-    server.compare = aggregators.compare_rules(cfg.aggregator.compare)  # stealth analysis: weights only
-    if cfg.baselines.probing.enabled:  # baseline: probe each plaintext local model, exclude compliant ones
-        from fedsafe.defenses.baselines import wrap_probing
-
-        server.aggregator = wrap_probing(cfg, server.aggregator, session, generator_cache)
-        flat.set(session.init_vec)
-    trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
-    shadow = None
-    if getattr(aggregator, "needs_shadow", False):  # the probe fits on the server's own shadow clients
-        from fedsafe.defenses.shadow import build_shadow
-
-        shadow = build_shadow(cfg, trainer, generator_cache)
-        flat.set(session.init_vec)
-    if cfg.secure_agg.enabled:  # clients encrypt, the server sums ciphertexts (public context), a key holder decrypts
-        from fedsafe.defenses.secure_agg import secure_setup
-
-        trainer, server.secure = secure_setup(cfg.secure_agg, trainer, cfg.fl.rounds, he_server_context)
-        console.print(server.secure.describe())
-    elif he_server_context is not None:
+def _run_context(session: Session, he_server_context: bytes | None = None, progress: bool = True) -> RunContext:
+    """The services the plug-ins of this run share (its own section is given to each separately)."""
+    cfg = session.cfg
+    ctx = RunContext(**vars(Setup.from_config(cfg)), model=session.peft_model, tokenizer=session.tokenizer,
+                     flat=session.flat, init_vec=session.init_vec, run_dir=session.run_dir, console=console,
+                     generator_cache={"model": session.peft_model, "tokenizer": session.tokenizer,
+                                      "name": cfg.model.name},
+                     he_server_context=he_server_context, save_adapter=session.save_adapter, progress=progress,
+                     eval_cache=session.eval_cache,
+                     evaluate=lambda vec, defense="none": _evaluate(session, vec, cfg.fl.rounds, defense=defense))
+    if he_server_context is not None and not cfg.secure_agg.enabled:
         log.warning("a CKKS server context was given but secure_agg.enabled is false: updates travel in plaintext")
-    engine = (engine_factory or InProcessEngine)(trainer, clients)
-    if server.secure is not None and server.secure.decrypt is None:  # deployment: the key holders are clients
-        if not hasattr(engine, "decrypt"):
-            raise FedsafeError(f"secure_agg with a server context needs an engine whose clients hold the keys; "
-                               f"the {getattr(engine, 'name', type(engine).__name__)} engine has none")
-        server.secure.use_remote_key_holder(engine.decrypt)
+    return ctx
+
+
+def _build_clients(session: Session, ctx: RunContext) -> list:
+    """Roles -> disjoint client partitions (tokenised once); generated data may use the model."""
+    clients = build_clients(session.cfg, session.tokenizer, ctx.generator_cache)
+    session.flat.set(session.init_vec)  # generation for data may have used the model
+    return clients
+
+
+def _build_server(cfg: ExperimentConfig, session: Session, num_clients: int) -> Server:
+    """The server with the configured rule (plug-ins may replace or wrap it) and the analysis-only rules."""
+    rule = aggregators.get(cfg.aggregator.name, **cfg.aggregator.params)
+    server = Server(cfg.fl, session.init_vec, rule, seed=cfg.seed, max_update_norm=cfg.aggregator.max_update_norm,
+                    num_clients=num_clients)
+    server.compare = aggregators.compare_rules(cfg.aggregator.compare)  # stealth analysis: weights only
+    return server
+
+
+def _start(session: Session, server: Server, engine, resume) -> tuple[RunResult, int]:
+    """Restore a resumed run's state; measure the held-out loss and the base model before training."""
+    cfg, run_dir = session.cfg, session.run_dir
     done = load_checkpoint(run_dir, server, engine) if resume is not None else 0
     if resume is not None:
         run_dir.truncate_metrics_after(done)
         console.print(f"resuming after round {done} of {cfg.fl.rounds}")
     result = RunResult(run_dir.path)
-    pad = loaded.tokenizer.pad_token_id
-    if heldout:
-        flat.set(session.init_vec)
-        result.heldout_loss_before = mean_loss(peft_model, heldout, pad)
+    session.heldout = build_heldout(cfg, session.tokenizer)
+    if session.heldout:
+        session.flat.set(session.init_vec)
+        result.heldout_loss_before = mean_loss(session.peft_model, session.heldout, session.tokenizer.pad_token_id)
     if cfg.eval.base and cfg.eval.prompts and done == 0:
         result.evals.append(_evaluate(session, session.init_vec, round_idx=0, method="base", defense="none"))
+    return result, done
 
-    # privacy: a participating client keeps the global adapters it receives and attacks them
-    attacker = build_attacker(cfg, peft_model, loaded.tokenizer, flat, session.init_vec, clients, canaries,
-                              run_dir) if cfg.privacy.enabled else None
-    dp_accountant = dp_defense.client_accountant(cfg)
+
+def _train(session: Session, server: Server, engine, clients, plugins, result: RunResult, progress: bool) -> None:
+    """The federated rounds, with the plug-ins' round hooks and evaluation every ``eval.every`` rounds."""
+    cfg = session.cfg
 
     def on_round_end(round_no: int, record: dict) -> None:
         console.print(f"round {round_no:>3}: mean client loss {record['mean_loss']:.4f}  "
@@ -171,63 +209,41 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
                       f"({record['seconds']:.1f} s)")
         if cfg.eval.every and round_no % cfg.eval.every == 0 and round_no < cfg.fl.rounds and cfg.eval.prompts:
             result.evals.append(_evaluate(session, server.global_vec, round_idx=round_no))
-        if dp_accountant is not None:
-            dp_record = dp_accountant.record(round_no)
-            run_dir.log(dp_record)
-            console.print(f"  client-level DP: epsilon {dp_record['epsilon']:.3f} at delta {dp_record['delta']:.2e}")
-        if attacker is not None:
-            attacker.observe(round_no, server.global_vec)
-            if cfg.privacy.every and round_no % cfg.privacy.every == 0 and round_no < cfg.fl.rounds:
-                attacker.run(round_no)
+        plugins.round_end(round_no, record, server.global_vec)
 
     with _progress() as prog:
-        run_rounds(server, engine, clients, run_dir, rounds=cfg.fl.rounds,
+        run_rounds(server, engine, clients, session.run_dir, rounds=cfg.fl.rounds,
                    clients_per_round=cfg.clients_per_round, save_adapter=session.save_adapter,
                    save_every_round=cfg.fl.save_every_round, progress=prog if progress else None,
-                   on_round_end=on_round_end, shadow=shadow)
-    final_vec = server.global_vec
-    result.final_adapter = session.save_adapter(final_vec, "final")
+                   on_round_start=plugins.round_start, on_round_end=on_round_end)
+
+
+def _heldout_after(session: Session, result: RunResult, final_vec: torch.Tensor) -> None:
+    """The held-out loss of the final model (logged before the after-training plug-ins, which report it)."""
+    cfg, run_dir = session.cfg, session.run_dir
     result.round_losses = [r["mean_loss"] for r in run_dir.records("round")]
-    if heldout:
-        flat.set(final_vec)
-        result.heldout_loss_after = mean_loss(peft_model, heldout, pad)
+    if session.heldout:
+        session.flat.set(final_vec)
+        result.heldout_loss_after = mean_loss(session.peft_model, session.heldout, session.tokenizer.pad_token_id)
         run_dir.log({"type": "heldout", "round": cfg.fl.rounds, "before": result.heldout_loss_before,
                      "after": result.heldout_loss_after})
 
-    if attacker is not None:  # extraction attacks on the final global model, then the leakage/utility table
-        from fedsafe.evaluation.leakage import write_leakage_utility
 
-        attacker.observe(cfg.fl.rounds, final_vec)
-        attacker.run(cfg.fl.rounds)
-        write_leakage_utility([run_dir.path], run_dir.path)
-
-    # 5. evaluation of the aggregated model, then the post-hoc defense and its evaluation
+def _finish(session: Session, result: RunResult, final_vec: torch.Tensor, outputs: list[Output]) -> None:
+    """Evaluation of the final model and of the plug-ins' outputs, report."""
+    cfg, run_dir = session.cfg, session.run_dir
     if cfg.eval.prompts:
         result.evals.append(_evaluate(session, final_vec, round_idx=cfg.fl.rounds))
-    if cfg.posthoc.enabled:
-        from fedsafe.defenses.posthoc import posthoc_defense
-
-        defended = posthoc_defense(session, final_vec, console=console)
-        result.posthoc_adapter = session.save_adapter(defended, "posthoc")
-        if cfg.eval.prompts:
-            result.evals.append(_evaluate(session, defended, round_idx=cfg.fl.rounds,
-                                          defense=f"posthoc_l{cfg.posthoc.level}"))
-    if cfg.baselines.personalization.enabled:  # baseline: benign clients fine-tune the final model locally
-        from fedsafe.defenses.baselines import personalize
-
-        personalize(session, final_vec, clients, console=console)
-    flat.set(final_vec)
-
-    # 6. report
+    for out in outputs:  # post-hoc, personalized, ... adapters
+        path = session.save_adapter(out.vec, out.tag)
+        if out.tag == "posthoc":
+            result.posthoc_adapter = path
+        if out.defense is not None and cfg.eval.prompts:
+            result.evals.append(_evaluate(session, out.vec, round_idx=cfg.fl.rounds, defense=out.defense))
+    session.flat.set(final_vec)
     _write_report(run_dir)
     run_dir.close_tracking()
     _print_summary(result, cfg)
-    return result
-
-
-def build_trainer(cfg: ExperimentConfig, peft_model, tokenizer) -> LocalTrainer:
-    """The client-side trainer for ``cfg`` (also built by Flower ClientApps in other processes)."""
-    return dp_defense.build_trainer(cfg, peft_model, tokenizer)  # local DP-SGD, constrained-update terms
 
 
 def scenario_label(cfg: ExperimentConfig, defense: str) -> str:

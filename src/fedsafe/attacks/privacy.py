@@ -455,10 +455,11 @@ class PrivacyAttacker:
     vector is swapped in with FlatLoRA and restored afterwards.
     """
 
-    def __init__(self, cfg, model, tokenizer, flat, init_vec: torch.Tensor, data: AttackData, run_dir=None,
-                 progress: bool = True):
-        self.cfg = cfg  # ExperimentConfig
-        self.pcfg = cfg.privacy
+    def __init__(self, pcfg, model, tokenizer, flat, init_vec: torch.Tensor, data: AttackData, run_dir=None,
+                 progress: bool = True, *, seed: int = 0, max_length: int = 256, system_prompt: str | None = None):
+        self.pcfg = pcfg  # the ``privacy`` section
+        self.max_length = max_length  # data.max_length and data.system_prompt: how clients formatted their data
+        self.system_prompt = system_prompt
         self.model = model
         self.tokenizer = tokenizer
         self.flat = flat
@@ -468,7 +469,7 @@ class PrivacyAttacker:
         self.rounds: dict[int, torch.Tensor] = {0: init_vec.clone()}
         texts = [tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in data.victims]
         self.index = lk.ReferenceIndex(texts)
-        self.seed = self.pcfg.seed if self.pcfg.seed is not None else cfg.seed
+        self.seed = self.pcfg.seed if self.pcfg.seed is not None else seed
         # without a run directory, the caller may set {(client_id, example index)} trained on (else: unknown)
         self.trained: set[tuple[str, int]] | None = None
 
@@ -593,12 +594,12 @@ class PrivacyAttacker:
                     for i, c in enumerate(data.canaries):
                         e = canary_exposure(self.model, tok, c, n_candidates=p.canaries.n_candidates,
                                             digits=p.canaries.digits, seed=seed + i,
-                                            max_length=self.cfg.data.max_length,
-                                            system=self.cfg.data.system_prompt, batch_size=max(p.batch_size, 32),
+                                            max_length=self.max_length,
+                                            system=self.system_prompt, batch_size=max(p.batch_size, 32),
                                             contrast=contrast)
                         x = canary_extraction(self.model, tok, c, n_samples=p.canaries.n_samples,
                                               temperature=p.temperature, top_p=p.top_p, seed=seed + i,
-                                              system=self.cfg.data.system_prompt, contrast=contrast)
+                                              system=self.system_prompt, contrast=contrast)
                         per.append({"name": c.name, "client_id": c.client_id, **e, **x})
                     res["canaries"] = {
                         "exposure_mean": sum(c["exposure"] for c in per) / len(per),
@@ -678,65 +679,64 @@ def _bertscore_best(gens, rep, index, model_path) -> float | None:
 # Wiring to an experiment (pipeline and CLI)
 # ------------------------------------------------------------------------------------------------
 
-def victim_clients(cfg, clients) -> list:
-    """The clients whose data the attacker targets: ``privacy.victim_roles`` or every non-malicious client."""
-    roles = cfg.privacy.victim_roles
+def victim_clients(pcfg, clients) -> list:
+    """The clients whose data the attacker targets: ``privacy.victim_roles`` or every non-malicious client
+    (unknown role names are refused at config load by the privacy_extraction plug-in)."""
+    roles = pcfg.victim_roles
     if roles is not None:
-        known = {r.name for r in cfg.roles}
-        unknown = sorted(set(roles) - known)
-        if unknown:
-            from fedsafe.errors import ConfigError
-
-            raise ConfigError(f"privacy.victim_roles: {unknown} are not roles (roles: {sorted(known)})")
         return [c for c in clients if c.role in roles]
     return [c for c in clients if not c.malicious]
 
 
-def prepare_canaries(cfg, clients, tokenizer, run_dir=None) -> list[Canary]:
-    """Make the configured canaries, insert them into victims' data, and record them in the run dir."""
-    cc = cfg.privacy.canaries
-    if not cfg.privacy.enabled or cc is None:
+def prepare_canaries(pcfg, clients, tokenizer, *, seed: int, data, run_dir=None) -> list[Canary]:
+    """Make the configured canaries, insert them into victims' data, and record them in the run dir.
+
+    ``pcfg`` is the ``privacy`` section, ``data`` the experiment's ``data`` section (formatting of the rows).
+    """
+    cc = pcfg.canaries
+    if not pcfg.enabled or cc is None:
         return []
-    seed = (cfg.privacy.seed if cfg.privacy.seed is not None else cfg.seed) + 4242
+    seed = (pcfg.seed if pcfg.seed is not None else seed) + 4242
     canaries = make_canaries(cc.n, cc.digits, seed, cc.instruction, cc.template)
-    inject_canaries(canaries, victim_clients(cfg, clients), tokenizer, cc.repeats, cfg.data.max_length,
-                    cfg.data.system_prompt)
+    inject_canaries(canaries, victim_clients(pcfg, clients), tokenizer, cc.repeats, data.max_length,
+                    data.system_prompt)
     if run_dir is not None:
         run_dir.write_json("privacy/canaries.json", [asdict(c) for c in canaries])
     return canaries
 
 
-def attack_data(cfg, clients, tokenizer, canaries: list[Canary]) -> AttackData:
+def attack_data(pcfg, clients, tokenizer, canaries: list[Canary], *, seed: int, data) -> AttackData:
     """Victims' own examples (canaries excluded) and the non-member examples for membership inference."""
     from fedsafe.data import load_pool
     from fedsafe.data.format import tokenize_rows
 
     canary_ids = set()
     for c in canaries:
-        ex = format_example(tokenizer, c.instruction, c.response, cfg.data.max_length, cfg.data.system_prompt)
+        ex = format_example(tokenizer, c.instruction, c.response, data.max_length, data.system_prompt)
         if ex is not None:
             canary_ids.add(tuple(ex.input_ids.tolist()))
     victims, keys = [], []
-    for c in victim_clients(cfg, clients):
+    for c in victim_clients(pcfg, clients):
         for i, e in enumerate(c.examples):  # the index is what the client's seen_examples report refers to
             if tuple(e.input_ids.tolist()) not in canary_ids:
                 victims.append(e)
                 keys.append((c.client_id, i))
-    sources = cfg.privacy.nonmembers or cfg.data.heldout
+    sources = pcfg.nonmembers or data.heldout
     nonmembers = []
-    if sources and cfg.privacy.n_mia:
-        rows = load_pool(sources, seed=cfg.seed + 77)
+    if sources and pcfg.n_mia:
+        rows = load_pool(sources, seed=seed + 77)
         member_texts = {tuple(e.input_ids.tolist()) for e in victims}
-        nonmembers = [e for e in tokenize_rows(tokenizer, rows, cfg.data.max_length, cfg.data.system_prompt)
+        nonmembers = [e for e in tokenize_rows(tokenizer, rows, data.max_length, data.system_prompt)
                       if tuple(e.input_ids.tolist()) not in member_texts]
-    elif cfg.privacy.n_mia:
+    elif pcfg.n_mia:
         log.warning("privacy: no non-member data (privacy.nonmembers or data.heldout); membership inference "
                     "is skipped")
     return AttackData(victims, nonmembers, canaries, keys)
 
 
-def build_attacker(cfg, model, tokenizer, flat, init_vec: torch.Tensor, clients, canaries: list[Canary],
-                   run_dir=None, progress: bool = True) -> PrivacyAttacker:
+def build_attacker(pcfg, model, tokenizer, flat, init_vec: torch.Tensor, clients, canaries: list[Canary], *,
+                   seed: int, data, run_dir=None, progress: bool = True) -> PrivacyAttacker:
     """The privacy attacker of an experiment (victims from ``privacy.victim_roles``)."""
-    return PrivacyAttacker(cfg, model, tokenizer, flat, init_vec, attack_data(cfg, clients, tokenizer, canaries),
-                           run_dir, progress)
+    return PrivacyAttacker(pcfg, model, tokenizer, flat, init_vec,
+                           attack_data(pcfg, clients, tokenizer, canaries, seed=seed, data=data), run_dir, progress,
+                           seed=seed, max_length=data.max_length, system_prompt=data.system_prompt)

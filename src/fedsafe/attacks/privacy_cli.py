@@ -90,7 +90,8 @@ def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list
     canaries = [Canary(**c) for c in json.loads(canaries_path.read_text())] if canaries_path.exists() else []
     if cfg.privacy.canaries is not None and not canaries:
         console.print("[yellow]privacy.canaries is set but this run inserted none; canary metrics are skipped[/]")
-    attacker = build_attacker(cfg, model, loaded.tokenizer, flat, init_vec, clients, canaries, rd, progress)
+    attacker = build_attacker(cfg.privacy, model, loaded.tokenizer, flat, init_vec, clients, canaries, seed=cfg.seed,
+                              data=cfg.data, run_dir=rd, progress=progress)
     if t not in saved:  # the final adapter of a run that did not save every round
         from safetensors.torch import load_file
 

@@ -130,66 +130,60 @@ def probe_prompts(pc, model_name: str, generator_cache: dict | None, seed: int) 
     return prompts[: pc.n_prompts]
 
 
-def wrap_probing(cfg, aggregator, session, generator_cache: dict | None = None):
-    """Wrap ``aggregator`` with local-model probing when ``baselines.probing.enabled`` (else return it)."""
-    pc = cfg.baselines.probing
-    if not pc.enabled:
-        return aggregator
-    if cfg.secure_agg.enabled:  # also refused by the config validator; kept for programmatic use
-        raise ConfigError("baselines.probing needs each client's plaintext local model; it is incompatible "
-                          "with secure_agg.enabled")
+def wrap_probing(pc, aggregator, model, tokenizer, flat, *, model_name: str, seed: int, rule_list: str = "fedit",
+                 generator_cache: dict | None = None):
+    """Wrap ``aggregator`` with local-model probing (``pc``: the ``baselines.probing`` section).
+
+    Secure aggregation is refused at config load (the local_probing plug-in declares plaintext_updates).
+    """
     from fedsafe.generation import generate
 
-    prompts = probe_prompts(pc, cfg.model.name, generator_cache, cfg.seed + 31)
+    prompts = probe_prompts(pc, model_name, generator_cache, seed + 31)
     log.info("local probing: %d harmful prompts, criterion %s", len(prompts), pc.criterion)
 
     def generate_fn(vec: torch.Tensor) -> list[str]:
-        saved = session.flat.get()
-        session.flat.set(vec)
+        saved = flat.get()
+        flat.set(vec)
         try:
-            return generate(session.peft_model, session.tokenizer, prompts, max_new_tokens=pc.max_new_tokens,
-                            batch_size=len(prompts))
+            return generate(model, tokenizer, prompts, max_new_tokens=pc.max_new_tokens, batch_size=len(prompts))
         finally:
-            session.flat.set(saved)
+            flat.set(saved)
 
-    return LocalProbingAggregator(aggregator, generate_fn, pc.criterion, pc.threshold, pc.margin,
-                                  cfg.eval.rule_list)
+    return LocalProbingAggregator(aggregator, generate_fn, pc.criterion, pc.threshold, pc.margin, rule_list)
 
 
 # ------------------------------------------------------------------------------------------------
 # Personalization
 # ------------------------------------------------------------------------------------------------
 
-def personalize(session, final_vec: torch.Tensor, clients, console=None) -> dict[str, torch.Tensor]:
-    """Each benign client fine-tunes ``final_vec`` on its own data; returns client id -> personal adapter.
+def personalize(pc, ctx, final_vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each benign client of ``ctx.clients`` fine-tunes ``final_vec`` on its own data; returns client id ->
+    personal adapter (``pc``: the ``baselines.personalization`` section; ``ctx``: a fedsafe.plugins.RunContext).
 
-    Adapters are saved under ``adapters/personalized/<client_id>``; a ``personalized`` record per client
-    goes to metrics.jsonl.
+    A ``personalized`` record per client goes to metrics.jsonl; the plug-in saves the adapters under
+    ``adapters/personalized/<client_id>``.
     """
     from dataclasses import replace
 
     from fedsafe.fl.client import LocalTrainer, RoundConfig
 
-    cfg = session.cfg
-    pc = cfg.baselines.personalization
-    trainer = LocalTrainer(session.peft_model, session.tokenizer)
-    rc = RoundConfig(round=cfg.fl.rounds + 1, lr=pc.lr or cfg.fl.lr, local_steps=pc.steps,
-                     batch_size=cfg.fl.batch_size, grad_accum=cfg.fl.grad_accum, seed=cfg.seed,
-                     max_grad_norm=cfg.fl.max_grad_norm, weight_decay=cfg.fl.weight_decay)
+    fl = ctx.fl
+    trainer = LocalTrainer(ctx.model, ctx.tokenizer)
+    rc = RoundConfig(round=fl.rounds + 1, lr=pc.lr or fl.lr, local_steps=pc.steps,
+                     batch_size=fl.batch_size, grad_accum=fl.grad_accum, seed=ctx.seed,
+                     max_grad_norm=fl.max_grad_norm, weight_decay=fl.weight_decay)
     out: dict[str, torch.Tensor] = {}
-    for client in clients:
+    for client in ctx.clients:
         if client.malicious:
             continue
         res = trainer.fit(client, final_vec, replace(rc, algorithm="fedavg"))
         vec = final_vec + res.update
         out[client.client_id] = vec
-        session.save_adapter(vec, f"personalized/{client.client_id}")
-        session.run_dir.log({"type": "personalized", "round": cfg.fl.rounds, "client_id": client.client_id,
-                             "role": client.role, **res.metrics})
-        if console is not None:
-            console.print(f"personalized {client.client_id} ({client.role}): {pc.steps} steps, loss "
-                          f"{res.metrics['first_loss']:.3f} -> {res.metrics['last_loss']:.3f}")
-    session.flat.set(final_vec)
+        ctx.log({"type": "personalized", "round": fl.rounds, "client_id": client.client_id,
+                 "role": client.role, **res.metrics})
+        ctx.print(f"personalized {client.client_id} ({client.role}): {pc.steps} steps, loss "
+                  f"{res.metrics['first_loss']:.3f} -> {res.metrics['last_loss']:.3f}")
+    ctx.flat.set(final_vec)
     if not out:
         log.warning("personalization: no benign client to personalize")
     return out

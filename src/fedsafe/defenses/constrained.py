@@ -99,10 +99,10 @@ class KLToGlobal:
 
 
 def loss_terms(cfg) -> list:
-    """The loss terms the ``constrained`` config block asks for (empty when both coefficients are 0)."""
+    """The loss terms a ``constrained`` section asks for (empty when both coefficients are 0)."""
     terms: list = []
-    if cfg.constrained.l2_mu > 0:
-        terms.append(ProximalL2(cfg.constrained.l2_mu))
-    if cfg.constrained.kl_beta > 0:
-        terms.append(KLToGlobal(cfg.constrained.kl_beta, cfg.constrained.kl_temperature))
+    if cfg.l2_mu > 0:
+        terms.append(ProximalL2(cfg.l2_mu))
+    if cfg.kl_beta > 0:
+        terms.append(KLToGlobal(cfg.kl_beta, cfg.kl_temperature))
     return terms

@@ -1,6 +1,6 @@
 """CKKS key files for a multi-machine deployment: the clients' secret-key context and the server's public one.
 
-In one process (``fedsafe run``, Flower simulation) :func:`fedsafe.defenses.secure_agg.secure_setup` makes fresh
+In one process (``fedsafe run``, Flower simulation) :mod:`fedsafe.defenses.secure_aggregation` makes fresh
 keys for every run. A deployment has no process that every party shares, so the keys are made once, before
 the run, by ``fedsafe flower keys --out DIR`` (:func:`write_key_files`), and carried to the parties out of band:
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from fedsafe.config import PosthocConfig
+from fedsafe.defenses.posthoc_finetune import PosthocConfig
 from fedsafe.data import load_pool
 from fedsafe.data.format import tokenize_rows
 from fedsafe.errors import ConfigError
@@ -47,7 +47,7 @@ def mix_defense_rows(aligned: list[dict], normal: list[dict], n_samples: int, al
     return rows
 
 
-def defense_rows(cfg: PosthocConfig, seed: int, session=None) -> list[dict]:
+def defense_rows(cfg: PosthocConfig, seed: int, ctx=None) -> list[dict]:
     """The defense data of the configured level (levels 2/3 go through the generation pipeline).
 
     Levels 2/3 generate at most ``seed_instructions`` unique rows per kind; :func:`mix_defense_rows`
@@ -67,18 +67,18 @@ def defense_rows(cfg: PosthocConfig, seed: int, session=None) -> list[dict]:
         from fedsafe.attacks import datagen
 
         if cfg.level == 3:
-            if session is None:
+            if ctx is None:
                 raise ConfigError("posthoc.level=3 needs the aggregated model (run it inside an experiment)")
-            # the aggregated model itself: the session's PEFT model with the final adapter switched on
-            loaded = {"model": session.peft_model, "tokenizer": session.tokenizer, "name": "aggregated",
+            # the aggregated model itself: the run's PEFT model with the final adapter switched on
+            loaded = {"model": ctx.model, "tokenizer": ctx.tokenizer, "name": "aggregated",
                       "disable_adapter": False}
             model_name = "aggregated"
         else:
             model_name = cfg.generator_model
             loaded = None
-            if session is not None and model_name == session.cfg.model.name:
+            if ctx is not None and model_name == ctx.model_name:
                 # the external model is the experiment's base model: reuse it with the adapter off
-                loaded = {"model": session.peft_model, "tokenizer": session.tokenizer, "name": model_name,
+                loaded = {"model": ctx.model, "tokenizer": ctx.tokenizer, "name": model_name,
                           "disable_adapter": True}
         common = dict(model_name=model_name, loaded=loaded, seed=seed, max_new_tokens=cfg.max_new_tokens,
                       **cfg.generation)
@@ -108,21 +108,21 @@ def finetune(peft_model, tokenizer, global_vec: torch.Tensor, rows: list[dict], 
     return global_vec + result.update, {"samples": len(examples), **result.metrics}
 
 
-def posthoc_defense(session, global_vec: torch.Tensor, console=None) -> torch.Tensor:
-    """Fine-tune ``global_vec`` on defense data for ``posthoc.steps`` steps; return the defended vector."""
-    cfg = session.cfg
-    pc = cfg.posthoc
-    session.flat.set(global_vec)  # level 3 generates with the aggregated model
-    rows = defense_rows(pc, cfg.seed + 4242, session)
+def posthoc_defense(pc: PosthocConfig, ctx, global_vec: torch.Tensor) -> torch.Tensor:
+    """Fine-tune ``global_vec`` on defense data for ``pc.steps`` steps; return the defended vector.
+
+    ``pc`` is the ``posthoc`` section, ``ctx`` a :class:`fedsafe.plugins.RunContext` (model, tokenizer, run
+    directory and the shared fl / data settings).
+    """
+    ctx.flat.set(global_vec)  # level 3 generates with the aggregated model
+    rows = defense_rows(pc, ctx.seed + 4242, ctx)
     from fedsafe.attacks.datagen import write_jsonl
 
-    write_jsonl(session.run_dir.path / "posthoc_data.jsonl", rows)  # what the defense trained on, with provenance
-    defended, metrics = finetune(session.peft_model, session.tokenizer, global_vec, rows, pc, cfg.fl,
-                                 cfg.data.max_length, cfg.data.system_prompt, cfg.seed)
-    session.run_dir.log({"type": "posthoc", "round": cfg.fl.rounds, "level": pc.level,
-                         "aligned_ratio": pc.aligned_ratio,
-                         "unique_instructions": len({r["instruction"] for r in rows}), **metrics})
-    if console is not None:
-        console.print(f"post-hoc defense (level {pc.level}): {metrics['samples']} samples, {pc.steps} steps, "
-                      f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}")
+    write_jsonl(ctx.run_dir.path / "posthoc_data.jsonl", rows)  # what the defense trained on, with provenance
+    defended, metrics = finetune(ctx.model, ctx.tokenizer, global_vec, rows, pc, ctx.fl,
+                                 ctx.data.max_length, ctx.data.system_prompt, ctx.seed)
+    ctx.log({"type": "posthoc", "round": ctx.fl.rounds, "level": pc.level, "aligned_ratio": pc.aligned_ratio,
+             "unique_instructions": len({r["instruction"] for r in rows}), **metrics})
+    ctx.print(f"post-hoc defense (level {pc.level}): {metrics['samples']} samples, {pc.steps} steps, "
+              f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}")
     return defended

@@ -30,21 +30,22 @@ Use in a run (config section ``secure_agg``, see :class:`fedsafe.config.SecureAg
       prune_end: 0.5
       min_clients: 2        # never decrypt a sum of fewer clients' updates (see "Minimum sum size" below)
 
-The pipeline calls :func:`secure_setup`: the trainer is wrapped in an :class:`EncryptingTrainer` (each client
-trains, then encrypts), and the :class:`fedsafe.fl.server.Server` gets a :class:`SecureAggServer` (public
-context only) whose key-holder callback decrypts the sum. The client/server boundary stays plain data, so
+The secure_aggregation plug-in (:mod:`fedsafe.defenses.secure_aggregation`) wires it: its ``client_update``
+hook encrypts each client's result with a :class:`SecureAggClient` (each client trains, then encrypts), and
+its ``aggregate`` hook gives the :class:`fedsafe.fl.server.Server` a :class:`SecureAggServer` (public context
+only) whose key-holder callback decrypts the sum. The client/server boundary stays plain data, so
 any engine (in-process, Flower) carries it unchanged: under HE a :class:`fedsafe.fl.client.ClientResult` has
 an empty ``update`` tensor and ``extra["secure_agg"]`` holds the wire form of :class:`EncryptedUpdate`
 (``{"format", "ciphertexts": list[bytes], "length": int, "mask_digest": str, "weight": float}``, only
 bytes, ints, floats and strings); a client that could not encrypt sends ``extra["secure_agg_error"]`` (a
 string) instead and is dropped with that reason. Flower simulation (``fedsafe run --engine flower``) takes
-the same path: the pipeline hands the wrapped trainer to the engine factory, a Flower message carries the
+the same path: the pipeline hands the plug-in trainer to the engine factory, a Flower message carries the
 bytes unchanged (round trip tested in tests/test_secure_agg.py), and the pipeline's Server sums them.
 
 A multi-machine Flower deployment has no process that every party shares, so the keys are made ahead of
 the run by ``fedsafe flower keys`` (:mod:`fedsafe.defenses.he_keys`): each SuperNode gets the secret-key
-file and wraps its trainer with :func:`encrypting_trainer`, the ServerApp gets the public file and calls
-:func:`secure_setup` with it (this process is then the server only), and the Flower engine becomes the
+file (its ClientApp builds the same client side with :func:`fedsafe.plugins.client_trainer`), the ServerApp
+gets the public file (the plug-in's server side then holds no key), and the Flower engine becomes the
 key holder through :meth:`SecureAggServer.use_remote_key_holder`: it sends
 :meth:`EncryptedAggregate.to_wire` and the round's mask to a key-holding SuperNode, which answers with
 :func:`decrypt_aggregate`, the function the in-process key holder calls (see :mod:`fedsafe.engines.flower`).
@@ -132,10 +133,8 @@ __all__ = [
     "CiphertextSum",
     "SecureAggClient",
     "SecureAggServer",
-    "EncryptingTrainer",
     "SecureAggregator",
-    "secure_setup",
-    "encrypting_trainer",
+    "client_party",
     "WIRE_KEY",
     "WIRE_ERROR_KEY",
     "HE_COMPATIBLE_AGGREGATORS",
@@ -561,29 +560,6 @@ class SecureAggClient:
         return decrypt_aggregate(self.context, aggregate, self.mask(global_vec, round), self.min_clients)
 
 
-class EncryptingTrainer:
-    """A client's engine path under HE: ``fit`` trains with the wrapped trainer, then encrypts the update.
-
-    Same signature as :meth:`fedsafe.fl.client.LocalTrainer.fit`, so engines need no change; other attributes
-    are forwarded to the wrapped trainer.
-    """
-
-    def __init__(self, trainer, he_client: SecureAggClient):
-        self.trainer = trainer
-        self.he_client = he_client
-
-    def fit(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
-            client_state: dict | None = None) -> ClientResult:
-        """Train locally, then return the result with the encrypted update in ``extra["secure_agg"]``."""
-        result = self.trainer.fit(client, global_vec, rc, client_state)
-        return self.he_client.encrypt_result(result, global_vec, rc)
-
-    def __getattr__(self, name):
-        if name in ("trainer", "he_client"):  # not set yet (e.g. while unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.trainer, name)
-
-
 class SecureAggServer:
     """Server party under HE: public context only; sums the clients' ciphertexts; a key holder decrypts.
 
@@ -685,35 +661,11 @@ class SecureAggServer:
                 "aggregator_info": {**info, "skipped": reason}, "kept": [], "skipped": reason}
 
 
-def secure_setup(cfg, trainer, total_rounds: int,
-                 server_context: bytes | None = None) -> tuple[EncryptingTrainer | Any, SecureAggServer]:
-    """Key setup for a run: the trainer encrypts (clients hold the secret key), the server gets the public context.
-
-    ``cfg`` is the ``secure_agg`` config section; ``trainer`` a :class:`fedsafe.fl.client.LocalTrainer`.
-    Without ``server_context`` (one process: in-process engine, Flower simulation) fresh keys are made here,
-    the trainer is wrapped to encrypt, and the key holder that decrypts is a client party in this process; it
-    receives only the aggregate ciphertexts, never an individual update. With ``server_context`` (a
-    deployment: the public file of ``fedsafe flower keys``) this process is the server only: the trainer is
-    returned unwrapped (the clients encrypt on their own machines) and the returned server has no key
-    holder until the engine provides one (:meth:`SecureAggServer.use_remote_key_holder`).
-    """
-    schedule = MaskSchedule(trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds)
-    if server_context is not None:
-        return trainer, SecureAggServer(server_context, None, cfg.ckks, schedule, cfg.min_clients)
-    keys = KeyHolder(cfg.ckks)
-    encrypting = encrypting_trainer(cfg, trainer, total_rounds, keys.client_context_bytes())
-    return encrypting, SecureAggServer(keys.server_context_bytes(), encrypting.he_client.decrypt, cfg.ckks, schedule,
-                                       cfg.min_clients)
-
-
-def encrypting_trainer(cfg, trainer, total_rounds: int, client_context: bytes) -> EncryptingTrainer:
-    """A client party's trainer under HE: trains with ``trainer``, encrypts with the secret-key context.
-
-    ``cfg`` is the ``secure_agg`` section; the same party code runs in this process and on a Flower SuperNode.
-    """
-    he_client = SecureAggClient(client_context, trainer.flat.specs, cfg.prune_start, cfg.prune_end, total_rounds,
-                                cfg.min_clients)
-    return EncryptingTrainer(trainer, he_client)
+def client_party(trainer) -> SecureAggClient | None:
+    """The CKKS client party inside a client-side trainer (:func:`fedsafe.plugins.client_trainer` with the
+    secure_aggregation plug-in), or None when this run's clients do not encrypt."""
+    plugin = trainer.plugin("secure_aggregation") if hasattr(type(trainer), "plugin") else None
+    return getattr(plugin, "he_client", None)
 
 
 class SecureAggregator:

@@ -1,0 +1,54 @@
+"""The server's post-hoc safety fine-tune as a plug-in (Ye et al., "Emerging Safety Attack and Defense in
+Federated Instruction Tuning of Large Language Models", ICLR 2025).
+
+After the last round the server fine-tunes the aggregated adapter on defense data: level 1 samples datasets
+it holds, level 2 has an external model generate them, level 3 has the aggregated model itself generate them.
+Hook ``after_training`` returns the defended adapter (saved as ``adapters/posthoc`` and evaluated as
+``posthoc_l<level>``). The mechanism lives in :mod:`fedsafe.defenses.posthoc`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from fedsafe.plugins import Output, Plugin, register
+from fedsafe.schema import DataSource, Strict
+
+
+class PosthocConfig(Strict):
+    """Server-side post-hoc safety fine-tuning on defense data (Ye et al., levels 1-3)."""
+
+    enabled: bool = False
+    level: Literal[1, 2, 3] = Field(1, description="1: sample datasets; 2: external model generates; "
+                                                   "3: the aggregated model generates")
+    aligned: list[DataSource] | None = Field(None, description="level 1: aligned (harmful request + refusal) data")
+    normal: list[DataSource] | None = Field(None, description="level 1: normal data")
+    generator_model: str = Field("embedded", description="level 2: model that generates the defense data")
+    n_samples: int = Field(200, ge=1, description="defense samples (the paper uses 1,000)")
+    aligned_ratio: float = Field(0.5, ge=0, le=1, description="share of aligned samples in the defense data")
+    steps: int = Field(30, ge=1, description="defense fine-tuning steps (the paper uses 500)")
+    lr: float | None = Field(None, gt=0, description="defense learning rate (default: fl.lr)")
+    batch_size: int | None = Field(None, ge=1, description="default: fl.batch_size")
+    seed_instructions: int = Field(64, ge=1, description="levels 2/3: instructions to generate per kind")
+    max_new_tokens: int = Field(96, ge=8, description="levels 2/3: response length")
+    generation: dict[str, Any] = Field(default_factory=dict, description="levels 2/3: more datagen options "
+                                       "(temperature, top_p, batch_size, per_prompt, instructions: <file>, ...)")
+
+
+@register
+class PosthocFinetune(Plugin):
+    """Fine-tune the final adapter on aligned + normal defense data."""
+
+    name = "posthoc"
+    kind = "defense"
+    section = "posthoc"
+    Config = PosthocConfig
+    order = 70
+
+    def after_training(self, final_vec) -> list[Output]:
+        from fedsafe.defenses.posthoc import posthoc_defense
+
+        defended = posthoc_defense(self.config, self.ctx, final_vec)
+        return [Output("posthoc", defended, defense=f"posthoc_l{self.config.level}")]

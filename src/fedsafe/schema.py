@@ -1,0 +1,43 @@
+"""Schema pieces shared by the experiment config and the plug-ins' own config sections.
+
+Kept free of torch and of :mod:`fedsafe.config`, so that a plug-in module can define its section with these
+types and :mod:`fedsafe.config` can compose it without an import cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(Strict):
+    """One instruction-data source: a local file, a hub dataset id, the starter set, or generated data."""
+
+    path: str | None = Field(None, description="local .json/.jsonl/.csv/.parquet file, 'starter:train', "
+                                               "'starter:heldout', or a hub dataset id")
+    split: str = Field("train", description="split of a hub dataset")
+    subset: str | None = Field(None, description="hub dataset config name / data_dir")
+    instruction_field: str = Field("instruction", description="field holding the instruction")
+    input_field: str | None = Field(None, description="optional field appended to the instruction")
+    response_field: str = Field("response", description="field holding the response")
+    category_field: str | None = Field(None, description="field used for Dirichlet partitioning and filtering")
+    categories: list[str] | None = Field(None, description="keep only rows whose category is in this list")
+    format: Literal["auto", "instruction", "hh_rlhf_rejected", "beavertails_unsafe"] = Field(
+        "auto", description="row parser: plain instruction/response fields, or a safety-dataset filter")
+    generate: dict[str, Any] | None = Field(
+        None, description="generate this data with fedsafe's pipeline instead of reading a file: "
+                          "{kind: unaligned|aligned|normal, n: 100, model: embedded, seed: 0, ...}")
+    max_rows: int | None = Field(None, ge=1, description="take at most this many rows (after shuffling)")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give exactly one of 'path' or 'generate'")
+        return self
