@@ -271,3 +271,49 @@ def attach_lora(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout: f
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, cfg)
     return peft_model
+
+
+def load_adapter(path: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """A run's (or one adapter directory's) PEFT model with the adapter and, for FedEx-LoRA, its residual applied.
+
+    ``path`` is a run directory (its ``adapters/final``) or an adapter directory. The base model is the run's
+    ``model.name`` (from the run's config.yaml, seeded with its seed, e.g. for ``tiny``), else the adapter's
+    ``base_model_name_or_path``. A run with ``fl.lora_aggregation=fedex`` keeps part of its global model in a dense
+    residual on the base weights (``adapters/fedex_residual.safetensors``, fedsafe.fl.lora_aggregation):
+    ``PeftModel.from_pretrained`` alone misses it, this loader adds it. The residual belongs to the latest
+    global adapter (``final``, and ``posthoc``, trained on top of it); an earlier round's adapter is refused.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from fedsafe.fl.lora_aggregation import RESIDUAL_FILE, apply_residual
+
+    path = Path(path).expanduser()
+    adapter = path / "adapters" / "final" if (path / "adapters" / "final").is_dir() else path
+    if not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"{path}: neither an adapter directory (adapter_config.json) nor a run directory with "
+                          "adapters/final")
+    run_config = adapter.parent.parent / "config.yaml"
+    if run_config.exists():
+        from fedsafe.config import load_config
+
+        cfg = load_config(run_config)
+        loaded = load_base_model(cfg.model.name, device, dtype, seed=cfg.seed)
+    else:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        loaded = load_base_model(base or EMBEDDED_NAME, device, dtype)
+    model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    residual_path = adapter / RESIDUAL_FILE
+    if not residual_path.exists():
+        residual_path = adapter.parent / RESIDUAL_FILE
+    if residual_path.exists():
+        with safe_open(str(residual_path), framework="pt") as f:
+            meta = f.metadata() or {}
+            residual = {k: f.get_tensor(k) for k in f.keys()}
+        rnd = int(meta.get("round", 0))
+        if adapter.name.startswith("round_") and adapter.name != f"round_{rnd:04d}":
+            raise ConfigError(f"{adapter}: this FedEx-LoRA run saved the residual of round {rnd} only; an earlier "
+                              "round's adapter without its residual is not its global model")
+        apply_residual(model, residual, rnd)
+    model.eval()
+    return model

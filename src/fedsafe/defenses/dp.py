@@ -258,16 +258,16 @@ def _warn_large_delta(delta: float, n: int, what: str) -> None:
 class ClientDPAccountant:
     """Per-round (epsilon, delta) of client-level DP-FedAvg over a run."""
 
-    def __init__(self, cfg, num_clients: int, clients_per_round: int):
-        self.dp = cfg.dp
+    def __init__(self, dp_cfg, num_clients: int, clients_per_round: int):
+        self.dp = dp_cfg  # the ``dp`` section
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
-        self.delta = cfg.dp.delta
-        self.sampling = resolve_sampling(cfg.dp.accountant, cfg.dp.sampling)
+        self.delta = dp_cfg.delta
+        self.sampling = resolve_sampling(dp_cfg.accountant, dp_cfg.sampling)
         self.relation, self.sensitivity = neighbouring(self.sampling)
         # the client sample follows the public seed; against an adversary who knows it (the one secure noise is
         # for) sampling hides nothing, so no amplification is claimed: every client counts in every round
-        self.amplified = clients_per_round < num_clients and not cfg.dp.secure_noise
+        self.amplified = clients_per_round < num_clients and not dp_cfg.secure_noise
         _warn_large_delta(self.delta, num_clients, "clients")
 
     def epsilon(self, rounds: int) -> float:
@@ -369,7 +369,9 @@ class DPLocalTrainer(LocalTrainer):
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
         with torch.no_grad():
-            flat_gs = torch.cat([p.grad_sample.reshape(len(examples), -1) for p in params], dim=1).float()
+            flat_gs = torch.cat([p.grad_sample.reshape(len(examples), -1) if p.requires_grad
+                                 else torch.zeros(len(examples), p.numel(), device=self.device)
+                                 for p in params], dim=1).float()
             for p in params:
                 p.grad_sample = None
                 p.grad = None
@@ -378,8 +380,14 @@ class DPLocalTrainer(LocalTrainer):
             grad = (clipped.sum(0) + noise.to(clipped.device)) / b
         return grad, per_example.detach(), norms
 
-    def fit(self, client, global_vec: torch.Tensor, rc: RoundConfig, client_state: dict | None = None) -> ClientResult:
-        """DP-SGD local steps from ``global_vec``; returns the (already privatised) update."""
+    def _train(self, client, global_vec: torch.Tensor, rc: RoundConfig,
+               client_state: dict | None = None) -> ClientResult:
+        """DP-SGD local steps from ``global_vec``; returns the (already privatised) update.
+
+        ``LocalTrainer.fit`` calls this with the factors ``rc.trainable`` leaves frozen (fl.lora_aggregation)
+        set to ``requires_grad=False``: their per-sample gradients are zero, so clipping covers the trained
+        factors only, and their (noise-only) gradient is never applied.
+        """
         import time
 
         from opacus import GradSampleModule
@@ -421,7 +429,8 @@ class DPLocalTrainer(LocalTrainer):
                 grad, per_example, norms = self.private_gradient(gsm, [client.examples[i] for i in idx], noise_gen,
                                                                  expected_batch_size=batch_size)
                 for p, spec in zip(params, self.flat.specs):
-                    p.grad = grad[spec.offset: spec.offset + spec.numel].view(spec.shape).to(p.dtype)
+                    if p.requires_grad:  # a factor frozen by fl.lora_aggregation never moves
+                        p.grad = grad[spec.offset: spec.offset + spec.numel].view(spec.shape).to(p.dtype)
                 for term in self.loss_terms:  # e.g. the proximal term: no data, so no privacy cost
                     if getattr(term, "data_independent", False):
                         term.add_grad(params)
@@ -461,32 +470,14 @@ class DPLocalTrainer(LocalTrainer):
 
 
 # ------------------------------------------------------------------------------------------------
-# Wiring (pipeline)
+# Wiring (the differential_privacy plug-in, fedsafe.defenses.differential_privacy)
 # ------------------------------------------------------------------------------------------------
 
-def build_trainer(cfg, model, tokenizer) -> LocalTrainer:
-    """The client trainer of an experiment: plain or DP-SGD, with the constrained-update loss terms."""
-    from fedsafe.defenses.constrained import loss_terms
-
-    terms = loss_terms(cfg)
-    if cfg.dp.local:
-        return DPLocalTrainer(model, tokenizer, cfg.dp.local_clip_norm, cfg.dp.local_noise_multiplier,
-                              cfg.dp.delta, cfg.dp.accountant, terms, secure_noise=cfg.dp.secure_noise)
-    return LocalTrainer(model, tokenizer, terms)
-
-
-def wrap_aggregator(cfg, aggregator: Aggregator) -> Aggregator:
+def wrap_aggregator(dp_cfg, aggregator: Aggregator, aggregator_name: str = "fedavg", seed: int = 0) -> Aggregator:
     """Replace FedAvg with DP-FedAvg when ``dp.client_level`` is on (noise is calibrated to a mean only)."""
-    if not cfg.dp.client_level:
+    if not dp_cfg.client_level:
         return aggregator
-    if cfg.aggregator.name != "fedavg":
+    if aggregator_name != "fedavg":
         raise ConfigError(f"dp.client_level=true needs aggregator.name=fedavg (the noise is calibrated to the "
-                          f"clipped mean), got {cfg.aggregator.name!r}")
-    return DPFedAvg(cfg.dp.clip_norm, cfg.dp.noise_multiplier, seed=cfg.seed, secure_noise=cfg.dp.secure_noise)
-
-
-def client_accountant(cfg) -> ClientDPAccountant | None:
-    """The per-round accountant of client-level DP, or None when it is off."""
-    if not cfg.dp.client_level:
-        return None
-    return ClientDPAccountant(cfg, cfg.num_clients, cfg.clients_per_round)
+                          f"clipped mean), got {aggregator_name!r}")
+    return DPFedAvg(dp_cfg.clip_norm, dp_cfg.noise_multiplier, seed=seed, secure_noise=dp_cfg.secure_noise)

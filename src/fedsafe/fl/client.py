@@ -31,11 +31,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from fedsafe.data.format import TokenizedExample, collate
+from fedsafe.errors import FedsafeError
 from fedsafe.fl.params import FlatLoRA
 
 
@@ -67,11 +69,17 @@ class RoundConfig:
     prox_mu: float = 0.0
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (fl.optimizer)
     scaffold_c: torch.Tensor | None = None  # server control variate (SCAFFOLD)
     total_samples: int = 0  # samples of all clients this round (lets clients pre-weight, e.g. under HE)
     # opt-in step-level reports (the probe's level=step): after every local step the client also returns
     # (local - global)[mask] in extra["step_updates"] [steps, mask.sum()]; the server must trust this report
     step_feature_mask: torch.Tensor | None = None
+    # fl.lora_aggregation (fedsafe.fl.lora_aggregation): the LoRA factors trained this round ("AB", "B" or "A");
+    # the other factor is frozen and its update is exactly zero
+    trainable: str = "AB"
+    # fedex: the round whose residual the global model's base weights hold; the client's model must hold the same
+    base_residual_round: int = 0
 
 
 @dataclass
@@ -107,7 +115,15 @@ class LocalTrainer:
 
     def fit(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
             client_state: dict | None = None) -> ClientResult:
-        """Run ``rc.local_steps`` optimizer steps from ``global_vec``; return the update."""
+        """Run ``rc.local_steps`` optimizer steps on the factors ``rc.trainable`` from ``global_vec``; the update."""
+        check_base_residual(self.model, rc)
+        with train_only(self.flat, rc.trainable) as trained:
+            result = self._train(client, global_vec, rc, client_state)
+        result.update[~trained] = 0.0  # a frozen factor's update is exactly zero (and never needs sending)
+        return result
+
+    def _train(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
+               client_state: dict | None = None) -> ClientResult:
         t0 = time.perf_counter()
         state = client_state if client_state is not None else {}
         self.flat.set(global_vec)
@@ -117,8 +133,11 @@ class LocalTrainer:
         seed = derive_seed(rc.seed, rc.round, client.client_id)
         torch.manual_seed(seed)  # LoRA dropout and any sampling inside the model
         gen = torch.Generator().manual_seed(seed)
-        params = self.flat.params
-        optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
+        params = [p for p in self.flat.params if p.requires_grad]  # train_only froze the factors not trained
+        if rc.optimizer == "sgd":  # FedSGD with local_steps=1: the update is -lr * the (clipped) batch gradient
+            optimizer = torch.optim.SGD(params, lr=rc.lr, weight_decay=rc.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
         global_params = None
         if rc.algorithm == "fedprox" and rc.prox_mu > 0:
             global_params = [p.detach().clone() for p in params]
@@ -126,8 +145,9 @@ class LocalTrainer:
         if scaffold:  # see the module docstring: correction c - c_i in gradient units; c_i+ = mean local gradient
             c_vec = rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel)
             c_local_vec = state.get("scaffold_c", torch.zeros(self.flat.numel))
-            correction = [corr.to(p.device, p.dtype) for p, corr in zip(params, self._split(c_vec - c_local_vec))]
-            grad_sum = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+            all_params = self.flat.params  # every LoRA tensor, aligned with the flat layout (frozen ones included)
+            correction = [corr.to(p.device, p.dtype) for p, corr in zip(all_params, self._split(c_vec - c_local_vec))]
+            grad_sum = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
 
         batches = _batch_stream(len(client.examples), rc.batch_size, gen)
         self.model.train()
@@ -158,7 +178,9 @@ class LocalTrainer:
                 torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
             if scaffold:  # SCAFFOLD: the optimizer follows g - c_i + c; the correction is never clipped
                 with torch.no_grad():
-                    for p, corr, acc in zip(params, correction, grad_sum):
+                    for p, corr, acc in zip(all_params, correction, grad_sum):
+                        if p.grad is None:  # a factor frozen by fl.lora_aggregation: its c_i stays 0
+                            continue
                         acc.add_(p.grad.float())
                         p.grad.add_(corr)
             optimizer.step()
@@ -185,6 +207,34 @@ class LocalTrainer:
 
     def _split(self, vec: torch.Tensor) -> list[torch.Tensor]:
         return [vec[s.offset: s.offset + s.numel].view(s.shape) for s in self.flat.specs]
+
+
+@contextmanager
+def train_only(flat: FlatLoRA, trainable: str = "AB"):
+    """Freeze the LoRA factors not in ``trainable`` (``requires_grad=False``) for the block; yields the mask of
+    the trained coordinates of the flat vector. Frozen factors get no gradient, so no optimiser moves them."""
+    from fedsafe.fl.lora_aggregation import trainable_mask
+
+    frozen = [p for p, s in zip(flat.params, flat.specs) if s.kind in ("A", "B") and s.kind not in trainable]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield trainable_mask(flat, trainable)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def check_base_residual(model: torch.nn.Module, rc: RoundConfig) -> None:
+    """FedEx-LoRA: the model a client trains must hold the global residual of ``rc`` in its base weights."""
+    from fedsafe.fl.lora_aggregation import residual_round
+
+    have = residual_round(model)
+    if rc.base_residual_round and have != rc.base_residual_round:  # 0: no residual asked for (e.g. post-hoc)
+        raise FedsafeError(f"fl.lora_aggregation=fedex: the global model of round {rc.round} includes the residual "
+                           f"of round {rc.base_residual_round}, this client's model holds round {have}'s; the "
+                           "residual lives in the server's in-memory model, so fedex runs in-process or in Flower's "
+                           "simulation (one shared model), not on separate SuperNodes")
 
 
 def _batch_stream(n: int, batch_size: int, gen: torch.Generator):

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from fedsafe.fl.lora_aggregation import RESIDUAL_FILE
 from fedsafe.fl.server import Server, sample_clients
 from fedsafe.rundir import RunDir, atomic_torch_save
 
@@ -23,8 +24,12 @@ def cosine_matrix(updates: torch.Tensor) -> torch.Tensor:
 
 def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int, clients_per_round: int,
                save_adapter=None, save_every_round: bool = True, progress=None, on_round_end=None,
-               shadow=None) -> None:
-    """Run rounds ``server.round+1 .. rounds``; each finished round is logged and checkpointed."""
+               shadow=None, on_round_start=None) -> None:
+    """Run rounds ``server.round+1 .. rounds``; each finished round is logged and checkpointed.
+
+    ``on_round_start(round_no, global_vec, rc) -> rc`` and ``on_round_end(round_no, record)`` are the
+    plug-ins' round hooks (fedsafe.plugins.PluginSet.round_start / round_end)."""
+    lora = _attach_lora_aggregation(server, engine)
     client_ids = [c.client_id for c in clients]
     role_of = {c.client_id: c.role for c in clients}
     malicious = {c.client_id: c.malicious for c in clients}
@@ -35,6 +40,8 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
         chosen = sample_clients(client_ids, clients_per_round, server.seed, round_idx)
         total_samples = sum(engine.clients[c].num_samples for c in chosen) if hasattr(engine, "clients") else 0
         rc = server.round_config(round_idx, total_samples)
+        if on_round_start is not None:
+            rc = on_round_start(rc.round, server.global_vec, rc)
         rc = server.prepare_round(rc, truth={c: malicious[c] for c in chosen}, shadow=shadow)
         ctask = progress.add_task(f"round {round_idx + 1}: clients", total=len(chosen)) if progress else None
         results = engine.fit(chosen, server.global_vec, rc,
@@ -64,8 +71,11 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
                   "lr": rc.lr, "aggregator_info": stats["aggregator_info"],
                   "skipped": stats.get("skipped"),  # why the adapter is unchanged this round, or None
                   "compute_seconds": sum(r.metrics.get("compute_seconds", 0.0) for r in results)}
+        record.update(_lora_record(server, lora, rc, results, stats))
         if save_adapter is not None and (save_every_round or round_idx + 1 == rounds):
             save_adapter(server.global_vec, rc.round)
+        if lora is not None and lora.mode == "fedex":  # the residual of the latest global model, next to its adapters
+            lora.save_residual(run_dir.path / "adapters" / RESIDUAL_FILE)
         record["seconds"] = time.perf_counter() - t0
         run_dir.log(record)
         # checkpoint last: a crash before this line re-runs the round on resume (its records are dropped)
@@ -76,6 +86,56 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
+
+
+def _attach_lora_aggregation(server: Server, engine):
+    """Give the server the LoRA layout (and model, for FedEx's residual) of the engine's trainer, if it has one.
+
+    In-process and in Flower's simulation the trainer's model is the pipeline's one model; a Flower deployment's
+    server holds no trainer: the aggregation error is then not logged and fedex is refused.
+    """
+    from fedsafe.errors import ConfigError
+    from fedsafe.fl.lora_aggregation import LoRAAggregation
+
+    if server.lora is not None:
+        return server.lora
+    mode = server.cfg.lora_aggregation
+    trainer = getattr(engine, "trainer", None)
+    flat = getattr(trainer, "flat", None) if trainer is not None else None
+    if flat is None:
+        if mode == "fedex":
+            raise ConfigError(f"fl.lora_aggregation=fedex needs the server's in-memory model to hold the residual; "
+                              f"the {getattr(engine, 'name', type(engine).__name__)} engine gives the server none "
+                              "(run fedex in-process or in Flower's simulation)")
+        return None
+    server.attach_lora(LoRAAggregation(mode, flat, trainer.model))
+    return server.lora
+
+
+def _lora_record(server: Server, lora, rc, results, stats: dict) -> dict:
+    """fl.lora_aggregation fields of a round record: mode, trained factors, aggregation error, payload bytes.
+
+    ``bytes_per_client``: under secure aggregation the mean ciphertext bytes a client sent
+    (``bytes_kind=ciphertext``); else the float32 bytes of the factors it trained (``bytes_kind=plaintext``:
+    a frozen factor's zeros need not travel, although the engines carry the full vector).
+    """
+    from fedsafe.fl.lora_aggregation import BYTES_PER_VALUE
+
+    out = {"lora_aggregation": server.cfg.lora_aggregation, "trainable": rc.trainable,
+           "aggregation_error": stats.get("aggregation_error")}
+    if "aggregation_error_factors" in stats:
+        out["aggregation_error_factors"] = stats["aggregation_error_factors"]
+    cipher = [sum(len(c) for c in (r.extra.get("secure_agg") or {}).get("ciphertexts", []))
+              for r in results if isinstance(r.extra.get("secure_agg"), dict)]
+    if cipher:
+        out["bytes_per_client"], out["bytes_kind"] = sum(cipher) / len(cipher), "ciphertext"
+    elif lora is not None:
+        out["bytes_per_client"], out["bytes_kind"] = lora.payload_bytes(rc.round), "plaintext"
+    elif rc.trainable == "AB":  # no layout (a Flower deployment's server), but every coordinate is trained
+        out["bytes_per_client"], out["bytes_kind"] = server.global_vec.numel() * BYTES_PER_VALUE, "plaintext"
+    else:
+        out["bytes_per_client"], out["bytes_kind"] = None, None
+    return out
 
 
 def load_checkpoint(run_dir: RunDir, server: Server, engine) -> int:

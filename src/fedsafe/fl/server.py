@@ -114,22 +114,44 @@ class Server:
         self.compare: dict = {}  # label -> rule run on the same updates for analysis only (aggregator.compare)
         self.round = 0  # rounds completed
         self._context = None  # RoundContext of the round in progress (set by prepare_round)
+        self.shadow = None  # the probe's shadow trainer (set by the probe plug-in), given to the rule each round
+        self.lora = None  # LoRAAggregation of fl.lora_aggregation, attached once the LoRA layout is known
+        self._lora_state: dict | None = None  # restored from a checkpoint before the layout is attached
 
     def round_config(self, round_idx: int, total_samples: int = 0) -> RoundConfig:
         """The plain config sent to every client in 0-based round ``round_idx``."""
         c = self.cfg
-        return RoundConfig(round=round_idx + 1, lr=round_lr(c, round_idx), local_steps=c.local_steps,
+        from fedsafe.fl.lora_aggregation import trainable_factors
+
+        rc = RoundConfig(round=round_idx + 1, lr=round_lr(c, round_idx), local_steps=c.local_steps,
                            batch_size=c.batch_size, grad_accum=c.grad_accum, seed=self.seed,
                            algorithm=c.algorithm, prox_mu=c.prox_mu if c.algorithm == "fedprox" else 0.0,
-                           max_grad_norm=c.max_grad_norm, weight_decay=c.weight_decay,
+                           max_grad_norm=c.max_grad_norm, weight_decay=c.weight_decay, optimizer=c.optimizer,
                            scaffold_c=self.scaffold_c, total_samples=total_samples)
+        rc.trainable = trainable_factors(c.lora_aggregation, round_idx + 1)  # ffa / rolora freeze a factor
+        rc.base_residual_round = self.lora.residual_round if self.lora is not None else 0  # fedex
+        return rc
+
+    def attach_lora(self, lora) -> None:
+        """Attach the :class:`~fedsafe.fl.lora_aggregation.LoRAAggregation` (restoring a checkpoint's residual)."""
+        self.lora = lora
+        if self._lora_state is not None:
+            lora.load_state_dict(self._lora_state)
+            self._lora_state = None
+        lora.attach()
+
+    def _trained_only(self, delta: torch.Tensor) -> torch.Tensor:
+        """Zero the aggregate on factors frozen this round: a rule's noise (DP) or bias must not move them."""
+        if self.lora is None or delta is None:
+            return delta
+        return torch.where(self.lora.mask(self.round + 1), delta, torch.zeros((), dtype=delta.dtype))
 
     def prepare_round(self, rc: RoundConfig, truth: dict[str, bool] | None = None, shadow=None) -> RoundConfig:
         """Give a stateful rule its round-start hook (probe: shadow training); returns the RoundConfig to send."""
         from fedsafe.aggregators.base import RoundContext
 
         self._context = RoundContext(round=rc.round, global_vec=self.global_vec, round_config=rc, truth=truth,
-                                     shadow=shadow)
+                                     shadow=shadow if shadow is not None else self.shadow)
         prepare = getattr(self.aggregator, "prepare", None)
         return prepare(self._context) if prepare is not None else rc
 
@@ -151,7 +173,8 @@ class Server:
             if delta is None or not stats["kept"]:  # refused to decrypt (too few clients) or nothing to decrypt
                 self._skip_round(stats.get("skipped") or "no valid update", stats)
             else:
-                self.global_vec = self.optimizer.step(self.global_vec, delta)
+                self.global_vec = self.optimizer.step(self.global_vec, self._trained_only(delta))
+            stats["aggregation_error"] = None  # the server never sees a client's factors under HE
             self.round += 1
             return stats
 
@@ -192,8 +215,13 @@ class Server:
             if skipped is not None:
                 self._skip_round(skipped, stats)
             else:
+                global_before = self.global_vec
+                delta = self._trained_only(delta)
                 self.global_vec = self.optimizer.step(self.global_vec, delta)
                 stats["update_norm"] = float(delta.norm())
+                if self.lora is not None:  # aggregation error (and FedEx's residual) of fl.lora_aggregation
+                    stats.update(self.lora.after_round(self.round + 1, global_before, stacked, rule_weights,
+                                                       self.global_vec))
                 if self.scaffold_c is not None:
                     self._update_scaffold_c([r.extra["delta_c"] for r in kept_results], rule_weights)
         self.round += 1
@@ -263,7 +291,8 @@ class Server:
         return {"round": self.round, "global_vec": self.global_vec.clone(),
                 "optimizer": self.optimizer.state_dict(), "aggregator": agg_state,
                 "compare": {k: r.state_dict() for k, r in self.compare.items()},
-                "scaffold_c": None if self.scaffold_c is None else self.scaffold_c.clone()}
+                "scaffold_c": None if self.scaffold_c is None else self.scaffold_c.clone(),
+                "lora": self.lora.state_dict() if self.lora is not None else self._lora_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state["round"])
@@ -273,6 +302,10 @@ class Server:
             self.aggregator.load_state_dict(state["aggregator"])
         if state.get("scaffold_c") is not None:
             self.scaffold_c = state["scaffold_c"].clone()
+        if state.get("lora") is not None:  # FedEx's residual: applied to the model when the layout is attached
+            self._lora_state = state["lora"]
+            if self.lora is not None:
+                self.attach_lora(self.lora)
         for label, rule_state in (state.get("compare") or {}).items():
             if label in self.compare:
                 self.compare[label].load_state_dict(rule_state)
