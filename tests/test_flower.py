@@ -267,6 +267,12 @@ def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
                flower={"round_timeout_s": 60.0, "connect_timeout_s": 120.0, "min_results": 1})
     killed = {}
 
+    def cmdline(proc) -> str:  # a child may exit (or be a zombie) between listing and reading it
+        try:
+            return " ".join(proc.cmdline())
+        except psutil.Error:
+            return ""
+
     def kill_when_training(line: str) -> None:
         # after the nodes are mapped, the next ClientApp process under SuperNode 1 is round 1's training
         if "SuperNodes hold clients" not in line or killed:
@@ -274,7 +280,7 @@ def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
         node = psutil.Process(fed.procs["supernode1"].pid)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if any("flwr-clientapp" in " ".join(c.cmdline()) for c in node.children(recursive=True)):
+            if any("flwr-clientapp" in cmdline(c) for c in node.children(recursive=True)):
                 break
             time.sleep(0.1)
         fed.kill_node(1, sig=signal.SIGKILL)
@@ -290,6 +296,72 @@ def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
     assert rounds[0]["clients"] == ["client_00"] and rounds[0]["update_norm"] > 0
     assert [f["client_id"] for f in rounds[0]["failed"]] == ["client_01"]
     assert (run_dir / "adapters" / "round_0001").exists() and (run_dir / "adapters" / "final").exists()
+    time.sleep(1)
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores; tests/test_flower_worker.py kills a worker in a fast scripted run
+def test_loopback_warm_worker_killed_mid_run_the_run_completes(tmp_path, data_file):
+    """TLS + node auth + warm workers (LocalFederation's defaults): node 0's worker is killed after round 1; the
+    next train message's handler restarts it, no client fails, and the run equals the in-process one."""
+    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               fl={"rounds": 3}, flower={"round_timeout_s": 300.0, "connect_timeout_s": 120.0})
+    killed = {}
+
+    def kill_worker_after_round_1(line: str) -> None:
+        if line.startswith("round   1:") and not killed:
+            killed["pid"] = fed.worker_pid(0)
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    with LocalFederation(2, workdir=tmp_path / "fed") as fed:
+        assert fed.secure and fed.certs is not None and fed.registered == {0, 1}
+        pids = fed.pids()
+        app = write_app(tmp_path / "app", cfg)
+        run_dir = fed.submit(app, timeout_s=540, on_line=kill_worker_after_round_1)
+        restarted, kept = fed.worker_pid(0), fed.worker_pid(1)
+        worker_pids = [restarted, kept]
+    assert killed["pid"] and restarted not in (None, killed["pid"]) and kept is not None
+    rounds = RunDir.open(run_dir).records("round")
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["failed"] == [] for r in rounds)
+    node_log = (tmp_path / "fed" / "supernode0.log").read_text()
+    assert node_log.count("is not running: starting it") == 1  # only the restart: the first worker was warm
+    reference = run_experiment(cfg, progress=False)
+    deployed = {(r["round"], r["client_id"]): r["loss"] for r in RunDir.open(run_dir).records("client")}
+    inproc = {(r["round"], r["client_id"]): r["loss"] for r in RunDir.open(reference.run_dir).records("client")}
+    assert deployed.keys() == inproc.keys()
+    assert [deployed[k] for k in sorted(deployed)] == pytest.approx([inproc[k] for k in sorted(inproc)], rel=1e-4)
+    time.sleep(1)
+    assert not any(_alive(p) for p in pids + worker_pids)
+
+
+def test_loopback_unregistered_supernode_is_refused_and_the_run_completes(tmp_path, data_file):
+    """A SuperNode with a valid TLS CA but a key the SuperLink never registered cannot join; the run goes on."""
+    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.rundir import RunDir
+
+    cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
+               fl={"rounds": 1}, flower={"round_timeout_s": 300.0, "connect_timeout_s": 120.0,
+                                         "min_available_clients": 2})
+    lines = []
+    with LocalFederation(2, workdir=tmp_path / "fed") as fed:
+        intruder = fed.start_node(2, partition_id=0, register=False)  # claims client_00 with its own key
+        pids = fed.pids()
+        app = write_app(tmp_path / "app", cfg)
+        run_dir = fed.submit(app, timeout_s=540, on_line=lines.append)
+        assert fed.registered == {0, 1}
+        intruder_log = (tmp_path / "fed" / "supernode2.log").read_text()
+    mapped = [line for line in lines if "SuperNodes hold clients" in line]
+    assert mapped and "2 SuperNodes hold clients ['client_00', 'client_01']" in mapped[0]
+    assert "held by two SuperNodes" not in "".join(lines)  # the intruder never reached the server's node list
+    (record,) = RunDir.open(run_dir).records("round")
+    assert sorted(record["clients"]) == ["client_00", "client_01"] and record["failed"] == []
+    assert "Failed to activate SuperNode" in intruder_log  # the SuperLink refused its key (Flower exit code 305)
+    assert "Receiving" not in intruder_log  # it never got a message
+    assert intruder.pid in pids
     time.sleep(1)
     assert not any(_alive(p) for p in pids)
 

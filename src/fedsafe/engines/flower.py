@@ -14,9 +14,10 @@ Two ways to run it:
   that runs the ClientApp in this process on the pipeline's own model, so no Ray is needed and the
   result equals the in-process engine's.
 - **Deployment**: ``flower-superlink``, one ``flower-supernode`` per client and ``flwr run`` on the app
-  written by ``fedsafe flower app`` (see :mod:`fedsafe.engines.flower_app` and the README). Each ClientApp
-  process rebuilds the model and its client's data from the experiment config carried in the message
-  (or trains on the node's own ``data-path``).
+  written by ``fedsafe flower app`` (see :mod:`fedsafe.engines.flower_app` and the README). Each SuperNode's
+  warm worker (:mod:`fedsafe.engines.worker`) builds the model and its client's data once per run from the
+  experiment config carried in the message (or trains on the node's own ``data-path``); the per-message
+  ClientApp process only forwards to it. Without a worker, every ClientApp process builds them itself.
 
 Faults: a client whose reply does not arrive within ``flower.round_timeout_s`` or comes back as a Flower
 error is logged as failed (``failed`` in the round record) and the round goes on with the replies that
@@ -66,6 +67,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # never phone home from ex
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 
 from fedsafe.config import ExperimentConfig, dump_config, load_config  # noqa: E402
+from fedsafe.engines import flower_trace as _trace  # noqa: E402
+from fedsafe.engines.worker import HE_CONTEXT, model_key, node_client_id, node_keys  # noqa: E402,F401
 from fedsafe.errors import FedsafeError  # noqa: E402
 from fedsafe.fl.client import ClientData, ClientResult, RoundConfig  # noqa: E402
 
@@ -74,7 +77,6 @@ log = logging.getLogger("fedsafe")
 TRAIN = "train"
 QUERY = "query"
 DECRYPT = "query.decrypt"  # secure_agg: a key-holding SuperNode decrypts the round's encrypted sum
-HE_CONTEXT = "he-context"  # node config / run config key: path of a key file of `fedsafe flower keys`
 HE_MIN_CLIENTS = "he-min-clients"  # node config key: this key holder decrypts no sum of fewer clients (default 2)
 _POLL_S = 0.05
 
@@ -334,6 +336,8 @@ class FlowerEngine:
                                 ttl=self.settings.round_timeout_s + 60))
         pushed = self._push(msgs)
         client_of = {mid: msg.content["fedsafe"]["client_id"] for mid, msg in pushed.items()}
+        for mid, cid in client_of.items():
+            _trace.mark("server_push", mid=mid, round=rc.round, client_id=cid)
         accepted = {id(m) for m in pushed.values()}
         for msg in msgs:
             if id(msg) not in accepted:
@@ -343,6 +347,7 @@ class FlowerEngine:
 
         def on_reply(mid: str, reply: Message) -> None:
             cid = client_of[mid]
+            _trace.mark("server_reply", mid=mid)
             if reply.has_error():
                 failures.append({"client_id": cid, "reason": f"Flower error {reply.error.code}: {reply.error.reason}"})
                 return
@@ -470,6 +475,7 @@ class _Worker:
 _LOCAL_WORKERS: dict[str, _Worker] = {}  # run token -> the pipeline's own trainer (simulation in this process)
 _BUILT_WORKERS: dict[str, _Worker] = {}  # config hash -> a worker this process built (deployment)
 _BUILD_LOCK = threading.Lock()
+_PRELOADED: dict[str, object] = {}  # model_key -> LoadedModel a warm worker loaded at start (used by one build)
 
 
 def register_local(token: str, trainer, clients: list[ClientData]) -> None:
@@ -479,38 +485,6 @@ def register_local(token: str, trainer, clients: list[ClientData]) -> None:
 
 def unregister_local(token: str) -> None:
     _LOCAL_WORKERS.pop(token, None)
-
-
-def node_client_id(node_config, num_clients: int) -> str:
-    """Which client a SuperNode holds: node config ``client-id`` or ``partition-id`` (index)."""
-    if "client-id" in node_config:
-        return str(node_config["client-id"])
-    if "partition-id" in node_config:
-        idx = int(node_config["partition-id"])
-        if not 0 <= idx < num_clients:
-            raise FedsafeError(f"node config partition-id={idx} is outside the config's {num_clients} clients")
-        return f"client_{idx:02d}"
-    raise FedsafeError("the SuperNode needs --node-config 'partition-id=N' or 'client-id=\"client_NN\"'")
-
-
-def node_keys(node_config, cfg: ExperimentConfig, he_key_id: str | None) -> bytes:
-    """This SuperNode's secret-key CKKS context (node config ``he-context``), checked against the run.
-
-    The file must be the clients' file of ``fedsafe flower keys``, made with the config's ``secure_agg.ckks``
-    and, when the server names its key id, from the same key set as the server's public context.
-    """
-    from fedsafe.defenses.he_keys import CLIENTS, read_key_file
-
-    path = node_config.get(HE_CONTEXT)
-    if not path:
-        raise FedsafeError("secure_agg.enabled but this SuperNode holds no CKKS keys: start it with --node-config "
-                           f"\"{HE_CONTEXT}='/path/clients.ctx'\" (the clients' file of `fedsafe flower keys`)")
-    keys = read_key_file(str(path), CLIENTS, cfg.secure_agg.ckks, who=f"node config {HE_CONTEXT}")
-    if he_key_id is not None and keys.key_id != he_key_id:
-        raise FedsafeError(f"node config {HE_CONTEXT} {path} belongs to key set {keys.key_id}, the server's public "
-                           f"context to key set {he_key_id}: give every SuperNode the clients.ctx written together "
-                           "with the server's server.ctx")
-    return keys.context
 
 
 def server_keys(cfg: ExperimentConfig, path: str | None):
@@ -535,20 +509,20 @@ def _build_worker(config_yaml: str, node_config, he_key_id: str | None = None) -
     from fedsafe.data import build_clients
     from fedsafe.data.format import tokenize_rows
     from fedsafe.models import attach_lora, load_base_model
-    from fedsafe.pipeline import build_trainer
+    from fedsafe.plugins import client_trainer
 
     cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
     # the keys first: a node without them fails before the model load
     client_context = node_keys(node_config, cfg, he_key_id) if cfg.secure_agg.enabled else None
-    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
-                             seed=cfg.seed)
+    loaded = _PRELOADED.pop(model_key(cfg), None)  # a warm worker's base model, loaded before the run
+    if loaded is None:
+        loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
+                                 seed=cfg.seed)
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
-    trainer = build_trainer(cfg, peft_model, loaded.tokenizer)
-    if client_context is not None:  # the same client party as in-process: train, then encrypt
-        from fedsafe.defenses.secure_agg import encrypting_trainer
-
-        trainer = encrypting_trainer(cfg.secure_agg, trainer, cfg.fl.rounds, client_context)
+    # the same client side as in-process: the plug-ins' local_training and client_update hooks (e.g. train, then
+    # encrypt with this node's secret key)
+    trainer = client_trainer(cfg, peft_model, loaded.tokenizer, he_client_context=client_context)
     cid = node_client_id(node_config, cfg.num_clients)
     data_path = node_config.get("data-path")
     if data_path:  # the node's own data: one client, trained with the experiment's formatting
@@ -579,6 +553,7 @@ def _worker_for(token: str, config_yaml: str, node_config, he_key_id: str | None
                           + str(he_key_id)).encode()).hexdigest()
     with _BUILD_LOCK:
         if key not in _BUILT_WORKERS:
+            _BUILT_WORKERS.clear()  # one run at a time per node: free the previous run's model first
             _BUILT_WORKERS[key] = _build_worker(config_yaml, node_config, he_key_id)
         return _BUILT_WORKERS[key]
 
@@ -587,13 +562,14 @@ def _secret_context(token: str, config_yaml: str, node_config, he_key_id: str | 
     """This node's secret-key CKKS context: the simulation's own client party, or the node's key file."""
     import yaml
 
-    from fedsafe.defenses.secure_agg import EncryptingTrainer
+    from fedsafe.defenses.secure_agg import client_party
 
     worker = _LOCAL_WORKERS.get(token)
     if worker is not None:
-        if not isinstance(worker.trainer, EncryptingTrainer):
+        party = client_party(worker.trainer)
+        if party is None:
             raise FedsafeError("asked to decrypt, but this run's clients do not use secure aggregation")
-        return worker.trainer.he_client.context
+        return party.context
     cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
     if not cfg.secure_agg.enabled:
         raise FedsafeError("asked to decrypt, but the experiment config has secure_agg.enabled=false")
@@ -602,19 +578,13 @@ def _secret_context(token: str, config_yaml: str, node_config, he_key_id: str | 
 
 def handle_query(message: Message, context: Context) -> Message:
     """Reply with the client this SuperNode holds (after checking its CKKS keys when secure_agg is on)."""
-    import yaml
+    from fedsafe.engines.worker import query_reply
 
     meta = message.content["fedsafe"]
-    token = meta["token"]
-    if token in _LOCAL_WORKERS:
-        num_clients = len(_LOCAL_WORKERS[token].clients)
-    else:
-        cfg = ExperimentConfig.model_validate(yaml.safe_load(meta["config"]))
-        num_clients = cfg.num_clients
-        if cfg.secure_agg.enabled:  # refuse at connect, so a node without the right keys is never sampled
-            node_keys(context.node_config, cfg, meta.get("he_key_id"))
-    cid = node_client_id(context.node_config, num_clients)
-    return Message(RecordDict({"fedsafe": ConfigRecord({"client_id": cid})}), reply_to=message)
+    if meta["token"] in _LOCAL_WORKERS:
+        cid = node_client_id(context.node_config, len(_LOCAL_WORKERS[meta["token"]].clients))
+        return Message(RecordDict({"fedsafe": ConfigRecord({"client_id": cid})}), reply_to=message)
+    return Message(query_reply(message.content, context.node_config), reply_to=message)
 
 
 def encode_decrypt(aggregate, mask: torch.Tensor, round: int, config_yaml: str, token: str,
@@ -632,11 +602,11 @@ def key_holder_min_clients(token: str, config_yaml: str, node_config) -> int:
     from the server, so it may raise the minimum but never lower it)."""
     import yaml
 
-    from fedsafe.defenses.secure_agg import MIN_CLIENTS, EncryptingTrainer
+    from fedsafe.defenses.secure_agg import MIN_CLIENTS, client_party
 
     worker = _LOCAL_WORKERS.get(token)
-    if worker is not None and isinstance(worker.trainer, EncryptingTrainer):
-        return worker.trainer.he_client.min_clients
+    if worker is not None and client_party(worker.trainer) is not None:
+        return client_party(worker.trainer).min_clients
     cfg = ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
     try:
         floor = int(node_config.get(HE_MIN_CLIENTS, MIN_CLIENTS))
@@ -655,16 +625,20 @@ def handle_decrypt(message: Message, context: Context) -> Message:
     the digest the clients encrypted under. A sum of fewer clients than :func:`key_holder_min_clients` is
     refused (:class:`fedsafe.defenses.secure_agg.DecryptRefused`) before anything is decrypted.
     """
+    return Message(decrypt_reply(message.content, context.node_config), reply_to=message)
+
+
+def decrypt_reply(content: RecordDict, node_config) -> RecordDict:
+    """The content of :func:`handle_decrypt`'s reply (also run by a SuperNode's warm worker)."""
     from fedsafe.defenses.secure_agg import EncryptedAggregate, decrypt_aggregate
 
-    content = message.content
     meta = content["fedsafe"]
-    secret = _secret_context(meta["token"], meta["config"], context.node_config, meta.get("he_key_id"))
-    min_clients = key_holder_min_clients(meta["token"], meta["config"], context.node_config)
+    secret = _secret_context(meta["token"], meta["config"], node_config, meta.get("he_key_id"))
+    min_clients = key_holder_min_clients(meta["token"], meta["config"], node_config)
     aggregate = EncryptedAggregate.from_wire(decode_values(content["aggregate_arrays"], content["aggregate"]))
     mask = torch.from_numpy(np.array(content["mask"]["mask"].numpy(), copy=True))
     delta = decrypt_aggregate(secret, aggregate, mask, min_clients)
-    return Message(RecordDict({"delta": ArrayRecord({"vec": _to_array(delta)})}), reply_to=message)
+    return RecordDict({"delta": ArrayRecord({"vec": _to_array(delta)})})
 
 
 _STATE_KEY = "fedsafe.client_state"
@@ -672,20 +646,36 @@ _STATE_KEY = "fedsafe.client_state"
 
 def handle_train(message: Message, context: Context) -> Message:
     """Run local training for the client named in the message; reply with its ClientResult."""
-    global_vec, rc, cid, config_yaml, token = decode_train(message.content)
-    worker = _worker_for(token, config_yaml, context.node_config, message.content["fedsafe"].get("he_key_id"))
+    return Message(train_reply(message.content, context.node_config, context.state, message.metadata.message_id),
+                   reply_to=message)
+
+
+def train_reply(content: RecordDict, node_config, state_records: RecordDict, mid: str | None = None) -> RecordDict:
+    """Local training of the client named in a train message's ``content``; the reply's content.
+
+    Client state that persists across rounds (SCAFFOLD's ``c_i``) is read from and written back to
+    ``state_records``: the node's ``Context.state``, which Flower keeps for the run (also when the warm worker
+    that trained the client is restarted).
+    """
+    _trace.mark("handler_start", mid=mid)
+    global_vec, rc, cid, config_yaml, token = decode_train(content)
+    worker = _worker_for(token, config_yaml, node_config, content["fedsafe"].get("he_key_id"))
+    _trace.mark("model_ready", mid=mid)
     if cid not in worker.clients:
         raise FedsafeError(f"this SuperNode does not hold client {cid!r}")
-    # client state that persists across rounds (SCAFFOLD's c_i) lives in the node's Context
-    arrays = context.state.get(f"{_STATE_KEY}.{cid}.arrays")
-    config = context.state.get(f"{_STATE_KEY}.{cid}.config")
+    arrays = state_records.get(f"{_STATE_KEY}.{cid}.arrays")
+    config = state_records.get(f"{_STATE_KEY}.{cid}.config")
     state = decode_values(arrays, config)
+    _trace.mark("fit_start", mid=mid)
     res = worker.trainer.fit(worker.clients[cid], global_vec, rc, state)
+    _trace.mark("fit_end", mid=mid)
     new_arrays, new_config = ArrayRecord(), ConfigRecord()
     encode_values(state, new_arrays, new_config, "client state")
-    context.state[f"{_STATE_KEY}.{cid}.arrays"] = new_arrays
-    context.state[f"{_STATE_KEY}.{cid}.config"] = new_config
-    return Message(encode_result(res), reply_to=message)
+    state_records[f"{_STATE_KEY}.{cid}.arrays"] = new_arrays
+    state_records[f"{_STATE_KEY}.{cid}.config"] = new_config
+    reply = encode_result(res)
+    _trace.mark("handler_end", mid=mid)
+    return reply
 
 
 # ------------------------------------------------------------------------------------------------
@@ -770,7 +760,9 @@ def run_flower_experiment(cfg: ExperimentConfig | None = None, resume: str | Pat
     def _main(grid, context):
         def engine_factory(trainer, clients):
             register_local(token, trainer, clients)
-            return FlowerEngine(grid, cfg, clients, token=token)
+            engine = FlowerEngine(grid, cfg, clients, token=token)
+            engine.trainer = trainer  # the one in-memory model: the server's LoRA layout (fl.lora_aggregation)
+            return engine
 
         outcome["result"] = run_experiment(None if resume is not None else cfg, resume=resume,
                                            progress=progress, engine_factory=engine_factory)

@@ -10,8 +10,40 @@ from typing import Optional
 
 import typer
 
-flower_app = typer.Typer(no_args_is_help=True, help="Flower deployment helpers: keys, app, superlink, supernode, "
-                                                    "submit, local.")
+flower_app = typer.Typer(no_args_is_help=True, help="Flower deployment helpers: keys, certs, app, superlink, "
+                                                    "register, supernode, submit, local.")
+
+INSECURE_WARNING = ("WARNING: plain text (--insecure): updates travel unencrypted and any process that reaches the "
+                    "SuperLink can join as a SuperNode; use `fedsafe flower certs` and TLS outside a trusted network")
+
+
+def _tls_choice(insecure: bool, given: bool, what: str) -> None:
+    """Plain text only when asked for (then a warning); TLS files and --insecure together are a mistake."""
+    if insecure and given:
+        raise typer.BadParameter(f"--insecure and {what} exclude each other")
+    if not insecure and not given:
+        raise typer.BadParameter(f"give {what} (from `fedsafe flower certs`), or --insecure for plain text")
+    if insecure:
+        typer.echo(INSECURE_WARNING, err=True)
+
+
+@flower_app.command("certs")
+def certs_command(out: Path = typer.Option(..., "--out", "-o", help="directory for the CA, server and node keys"),
+                  nodes: int = typer.Option(2, "--nodes", min=1, help="how many SuperNode key pairs to make"),
+                  host: list[str] = typer.Option([], "--host", help="a name or IP address the SuperLink is reached "
+                                                                   "at (repeatable; localhost and 127.0.0.1 are "
+                                                                   "always included)")) -> None:
+    """Make a test CA, a SuperLink TLS certificate and SuperNode key pairs (trials; production: your own CA)."""
+    from fedsafe.engines.flower_deploy import write_certs
+
+    certs = write_certs(out, nodes, host)
+    typer.echo(f"wrote {out}:\n"
+               f"  {certs.ca}  the CA: for every SuperNode (--root-certificates) and `submit`\n"
+               f"  {certs.server_cert}, {certs.server_key}  the SuperLink's "
+               f"(`fedsafe flower superlink --certs {out}`)\n"
+               f"  node0.key .. node{nodes - 1}.key  SECRET, one per SuperNode (--auth-key)\n"
+               f"  node0.pub .. node{nodes - 1}.pub  register each: `fedsafe flower register {out}/node0.pub "
+               f"--superlink HOST:PORT --root-certificates {certs.ca}`")
 
 
 @flower_app.command("keys")
@@ -37,6 +69,17 @@ def keys_command(out: Path = typer.Option(..., "--out", "-o", help="directory fo
                f"  {keys.server}  public: for the server, `fedsafe flower app ... --he-context {keys.server}`")
 
 
+def check_deployable(cfg) -> None:
+    """Refuse at once what cannot run on separate machines (the plug-ins' checks with a Flower deployment)."""
+    from fedsafe.errors import ConfigError
+    from fedsafe.plugins import check_config
+
+    try:
+        check_config(cfg, engine_may_be_flower=True)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @flower_app.command("app")
 def app_command(app_dir: Path = typer.Argument(..., help="directory to write the Flower app into"),
                 config: Optional[Path] = typer.Option(None, "--config", "-c", help="experiment YAML"),
@@ -49,6 +92,7 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
     from fedsafe.engines.flower_deploy import write_app
 
     cfg = load_config(config, set_)
+    check_deployable(cfg)
     if not cfg.secure_agg.enabled:
         if he_context is not None:
             typer.echo("note: --he-context is ignored: the config has secure_agg.enabled=false", err=True)
@@ -67,12 +111,42 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
 
 @flower_app.command("superlink")
 def superlink_command(host: str = typer.Option("0.0.0.0", help="address to listen on"),
-                      port: int = typer.Option(9093, help="HTTP port (Fleet, Control and Runtime APIs)")) -> None:
-    """Start a SuperLink without TLS (trusted networks only; for TLS run flower-superlink with its TLS flags)."""
-    from fedsafe.engines.flower_deploy import flower_env, superlink_command as cmd
+                      port: int = typer.Option(9093, help="HTTP port (Fleet, Control and Runtime APIs)"),
+                      certs: Optional[Path] = typer.Option(None, "--certs", help="directory of `fedsafe flower "
+                                                           "certs` (ca.crt, server.pem, server.key): TLS"),
+                      node_auth: bool = typer.Option(True, "--node-auth/--no-node-auth", help="with --certs: only "
+                                                     "SuperNodes registered with `fedsafe flower register` join"),
+                      insecure: bool = typer.Option(False, "--insecure", help="plain text, anyone may join "
+                                                    "(trusted networks only)")) -> None:
+    """Start a SuperLink: TLS and SuperNode authentication with --certs, plain text only with --insecure."""
+    from fedsafe.engines.flower_deploy import Certs, flower_env, superlink_command as cmd
 
-    args = cmd(port, host)
+    _tls_choice(insecure, certs is not None, "--certs")
+    files = None
+    if certs is not None:
+        files = Certs(certs / "ca.crt", certs / "server.pem", certs / "server.key", [])
+        for path in (files.ca, files.server_cert, files.server_key):
+            if not path.exists():
+                raise typer.BadParameter(f"--certs {certs}: {path.name} is missing (make it with `fedsafe flower "
+                                         "certs`)")
+    args = cmd(port, host, certs=files, node_auth=node_auth)
     os.execvpe(args[0], args, flower_env(os.environ.get("FLWR_HOME")))
+
+
+@flower_app.command("register")
+def register_command(public_key: Path = typer.Argument(..., help="a SuperNode's public key (nodeN.pub of "
+                                                       "`fedsafe flower certs`)"),
+                     superlink: str = typer.Option(..., help="SuperLink address HOST:PORT"),
+                     root_certificates: Path = typer.Option(..., "--root-certificates",
+                                                            help="the CA of the SuperLink's certificate (ca.crt)"),
+                     name: Optional[str] = typer.Option(None, help="a name for the node")) -> None:
+    """Let the SuperNode holding this key join (``flwr supernode register`` on a SuperLink with node auth)."""
+    from fedsafe.engines.flower_deploy import flower_env, register_node, write_connection
+
+    with tempfile.TemporaryDirectory(prefix="fedsafe-flwr-") as home:
+        write_connection(home, superlink, root_certificates=root_certificates)
+        node_id = register_node(public_key, flower_env(home), name=name)
+    typer.echo(f"registered {public_key} as SuperNode {node_id}")
 
 
 @flower_app.command("supernode")
@@ -84,16 +158,46 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
                       port: int = typer.Option(9094, help="local port of the SuperNode's runtime API"),
                       he_context: Optional[Path] = typer.Option(None, "--he-context", help="secure_agg: the "
                                                                 "clients' secret clients.ctx of `fedsafe flower "
-                                                                "keys`")) -> None:
-    """Start a SuperNode that holds one fedsafe client."""
-    from fedsafe.engines.flower_deploy import flower_env, supernode_command as cmd
+                                                                "keys`"),
+                      root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="the CA "
+                                                                       "of the SuperLink's certificate (TLS)"),
+                      auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="this node's private key "
+                                                              "(nodeN.key of `fedsafe flower certs`), registered "
+                                                              "on the SuperLink"),
+                      insecure: bool = typer.Option(False, "--insecure", help="plain text (trusted networks only)"),
+                      worker: bool = typer.Option(True, "--worker/--no-worker", help="keep the model loaded in a "
+                                                  "warm worker process between rounds (default) instead of "
+                                                  "loading it for every message"),
+                      worker_dir: Optional[Path] = typer.Option(None, "--worker-dir", help="private directory "
+                                                                "(0700) of the warm worker's socket (default: a "
+                                                                "new temporary one)"),
+                      config: Optional[Path] = typer.Option(None, "--config", "-c", help="load this experiment's "
+                                                            "base model in the warm worker at start; runs of "
+                                                            "another model are then refused"),
+                      threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the "
+                                                            "warm worker (default: torch's; split the cores when "
+                                                            "several SuperNodes share a machine)")) -> None:
+    """Start a SuperNode that holds one fedsafe client, with a warm worker that keeps the model loaded."""
+    from fedsafe.engines.flower_deploy import flower_env, supernode_command as cmd, with_worker
 
+    _tls_choice(insecure, root_certificates is not None, "--root-certificates")
     if he_context is not None:  # a wrong file fails here, not in the first round
         from fedsafe.defenses.he_keys import CLIENTS, read_key_file
 
         read_key_file(he_context, CLIENTS, who="--he-context")
+    if config is not None and not worker:
+        raise typer.BadParameter("--config preloads the warm worker's model: it needs --worker")
+    wdir = None
+    if worker:
+        from fedsafe.engines.worker import private_dir
+
+        wdir = private_dir(worker_dir)
+        typer.echo(f"warm worker: {wdir} (log {wdir / 'worker.log'})", err=True)
     args = cmd(superlink, port, partition_id=partition_id, client_id=client_id,
-               data_path=str(data_path) if data_path else None, he_context=str(he_context) if he_context else None)
+               data_path=str(data_path) if data_path else None, he_context=str(he_context) if he_context else None,
+               root_certificates=root_certificates, auth_key=auth_key, worker_dir=wdir)
+    if wdir is not None:
+        args = with_worker(args, wdir, config, threads)
     os.execvpe(args[0], args, flower_env(os.environ.get("FLWR_HOME")))
 
 
@@ -103,12 +207,17 @@ def submit_command(app_dir: Path = typer.Argument(..., help="app written by `fed
                    set_: list[str] = typer.Option([], "--set", help="override a field of the embedded config"),
                    resume: Optional[str] = typer.Option(None, help="continue this run directory (server side)"),
                    he_context: Optional[str] = typer.Option(None, "--he-context", help="secure_agg: the server's "
-                                                            "public server.ctx, a path on the server machine")) -> None:
+                                                            "public server.ctx, a path on the server machine"),
+                   root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="the CA of "
+                                                                    "the SuperLink's certificate (TLS)"),
+                   insecure: bool = typer.Option(False, "--insecure", help="plain text (trusted networks only)")
+                   ) -> None:
     """``flwr run`` the app on a SuperLink and stream its logs."""
     from fedsafe.engines.flower_deploy import flower_env, flwr_run_command, write_connection
 
+    _tls_choice(insecure, root_certificates is not None, "--root-certificates")
     with tempfile.TemporaryDirectory(prefix="fedsafe-flwr-") as home:
-        write_connection(home, superlink)
+        write_connection(home, superlink, root_certificates=root_certificates)
         raise typer.Exit(subprocess.call(flwr_run_command(app_dir, set_, resume, he_context=he_context),
                                          env=flower_env(home)))
 
@@ -116,13 +225,23 @@ def submit_command(app_dir: Path = typer.Argument(..., help="app written by `fed
 @flower_app.command("local")
 def local_command(config: Optional[Path] = typer.Argument(None, help="experiment YAML"),
                   set_: list[str] = typer.Option([], "--set", help="override a field: --set fl.rounds=5"),
-                  timeout_s: float = typer.Option(3600, help="stop everything after this long")) -> None:
+                  timeout_s: float = typer.Option(3600, help="stop everything after this long"),
+                  insecure: bool = typer.Option(False, "--insecure", help="plain text and no node authentication "
+                                                "(default: TLS with a fresh test CA, only registered nodes join)"),
+                  worker: bool = typer.Option(True, "--worker/--no-worker", help="a warm worker per SuperNode keeps "
+                                              "the model loaded between rounds")) -> None:
     """Run CONFIG as a deployment on this machine: a SuperLink and one SuperNode per client on 127.0.0.1."""
-    from fedsafe.config import load_config
+    from fedsafe.config import dump_config, load_config
     from fedsafe.engines.flower_deploy import LocalFederation, write_app
 
     cfg = load_config(config, set_)
-    fed = LocalFederation(cfg.num_clients)
+    check_deployable(cfg)
+    if insecure:
+        typer.echo(INSECURE_WARNING, err=True)
+    fed = LocalFederation(cfg.num_clients, secure=not insecure, warm_worker=worker)
+    if worker:  # the workers load the base model while the SuperLink and the run start
+        fed.worker_config = fed.workdir / "experiment.yaml"
+        fed.worker_config.write_text(dump_config(cfg))
     server_ctx = None
     if cfg.secure_agg.enabled:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
         from fedsafe.defenses.he_keys import write_key_files

@@ -1,8 +1,20 @@
 """Deployment helpers: write the fedsafe Flower app, start SuperLink/SuperNodes, submit with ``flwr run``.
 
 Flower 1.41 keeps SuperLink connections in the Flower Configuration (``$FLWR_HOME/config.toml``,
-``[superlink.<name>] address/insecure``) rather than in the app's ``pyproject.toml``; :func:`flwr_run`
-writes a private one so a user needs only the SuperLink address.
+``[superlink.<name>] address/insecure/root-certificates``) rather than in the app's ``pyproject.toml``;
+:func:`write_connection` writes a private one so a user needs only the SuperLink address.
+
+TLS and SuperNode authentication (Flower's own): :func:`write_certs` makes a test CA, a server certificate
+for the SuperLink and one EC key pair (P-384, OpenSSH format, as ``flwr supernode register`` and
+``flower-supernode --auth-supernode-private-key`` read them) per node. A SuperLink started with the server
+certificate and ``--enable-supernode-auth`` accepts only SuperNodes whose public key was registered
+(``flwr supernode register``, Control API); Flower refuses node authentication without TLS on both sides.
+
+Poll intervals (Flower 1.41): the SuperNode sleeps 3 s after an empty pull and 0.5 s between checks for a
+ClientApp's reply (both fixed in ``flwr/supernode/start_client_internal.py``, no setting); SuperExec polls
+for tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1.0, min 0.01), which
+:func:`flower_env` sets to :data:`SUPEREXEC_POLL_S`; the ServerApp's grid is polled by
+:class:`fedsafe.engines.flower.FlowerEngine` every 0.05 s.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from fedsafe.errors import FedsafeError
 
 APP_MODULE = "fedsafe_flower_app"
 RUN_DIR_PATTERN = re.compile(r"fedsafe run directory: (\S+)")
+SUPEREXEC_POLL_S = 0.1  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default 1.0 s adds up to 1 s per message)
 
 
 def _toml_string(text: str) -> str:
@@ -91,24 +104,114 @@ def flower_env(flwr_home: str | Path | None = None) -> dict:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
 
 
-def superlink_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    """``flower-superlink`` without TLS on one HTTP port (Fleet, Control and Runtime APIs)."""
-    return ["flower-superlink", "--insecure", "--host", host, "--port", str(port),
+@dataclass
+class Certs:
+    """Files of :func:`write_certs`: CA, SuperLink certificate and key, node key pairs (private, public)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    nodes: list[tuple[Path, Path]]
+
+
+def write_certs(out: str | Path, num_nodes: int = 2, hosts: list[str] | None = None,
+                valid_days: int = 30) -> Certs:
+    """A test CA, a SuperLink certificate for ``hosts`` (plus localhost/127.0.0.1) and ``num_nodes`` node keys.
+
+    For tests and trials: a real federation uses its organisation's CA. Private keys are written mode 0600.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def private(path: Path, data: bytes) -> Path:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pem = serialization.Encoding.PEM
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedsafe test CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=valid_days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    names: list[x509.GeneralName] = []
+    for host in ["localhost", "127.0.0.1", "::1", *(hosts or [])]:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (hosts or ["localhost"])[0])]))
+                   .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=valid_days))
+                   .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .sign(ca_key, hashes.SHA256()))
+    ca_path = out / "ca.crt"
+    ca_path.write_bytes(ca_cert.public_bytes(pem))
+    private(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    server_cert_path = out / "server.pem"
+    server_cert_path.write_bytes(server_cert.public_bytes(pem))
+    server_key_path = private(out / "server.key", server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    nodes = []
+    for i in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        priv = private(out / f"node{i}.key", key.private_bytes(pem, serialization.PrivateFormat.OpenSSH,
+                                                                serialization.NoEncryption()))
+        pub = out / f"node{i}.pub"
+        pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH) + b"\n")
+        nodes.append((priv, pub))
+    return Certs(ca_path, server_cert_path, server_key_path, nodes)
+
+
+def superlink_command(port: int, host: str = "127.0.0.1", certs: Certs | None = None,
+                      node_auth: bool = True) -> list[str]:
+    """``flower-superlink`` on one HTTP port (Fleet, Control and Runtime APIs).
+
+    With ``certs``: TLS with the SuperLink certificate and, with ``node_auth``, only registered SuperNodes
+    (``--enable-supernode-auth``). Without: plain text (``--insecure``), any process that reaches the port
+    can join as a SuperNode.
+    """
+    tls = (["--insecure"] if certs is None else
+           ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+            "--ssl-ca-certfile", str(certs.ca)] + (["--enable-supernode-auth"] if node_auth else []))
+    return ["flower-superlink", *tls, "--host", host, "--port", str(port),
             "--database", ":flwr-in-memory:", "--disable-runtime-dependency-installation"]
 
 
 def supernode_command(superlink: str, port: int, partition_id: int | None = None, num_partitions: int | None = None,
                       client_id: str | None = None, data_path: str | None = None,
-                      he_context: str | None = None) -> list[str]:
+                      he_context: str | None = None, root_certificates: str | Path | None = None,
+                      auth_key: str | Path | None = None, worker_dir: str | Path | None = None) -> list[str]:
     """``flower-supernode`` holding one fedsafe client (by index or id, optionally with its own data file).
 
     ``he_context``: the clients' secret-key CKKS file (``clients.ctx`` of ``fedsafe flower keys``) for
-    ``secure_agg``.
+    ``secure_agg``. ``root_certificates``: the CA that signed the SuperLink's certificate (TLS; without it,
+    plain text); ``auth_key``: this node's private key (registered on the SuperLink with its public key).
+    ``worker_dir``: the directory of the node's warm worker (:mod:`fedsafe.engines.worker`).
     """
     node_config = []
     if partition_id is not None:
@@ -123,8 +226,30 @@ def supernode_command(superlink: str, port: int, partition_id: int | None = None
         raise FedsafeError("a SuperNode needs a partition id or a client id")
     if he_context is not None:
         node_config.append(f"he-context={_toml_string(str(Path(he_context).expanduser().resolve()))}")
-    return ["flower-supernode", "--insecure", "--superlink", superlink, "--host", "127.0.0.1",
+    if worker_dir is not None:
+        node_config.append(f"worker-dir={_toml_string(str(Path(worker_dir).expanduser().resolve()))}")
+    if root_certificates is None:
+        if auth_key is not None:
+            raise FedsafeError("a SuperNode key (--auth-key) needs TLS: give the CA certificate too "
+                               "(--root-certificates); Flower refuses node authentication over plain text")
+        tls = ["--insecure"]
+    else:
+        tls = ["--root-certificates", str(Path(root_certificates).expanduser().resolve())]
+        if auth_key is not None:
+            tls += ["--auth-supernode-private-key", str(Path(auth_key).expanduser().resolve())]
+    return ["flower-supernode", *tls, "--superlink", superlink, "--host", "127.0.0.1",
             "--port", str(port), "--node-config", " ".join(node_config)]
+
+
+def with_worker(supernode_args: list[str], worker_dir: str | Path, config: str | Path | None = None,
+                threads: int | None = None) -> list[str]:
+    """The SuperNode command wrapped so that a warm worker starts next to it (same process group)."""
+    cmd = [sys.executable, "-m", "fedsafe.engines.worker", "launch", "--dir", str(worker_dir)]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    return cmd + ["--", *supernode_args]
 
 
 def flwr_run_command(app_dir: str | Path, overrides: list[str] | None = None, resume: str | None = None,
@@ -140,13 +265,30 @@ def flwr_run_command(app_dir: str | Path, overrides: list[str] | None = None, re
     return cmd
 
 
-def write_connection(flwr_home: str | Path, superlink: str, name: str = "fedsafe") -> Path:
-    """A Flower Configuration with one insecure SuperLink connection, made the default."""
+def write_connection(flwr_home: str | Path, superlink: str, name: str = "fedsafe",
+                     root_certificates: str | Path | None = None) -> Path:
+    """A Flower Configuration with one SuperLink connection, made the default: TLS verified against
+    ``root_certificates`` (the CA of the SuperLink's certificate), or plain text without it."""
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{superlink}"\ninsecure = true\n')
+    tls = ("insecure = true\n" if root_certificates is None else
+           f"root-certificates = {_toml_string(str(Path(root_certificates).expanduser().resolve()))}\n")
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{superlink}"\n{tls}')
     return path
+
+
+def register_node(public_key: str | Path, env: dict, connection: str = "fedsafe", name: str | None = None) -> int:
+    """``flwr supernode register``: let the SuperNode holding this public key in; returns its node id."""
+    cmd = ["flwr", "supernode", "register", str(public_key), connection, "--format", "json"]
+    if name:
+        cmd += ["--name", name]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    match = re.search(r'"node-id":\s*(\d+)', proc.stdout)
+    if proc.returncode != 0 or match is None:
+        raise FedsafeError(f"flwr supernode register {public_key} failed (exit {proc.returncode}): "
+                           f"{(proc.stdout + proc.stderr).strip()[-500:]}")
+    return int(match.group(1))
 
 
 def _start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
@@ -179,8 +321,11 @@ def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, wait_s: float = 10.0)
 class LocalFederation:
     """A SuperLink and one SuperNode per client as separate processes on 127.0.0.1 (tests, benchmarks, demos).
 
-    Use as a context manager: every process started is stopped (process groups) on exit. ``he_context``:
-    the clients' CKKS key file every SuperNode gets (secure_agg).
+    Use as a context manager: every process started is stopped (process groups, warm workers) on exit.
+    ``he_context``: the clients' CKKS key file every SuperNode gets (secure_agg). ``secure`` (default): TLS
+    with a fresh test CA (:func:`write_certs`) and SuperNode authentication, every node's key registered
+    before it starts. ``warm_worker`` (default): each SuperNode gets a warm worker
+    (:mod:`fedsafe.engines.worker`), which preloads the base model of ``worker_config`` when given.
     """
 
     num_nodes: int
@@ -188,6 +333,9 @@ class LocalFederation:
     port: int = 0
     procs: dict = field(default_factory=dict)
     he_context: Path | None = None
+    secure: bool = True
+    warm_worker: bool = True
+    worker_config: Path | None = None
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -195,18 +343,52 @@ class LocalFederation:
         self.env = flower_env(self.flwr_home)
         self.port = self.port or free_port()
         self.superlink = f"127.0.0.1:{self.port}"
+        self.certs: Certs | None = None
+        self.worker_dirs: dict[int, Path] = {}
+        self.registered: set[int] = set()  # nodes whose public key the SuperLink knows
 
     def __enter__(self) -> "LocalFederation":
-        write_connection(self.flwr_home, self.superlink)
-        self.procs["superlink"] = _start(superlink_command(self.port), self.env, self.workdir / "superlink.log")
-        self._wait_port(self.port, 60, "superlink")
-        for i in range(self.num_nodes):
-            self.start_node(i)
+        try:
+            if self.secure:
+                self.certs = write_certs(self.workdir / "certs", self.num_nodes + 1)  # one spare, unregistered key
+            write_connection(self.flwr_home, self.superlink, root_certificates=self.certs.ca if self.certs else None)
+            self.procs["superlink"] = _start(superlink_command(self.port, certs=self.certs), self.env,
+                                             self.workdir / "superlink.log")
+            self._wait_port(self.port, 60, "superlink")
+            for i in range(self.num_nodes):
+                self.start_node(i)
+        except BaseException:
+            self.close()
+            raise
         return self
 
-    def start_node(self, index: int) -> subprocess.Popen:
-        cmd = supernode_command(self.superlink, free_port(), partition_id=index, num_partitions=self.num_nodes,
-                                he_context=str(self.he_context) if self.he_context else None)
+    def start_node(self, index: int, partition_id: int | None = None, register: bool = True) -> subprocess.Popen:
+        """Start SuperNode ``index`` (client ``partition_id``, default ``index``); with TLS, its key is registered
+        first unless ``register=False`` (a node the SuperLink must refuse)."""
+        auth_key = None
+        if self.certs is not None:
+            if index >= len(self.certs.nodes):
+                raise FedsafeError(f"no node key {index}: the federation made {len(self.certs.nodes)}")
+            auth_key, public_key = self.certs.nodes[index]
+            if register and index not in self.registered:
+                register_node(public_key, self.env, name=f"node{index}")
+                self.registered.add(index)
+        wdir = None
+        if self.warm_worker:
+            from fedsafe.engines.worker import private_dir
+
+            wdir = self.worker_dirs.setdefault(index, private_dir(self.workdir / "workers" / f"node{index}"))
+            (self.workdir / "workers").chmod(0o700)
+        cmd = supernode_command(self.superlink, free_port(),
+                                partition_id=index if partition_id is None else partition_id,
+                                num_partitions=self.num_nodes,
+                                he_context=str(self.he_context) if self.he_context else None,
+                                root_certificates=self.certs.ca if self.certs else None, auth_key=auth_key,
+                                worker_dir=wdir)
+        if wdir is not None:
+            # the nodes share this machine's cores: a worker each, training in parallel
+            threads = None if "OMP_NUM_THREADS" in self.env else max(1, (os.cpu_count() or 1) // self.num_nodes)
+            cmd = with_worker(cmd, wdir, self.worker_config, threads=threads)
         proc = _start(cmd, self.env, self.workdir / f"supernode{index}.log")
         self.procs[f"supernode{index}"] = proc
         return proc
@@ -225,6 +407,16 @@ class LocalFederation:
     def kill_node(self, index: int, sig=signal.SIGKILL) -> None:
         """Kill a SuperNode and its children (a crash, not a graceful leave)."""
         stop_group(self.procs[f"supernode{index}"], sig=sig, wait_s=5)
+        if index in self.worker_dirs:  # a worker restarted by a ClientApp runs in its own session
+            from fedsafe.engines.worker import stop_worker
+
+            stop_worker(self.worker_dirs[index], signal.SIGKILL)
+
+    def worker_pid(self, index: int) -> int | None:
+        """The pid of SuperNode ``index``'s warm worker, if it runs."""
+        from fedsafe.engines.worker import worker_pid
+
+        return worker_pid(self.worker_dirs[index]) if index in self.worker_dirs else None
 
     def submit(self, app_dir: str | Path, overrides: list[str] | None = None, timeout_s: float = 600,
                on_line=None) -> Path:
@@ -273,6 +465,11 @@ class LocalFederation:
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
             stop_group(self.procs[name])
         self.procs.clear()
+        if self.worker_dirs:
+            from fedsafe.engines.worker import stop_worker
+
+            for wdir in self.worker_dirs.values():
+                stop_worker(wdir, signal.SIGKILL)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
