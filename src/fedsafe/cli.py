@@ -1,4 +1,4 @@
-"""The ``fedsafe`` command line: run, info, report, eval, generate, grid."""
+"""The ``fedsafe`` command line: run, info, report, gate, eval, generate, grid."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
         seeds: Optional[str] = typer.Option(None, "--seeds", help="repeat the run per seed (3 means seeds 0,1,2; "
                                                                   "or a list such as 0,4,7): a grid directory "
                                                                   "with means and 95% intervals"),
-        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
+        no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
+        gate_exit: bool = typer.Option(False, "--gate-exit", help="exit 1 when the config's release gate "
+                                                                  "(gate: {policy: ...}) fails, 0 when it passes")) -> None:
     """Run an experiment from a config file (or the quickstart) and print its run directory."""
     from fedsafe.config import load_config, quickstart_path
 
@@ -72,6 +74,10 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
                             seeds=parse_seeds(seeds) if seeds is not None else None)
         print_results(grid_dir, f"{cfg.name}: seeds {', '.join(map(str, parse_seeds(seeds) if seeds else cfg.seeds))}")
         print(grid_dir)
+        if gate_exit:
+            from fedsafe.rundir import grid_run_dirs
+
+            _gate_exit(grid_run_dirs(grid_dir))
         return
     if engine == "flower":
         from fedsafe.engines.flower import run_flower_experiment
@@ -84,6 +90,41 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
     else:
         raise FedsafeError(f"--engine {engine!r} is not one of inprocess, flower")
     print(result.run_dir)
+    if gate_exit:
+        _gate_exit([Path(result.run_dir)])
+
+
+def _gate_exit(run_dirs: list[Path]) -> None:
+    """--gate-exit: exit 1 unless every run's gate.json passed (2 when a run has no gate verdict)."""
+    from fedsafe.defenses.gate import GATE_JSON, run_gate_exit_code
+
+    codes = [run_gate_exit_code(d) for d in run_dirs]
+    if not codes or 2 in codes:
+        missing = [str(d) for d, c in zip(run_dirs, codes) if c == 2] or ["(no runs)"]
+        raise FedsafeError(f"--gate-exit: no gate verdict ({GATE_JSON}) in {', '.join(missing)}; enable the "
+                           f"gate in the config (gate: {{policy: gate.yaml}})")
+    if any(codes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def gate(target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN_DIR",
+                                       help="a PEFT adapter, or a run directory (its post-hoc adapter, else final)"),
+         policy: Path = typer.Option(..., "--policy", help="release policy YAML (see configs/gate.yaml)"),
+         json_out: Optional[Path] = typer.Option(None, "--json", help="write the JSON verdict here"),
+         strict: bool = typer.Option(False, "--strict", help="pass a metric only when its whole 95% interval "
+                                                             "lies on the passing side"),
+         reference: Optional[str] = typer.Option(None, "--reference", help="helpfulness reference: an adapter / "
+                                                                           "run directory, or base"),
+         model: Optional[str] = typer.Option(None, "--model", help="base model of a bare adapter (default: the "
+                                                                   "run's config.yaml)"),
+         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
+    """Release gate: evaluate an adapter against a policy; exit 0 on PASS, 1 on FAIL, 2 on bad input."""
+    from fedsafe.defenses.gate import gate_command
+
+    code = gate_command(target, policy, json_out=json_out, strict=strict, reference=reference, model_name=model,
+                        progress=not no_progress)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -718,6 +718,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             md += ["## Comparisons", "", markdown_table(*comparisons_table(diffs)), "", COMPARISONS_NOTE, ""]
     else:
         md += ["No evaluation results yet (results.csv is empty).", ""]
+    gate_lines = _gate_lines(run_dir)
+    if gate_lines:
+        md += ["## Release gate", "", *gate_lines, ""]
     md += ["## Plots", ""]
     for caption, p in images:
         md += [f"### {caption}", "", f"![{caption}]({_rel(p, run_dir)})", ""]
@@ -725,8 +728,19 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     atomic_write_text(md_path, "\n".join(md))
     html_path = run_dir / "report.html"
     atomic_write_text(html_path, _html(title, summary, header, body, rows, images,
-                                       comparisons_table(diffs) if diffs else None))
+                                       comparisons_table(diffs) if diffs else None, gate_lines))
     return md_path, html_path
+
+
+def _gate_lines(run_dir: Path) -> list[str]:
+    """The release gate's verdict (gate.json or a ``gate`` record), as markdown lines; [] without one."""
+    try:
+        from fedsafe.defenses.gate import report_section
+
+        return report_section(run_dir)
+    except Exception as exc:  # a broken verdict file must not lose the report
+        log.warning("gate verdict skipped: %s", exc)
+        return []
 
 
 METRICS_NOTE = ("Rule: share of responses to the harmful prompts containing a refusal string (%, higher is safer). "
@@ -760,7 +774,7 @@ def _md_inline(text: str) -> str:
     return re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', text)
 
 
-def _html(title, summary, header, body, rows, images, comparisons=None) -> str:
+def _html(title, summary, header, body, rows, images, comparisons=None, gate_lines=None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
@@ -773,6 +787,11 @@ def _html(title, summary, header, body, rows, images, comparisons=None) -> str:
     if comparisons is not None:
         parts.append("<h2>Comparisons</h2>" + _html_table(*comparisons)
                      + f"<p><small>{html.escape(COMPARISONS_NOTE)}</small></p>")
+    if gate_lines:
+        table = [ln for ln in gate_lines if ln.startswith("|") and not ln.startswith("|---")]
+        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
+        parts.append(f"<h2>Release gate</h2><p>{_md_inline(gate_lines[0])}</p>"
+                     + (_html_table(cells[0], cells[1:]) if cells else ""))
     parts.append("<h2>Plots</h2>")
     for caption, p in images:
         data = base64.b64encode(p.read_bytes()).decode()

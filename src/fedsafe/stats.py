@@ -76,6 +76,25 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple
     return mean, mean - half, mean + half
 
 
+def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[float | None, float | None]:
+    """Wilson score interval of a proportion ``successes / n`` (as fractions; None, None for n = 0).
+
+    Wilson, "Probable inference, the law of succession, and statistical inference" (JASA 1927). Unlike a
+    bootstrap over prompts it does not collapse to a point at 0/n or n/n, which matters for one adapter
+    scored on a few dozen prompts (a 0/28 over-refusal is not evidence of a 0% rate).
+    """
+    from scipy.stats import norm
+
+    if n <= 0:
+        return None, None
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def _clean(per_seed: PerSeed) -> dict[int, dict]:
     out = {}
     for seed, values in per_seed.items():
