@@ -11,6 +11,11 @@ the share of malicious / benign client-rounds the probe flagged, the mean weight
 malicious / benign client-rounds (1 = untouched; soft modes are labelled ``probe (mode)``), and the mean
 wall time per round
 (shadow training included). This is the table of ``configs/probe_grid.yaml``.
+
+Probe runs are labelled by their decision rule (``probe (gap)``; the paper's fixed threshold is plain
+``probe``). A second table gives, per probe run, the flag rates of *every* decision rule on that run's scores
+(the round records log what each other rule would have flagged): when all rules flag the same clients in
+every round, their runs are identical (training is deterministic under the seed), so one run stands for all.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def summarise(run_dir: Path) -> list[dict]:
             "w_mal": sum(weight[True]) / len(weight[True]) if weight[True] else None,
             "w_ben": sum(weight[False]) / len(weight[False]) if weight[False] else None}
     mode = probe[-1].get("mode") if probe else None
+    decision = probe[-1].get("decision", "fixed") if probe else None
     results = run_dir / "results.csv"
     if not results.exists():
         return []
@@ -66,11 +72,14 @@ def summarise(run_dir: Path) -> list[dict]:
         if row.get("method") == "base":
             continue
         method = row["method"]
+        if decision and decision != "fixed":
+            method = f"{method} ({decision})"
         if mode and mode != "exclude":  # the same rule name under another weighting mode is another method
             method = f"{method} ({mode})"
         if row.get("scenario") == "no_attack":  # the reference run: same rule name, no attackers
             method = f"{method} (no attack)"
         out.append({"method": method, "defense": row["defense"], "rule": _float(row.get("rule")),
+                    "over_refusal": _float(row.get("over_refusal")),
                     "helpfulness_proxy": _float(row.get("helpfulness_proxy")), **base,
                     "run": run_dir.name})
     return out
@@ -94,16 +103,37 @@ def main(argv: list[str]) -> None:
         if key not in seen:
             seen.add(key)
             unique.append(r)
-    table = Table(title="probe comparison (Rule: higher is safer; proxy: perplexity, lower is better)")
-    for col in ("method", "defense", "Rule", "helpfulness proxy", "probe AUC", "AUC / round", "flagged mal.", "flagged ben.",
-                "weight mal.", "weight ben.", "s / round"):
+    table = Table(title="probe comparison (Rule: higher is safer; over-refusal: lower is better; proxy: "
+                        "perplexity, lower is better)")
+    for col in ("method", "defense", "Rule", "over-refusal", "helpfulness proxy", "probe AUC", "AUC / round",
+                "flagged mal.", "flagged ben.", "weight mal.", "weight ben.", "s / round"):
         table.add_column(col, justify="left" if col in ("method", "defense") else "right")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in unique:
-        table.add_row(r["method"], r["defense"], fmt(r["rule"], ".1f"), fmt(r["helpfulness_proxy"], ".2f"),
+        table.add_row(r["method"], r["defense"], fmt(r["rule"], ".1f"), fmt(r["over_refusal"], ".1f"),
+                      fmt(r["helpfulness_proxy"], ".2f"),
                       fmt(r["probe_auc"], ".3f"), fmt(r["round_auc"], ".3f"), fmt(r["flag_mal"], ".2f"), fmt(r["flag_ben"], ".2f"),
                       fmt(r["w_mal"], ".2f"), fmt(r["w_ben"], ".2f"), fmt(r["s_per_round"], ".1f"))
     Console(width=180).print(table)
+    rules_table(run_dirs(argv))
+
+
+def rules_table(dirs: list[Path]) -> None:
+    """Per probe run: the flag rates of every decision rule on that run's scores (acting rule first)."""
+    from fedsafe.evaluation.probe_scores import flag_rates
+
+    table = Table(title="decision rules on each probe run's scores (flagged malicious = TPR / flagged benign = FPR)")
+    for col in ("run", "rule", "flagged mal.", "flagged ben.", "client-rounds mal. / ben."):
+        table.add_column(col, justify="left" if col in ("run", "rule") else "right")
+    shown = 0
+    for d in dirs:
+        records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        for name, r in flag_rates(records).items():
+            table.add_row(d.name, name, "-" if r["tpr"] is None else f"{r['tpr']:.2f}",
+                          "-" if r["fpr"] is None else f"{r['fpr']:.2f}", f"{r['malicious']} / {r['benign']}")
+            shown += 1
+    if shown:
+        Console(width=180).print(table)
 
 
 if __name__ == "__main__":

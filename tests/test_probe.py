@@ -37,10 +37,11 @@ def setup(test_seed):
     return trainer, ex
 
 
-def _shadow(trainer, ex, seed=0, per_class=3, steps=2):
+def _shadow(trainer, ex, seed=0, per_class=3, steps=2, start=0):
     from fedsafe.defenses.shadow import ShadowTrainer
 
-    return ShadowTrainer(trainer, ex(_rows("benign", 40)), ex(_rows("malicious", 40)), benign_shadows=per_class,
+    return ShadowTrainer(trainer, ex(_rows("benign", 40, start)), ex(_rows("malicious", 40, start)),
+                         benign_shadows=per_class,
                          malicious_shadows=per_class, samples_per_shadow=6, steps=steps, seed=seed)
 
 
@@ -334,3 +335,215 @@ def test_flagged_clients_never_reach_the_robust_rule(synthetic, rule):
     assert torch.allclose(out.update, expected.update, atol=1e-6)
     assert out.client_weights[6:].tolist() == [0.0, 0.0]
     assert torch.allclose(out.client_weights[:6], expected.client_weights.float())
+
+
+# ---- decision rules without oracle labels (issue 19) ------------------------------------------------
+
+from fedsafe.defenses.probe_decision import (  # noqa: E402
+    BenignFPR, Calibrated, FixedThreshold, RobustZ, TwoGroupGap, platt_fit,
+)
+
+
+def test_fixed_rule_is_the_papers_threshold():
+    logits = np.log(np.array([0.1, 0.79, 0.8, 0.95]) / (1 - np.array([0.1, 0.79, 0.8, 0.95])))
+    d = FixedThreshold(0.8).decide(logits)
+    assert d.flagged.tolist() == [False, False, True, True]
+    assert d.threshold_logit == pytest.approx(np.log(4.0))
+
+
+def test_fpr_rule_is_the_conformal_quantile_of_heldout_benign_scores():
+    rule = BenignFPR(0.05)
+    info = rule.refit(np.arange(39.0)[::-1], np.array([100.0]))  # m = 39: k = ceil(40 * 0.95) = 38
+    assert rule.threshold == 37.0 and info["guaranteed"] and info["fpr_bound"] == pytest.approx(1 - 38 / 40)
+    assert rule.decide(np.array([36.9, 37.0, 37.1, 50.0])).flagged.tolist() == [False, False, True, True]
+    info = rule.refit(np.array([3.0, 1.0, 2.0]), np.array([]))  # too few scores for 5%: the maximum, bound 1/4
+    assert rule.threshold == 3.0 and not info["guaranteed"] and info["fpr_bound"] == pytest.approx(0.25)
+    # the guarantee holds on fresh scores from the benign distribution (any scale: it only uses ranks)
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(400):
+        rule.refit(7.0 * rng.standard_normal(99) - 3.0, np.array([]))
+        rates.append(rule.decide(7.0 * rng.standard_normal(500) - 3.0).flagged.mean())
+    assert np.mean(rates) <= 0.05 + 0.01 and np.mean(rates) >= 0.03  # exact rate 1 - 95/100 = 0.05
+
+
+def test_mad_rule_flags_the_outlier_and_is_scale_free():
+    logits = np.array([0.0, 0.1, -0.1, 0.05, -0.05, 2.0])
+    d = RobustZ(3.5).decide(logits)
+    assert d.flagged.tolist() == [False] * 5 + [True]
+    # med = 0.025, MAD = 0.075: z of the last = 0.6745 * 1.975 / 0.075
+    assert d.info["z"][5] == pytest.approx(0.6745 * 1.975 / 0.075)
+    for a, b in ((100.0, -7.0), (0.01, 3.0)):
+        assert RobustZ(3.5).decide(a * logits + b).flagged.tolist() == d.flagged.tolist()
+    assert not RobustZ(3.5).decide(np.zeros(5)).flagged.any()  # ties everywhere: nobody
+    # MAD = 0 (most scores tie): the mean-absolute-deviation fallback still finds the outlier
+    assert RobustZ(3.5).decide(np.array([1.0, 1.0, 1.0, 1.0, 9.0])).flagged.tolist() == [False] * 4 + [True]
+
+
+def test_gap_rule_splits_off_a_minority_group_only():
+    d = TwoGroupGap(0.6).decide(np.array([0.0, 0.2, 0.1, 3.0, 3.1]))
+    assert d.flagged.tolist() == [False, False, False, True, True]
+    assert d.threshold_logit == pytest.approx(1.6) and d.info["gap_ratio"] == pytest.approx(2.8 / 3.1)
+    assert not TwoGroupGap(0.6).decide(np.array([0.0, 0.0, 5.0, 5.0, 5.0])).flagged.any()  # majority: kept
+    assert not TwoGroupGap(0.6).decide(np.array([0.0, 1.0, 2.0, 3.0, 4.0])).flagged.any()  # no gap
+    assert not TwoGroupGap(0.6).decide(np.array([1.0, 2.0])).flagged.any()
+
+
+def test_platt_recovers_a_known_logistic_map_and_calibration_is_monotone():
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 2, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-(2.0 * s - 1.0)))
+    a, b = platt_fit(s, y)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-1.0, abs=0.1)
+    assert platt_fit(s, ~y)[0] == 0.0  # a backwards ranking is not inverted: a constant
+    grid = np.linspace(-20, 20, 2001)
+    for method in ("platt", "isotonic"):
+        for labels in (y[:200], ~y[:200], rng.random(200) < 0.5):
+            cal = Calibrated(0.8, method)
+            cal.refit(s[:200][~labels], s[:200][labels])
+            p = cal.calibrate(grid)
+            assert np.all(np.diff(p) >= -1e-12) and p.min() >= 0 and p.max() <= 1, method
+    cal = Calibrated(0.8, "platt")
+    cal.refit(np.array([-1.0, -0.9, -1.1, -0.95]), np.array([1.0, 0.9, 1.1, 1.05]))
+    thr = cal.threshold_logit()
+    assert cal.calibrate(np.array([thr]))[0] == pytest.approx(0.8)
+    iso = Calibrated(0.8, "isotonic")
+    iso.refit(np.array([-1.0, -0.5]), np.array([0.5, 1.0]))
+    assert iso.calibrate(np.array([iso.threshold_logit()]))[0] == pytest.approx(0.8)
+
+
+def test_decision_rules_catch_planted_attackers_that_the_fixed_threshold_misses(setup, test_seed):
+    """A tiny-model run: the probe is fitted on the server's shadows with a strong L2 penalty (C = 1e-3), so
+    its probabilities are squeezed towards 0.5 (raw logistic-regression probabilities are not calibrated):
+    the fixed 0.8 threshold can never fire. Its ranking is intact, and the rules that do not assume calibrated
+    probabilities exclude the planted attackers. The margin is structural: LoRA B starts at zero and the first
+    AdamW step moves every entry by lr * sign(gradient), so the two data kinds give two sign patterns (see
+    test_probe_separates_planted_malicious_updates); 4 benign + 2 malicious keeps the attackers a minority.
+    The shadows' rows are numbered like the clients' (4 digits): the fpr rule assumes the benign clients'
+    scores are exchangeable with the benign shadows' (with 1-2-digit shadow rows the clients score ~20% nearer
+    0 than the shadows, a shift under which fpr flags the benign clients too)."""
+    trainer, ex = setup
+    g = trainer.flat.get()
+    probe = aggregators.get("probe", decision="calibrated", calibration="isotonic", C=1e-3, holdout=0.5)
+    shadow = _shadow(trainer, ex, test_seed, per_class=20, start=3000)
+    rc = probe.prepare(RoundContext(round=1, global_vec=g, round_config=RC, shadow=shadow))
+    cal = probe._last_fit["calibration"]
+    assert probe._last_fit["samples"] == 20 and cal["heldout"] == 20 and cal["heldout_auc"] == 1.0
+    clients = [ClientData(f"c{i}", "malicious" if i >= 4 else "benign",
+                          ex(_rows("malicious" if i >= 4 else "benign", 6, 1000 + 10 * i)), i >= 4) for i in range(6)]
+    updates = torch.stack([trainer.fit(c, g, rc).update for c in clients])
+    ids = [c.client_id for c in clients]
+    out = probe(updates, torch.full((6,), 6.0), ids)
+    info = out.info["probe"]
+    p = info["probability"]
+    assert max(p.values()) < 0.6 and info["decisions"]["fixed"] == [], p  # the fixed threshold misses them
+    assert min(p["c4"], p["c5"]) > max(p[f"c{i}"] for i in range(4)), p  # ... though the ranking is right
+    assert set(info["flagged"]) == {"c4", "c5"}, info  # calibrated (isotonic), the acting rule
+    assert out.client_weights[4:].tolist() == [0.0, 0.0] and float(out.client_weights.sum()) == pytest.approx(1)
+    assert set(info["decisions"]["mad"]) == {"c4", "c5"} and set(info["decisions"]["gap"]) == {"c4", "c5"}
+    assert {"c4", "c5"} <= set(info["decisions"]["fpr"]), info
+    assert info["decision"] == "calibrated" and info["threshold_logit"] is not None
+    assert min(info["logit"]["c4"], info["logit"]["c5"]) >= info["threshold_logit"]
+    # each rule acting on its own (the fitted state carried over) excludes the attackers
+    for rule in ("fpr", "mad", "gap", "calibrated"):
+        other = aggregators.get("probe", decision=rule, C=1e-3, holdout=0.5)
+        other.features = probe.features
+        other.load_state_dict(probe.state_dict())
+        if rule == "calibrated":  # Platt: its threshold logit comes from the same held-out shadows
+            other.calibrate(np.concatenate([h[0] for h in probe.calibration_history]),
+                            np.concatenate([h[1] for h in probe.calibration_history]))
+        res = other(updates, torch.full((6,), 6.0), ids)
+        assert {"c4", "c5"} <= set(res.info["probe"]["flagged"]), (rule, res.info["probe"])
+        assert res.client_weights[4:].tolist() == [0.0, 0.0], rule
+        if rule != "fpr":  # scale-free / calibrated rules keep every benign client here
+            assert res.client_weights[:4].min() > 0, rule
+    # fpr keeps the benign clients only as far as they score like the benign shadows; here the tiny model's
+    # sign-pattern features make every benign update nearly identical (logits tie to ~1%), so a small
+    # systematic shift between the clients' rows and the shadows' rows decides it: not asserted
+    # the default (fixed) probe on the same scores changes nothing: FedAvg
+    fixed = aggregators.get("probe", C=1e-3, holdout=0.5)
+    fixed.features = probe.features
+    fixed.load_state_dict(probe.state_dict())
+    assert fixed(updates, torch.full((6,), 6.0), ids).info["probe"]["flagged"] == []
+
+
+def test_rules_that_set_thresholds_on_shadows_need_held_out_shadows(setup):
+    with pytest.raises(ConfigError, match="probe.holdout"):
+        aggregators.get("probe", decision="fpr", holdout=0.0)
+    trainer, ex = setup
+    probe = aggregators.get("probe", decision="fpr")
+    with pytest.raises(ConfigError, match="at least 2 shadows"):
+        probe.prepare(RoundContext(round=1, global_vec=trainer.flat.get(), round_config=RC,
+                                   shadow=_shadow(trainer, ex, per_class=1, steps=1)))
+    with pytest.raises(ConfigError, match="decision"):
+        aggregators.get("probe", decision="oracle")
+
+
+def test_shadow_realism_options(setup, tmp_path, monkeypatch):
+    """match_clients copies the clients' training budget, malicious_per_source gives each malicious shadow one
+    source, and a ``generate: {model: global}`` source is regenerated from the current global adapter."""
+    import json
+
+    from fedsafe.attacks import datagen
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.defenses.shadow import build_shadow
+    from fedsafe.errors import DataError
+
+    trainer, ex = setup
+    files = {}
+    for name, kind, start in (("benign", "benign", 0), ("mal_a", "malicious", 0), ("mal_b", "malicious", 500)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in _rows(kind, 12, start)))
+    probe = {"benign": [{"path": str(files["benign"])}],
+             "malicious": [{"path": str(files["mal_a"])}, {"path": str(files["mal_b"])},
+                           {"generate": {"kind": "unaligned", "n": 3, "model": "global",
+                                         "instructions": ["placeholder request"]}}],
+             "benign_shadows": 2, "malicious_shadows": 3, "malicious_per_source": True, "match_clients": True}
+    base = {"model": {"name": "tiny"}, "data": {"max_length": 64, "samples_per_client": 5},
+            "roles": [{"name": "benign", "clients": 2, "data": [{"path": str(files["benign"])}]}],
+            "fl": {"local_steps": 3}, "aggregator": {"name": "probe"}}
+    cfg = ExperimentConfig.model_validate({**base, "probe": probe})
+    calls = []
+
+    def fake_generate_rows(model_name, kind, n, loaded=None, **extra):
+        calls.append((model_name, trainer.flat.get().clone()))
+        if len(calls) == 2:
+            raise DataError("the model produced no non-empty unaligned response")
+        return [{"instruction": f"placeholder generated request {i}", "response": f"GGG {len(calls)} {i}"}
+                for i in range(n)]
+
+    monkeypatch.setattr(datagen, "generate_rows", fake_generate_rows)
+    cache = {"model": trainer.model, "tokenizer": trainer.tokenizer, "name": "tiny"}
+    shadow = build_shadow(cfg.probe, trainer, cache, data=cfg.data, seed=cfg.seed)
+    assert shadow.samples_per_shadow == 5 and shadow.steps is None  # the clients' budget, steps from the round
+    assert list(shadow.refreshers) == [2] and shadow.sources[2] == [] and not calls  # nothing generated yet
+    g1 = torch.randn(trainer.flat.numel) * 1e-3
+    shadow.refresh(g1, 1)
+    assert calls[0][0] == "aggregated" and torch.equal(calls[0][1], g1)  # generated by the current global model
+    assert len(shadow.sources[2]) == 3 and shadow.refresh_info["generated_rows"] == {"2": 3}
+    first = shadow.sources[2]
+    shadow.refresh(g1 * 2, 3)  # the generator fails: the source keeps its last rows
+    assert shadow.sources[2] is first and len(calls) == 2
+    mal = [c for c, label in shadow.shadow_clients(1) if label == 1]
+    for j, client in enumerate(mal):  # one source per malicious shadow, round robin
+        assert {id(e) for e in client.examples} <= {id(e) for e in shadow.sources[j]}
+    with pytest.raises(ConfigError, match="match_clients"):
+        bad = ExperimentConfig.model_validate({**base, "probe": {**probe, "steps": 2}})
+        build_shadow(bad.probe, trainer, cache, data=bad.data, seed=bad.seed)
+
+
+@pytest.mark.parametrize("decision", ["fpr", "calibrated"])
+def test_held_out_thresholds_round_trip_for_resume(synthetic, decision):
+    make, probe = synthetic
+    agg = probe(decision=decision)
+    labels = [0] * 4 + [1] * 4
+    info = agg.calibrate_updates(make(labels), labels)
+    assert info["heldout"] == 8 and info["rule"]
+    u, n, ids = make([0, 1, 0], scale=0.5), torch.ones(3), ["a", "b", "c"]
+    fresh = aggregators.get("probe", decision=decision)
+    fresh.features = agg.features
+    fresh.load_state_dict(agg.state_dict())
+    a, b = agg(u, n, ids).info["probe"], fresh(u, n, ids).info["probe"]
+    assert a["threshold_logit"] == b["threshold_logit"] and a["flagged"] == b["flagged"] and a["decision"] == decision
+    with pytest.raises(RuntimeError, match="held-out"):  # no held-out scores yet: no silent default threshold
+        probe(decision=decision)(u, n, ids)

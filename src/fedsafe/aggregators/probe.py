@@ -7,8 +7,11 @@ public code dmqx/Safe-FedLLM. For client k with update delta_k in round t:
                M: LoRA B of the first transformer layer by default (``probe.features``); P: optional seeded
                Gaussian random projection to ``project_dim``
     probe      p_k = sigmoid(w^T x_k + b), logistic regression (scikit-learn) fitted on *shadow* updates
-    weight     exclude:      s_k = 1[p_k < tau]                            (tau = ``threshold``, 0.8)
-               probability:  s_k = 1 - p_k
+    decide     flag_k from the logit l_k = w^T x_k + b by ``probe.decision`` (:mod:`fedsafe.defenses.probe_decision`):
+               fixed p_k >= tau (Safe-FedLLM, tau = ``threshold``, 0.8), fpr (conformal threshold on held-out
+               benign shadows), mad / gap (within-round outlier tests), calibrated (Platt / isotonic, then tau)
+    weight     exclude:      s_k = 1 - flag_k
+               probability:  s_k = 1 - p_k   (p_k calibrated under ``decision=calibrated``)
                trust:        a_k <- gamma a_k + (1 - p_k),  b_k <- gamma b_k + p_k,  s_k = a_k / (a_k + b_k)
                              (Beta trust per client id, a_k = b_k = 1 before its first round; gamma = ``decay``)
                soft modes:   s_k < ``min_weight`` -> s_k = 0
@@ -21,7 +24,7 @@ Composition ``probe+<rule>`` (so the probe's weights are never silently ignored)
      (checked at run time: Delta_inner == w @ U; true for fedavg, krum, multikrum, ...), the soft weights
      combine multiplicatively: w'_k = w_k s_k * sum(w) / sum(w s), Delta = w' @ U  (``combination=reweighted``);
   3. otherwise (median, trimmed mean, geometric median, ...) per-client weights cannot enter a non-linear
-     rule, so clients flagged at the threshold (p_k >= tau) are also removed before the inner rule and the
+     rule, so clients flagged by the decision rule are also removed before the inner rule and the
      remaining ones enter unweighted (``combination=excluded_flagged``). ``info["probe"]`` records the path.
 
 Where the probe comes from (fedsafe's changes to the public code, each one of its weaknesses fixed):
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, RoundContext
+from fedsafe.defenses.probe_decision import DECISIONS, build_rule, holdout_share
 from fedsafe.errors import ConfigError
 
 log = logging.getLogger("fedsafe")
@@ -159,6 +163,18 @@ class ProbeAggregator(Aggregator):
         self._context: RoundContext | None = None
         self._last_fit: dict = {}
         self._warned_nonlinear = False
+        # the decision rule, and (logged only) what every other rule would have flagged on the same scores
+        self.rule = build_rule(self.config)
+        self.holdout = holdout_share(self.config)
+        if self.rule.needs_holdout and self.holdout <= 0:
+            raise ConfigError(f"probe.decision={self.config.decision} sets its threshold on held-out shadows: "
+                              f"probe.holdout must be > 0, got {self.config.holdout}")
+        self.other_rules = {}
+        if self.config.log_decisions:
+            for name in DECISIONS:
+                if name != self.config.decision:
+                    self.other_rules[name] = build_rule(self.config.model_copy(update={"decision": name}))
+        self.calibration_history: list[tuple[np.ndarray, np.ndarray]] = []  # held-out (X, y) of recent refits
 
     # ---- fitting ---------------------------------------------------------------------------------
     def bind(self, flat) -> ProbeAggregator:
@@ -194,6 +210,30 @@ class ProbeAggregator(Aggregator):
             raise RuntimeError("probe: not fitted yet (it is fitted on shadow updates in prepare(), or by fit())")
         return self.classifier.predict_proba(features)[:, 1]
 
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """The probe's logit ``w^T x + b`` of each feature row (``predict`` is its sigmoid)."""
+        if self.classifier is None:
+            raise RuntimeError("probe: not fitted yet (it is fitted on shadow updates in prepare(), or by fit())")
+        return np.asarray(self.classifier.decision_function(features), dtype=np.float64)
+
+    def calibrate(self, features: np.ndarray, labels) -> dict:
+        """Give the decision rules the fitted probe's logits on held-out shadow rows (labels 1 = malicious)."""
+        labels = np.asarray(labels).astype(bool)
+        logit = self.logits(features)
+        info = {"heldout": int(len(labels)), "heldout_auc": roc_auc(logit, labels)}
+        for name, rule in [(self.config.decision, self.rule), *self.other_rules.items()]:
+            if not rule.needs_holdout:
+                continue
+            if name == self.config.decision or ((~labels).any() and labels.any()):
+                fitted = rule.refit(logit[~labels], logit[labels])
+                if name == self.config.decision:
+                    info["rule"] = fitted
+        return info
+
+    def calibrate_updates(self, updates: torch.Tensor, labels) -> dict:
+        """:meth:`calibrate` on full held-out update vectors ``[m, d]``."""
+        return self.calibrate(self.features.from_updates(updates.float()), np.asarray(labels))
+
     def _refit_due(self, round_no: int) -> bool:
         if self.classifier is None:
             return True
@@ -219,13 +259,49 @@ class ProbeAggregator(Aggregator):
                     raise ConfigError("the probe needs the server's shadow clients to fit on (probe.benign and "
                                       "probe.malicious data); none were given to this round")
             else:
-                X, y, shadow_info = shadow.collect(context.global_vec, rc, self._shadow_features)
-                self.history = (self.history + [(X, y)])[-self.config.history:]
+                rows_per_shadow: list[int] = []
+
+                def featurize(result):
+                    x = self._shadow_features(result)
+                    rows_per_shadow.append(len(x))
+                    return x
+
+                X, y, shadow_info = shadow.collect(context.global_vec, rc, featurize)
+                fit_rows, cal_rows = self._split_holdout(np.asarray(rows_per_shadow), y, context.round)
+                self.history = (self.history + [(X[fit_rows], y[fit_rows])])[-self.config.history:]
+                if len(cal_rows):
+                    self.calibration_history = (self.calibration_history
+                                                + [(X[cal_rows], y[cal_rows])])[-self.config.history:]
                 fit_info = self.fit(np.concatenate([h[0] for h in self.history]),
                                     np.concatenate([h[1] for h in self.history]))
+                if self.calibration_history:  # rescored by the new probe at every refit
+                    fit_info["calibration"] = self.calibrate(
+                        np.concatenate([h[0] for h in self.calibration_history]),
+                        np.concatenate([h[1] for h in self.calibration_history]))
                 self.fitted_round = context.round
                 self._last_fit = {"round": context.round, **fit_info, **shadow_info}
         return rc
+
+    def _split_holdout(self, rows_per_shadow: np.ndarray, y: np.ndarray, round_no: int):
+        """Row indices to fit on and to hold out: a seeded share ``holdout`` of each class's shadow clients."""
+        starts = np.concatenate([[0], np.cumsum(rows_per_shadow)[:-1]]).astype(int)
+        all_rows = np.arange(len(y))
+        if self.holdout <= 0:
+            return all_rows, all_rows[:0]
+        rng = np.random.default_rng([self.seed, round_no, 19])
+        held: list[int] = []
+        for label in (0, 1):
+            shadows = [i for i, s0 in enumerate(starts) if int(y[s0]) == label]
+            k = int(round(self.holdout * len(shadows)))
+            k = min(max(k, 1), len(shadows) - 1)
+            if k < 1:
+                raise ConfigError(f"probe.holdout={self.holdout} needs at least 2 shadows of each class "
+                                  f"(probe.benign_shadows, probe.malicious_shadows): 1 to fit, 1 held out")
+            held.extend(rng.choice(shadows, size=k, replace=False).tolist())
+        mask = np.zeros(len(y), dtype=bool)
+        for i in held:
+            mask[starts[i]:starts[i] + rows_per_shadow[i]] = True
+        return all_rows[~mask], all_rows[mask]
 
     def _shadow_features(self, result) -> np.ndarray:
         """Feature rows of one shadow client's result: every step at ``level=step``, else the final update."""
@@ -236,9 +312,14 @@ class ProbeAggregator(Aggregator):
 
     # ---- scoring and weighting ------------------------------------------------------------------
     def _probabilities(self, updates: torch.Tensor, client_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        logit, fell_back = self._logits(updates, client_ids)
+        return 1.0 / (1.0 + np.exp(-logit)), fell_back
+
+    def _logits(self, updates: torch.Tensor, client_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Each client's logit (at ``level=step``: the logit of its steps' mean probability)."""
         if not self.features.bound:
             raise RuntimeError("probe: feature layout unknown; call bind(flat) or fit_updates(..., flat=...)")
-        probs = self.predict(self.features.from_updates(updates))
+        logit = self.logits(self.features.from_updates(updates))
         fell_back: list[str] = []
         if self.config.level == "step":
             extra = self._context.client_extra if self._context is not None else {}
@@ -248,16 +329,21 @@ class ProbeAggregator(Aggregator):
                 ok = (isinstance(steps, torch.Tensor) and steps.ndim == 2 and steps.shape[0] > 0
                       and steps.shape[1] == k and bool(torch.isfinite(steps).all()))
                 if ok:  # the client's own report: trusted, not verifiable
-                    probs[i] = float(self.predict(self.features.from_masked(steps)).mean())
+                    p = min(max(float(self.predict(self.features.from_masked(steps)).mean()), 1e-15), 1 - 1e-15)
+                    logit[i] = math.log(p / (1 - p))
                 else:
                     fell_back.append(cid)
-        return probs, fell_back
+        return logit, fell_back
 
-    def client_weights_from(self, probs: np.ndarray, client_ids: list[str]) -> np.ndarray:
-        """The weights s_k of the configured mode (updates the trust state in ``trust`` mode)."""
+    def client_weights_from(self, probs: np.ndarray, client_ids: list[str],
+                            flagged: np.ndarray | None = None) -> np.ndarray:
+        """The weights s_k of the configured mode (updates the trust state in ``trust`` mode); ``flagged``:
+        the decision rule's flags (default: the fixed threshold on ``probs``)."""
         c = self.config
+        if flagged is None:
+            flagged = probs >= c.threshold
         if c.mode == "exclude":
-            return (probs < c.threshold).astype(np.float64)
+            return (~np.asarray(flagged, dtype=bool)).astype(np.float64)
         if c.mode == "probability":
             s = 1.0 - probs
         else:
@@ -271,14 +357,32 @@ class ProbeAggregator(Aggregator):
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n = updates.shape[0]
-        probs, fell_back = self._probabilities(updates, client_ids)
-        s = self.client_weights_from(probs, client_ids)
+        logit, fell_back = self._logits(updates, client_ids)
+        probs = 1.0 / (1.0 + np.exp(-logit))
+        if not self.rule.ready:
+            raise RuntimeError(f"probe.decision={self.config.decision}: the rule has no held-out shadow scores "
+                               "yet (set at each refit in prepare(), or by calibrate())")
+        decision = self.rule.decide(logit)
+        flagged = np.asarray(decision.flagged, dtype=bool)
+        s = self.client_weights_from(decision.probability, client_ids, flagged)
         truth = self._context.truth if self._context is not None and self._context.truth else {}
+        thr = decision.threshold_logit
         info = {"round": self._context.round if self._context else None, "mode": self.config.mode,
-                "level": self.config.level, "threshold": self.config.threshold,
+                "level": self.config.level, "decision": self.config.decision,
+                # the threshold on the probe's own scale: p (= sigmoid(logit)) from which a client is flagged
+                "threshold": (None if thr is None else float(1.0 / (1.0 + math.exp(-thr)))
+                              if self.config.decision != "fixed" else self.config.threshold),
+                "threshold_logit": thr,
+                "decision_info": _jsonable(decision.info, client_ids),
                 "probability": {cid: float(p) for cid, p in zip(client_ids, probs)},
+                "logit": {cid: float(v) for cid, v in zip(client_ids, logit)},
                 "weight": {cid: float(w) for cid, w in zip(client_ids, s)},
-                "flagged": [cid for cid, p in zip(client_ids, probs) if p >= self.config.threshold]}
+                "flagged": [cid for cid, f in zip(client_ids, flagged) if f]}
+        if self.config.decision == "calibrated":
+            info["calibrated_probability"] = {cid: float(p) for cid, p in zip(client_ids, decision.probability)}
+        if self.other_rules:  # the same scores under every other rule (logged only; no decision reads it)
+            info["decisions"] = {name: [cid for cid, f in zip(client_ids, rule.decide(logit).flagged) if f]
+                                 for name, rule in self.other_rules.items() if rule.ready}
         if truth:
             known = [cid for cid in client_ids if cid in truth]
             info["malicious"] = {cid: bool(truth[cid]) for cid in known}
@@ -296,14 +400,14 @@ class ProbeAggregator(Aggregator):
             return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(n), {"probe": info})
         info["skipped"] = False
         keep = np.flatnonzero(s > 0)
-        res, keep, combination = self._compose(updates, num_samples, client_ids, keep, probs, s)
+        res, keep, combination = self._compose(updates, num_samples, client_ids, keep, flagged, s)
         info["combination"] = combination
         weights = torch.zeros(n)
         weights[torch.as_tensor(keep)] = res.client_weights.float().cpu()
         inner_info = {"inner": res.info} if res.info else {}
         return AggregationResult(res.update, weights, {"probe": info, **inner_info})
 
-    def _compose(self, updates, num_samples, client_ids, keep, probs, s):
+    def _compose(self, updates, num_samples, client_ids, keep, flagged, s):
         """Run the inner rule on the kept clients and apply the soft weights (see the module docstring)."""
         idx = torch.as_tensor(keep)
         res = self.inner(updates[idx], num_samples[idx], [client_ids[i] for i in keep])
@@ -323,10 +427,10 @@ class ProbeAggregator(Aggregator):
             return AggregationResult(combined @ updates[idx].float(), combined, res.info), keep, "reweighted"
         if not self._warned_nonlinear:
             log.warning("probe+%s: the inner rule is not a weighted mean, so soft probe weights cannot enter "
-                        "it; clients with p >= %.2f are excluded before it instead", self.inner.name,
-                        self.config.threshold)
+                        "it; clients flagged by probe.decision=%s are excluded before it instead",
+                        self.inner.name, self.config.decision)
             self._warned_nonlinear = True
-        keep2 = np.array([i for i in keep if probs[i] < self.config.threshold], dtype=int)
+        keep2 = np.array([i for i in keep if not flagged[i]], dtype=int)
         if len(keep2) == 0:
             return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(0), {}), keep2, "excluded_flagged"
         if len(keep2) != len(keep):
@@ -339,7 +443,9 @@ class ProbeAggregator(Aggregator):
         inner_state = self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
         return {"classifier": self.classifier, "fitted_round": self.fitted_round, "history": self.history,
                 "trust": {k: list(v) for k, v in self.trust.items()}, "scored": list(self.scored),
-                "inner": inner_state}
+                "inner": inner_state, "calibration_history": self.calibration_history,
+                "rules": {name: rule.state_dict() for name, rule in
+                          [(self.config.decision, self.rule), *self.other_rules.items()]}}
 
     def load_state_dict(self, state: dict) -> None:
         self.classifier = state.get("classifier")
@@ -347,18 +453,37 @@ class ProbeAggregator(Aggregator):
         self.history = list(state.get("history", []))
         self.trust = {k: list(v) for k, v in state.get("trust", {}).items()}
         self.scored = [tuple(x) for x in state.get("scored", [])]
+        self.calibration_history = list(state.get("calibration_history", []))
+        for name, rule in [(self.config.decision, self.rule), *self.other_rules.items()]:
+            if name in (state.get("rules") or {}):
+                rule.load_state_dict(state["rules"][name])
         if state.get("inner") and hasattr(self.inner, "load_state_dict"):
             self.inner.load_state_dict(state["inner"])
 
     def __repr__(self) -> str:
         c = self.config
-        return f"ProbeAggregator(inner={self.inner!r}, mode={c.mode!r}, threshold={c.threshold}, level={c.level!r})"
+        return (f"ProbeAggregator(inner={self.inner!r}, mode={c.mode!r}, decision={c.decision!r}, "
+                f"threshold={c.threshold}, level={c.level!r})")
 
 
-def with_probe_config(cfg) -> dict:
-    """``cfg.aggregator.params`` with the experiment's ``probe:`` section routed to the probe, if one is used."""
-    name, params = cfg.aggregator.name, dict(cfg.aggregator.params)
-    probe_cfg = cfg.probe if cfg.probe.seed is not None else cfg.probe.model_copy(update={"seed": cfg.seed})
+def _jsonable(info: dict, client_ids: list[str]) -> dict:
+    """A decision's info for the round record: per-index maps keyed by client id, numbers as floats."""
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out[k] = {client_ids[i] if isinstance(i, int) and i < len(client_ids) else str(i): float(x)
+                      for i, x in v.items()}
+        elif isinstance(v, (np.floating, np.integer)):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def with_probe_config(name: str, params: dict, probe, seed: int) -> dict:
+    """The rule ``name``'s ``params`` with the ``probe`` section routed to the probe, if the rule uses one."""
+    params = dict(params)
+    probe_cfg = probe if probe.seed is not None else probe.model_copy(update={"seed": seed})
     if name == "probe":
         return {**params, "config": probe_cfg}
     if name.startswith("probe+"):

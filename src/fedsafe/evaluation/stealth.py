@@ -220,6 +220,9 @@ def plot_stealth(run_dir: str | Path) -> list[Path]:
     made = [plot_similarity(with_cos[-1], plots / "stealth_similarity.png") if with_cos else None,
             plot_weights(records, plots / "stealth_weights.png"),
             plot_malicious_weight(records, plots / "stealth_malicious_weight.png")]
+    from fedsafe.evaluation.probe_scores import plot_probe_scores  # probe runs: scores, threshold, flag rates
+
+    made.append(plot_probe_scores(records, plots / "probe_scores.png"))
     return [p for p in made if p is not None]
 
 
