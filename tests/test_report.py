@@ -267,3 +267,15 @@ def test_results_plot_has_error_bars(tmp_path):
     assert path.exists()
     lower, upper = seen["yerr"][0]  # Rule: mean - lo and hi - mean for every bar
     assert len(lower) == 3 and all(v > 0 for v in lower + upper)
+
+
+def test_report_summary_shows_lora_aggregation_error_and_bytes():
+    """Issue 21: the report states the aggregation error per round and what a client sends."""
+    from fedsafe.report import _lora_aggregation_lines
+
+    recs = [{"type": "round", "round": 1, "aggregation_error": 33.1, "bytes_per_client": 2e6, "bytes_kind": "plaintext"},
+            {"type": "round", "round": 2, "aggregation_error": None, "bytes_per_client": 1e6},
+            {"type": "client", "round": 1}]
+    (line,) = _lora_aggregation_lines(recs, "ffa")
+    assert "ffa" in line and "33.1, -" in line and "1.50 MB per round (plaintext)" in line
+    assert _lora_aggregation_lines([{"type": "round", "round": 1}], "factors") == []

@@ -647,7 +647,24 @@ def _summary_lines(run_dir: Path) -> list[str]:
     if ev.get("borderline_prompts") and ev.get("n_borderline_prompts"):
         lines.append(f"- **Borderline refusal:** up to {ev.get('n_borderline_prompts')} safe prompts that look "
                      f"harmful from {_source_name(ev['borderline_prompts'])}")
+    lines += _lora_aggregation_lines(_records(run_dir), fl.get("lora_aggregation", "factors"))
     return lines
+
+
+def _lora_aggregation_lines(records: list[dict], mode: str) -> list[str]:
+    """fl.lora_aggregation: the per-round aggregation error and the bytes a client sends (issue 21)."""
+    rounds = [r for r in records if r.get("type") == "round"]
+    errors = [r.get("aggregation_error") for r in rounds]
+    sent = [r.get("bytes_per_client") for r in rounds if r.get("bytes_per_client") is not None]
+    if not rounds or (all(e is None for e in errors) and not sent):
+        return []
+    err = ", ".join("-" if e is None else f"{e:.3g}" for e in errors)
+    line = (f"- **LoRA aggregation:** {mode}; aggregation error per round (sum over layers of "
+            f"||avg(B·A) - B_g·A_g||_F / ||avg(B·A)||_F): {err}")
+    if sent:
+        kind = next((r.get("bytes_kind") for r in rounds if r.get("bytes_kind")), "plaintext")
+        line += f"; a client sends {sum(sent) / len(sent) / 1e6:.2f} MB per round ({kind})"
+    return [line]
 
 
 def _source_name(source) -> str:
