@@ -305,7 +305,7 @@ def extension_sections() -> dict[str, type[Plugin]]:
 
     out = {}
     for cls in registered():
-        if cls.section and cls.Config is not None and getattr(cls, "section", None):
+        if cls.section and cls.Config is not None:
             top = cls.section.split(".")[0]
             if top not in ExperimentConfig.model_fields:
                 out[top] = cls

@@ -447,11 +447,6 @@ def _plot_leakage_utility(rows, path, leakage_key, utility_key):
     ax.set_ylabel(f"{leakage_key} (leakage)")
     ax.set_title("Privacy leakage versus utility")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
+    from fedsafe.report import _save  # atomic write, the report's one figure saver
 
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)

@@ -208,8 +208,6 @@ class LoRAAggregation:
     """Server side of ``fl.lora_aggregation``: masks, the aggregation error, FedEx's residual, payload bytes."""
 
     def __init__(self, mode: str, flat, model=None):
-        import torch
-
         self.mode = mode
         self.flat = flat
         self.model = model

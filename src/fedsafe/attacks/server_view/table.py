@@ -138,14 +138,9 @@ def _plot(rows, path):
                         textcoords="offset points")
         ax.set_xlabel("helpfulness proxy (perplexity, lower is better)")
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
+    from fedsafe.report import _save  # atomic write, the report's one figure saver
 
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def main(argv=None) -> None:
