@@ -131,8 +131,8 @@ def window_shares(block: torch.Tensor, sorted_block: torch.Tensor, start, stop) 
     depend on the order of the clients (an argsort would hand ties to the lower index).
     """
     n, c = block.shape
-    start = torch.as_tensor(start, dtype=torch.long).expand(c)
-    stop = torch.as_tensor(stop, dtype=torch.long).expand(c)
+    start = torch.as_tensor(start, dtype=torch.long, device=block.device).expand(c)
+    stop = torch.as_tensor(stop, dtype=torch.long, device=block.device).expand(c)
     lo = sorted_block.gather(0, start[None])
     hi = sorted_block.gather(0, (stop - 1)[None])
     inside = (block >= lo) & (block <= hi)
@@ -172,7 +172,7 @@ def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
     n, d = updates.shape
     norms = updates.norm(dim=1)
     centre = updates[torch.sort(norms, stable=True).indices[(n - 1) // 2]]
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=updates.device)
     for cols in column_chunks(n, d):
         block = updates[:, cols] - centre[cols]
         gram += (block @ block.T).double()
@@ -185,7 +185,7 @@ def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
 def gram_matrix(updates: torch.Tensor) -> torch.Tensor:
     """``updates @ updates.T`` as float64 ``[n, n]``, from float32 chunk products (bounded extra memory)."""
     n, d = updates.shape
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=updates.device)
     for cols in column_chunks(n, d):
         block = updates[:, cols]
         gram += (block @ block.T).double()

@@ -35,7 +35,7 @@ def recursive_krum(sq_dist: torch.Tensor, f: int, theta: int) -> list[int]:
         sub = sq_dist[remaining][:, remaining].clone()
         sub.fill_diagonal_(float("inf"))
         k = max(1, len(remaining) - f - 2)
-        scores = torch.sort(sub, dim=1).values[:, :k].sum(dim=1) if len(remaining) > 1 else torch.zeros(1)
+        scores = torch.sort(sub, dim=1).values[:, :k].sum(dim=1) if len(remaining) > 1 else torch.zeros(1, device=sq_dist.device)
         best = int(torch.argmin(scores))  # first minimum: deterministic on ties
         chosen.append(remaining.pop(best))
     return chosen
@@ -60,11 +60,12 @@ class Bulyan(Aggregator):
         # same), so select in client-id order: the result must not depend on the order the clients arrived in
         order = sorted(range(n), key=lambda i: client_ids[i])
         selected = [order[i] for i in recursive_krum(pairwise_sq_distances(updates[order]), f, theta)]
-        sel = torch.tensor(sorted(selected))
+        dev = updates.device
+        sel = torch.tensor(sorted(selected), device=dev)
         subset = updates[sel]
-        out = torch.empty(d)
-        shares = torch.zeros(theta, dtype=torch.float64)
-        slots = torch.arange(theta)[:, None]
+        out = torch.empty(d, device=dev)
+        shares = torch.zeros(theta, dtype=torch.float64, device=dev)
+        slots = torch.arange(theta, device=dev)[:, None]
         for cols in column_chunks(theta, d, per_column=4):
             block = subset[:, cols].contiguous()
             vals = sort_columns(block)
@@ -77,7 +78,7 @@ class Bulyan(Aggregator):
             in_window = (slots >= start) & (slots < start + beta)
             out[cols] = (vals * in_window).sum(dim=0) / beta
             shares += window_shares(block, vals, start, start + beta) / beta
-        weights = torch.zeros(n)
+        weights = torch.zeros(n, device=dev)
         weights[sel] = (shares / d).float()
         return AggregationResult(out, weights, {"selected": selected, "theta": theta, "beta": beta})
 

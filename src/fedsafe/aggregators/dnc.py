@@ -53,7 +53,7 @@ class DnC(Aggregator):
         good = set(range(n))
         all_scores = []
         for _ in range(self.niters):
-            coords = torch.from_numpy(np.sort(rng.choice(d, size=b, replace=False)))
+            coords = torch.from_numpy(np.sort(rng.choice(d, size=b, replace=False))).to(updates.device)
             sub = updates[:, coords].double()
             centred = sub - sub.mean(dim=0, keepdim=True)
             # <c_i, v>^2 for the top right singular vector v of C equals lambda_1 * u_1i^2, with (lambda_1, u_1)
@@ -64,7 +64,7 @@ class DnC(Aggregator):
             keep = torch.sort(scores, stable=True).indices[: n - n_remove].tolist()
             good &= set(keep)
         kept = sorted(good)
-        weights = torch.zeros(n)
+        weights = torch.zeros(n, device=updates.device)
         if kept:
             weights[kept] = 1.0 / len(kept)
         return AggregationResult(weights @ updates, weights, {"kept": kept, "scores": all_scores})

@@ -44,7 +44,7 @@ def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor
     """FoolsGold's per-client weights alpha ``[n]`` from the stacked histories ``[n, d]``."""
     n = history.shape[0]
     if n == 1:
-        return torch.ones(1, dtype=torch.float64)
+        return torch.ones(1, dtype=torch.float64, device=history.device)
     gram = gram_matrix(history)
     norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
     cs = gram / norms[:, None] / norms[None, :]
@@ -58,7 +58,7 @@ def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor
     alpha = (1 - cs.max(dim=1).values).clamp(0, 1)
     top = alpha.max()
     if top <= 0:
-        return torch.zeros(n, dtype=torch.float64)
+        return torch.zeros(n, dtype=torch.float64, device=history.device)
     alpha = alpha / top
     alpha = torch.where(alpha == 1, torch.full_like(alpha, 0.99), alpha)
     with torch.no_grad():
@@ -88,7 +88,7 @@ class FoolsGold(Aggregator):
         alpha = foolsgold_weights(hist, self.kappa).float()
         total = float(alpha.sum())
         if self.normalize:
-            weights = alpha / total if total > 0 else torch.zeros(n)
+            weights = alpha / total if total > 0 else torch.zeros(n, device=updates.device)
         else:
             weights = alpha
         info = {"alpha": alpha.tolist()}

@@ -23,7 +23,7 @@ from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunk
 def squared_norms(updates: torch.Tensor) -> torch.Tensor:
     """Row squared norms ``[n]`` accumulated in float64 over chunks."""
     n, d = updates.shape
-    out = torch.zeros(n, dtype=torch.float64)
+    out = torch.zeros(n, dtype=torch.float64, device=updates.device)
     for cols in column_chunks(n, d):
         out += torch.linalg.vector_norm(updates[:, cols], dim=1).double() ** 2
     return out
@@ -48,7 +48,7 @@ class GeometricMedian(Aggregator):
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n = updates.shape[0]
-        a = (sample_weights(num_samples) if self.weighted else torch.full((n,), 1.0 / n)).double()
+        a = (sample_weights(num_samples) if self.weighted else torch.full((n,), 1.0 / n, device=updates.device)).double()
         sq_norms = squared_norms(updates)
         z = (a.float() @ updates)
         dist = distances_to(updates, z, sq_norms)

@@ -56,7 +56,7 @@ class MultiKrum(Aggregator):
         scores = krum_scores(pairwise_sq_distances(updates), self.f)
         # stable sort: equal scores keep client order, so the choice is deterministic
         selected = torch.sort(scores, stable=True).indices[:m]
-        weights = torch.zeros(n)
+        weights = torch.zeros(n, device=updates.device)
         weights[selected] = 1.0 / m
         return AggregationResult(weights @ updates, weights,
                                  {"scores": scores.tolist(), "selected": selected.tolist()})

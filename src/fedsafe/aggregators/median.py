@@ -25,9 +25,9 @@ class Median(Aggregator):
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n, d = updates.shape
-        out = torch.empty(d)
+        out = torch.empty(d, device=updates.device)
         lo, hi = (n - 1) // 2, n // 2
-        shares = torch.zeros(n, dtype=torch.float64)
+        shares = torch.zeros(n, dtype=torch.float64, device=updates.device)
         for cols in column_chunks(n, d, per_column=4):
             block = updates[:, cols].contiguous()
             vals = sort_columns(block)

@@ -397,7 +397,7 @@ class ProbeAggregator(Aggregator):
         info["mean_weight"] = mean_s
         if mean_s < self.config.skip_below or not (s > 0).any():
             info["skipped"] = True
-            return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(n), {"probe": info})
+            return AggregationResult(torch.zeros(updates.shape[1], device=updates.device), torch.zeros(n), {"probe": info})
         info["skipped"] = False
         keep = np.flatnonzero(s > 0)
         res, keep, combination = self._compose(updates, num_samples, client_ids, keep, flagged, s)
@@ -416,15 +416,16 @@ class ProbeAggregator(Aggregator):
             return res, keep, "excluded"
         w = res.client_weights.float().cpu()
         linear = w.shape == (len(keep),) and torch.allclose(
-            res.update.float().cpu(), w @ updates[idx].float(), rtol=1e-4,
+            res.update.float().cpu(), (w.to(updates.device) @ updates[idx].float()).cpu(), rtol=1e-4,
             atol=1e-6 * float(updates[idx].abs().max().clamp_min(1.0)))
         if linear:
             combined = w * torch.as_tensor(soft, dtype=torch.float32)
             if float(combined.sum()) <= 0:
-                return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(len(keep)), res.info), \
+                return AggregationResult(torch.zeros(updates.shape[1], device=updates.device), torch.zeros(len(keep)), res.info), \
                     keep, "reweighted"
             combined = combined * (w.sum() / combined.sum())
-            return AggregationResult(combined @ updates[idx].float(), combined, res.info), keep, "reweighted"
+            return AggregationResult(combined.to(updates.device) @ updates[idx].float(), combined, res.info), keep, \
+                "reweighted"
         if not self._warned_nonlinear:
             log.warning("probe+%s: the inner rule is not a weighted mean, so soft probe weights cannot enter "
                         "it; clients flagged by probe.decision=%s are excluded before it instead",
@@ -432,7 +433,8 @@ class ProbeAggregator(Aggregator):
             self._warned_nonlinear = True
         keep2 = np.array([i for i in keep if not flagged[i]], dtype=int)
         if len(keep2) == 0:
-            return AggregationResult(torch.zeros(updates.shape[1]), torch.zeros(0), {}), keep2, "excluded_flagged"
+            return AggregationResult(torch.zeros(updates.shape[1], device=updates.device), torch.zeros(0), {}), keep2, \
+                "excluded_flagged"
         if len(keep2) != len(keep):
             idx2 = torch.as_tensor(keep2)
             res = self.inner(updates[idx2], num_samples[idx2], [client_ids[i] for i in keep2])

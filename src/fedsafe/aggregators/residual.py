@@ -42,7 +42,7 @@ def repeated_median_line(sorted_vals: torch.Tensor) -> tuple[torch.Tensor, torch
     ``partition`` selects those two order statistics in linear time (a full sort is ~2x slower).
     """
     c, n = sorted_vals.shape
-    s = sorted_vals.numpy()
+    s = sorted_vals.cpu().numpy()  # numpy's partition: on CPU also for CUDA input, moved back below
     x = np.arange(n, dtype=s.dtype)
     dx = x[:, None] - x[None, :]
     np.fill_diagonal(dx, 1.0)
@@ -53,7 +53,7 @@ def repeated_median_line(sorted_vals: torch.Tensor) -> tuple[torch.Tensor, torch
     slopes += diag_inf
     k1, k2 = (n - 2) // 2, (n - 1) // 2
     part = np.partition(slopes, (k1, k2), axis=2)
-    inner = torch.from_numpy((part[..., k1] + part[..., k2]) / 2)  # [c, n]: median over k != i
+    inner = torch.from_numpy((part[..., k1] + part[..., k2]) / 2).to(sorted_vals.device)  # [c, n]: median over k != i
     slope = median_of_sorted(torch.sort(inner, dim=1).values, dim=1)
     intercept = median_of_sorted(sorted_vals, dim=1) - slope * (n - 1) / 2
     return slope, intercept
@@ -64,7 +64,7 @@ def residual_reweight(y: torch.Tensor, lam: float, delta: float):
     c, n = y.shape
     sorted_vals, order = torch.sort(y, dim=1, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n).expand(c, n))
+    rank.scatter_(1, order, torch.arange(n, device=y.device).expand(c, n))
     slope, intercept = repeated_median_line(sorted_vals)
     x = rank.to(y.dtype)
     line = intercept[:, None] + slope[:, None] * x
@@ -72,7 +72,7 @@ def residual_reweight(y: torch.Tensor, lam: float, delta: float):
     abs_sorted = torch.sort(resid.abs(), dim=1).values[:, 1:]
     tau = 1.4826 * (1 + 5 / (n - 1)) * median_of_sorted(abs_sorted, dim=1) + 1e-7
     e = resid / tau[:, None]
-    xs = torch.arange(n, dtype=y.dtype)
+    xs = torch.arange(n, dtype=y.dtype, device=y.device)
     lev = 1.0 / n + (xs - xs.mean()) ** 2 / ((xs - xs.mean()) ** 2).sum()
     sqrt_1mh = torch.sqrt(1 - lev)[rank]  # [c, n]
     k = lam * math.sqrt(2.0 / n)
@@ -97,9 +97,9 @@ class Residual(Aggregator):
         n, d = updates.shape
         if n < RESIDUAL_MIN_CLIENTS:  # fl.clients_per_round is checked at config load; a short round lands here
             # the robust scale divides by n - 1 and drops one residual: with n <= 2 fall back to the mean
-            w = torch.full((n,), 1.0 / n)
+            w = torch.full((n,), 1.0 / n, device=updates.device)
             return AggregationResult(w @ updates, w, {"fallback": "mean (n < 3)"})
-        score = torch.zeros(n, dtype=torch.float64)
+        score = torch.zeros(n, dtype=torch.float64, device=updates.device)
         # thresholded values differ from the inputs only where w < delta: keep those sparse
         fix_rows, fix_cols, fix_vals = [], [], []
         for cols in column_chunks(n, d, per_column=3 * n):
@@ -112,7 +112,7 @@ class Residual(Aggregator):
                 fix_rows.append(changed[:, 1])
                 fix_vals.append(restricted[changed[:, 0], changed[:, 1]] - block[changed[:, 0], changed[:, 1]])
         top = score.max()
-        rel = (score / top) ** 2 if top > 0 else torch.ones(n, dtype=torch.float64)
+        rel = (score / top) ** 2 if top > 0 else torch.ones(n, dtype=torch.float64, device=updates.device)
         weights = (rel / rel.sum()).float()
         out = weights @ updates
         n_fixed = 0

@@ -40,8 +40,8 @@ class TrimmedMean(Aggregator):
         if k == 0 and self.beta > 0:  # fl.clients_per_round is checked at config load; a short round lands here
             log.warning("trimmed_mean: beta=%g trims nothing from %d updates (needs %d): this round is the plain "
                         "mean", self.beta, n, trimmed_mean_min_clients(self.beta))
-        out = torch.empty(d)
-        shares = torch.zeros(n, dtype=torch.float64)
+        out = torch.empty(d, device=updates.device)
+        shares = torch.zeros(n, dtype=torch.float64, device=updates.device)
         for cols in column_chunks(n, d, per_column=4):
             block = updates[:, cols].contiguous()
             vals = sort_columns(block)
