@@ -9,7 +9,9 @@ for every message:
 
 - ``deployment``: each SuperNode has a warm worker (:mod:`fedsafe.engines.worker`) that keeps the model
   loaded; the per-message ClientApp process only forwards the message to it;
-- ``deployment-noworker``: every ClientApp process imports torch and builds the model and data itself.
+- ``deployment-noworker``: every ClientApp process imports torch and builds the model and data itself;
+- ``deployment-flowerpoll``: as ``deployment`` but with Flower's own SuperNode waits (3 s after an empty pull,
+  0.5 s for a reply) instead of fedsafe's 0.2 s cap (:mod:`fedsafe.engines.supernode`).
 
 In-process and simulation have no worker to switch: they train on the pipeline's own model, loaded once.
 ``--trace`` records timestamps (:mod:`fedsafe.engines.flower_trace`) and prints where a deployed train
@@ -63,18 +65,19 @@ def run_engine(engine: str, overrides: list[str], secure: bool = True) -> tuple[
         from fedsafe.engines.flower import run_flower_experiment
 
         run_dir = run_flower_experiment(cfg, progress=False).run_dir
-    elif engine in ("deployment", "deployment-noworker"):
+    elif engine in ("deployment", "deployment-noworker", "deployment-flowerpoll"):
         from fedsafe.config import dump_config
-        from fedsafe.engines.flower_deploy import LocalFederation, write_app
+        from fedsafe.engines.flower_deploy import SUPERNODE_POLL_S, LocalFederation, write_app
 
-        warm = engine == "deployment"
+        warm = engine != "deployment-noworker"
+        poll_s = 0.0 if engine == "deployment-flowerpoll" else SUPERNODE_POLL_S
         workdir = Path(tempfile.mkdtemp(prefix="fedsafe-bench-"))
         preload = None
         if warm:  # as `fedsafe flower local`: the workers load the base model while everything starts
             preload = workdir / "experiment.yaml"
             preload.write_text(dump_config(cfg))
         with LocalFederation(cfg.num_clients, workdir=workdir, secure=secure, warm_worker=warm,
-                             worker_config=preload) as fed:
+                             worker_config=preload, poll_s=poll_s) as fed:
             app = write_app(fed.workdir / "app", cfg)
             run_dir = fed.submit(app, timeout_s=3600)
     else:

@@ -176,7 +176,11 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
                                                             "another model are then refused"),
                       threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the "
                                                             "warm worker (default: torch's; split the cores when "
-                                                            "several SuperNodes share a machine)")) -> None:
+                                                            "several SuperNodes share a machine)"),
+                      poll: float = typer.Option(0.2, "--poll", min=0.0, help="cap in seconds on the SuperNode's "
+                                                 "hard-coded waits (3 s after an empty pull, 0.5 s for a reply); "
+                                                 "0 keeps Flower's own timing; raise it for hundreds of nodes")
+                      ) -> None:
     """Start a SuperNode that holds one fedsafe client, with a warm worker that keeps the model loaded."""
     from fedsafe.engines.flower_deploy import flower_env, supernode_command as cmd, with_worker
 
@@ -195,7 +199,7 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
         typer.echo(f"warm worker: {wdir} (log {wdir / 'worker.log'})", err=True)
     args = cmd(superlink, port, partition_id=partition_id, client_id=client_id,
                data_path=str(data_path) if data_path else None, he_context=str(he_context) if he_context else None,
-               root_certificates=root_certificates, auth_key=auth_key, worker_dir=wdir)
+               root_certificates=root_certificates, auth_key=auth_key, worker_dir=wdir, poll_s=poll)
     if wdir is not None:
         args = with_worker(args, wdir, config, threads)
     os.execvpe(args[0], args, flower_env(os.environ.get("FLWR_HOME")))
@@ -229,7 +233,9 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
                   insecure: bool = typer.Option(False, "--insecure", help="plain text and no node authentication "
                                                 "(default: TLS with a fresh test CA, only registered nodes join)"),
                   worker: bool = typer.Option(True, "--worker/--no-worker", help="a warm worker per SuperNode keeps "
-                                              "the model loaded between rounds")) -> None:
+                                              "the model loaded between rounds"),
+                  poll: float = typer.Option(0.2, "--poll", min=0.0, help="cap in seconds on each SuperNode's "
+                                             "hard-coded waits (0: Flower's own 3 s / 0.5 s)")) -> None:
     """Run CONFIG as a deployment on this machine: a SuperLink and one SuperNode per client on 127.0.0.1."""
     from fedsafe.config import dump_config, load_config
     from fedsafe.engines.flower_deploy import LocalFederation, write_app
@@ -238,7 +244,7 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
     check_deployable(cfg)
     if insecure:
         typer.echo(INSECURE_WARNING, err=True)
-    fed = LocalFederation(cfg.num_clients, secure=not insecure, warm_worker=worker)
+    fed = LocalFederation(cfg.num_clients, secure=not insecure, warm_worker=worker, poll_s=poll)
     if worker:  # the workers load the base model while the SuperLink and the run start
         fed.worker_config = fed.workdir / "experiment.yaml"
         fed.worker_config.write_text(dump_config(cfg))

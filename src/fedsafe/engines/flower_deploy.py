@@ -11,7 +11,8 @@ certificate and ``--enable-supernode-auth`` accepts only SuperNodes whose public
 (``flwr supernode register``, Control API); Flower refuses node authentication without TLS on both sides.
 
 Poll intervals (Flower 1.41): the SuperNode sleeps 3 s after an empty pull and 0.5 s between checks for a
-ClientApp's reply (both fixed in ``flwr/supernode/start_client_internal.py``, no setting); SuperExec polls
+ClientApp's reply (both fixed in ``flwr/supernode/start_client_internal.py``, no setting; fedsafe starts the
+SuperNode through :mod:`fedsafe.engines.supernode`, which caps them at :data:`SUPERNODE_POLL_S`); SuperExec polls
 for tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1.0, min 0.01), which
 :func:`flower_env` sets to :data:`SUPEREXEC_POLL_S`; the ServerApp's grid is polled by
 :class:`fedsafe.engines.flower.FlowerEngine` every 0.05 s.
@@ -37,6 +38,7 @@ from fedsafe.errors import FedsafeError
 APP_MODULE = "fedsafe_flower_app"
 RUN_DIR_PATTERN = re.compile(r"fedsafe run directory: (\S+)")
 SUPEREXEC_POLL_S = 0.1  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default 1.0 s adds up to 1 s per message)
+SUPERNODE_POLL_S = 0.2  # cap on the SuperNode's hard-coded 3 s / 0.5 s waits (fedsafe.engines.supernode)
 
 
 def _toml_string(text: str) -> str:
@@ -205,14 +207,19 @@ def superlink_command(port: int, host: str = "127.0.0.1", certs: Certs | None = 
 def supernode_command(superlink: str, port: int, partition_id: int | None = None, num_partitions: int | None = None,
                       client_id: str | None = None, data_path: str | None = None,
                       he_context: str | None = None, root_certificates: str | Path | None = None,
-                      auth_key: str | Path | None = None, worker_dir: str | Path | None = None) -> list[str]:
+                      auth_key: str | Path | None = None, worker_dir: str | Path | None = None,
+                      poll_s: float = SUPERNODE_POLL_S) -> list[str]:
     """``flower-supernode`` holding one fedsafe client (by index or id, optionally with its own data file).
 
     ``he_context``: the clients' secret-key CKKS file (``clients.ctx`` of ``fedsafe flower keys``) for
     ``secure_agg``. ``root_certificates``: the CA that signed the SuperLink's certificate (TLS; without it,
     plain text); ``auth_key``: this node's private key (registered on the SuperLink with its public key).
     ``worker_dir``: the directory of the node's warm worker (:mod:`fedsafe.engines.worker`).
+    ``poll_s``: cap on the SuperNode's hard-coded 3 s / 0.5 s waits (:mod:`fedsafe.engines.supernode`, which
+    runs Flower's own SuperNode); 0 runs plain ``flower-supernode`` with Flower's timing.
     """
+    if poll_s < 0:
+        raise FedsafeError(f"the SuperNode poll cap must be >= 0 seconds, got {poll_s}")
     node_config = []
     if partition_id is not None:
         node_config.append(f"partition-id={partition_id}")
@@ -237,8 +244,11 @@ def supernode_command(superlink: str, port: int, partition_id: int | None = None
         tls = ["--root-certificates", str(Path(root_certificates).expanduser().resolve())]
         if auth_key is not None:
             tls += ["--auth-supernode-private-key", str(Path(auth_key).expanduser().resolve())]
-    return ["flower-supernode", *tls, "--superlink", superlink, "--host", "127.0.0.1",
-            "--port", str(port), "--node-config", " ".join(node_config)]
+    args = [*tls, "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", " ".join(node_config)]
+    if poll_s == 0:
+        return ["flower-supernode", *args]
+    return [sys.executable, "-m", "fedsafe.engines.supernode", "--poll", str(poll_s), "--", *args]
 
 
 def with_worker(supernode_args: list[str], worker_dir: str | Path, config: str | Path | None = None,
@@ -336,6 +346,7 @@ class LocalFederation:
     secure: bool = True
     warm_worker: bool = True
     worker_config: Path | None = None
+    poll_s: float = SUPERNODE_POLL_S
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -384,7 +395,7 @@ class LocalFederation:
                                 num_partitions=self.num_nodes,
                                 he_context=str(self.he_context) if self.he_context else None,
                                 root_certificates=self.certs.ca if self.certs else None, auth_key=auth_key,
-                                worker_dir=wdir)
+                                worker_dir=wdir, poll_s=self.poll_s)
         if wdir is not None:
             # the nodes share this machine's cores: a worker each, training in parallel
             threads = None if "OMP_NUM_THREADS" in self.env else max(1, (os.cpu_count() or 1) // self.num_nodes)
