@@ -319,6 +319,11 @@ class ExperimentConfig(_Strict):
     extensions: dict[str, Any] = Field(default_factory=dict, description="sections of third-party plug-ins "
                                        "(fedsafe.plugins.register): written at the top level like any section, "
                                        "validated by the plug-in's own Config")
+    defense: dict[str, Any] | None = Field(
+        None, exclude=True, description="a named defense (fedsafe.defenses.presets): probe_posthoc, or {name: "
+                                        "probe_posthoc, decision: gap, rule: null, level: 1}; expanded at load into "
+                                        "the keys it stands for (a different value set for one of them is an "
+                                        "error); config.yaml stores those keys")
 
     @field_validator("seeds")
     @classmethod
@@ -355,6 +360,19 @@ class ExperimentConfig(_Strict):
             return data
         return {**{k: v for k, v in data.items() if k not in found},
                 "extensions": {**dict(data.get("extensions") or {}), **found}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_defense(cls, data, info):
+        """``defense: <name>`` becomes the keys it stands for, before any section is validated (defined after
+        the other "before" validators, so it runs first)."""
+        if info.field_name == "defense":  # an assignment cannot rewrite the other sections
+            raise ValueError("defense: set it when the config is loaded (YAML, --set, a grid), not by assignment")
+        if info.field_name is not None or not isinstance(data, dict) or data.get("defense") is None:
+            return data  # an assignment to another field: the defense was expanded when the config was built
+        from fedsafe.defenses.presets import EXPLICIT, expand
+
+        return expand(data, (info.context or {}).get(EXPLICIT))
 
     @model_validator(mode="after")
     def _validate_extensions(self):
@@ -503,20 +521,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(p)
         # relative data paths in a config file are relative to the file
         _resolve_paths(data, p.parent)
+    context = None
     if overrides:
+        from fedsafe.defenses.presets import EXPLICIT, editable_dump, leaf_keys
+
         try:
-            base = ExperimentConfig.model_validate(data).model_dump(mode="json")
+            # the dump holds every default; `explicit` tells a named defense which keys the user set
+            base, explicit = editable_dump(ExperimentConfig.model_validate(data))
         except ValidationError as err:
             raise ConfigError(_format_validation_error(err, source)) from None
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected key=value")
-            key, value = item.split("=", 1)
-            apply_override(base, key.strip(), parse_value(value))
+            key, text = item.split("=", 1)
+            key, value = key.strip(), parse_value(text)
+            apply_override(base, key, value)
+            explicit |= leaf_keys({key: value})
         data = base
+        context = {EXPLICIT: explicit}
         source += " + --set"
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(data, context=context)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
@@ -552,4 +577,8 @@ def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (what the run directory stores); third-party sections at the top level."""
     data = cfg.model_dump(mode="json")
     extensions = data.pop("extensions", None) or {}
-    return yaml.safe_dump({**data, **extensions}, sort_keys=False)
+    text = yaml.safe_dump({**data, **extensions}, sort_keys=False)
+    if cfg.defense is not None:  # the keys it expanded to are below; they load back to the same run
+        spec = yaml.safe_dump(cfg.defense, default_flow_style=True, sort_keys=False).strip()
+        text = f"# defense: {spec} (expanded below)\n" + text
+    return text

@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsafe.config import ExperimentConfig, _resolve_paths, apply_override, dump_config, load_config
+from fedsafe.defenses.presets import EXPLICIT, editable_dump, leaf_keys
 from fedsafe.errors import ConfigError
 from fedsafe.rundir import RunDir, atomic_write_text
 
@@ -97,15 +98,18 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         lines = [f"invalid grid file ({p}):"] + [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise ConfigError("\n".join(lines)) from None
     base_cfg = load_config((p.parent / spec.base) if spec.base else None)
-    base = base_cfg.model_dump(mode="json")
+    # the dump holds every default; `explicit` (the keys a user set) lets `defense: <name>` refuse only real conflicts
+    base, explicit = editable_dump(base_cfg)
     inline = copy.deepcopy(spec.config)
     _resolve_paths(inline, p.parent)
     _deep_merge(base, inline)
+    explicit |= leaf_keys(inline)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
         apply_override(base, key.strip(), yaml.safe_load(value))
+        explicit |= leaf_keys({key.strip(): yaml.safe_load(value)})
     named: list[tuple[str, dict]] = []
     if spec.matrix:
         axes = [[(label, ovr or {}) for label, ovr in axis.items()] for axis in spec.matrix.values()]
@@ -129,9 +133,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
                 raise ConfigError(f"grid setting {name!r}: {exc}") from None
         data["name"] = name
         try:
-            settings.append((name, ExperimentConfig.model_validate(data)))
+            cfg = ExperimentConfig.model_validate(data, context={EXPLICIT: explicit | leaf_keys(ovr)})
+            settings.append((name, cfg))
         except ValidationError as err:
-            msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            msgs = "; ".join((f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+                             + e["msg"].removeprefix("Value error, ") for e in err.errors())
             raise ConfigError(f"grid setting {name!r}: {msgs}") from None
     return spec, settings
 
