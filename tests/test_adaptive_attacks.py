@@ -286,6 +286,188 @@ def test_mixing_and_collusion_in_a_run(tmp_path, test_seed):
     assert {r.get("attack") for r in records if r["type"] == "client" and r["malicious"]} == {"mixing"}
 
 
+def test_full_knowledge_stealth_statistics_describe_the_crafted_updates(tmp_path, test_seed):
+    """knowledge: full replaces the malicious updates in the server's view; the round record's cosine, norms and
+    distances must describe those crafted updates (what the rule received), not the honest h."""
+    fl = {"rounds": 2, "clients_per_round": 6, "local_steps": 2, "batch_size": 3, "lr": 5e-3,
+          "save_every_round": False}
+    records = _run(_experiment(tmp_path, {"name": "minmax", "knowledge": "full"}, seed=test_seed, fl=fl,
+                               aggregator={"name": "fedavg", "compare": ["krum"]}))
+    plain = _run(_experiment(tmp_path, None, seed=test_seed, fl=fl, name="plain"))
+    clients = {(r["round"], r["client_id"]): r for r in records if r["type"] == "client"}
+    for rec, ref in zip([r for r in records if r["type"] == "round"], [r for r in plain if r["type"] == "round"]):
+        mal = [i for i, m in enumerate(rec["malicious"]) if m]
+        ben = [i for i, m in enumerate(rec["malicious"]) if not m]
+        crafted = rec["aggregator_info"]["adaptive_attack"]
+        norms, cos, dist = rec["update_norms"], rec["cosine"], rec["benign_mean_distance"]
+        # Min-Max sends mu + gamma h/||h||: exactly gamma from the benign mean, one update for the whole role
+        for i in mal:
+            assert dist[i] == pytest.approx(crafted[rec["clients"][i]]["gamma"], rel=1e-3)
+            assert all(cos[i][j] == pytest.approx(1.0, abs=1e-5) for j in mal)
+            client = clients[(rec["round"], rec["clients"][i])]
+            assert client["update_norm"] == pytest.approx(norms[i], rel=1e-5)
+            assert client["update_norm"] != pytest.approx(client["honest_update_norm"], rel=1e-3)
+
+        # ... and sits on its constraint: max_i ||u - b_i|| = max_ij ||b_i - b_j|| (distances from the logged
+        # norms and cosines, so this holds only if both describe the crafted update)
+        def d(i, j):
+            return math.sqrt(max(norms[i] ** 2 + norms[j] ** 2 - 2 * norms[i] * norms[j] * cos[i][j], 0.0))
+
+        bound = max(d(i, j) for i in ben for j in ben)
+        assert max(d(mal[0], j) for j in ben) == pytest.approx(bound, rel=1e-2)
+        # plain data poisoning logs the honest updates: distinct, and not at the benign mean's gamma
+        assert not all(ref["cosine"][i][j] == pytest.approx(1.0, abs=1e-5) for i in mal for j in mal)
+        assert [ref["benign_mean_distance"][i] for i in mal] != pytest.approx([dist[i] for i in mal], rel=1e-3)
+        # the compare rules also ran on the crafted updates: Krum picks one of the three identical min-max updates
+        assert sum(rec["compare_weights"]["krum"][i] for i in mal) == pytest.approx(1.0)
+
+
+def _probe_and_clients(test_seed):
+    """The tiny model, a trainer, the server's probe fitted on its own shadows, 3 benign + 3 malicious clients."""
+    from fedsafe.aggregators.base import RoundContext
+    from fedsafe.data.format import tokenize_rows
+    from fedsafe.defenses.shadow import ShadowTrainer
+    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+    from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
+
+    tok = byte_tokenizer()
+    model = attach_lora(tiny_llama(tok, seed=test_seed), r=4, alpha=8, seed=test_seed)
+    trainer = LocalTrainer(model, tok)
+    ex = lambda rows: tokenize_rows(tok, rows, 64)  # noqa: E731
+    g = trainer.flat.get()
+    rc = RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3)
+    shadow = ShadowTrainer(trainer, ex(_rows("benign", 40, 5000)), ex(_rows("malicious", 40, 5000)),
+                           benign_shadows=3, malicious_shadows=3, samples_per_shadow=6, steps=2, seed=test_seed)
+    probe = aggregators.get("probe")
+    probe.prepare(RoundContext(round=1, global_vec=g, round_config=rc, shadow=shadow))
+    clients = [ClientData(f"client_0{i}", "malicious" if i >= 3 else "benign",
+                          ex(_rows("malicious" if i >= 3 else "benign", 6, 1000 + 10 * i)), i >= 3) for i in range(6)]
+    return tok, model, trainer, g, rc, probe, clients
+
+
+def test_probe_evasion_normal_data_slice_trains_one_model_that_evades_the_probe(tmp_path, test_seed):
+    """slice: normal_data (issue 18 item 6, "trains it only on normal data"): the probe's slice is trained on
+    normal batches only, the rest on the unaligned ones; the probe scores the clients lower than plain data
+    poisoning, while the non-slice weights still move along plain poisoning's harmful update."""
+    from fedsafe.attacks.adaptive.plugin import AdaptiveAttack
+    from fedsafe.plugins import RunContext, Setup
+
+    tok, model, trainer, g, rc, probe, clients = _probe_and_clients(test_seed)
+    results = [trainer.fit(c, g, rc) for c in clients]  # plain data poisoning: send h
+    cfg = _experiment(tmp_path, {"name": "probe_evasion", "slice": "normal_data"}, seed=test_seed)
+    ctx = RunContext(**vars(Setup.from_config(cfg)), model=model, tokenizer=tok, flat=trainer.flat, clients=clients)
+    attack = AdaptiveAttack(None, ctx)
+    wrapped = attack.local_training(trainer)
+    assert torch.equal(wrapped.fit(clients[0], g, rc).update, results[0].update)  # benign clients untouched
+    evaded = results[:3] + [wrapped.fit(c, g, rc) for c in clients[3:]]
+    mask = trainer.flat.mask("B", [0])
+    cos = torch.nn.functional.cosine_similarity
+    for e, r, c in zip(evaded[3:], results[3:], clients[3:]):
+        assert e.metrics["attack_phase"] == "attack_slice_normal_data"
+        assert attack.client_update(e, c, g, rc, wrapped) is e  # no shadow replacement on top
+        assert float(e.update[mask].norm()) > 0 and not torch.allclose(e.update[mask], r.update[mask])
+        # the rest is trained on the same unaligned batches as plain poisoning: it points the same way (0.80-0.90
+        # on seeds 0-2), far more than to the benign clients' rest (< 0.07)
+        benign_rest = torch.stack([b.update[~mask] for b in results[:3]]).mean(0)
+        assert float(cos(e.update[~mask], r.update[~mask], dim=0)) > 0.5
+        assert (float(cos(e.update[~mask], r.update[~mask], dim=0))
+                > float(cos(e.update[~mask], benign_rest, dim=0)) + 0.3)
+        # the slice points towards the benign clients' slices rather than its own harmful slice
+        benign_slice = torch.stack([b.update[mask] for b in results[:3]]).mean(0)
+        assert float(cos(e.update[mask], benign_slice, dim=0)) > float(cos(e.update[mask], r.update[mask], dim=0))
+
+    def probability(res):
+        out = probe(torch.stack([r.update for r in res]), torch.full((6,), 6.0), [c.client_id for c in clients])
+        return [out.info["probe"]["probability"][c.client_id] for c in clients[3:]], out
+
+    plain_p, _ = probability(results)
+    evaded_p, out = probability(evaded)
+    assert min(plain_p) - max(evaded_p) > 0.5, (plain_p, evaded_p)
+    assert not set(out.info["probe"]["flagged"]) & {"client_03", "client_04", "client_05"}
+
+
+def _node(cfg):
+    """What a Flower SuperNode builds for itself (engines/flower.py::_build_worker): its own model and client side
+    (plug-ins included) and its clients' data, sharing no Python object with any other node."""
+    from fedsafe.data import build_clients
+    from fedsafe.models import attach_lora, load_base_model
+    from fedsafe.plugins import client_trainer
+
+    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed)
+    model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout, cfg.lora.target_modules,
+                        seed=cfg.seed)
+    return client_trainer(cfg, model, loaded.tokenizer), {c.client_id: c for c in build_clients(cfg, loaded.tokenizer)}
+
+
+def test_collusion_sybils_in_separate_processes_send_identical_updates_without_communication(tmp_path, test_seed):
+    """Two client sides built independently (as two ClientApps are) produce the identical sybil update: each trains
+    the role's shared update from the shared seed and data; with noise, each adds its own seeded noise to it."""
+    from fedsafe.fl.client import LocalTrainer, RoundConfig
+
+    cfg = _experiment(tmp_path, {"name": "collusion"}, seed=test_seed)
+    (a, clients_a), (b, clients_b) = _node(cfg), _node(cfg)
+    g = a.flat.get() + 0.01 * torch.randn(a.flat.numel, generator=torch.Generator().manual_seed(test_seed))
+    rc = RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3, seed=cfg.seed)
+    ua = a.fit(clients_a["client_03"], g, rc)
+    ub = b.fit(clients_b["client_04"], g, rc)
+    assert ua.client_id == "client_03" and ub.client_id == "client_04"
+    assert ua.metrics["attack_phase"] == "attack_shared_update" and float(ua.update.norm()) > 0
+    assert torch.allclose(ua.update, ub.update, rtol=0, atol=1e-7)
+    # the sybils' own honest updates differ: the identity comes from the shared training, not from their data
+    own = [LocalTrainer(a.model, a.tokenizer).fit(clients_a[c], g, rc).update for c in ("client_03", "client_04")]
+    assert not torch.allclose(own[0], own[1], atol=1e-4)
+    assert min(float(torch.nn.functional.cosine_similarity(ua.update, o, dim=0)) for o in own) < 0.999
+    # benign clients of the same nodes train honestly
+    assert torch.equal(a.fit(clients_a["client_00"], g, rc).update,
+                       LocalTrainer(a.model, a.tokenizer).fit(clients_a["client_00"], g, rc).update)
+
+    noisy = _experiment(tmp_path, {"name": "collusion", "noise": 0.1}, seed=test_seed, name="noisy")
+    (na, cna), (nb, cnb) = _node(noisy), _node(noisy)
+    va, vb = na.fit(cna["client_03"], g, rc).update, nb.fit(cnb["client_04"], g, rc).update
+    rms = float(ua.update.norm()) / math.sqrt(ua.update.numel())
+    for v in (va, vb):  # the shared update plus 0.1 rms of seeded noise, different per sybil
+        assert float((v - ua.update).std()) == pytest.approx(0.1 * rms, rel=0.1)
+    assert not torch.allclose(va, vb)
+
+
+def test_collusion_through_flower_clientapps_that_build_their_own_side(tmp_path, test_seed):
+    """Flower ClientApps (handle_train) that each build their own model and plug-ins from the config, as on
+    separate SuperNodes (an unregistered run token): the sybils' updates are identical in the round records."""
+    pytest.importorskip("flwr")
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower import ScriptedGrid
+
+    from fedsafe.engines import flower as fe
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    cfg = _experiment(tmp_path, {"name": "collusion"}, seed=test_seed, name="flower-collusion",
+                      fl={"rounds": 1, "clients_per_round": 6, "local_steps": 2, "batch_size": 3, "lr": 5e-3,
+                          "save_every_round": False},
+                      flower={"round_timeout_s": 120.0, "connect_timeout_s": 5.0})
+    grid = ScriptedGrid(6)
+    res = run_experiment(cfg, progress=False,
+                         engine_factory=lambda trainer, clients: fe.FlowerEngine(grid, cfg, clients, token="x"))
+    assert fe._BUILT_WORKERS  # the nodes built their own client sides
+    run = RunDir.open(res.run_dir)
+    (rec,) = run.records("round")
+    mal = [i for i, m in enumerate(rec["malicious"]) if m]
+    assert len(mal) == 3 and rec["failed"] == []
+    assert all(rec["cosine"][i][j] == pytest.approx(1.0, abs=1e-4) for i in mal for j in mal)
+    norms = [rec["update_norms"][i] for i in mal]
+    assert max(norms) - min(norms) <= 1e-6 * max(norms)  # the same update, not merely the same direction
+    phases = {r["attack_phase"] for r in run.records("client") if r["malicious"]}
+    assert phases == {"attack_shared_update"}
+    # Flower's simulation engine (ClientApps on the pipeline's own model): the same shared update
+    from fedsafe.engines.flower import run_flower_experiment
+
+    (sim,) = RunDir.open(run_flower_experiment(cfg, progress=False).run_dir).records("round")
+    assert sim["update_norms"] == pytest.approx(rec["update_norms"], rel=1e-5)
+    assert all(sim["cosine"][i][j] == pytest.approx(1.0, abs=1e-4) for i in mal for j in mal)
+
+
 # --- configuration ------------------------------------------------------------------------------------------------
 
 def test_config_errors_name_the_field(tmp_path):
@@ -305,7 +487,9 @@ def test_config_errors_name_the_field(tmp_path):
                              ({"name": "minmax", "knowledge": "all"},
                               r"roles\.1\.attack: knowledge: .*'partial' or 'full'"),
                              ({"name": "mixing", "normal_share": 1.0}, r"roles\.1\.attack: normal_share"),
-                             ({"name": "probe_evasion", "shadows": 1}, r"roles\.1\.attack: shadows")):
+                             ({"name": "probe_evasion", "shadows": 1}, r"roles\.1\.attack: shadows"),
+                             ({"name": "probe_evasion", "slice": "all"}, r"roles\.1\.attack: slice: .*'normal_data'"),
+                             ({"name": "collusion", "shared_samples": 0}, r"roles\.1\.attack: shared_samples")):
         with pytest.raises(ConfigError, match=expected):
             load(attack)
     with pytest.raises(ConfigError, match=r"roles\.1: attack: role 'helper' is not malicious"):
@@ -436,7 +620,7 @@ def test_attack_matrix_marks_the_worst_attack_per_defense(tmp_path):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     record = {"type": "round", "round": 1, "clients": ["a", "b", "c"], "malicious": [False, False, True],
-              "cosine": [[1, 0.9, 0.1], [0.9, 1, 0.2], [0.1, 0.2, 1]],
+              "cosine": [[1, 0.9, 0.1], [0.9, 1, 0.2], [0.1, 0.2, 1]], "benign_mean_distance": [1.0, 3.0, 4.0],
               "aggregator_info": {"probe": {"probability": {"a": 0.1, "b": 0.2, "c": 0.9}}}}
     (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     (tmp_path / "settings.csv").write_text("setting,seed,run_dir,how\nminmax-krum,0,runs/r1,trained\n")
@@ -457,3 +641,5 @@ def test_attack_matrix_marks_the_worst_attack_per_defense(tmp_path):
     stealth = stealth_by_attack(tmp_path, matrix)["minmax"]
     assert stealth["malicious"] == [pytest.approx(0.15)] and stealth["probe"] == [0.9]
     assert sorted(stealth["benign"]) == [pytest.approx(0.9)] * 2
+    # distance to the benign mean relative to the benign clients' mean distance (2.0 in this round)
+    assert stealth["malicious_distance"] == [2.0] and stealth["benign_distance"] == [0.5, 1.5]

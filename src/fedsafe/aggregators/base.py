@@ -41,6 +41,10 @@ class AggregationResult:
     update: torch.Tensor
     client_weights: torch.Tensor
     info: dict = field(default_factory=dict)
+    #: ``[n, d]`` the updates the server received, where a ``server_view`` hook replaced the ones it was given
+    #: (a full-knowledge adaptive attack crafts the malicious clients' updates there); None: the ones given.
+    #: The round's stealth statistics are computed from these (fedsafe.fl.loop)
+    received: torch.Tensor | None = None
 
 
 class Aggregator:

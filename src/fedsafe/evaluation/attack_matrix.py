@@ -170,7 +170,10 @@ def plot_heatmap(matrix: dict, metric: str, path: Path) -> Path | None:
 
 def stealth_by_attack(grid_dir: Path, matrix: dict) -> dict[str, dict[str, list[float]]]:
     """Per attack, over all its runs: each client's mean cosine to the benign clients of its round
-    (``benign`` / ``malicious``) and the probe's probability for malicious clients (``probe``)."""
+    (``benign`` / ``malicious``), its distance to the benign clients' mean update relative to the benign clients'
+    mean such distance in that round (``benign_distance`` / ``malicious_distance``; 1: as far as a typical benign
+    client) and the probe's probability for malicious clients (``probe``). The round records describe the updates
+    the rule received (crafted ones, for either ``knowledge``)."""
     settings = {}
     path = grid_dir / "settings.csv"
     if path.exists():
@@ -178,7 +181,8 @@ def stealth_by_attack(grid_dir: Path, matrix: dict) -> dict[str, dict[str, list[
             settings.setdefault(row["setting"], set()).add(row["run_dir"])
     out: dict[str, dict[str, list[float]]] = {}
     for a in matrix["attacks"]:
-        acc = out.setdefault(a, {"benign": [], "malicious": [], "probe": []})
+        acc = out.setdefault(a, {"benign": [], "malicious": [], "probe": [], "benign_distance": [],
+                                 "malicious_distance": []})
         for d in matrix["defenses"]:
             for run in settings.get(f"{a}-{d}", ()):
                 metrics = grid_dir / run / "metrics.jsonl"
@@ -194,6 +198,12 @@ def stealth_by_attack(grid_dir: Path, matrix: dict) -> dict[str, dict[str, list[
                         others = [rec["cosine"][i][k] for k in benign_idx if k != i]
                         if others:
                             acc["malicious" if m else "benign"].append(sum(others) / len(others))
+                    dist = rec.get("benign_mean_distance")
+                    ref = [dist[k] for k in benign_idx] if dist else []
+                    if ref and sum(ref) > 0:
+                        for i, m in enumerate(mal):
+                            acc["malicious_distance" if m else "benign_distance"].append(
+                                dist[i] * len(ref) / sum(ref))
                     probe = ((rec.get("aggregator_info") or {}).get("probe") or {}).get("probability") or {}
                     acc["probe"] += [p for cid, p in probe.items() if cid in
                                      {c for c, m in zip(rec["clients"], mal) if m}]
@@ -201,7 +211,8 @@ def stealth_by_attack(grid_dir: Path, matrix: dict) -> dict[str, dict[str, list[
 
 
 def plot_stealth(stealth: dict, path: Path) -> Path | None:
-    """Box plots per attack: cosine to the benign clients (benign vs malicious) and the probe's probability."""
+    """Box plots per attack: cosine to the benign clients and relative distance to their mean update (benign vs
+    malicious), and the probe's probability."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,20 +221,22 @@ def plot_stealth(stealth: dict, path: Path) -> Path | None:
     attacks = [a for a, v in stealth.items() if v["malicious"] or v["benign"]]
     if not attacks:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 1.1 * len(attacks), 3.6))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(3 * max(3.0, 1 + 0.55 * len(attacks)), 3.6))
     pos = range(len(attacks))
-    ax1.boxplot([stealth[a]["benign"] or [float("nan")] for a in attacks],
-                positions=[p - 0.18 for p in pos], widths=0.3, patch_artist=True, boxprops={"facecolor": "#9ecae1"})
-    ax1.boxplot([stealth[a]["malicious"] or [float("nan")] for a in attacks],
-                positions=[p + 0.18 for p in pos], widths=0.3, patch_artist=True, boxprops={"facecolor": "#fc9272"})
-    ax1.set_xticks(list(pos), attacks, rotation=35, ha="right")
-    ax1.set_title("mean cosine to the benign clients\n(blue: benign, red: malicious)", fontsize=9)
+    for ax, key, title in ((ax1, "", "mean cosine to the benign clients"),
+                           (ax3, "_distance", "distance to the benign mean update\n(/ benign clients' mean)")):
+        ax.boxplot([stealth[a].get("benign" + key) or [float("nan")] for a in attacks],
+                   positions=[p - 0.18 for p in pos], widths=0.3, patch_artist=True, boxprops={"facecolor": "#9ecae1"})
+        ax.boxplot([stealth[a].get("malicious" + key) or [float("nan")] for a in attacks],
+                   positions=[p + 0.18 for p in pos], widths=0.3, patch_artist=True, boxprops={"facecolor": "#fc9272"})
+        ax.set_xticks(list(pos), attacks, rotation=35, ha="right")
+        ax.set_title(title + ("\n(blue: benign, red: malicious)" if not key else ""), fontsize=9)
     probe = [a for a in attacks if stealth[a]["probe"]]
     if probe:
         ax2.boxplot([stealth[a]["probe"] for a in probe], patch_artist=True, boxprops={"facecolor": "#fc9272"})
         ax2.set_xticks(range(1, len(probe) + 1), probe, rotation=35, ha="right")
         ax2.axhline(0.8, ls="--", c="grey", lw=1)
-    ax2.set_title("probe probability of the malicious clients\n(dashed: exclusion threshold)", fontsize=9)
+    ax2.set_title("probe probability, malicious\nclients (dashed: threshold)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

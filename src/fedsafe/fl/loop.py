@@ -50,20 +50,27 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
             progress.remove_task(ctask)
         stats = server.aggregate(results)
         probe_p = ((stats.get("aggregator_info") or {}).get("probe") or {}).get("probability", {})
-        for r, w in zip(results, stats["client_weights"]):
+        # what the server really received: a server_view hook may have replaced a client's update (a full-knowledge
+        # adaptive attack crafts the malicious ones there); the stealth statistics below describe those updates
+        received = stats.pop("received", None) or {}
+        sent = [received.get(r.client_id, r.update) for r in results]
+        for r, w, u in zip(results, stats["client_weights"], sent):
+            replaced = ({"honest_update_norm": float(r.update.float().norm()), "update_norm": float(u.float().norm())}
+                        if r.client_id in received else {})
             run_dir.log({"type": "client", "round": rc.round, "client_id": r.client_id,
                          "role": role_of.get(r.client_id), "malicious": malicious.get(r.client_id),
-                         "aggregation_weight": w, **r.metrics,
+                         "aggregation_weight": w, **r.metrics, **replaced,
                          **({"probe_probability": probe_p[r.client_id]} if r.client_id in probe_p else {})})
-        finite = [r.update for r in results if torch.isfinite(r.update).all()
-                  and r.update.numel() == server.global_vec.numel()]
-        cos = cosine_matrix(torch.stack(finite)).tolist() if finite and len(finite) == len(results) else None
+        finite = [u.float().cpu() for u in sent if torch.isfinite(u).all() and u.numel() == server.global_vec.numel()]
+        full = bool(finite) and len(finite) == len(results)
+        cos = cosine_matrix(torch.stack(finite)).tolist() if full else None
         losses = [r.metrics["loss"] for r in results if r.metrics.get("loss") is not None]
         record = {"type": "round", "round": rc.round, "clients": [r.client_id for r in results],
                   "roles": [role_of.get(r.client_id) for r in results],
                   "malicious": [malicious.get(r.client_id) for r in results],
                   "aggregator": getattr(server.aggregator, "name", type(server.aggregator).__name__),
                   "client_weights": stats["client_weights"], "cosine": cos, "dropped": stats["dropped"],
+                  **_distance_stats(finite if full else None, [malicious.get(r.client_id) for r in results]),
                   "compare_weights": stats.get("compare_weights") or {},
                   "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
                   "update_norm": stats["update_norm"],
@@ -86,6 +93,19 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
+
+
+def _distance_stats(updates: list[torch.Tensor] | None, is_malicious: list) -> dict:
+    """Per client (stealth analysis): the L2 norm of the update the server received and its L2 distance to the
+    mean of the benign clients' received updates (the simulator's truth; None without a benign client)."""
+    if updates is None:
+        return {"update_norms": None, "benign_mean_distance": None}
+    stacked = torch.stack(updates).float()
+    benign = [i for i, m in enumerate(is_malicious) if not m]
+    dist = None
+    if benign:
+        dist = (stacked - stacked[benign].mean(dim=0)).norm(dim=1).tolist()
+    return {"update_norms": stacked.norm(dim=1).tolist(), "benign_mean_distance": dist}
 
 
 def _attach_lora_aggregation(server: Server, engine):

@@ -209,6 +209,10 @@ class Server:
             for j, i in enumerate(kept):
                 weights_full[i] = float(rule_weights[j])
             info = res.info
+            received = getattr(res, "received", None)  # a server_view hook replaced updates (full-knowledge attack)
+            if received is not None:
+                stacked = received.to(stacked.dtype)
+                stats["received"] = {r.client_id: stacked[j] for j, r in enumerate(kept_results)}
             compare_weights.update(self._compare_weights(stacked, num_samples, kept_results, kept, len(results)))
             stats["aggregator_info"] = _jsonable(info)
             skipped = _rule_skipped(info, rule_weights, delta)

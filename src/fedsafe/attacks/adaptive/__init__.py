@@ -9,9 +9,10 @@ One module per attack, each citing its paper and formula, each a pure function o
     minmax/minsum  Shejwalkar & Houmansadr (NDSS 2021): mu + gamma h/||h||, largest gamma within the benign
                    max (summed) distances
     mixing         trains on a share of normal data mixed into the unaligned data
-    probe_evasion  keeps the probe's slice (first layer's LoRA B) at the benign shadows' value; start_round
-                   (every attack) attacks only from round k
-    collusion      sybils send one identical update (or it with small noise), FoolsGold's case
+    probe_evasion  keeps the probe's slice (first layer's LoRA B) at the benign shadows' value, or trains it on
+                   normal data only (slice: normal_data); start_round (every attack) attacks only from round k
+    collusion      sybils send one identical update (or it with small noise), FoolsGold's case; each sybil
+                   trains it itself from a shared seed and shared data (no communication)
 
 Configured per malicious role: ``roles: [{name: malicious, ..., attack: {name: alie, knowledge: partial}}]``.
 Where they run: :mod:`fedsafe.attacks.adaptive.plugin`.

@@ -3,21 +3,26 @@
 Hooks (fedsafe.plugins, issue 16):
 
 - ``local_training``: wraps the trainer. A client of an attacked role trains on ``benign_data`` before its
-  ``start_round`` (late start), on the mixed data of ``mixing``, else honestly on its own (unaligned) data:
-  that is the harmful update h.
+  ``start_round`` (late start), on the mixed data of ``mixing``, with the probe's slice trained on normal data
+  only (``probe_evasion`` with ``slice: normal_data``), or on the role's shared data with a shared seed
+  (``collusion``), else honestly on its own (unaligned) data: that is the harmful update h.
 - ``client_update`` (``knowledge: partial``, client-side, so it runs inside Flower ClientApps): the
   malicious client trains ``shadows`` benign shadow updates from the global adapter it received on its own
   ``benign_data``, takes their mean / std / distances, and replaces h by the crafted update before sending.
-  Collusion shares the role's first update of the round (in-process only).
+  Collusion adds each sybil's seeded noise to the shared update (no state shared between clients: each sybil
+  trains the shared update itself, :mod:`~fedsafe.attacks.adaptive.collusion`, so it works across ClientApps).
 - ``server_view`` (``knowledge: full``, simulation only): wraps the rule and replaces every malicious
   client's update by the crafted one, computed from the benign clients' actual updates of that round, right
   before the rule sees them. ALIE and Min-Max/Min-Sum then send one update per role, crafted from the mean of
   the role's harmful updates, as the papers' colluding attackers do; with partial knowledge each attacker
   crafts from its own h (the shadows are shared per role in one process, the directions are not).
 
-Known gap: the round record's ``cosine`` matrix (stealth analysis) is computed from the clients' results, so
-with ``knowledge: full`` it shows the honest h, not the crafted update the rule saw (partial knowledge logs the
-crafted one). A probe with ``level: step`` also receives the honest step reports.
+Stealth statistics: with ``knowledge: full`` the view hands the crafted updates back to the server
+(``AggregationResult.received``), so the round record's ``cosine``, ``update_norms`` and
+``benign_mean_distance``, the ``aggregator.compare`` weights and the malicious clients' ``update_norm`` describe
+the crafted updates the rule saw (``honest_update_norm``: h), as with partial knowledge, where the client sends
+the crafted update itself. Known gap: a probe with ``level: step`` still receives the honest step reports, and
+the ``server_view_attack`` recorder (outside this view) the honest updates.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class AdaptiveAttack(Plugin):
                   for role, a in self.attacks.items()}
         self.benign_pools = {role: self._load_benign(a) for role, a in self.attacks.items()}
         self._shadow_cache: dict[tuple, torch.Tensor] = {}
-        self._leader: dict[tuple, torch.Tensor] = {}
+        self._sybil_data: dict[str, ClientData] = {}
         self._masks: dict[str, torch.Tensor] = {}
         self.round = 0
 
@@ -115,6 +120,31 @@ class AdaptiveAttack(Plugin):
         if not examples:
             raise ValueError(f"attack {attack.name}: benign_data gives no example")
         return examples
+
+    def sybil_client(self, role: str) -> ClientData:
+        """Collusion: the shared client every sybil of ``role`` trains as (same id, data and seeds in every
+        process): ``shared_samples`` rows of ``shared_data`` (default the role's own data sources)."""
+        if role not in self._sybil_data:
+            from fedsafe.data import load_pool
+            from fedsafe.data.format import tokenize_rows
+
+            attack = self.attacks[role]
+            r_idx, role_cfg = next((i, r) for i, r in enumerate(self.ctx.roles) if r.name == role)
+            data = getattr(self.ctx, "data", None)
+            sources = attack.shared_data or role_cfg.data
+            if not sources:
+                raise ConfigError(f"roles[{r_idx}].attack.shared_data: collusion needs data every sybil holds "
+                                  "(the role has no data sources)")
+            k = attack.shared_samples or role_cfg.samples_per_client or getattr(data, "samples_per_client", 32)
+            rows = load_pool(sources, derive_seed(self.seed, role, "sybil-pool") % (2 ** 31),
+                             getattr(self.ctx, "generator_cache", None))
+            rows = random.Random(derive_seed(self.seed, role, "sybil-data")).sample(rows, min(k, len(rows)))
+            examples = tokenize_rows(self.ctx.tokenizer, rows, getattr(data, "max_length", 256),
+                                     getattr(data, "system_prompt", None))
+            if not examples:
+                raise ConfigError(f"roles[{r_idx}].attack.shared_data: no usable example for the sybils")
+            self._sybil_data[role] = ClientData(f"{role}_sybil", role, examples, malicious=True)
+        return self._sybil_data[role]
 
     def _sample_benign(self, role: str, k: int, *seed_parts) -> list:
         pool = self.benign_pools[role]
@@ -167,16 +197,16 @@ class AdaptiveAttack(Plugin):
 
     def client_update(self, result: ClientResult, client: ClientData, global_vec, rc: RoundConfig,
                       trainer) -> ClientResult:
-        """Partial knowledge: craft from the attacker's own benign shadows; collusion: share the leader."""
+        """Partial knowledge: craft from the attacker's own benign shadows; collusion: the sybil's noise on the
+        shared update it trained (AdaptiveTrainer)."""
         found = self.attack_of(client.client_id, client.role)
         if found is None or rc.round < found[1].start_round:
             return result
         role, attack = found
         if attack.name == "collusion":
-            key = (role, rc.round)
-            leader = self._leader.setdefault(key, result.update.clone())
-            self._leader = {key: leader}
-            update, info = craft(attack, result.update, None, self.n, self.f[role], leader=leader,
+            if attack.noise == 0:
+                return result
+            update, info = craft(attack, result.update, None, self.n, self.f[role],
                                  noise_seed=derive_seed(self.seed, rc.round, client.client_id, "sybil"))
             return self._replaced(result, update, attack, info)
         if attack.knowledge != "partial" or not attack.uses_statistics:
@@ -249,6 +279,20 @@ class AdaptiveTrainer:
             client = replace(client, examples=mix_examples(
                 client.examples, self.plugin.benign_pools[role], attack.normal_share,
                 derive_seed(self.plugin.seed, client.client_id, "mixing")))
+        elif attack.name == "collusion":  # every sybil trains the role's shared update itself (no shared state)
+            shared = self.plugin.sybil_client(role)
+            result = self.inner.fit(shared, global_vec, rc, None)
+            result = replace(result, client_id=client.client_id)
+            result.metrics.pop("seen_examples", None)  # indices into the shared data, not this client's
+            result.metrics.update({"attack": attack.name, "attack_phase": "attack_shared_update"})
+            return result
+        elif attack.name == "probe_evasion" and attack.slice == "normal_data":
+            from fedsafe.attacks.adaptive.probe_evasion import train_slice_on_normal
+
+            result = train_slice_on_normal(self.inner, client, self.plugin.benign_pools[role], global_vec, rc,
+                                           self.plugin._mask(attack, self.inner.flat))
+            result.metrics.update({"attack": attack.name, "attack_phase": "attack_slice_normal_data"})
+            return result
         result = self.inner.fit(client, global_vec, rc, client_state)
         result.metrics.update({"attack": attack.name, "attack_phase": phase})
         return result
@@ -272,6 +316,8 @@ class FullKnowledgeView:
     def __call__(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]):
         crafted, info = self.plugin.replace_full(self.plugin.round, updates, client_ids)
         result = self.inner(crafted, num_samples, client_ids)
+        if crafted is not updates:  # the server's stealth statistics describe what it received (fedsafe.fl.loop)
+            result.received = crafted
         if info:
             result.info = {**result.info, "adaptive_attack": {c: {k: v for k, v in i.items()} for c, i in info.items()}
                            if "skipped" not in info else info}
