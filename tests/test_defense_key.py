@@ -261,3 +261,17 @@ def test_tiny_run_with_the_defense_runs_the_probe_and_posthoc(tmp_path):
     assert max(float((final[k] - defended[k]).abs().max()) for k in final) > 0
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert stored["aggregator"]["name"] == "probe" and stored["posthoc"]["enabled"] is True
+
+
+def test_a_defense_name_then_one_of_its_fields_in_the_same_overrides():
+    from fedsafe.config import apply_override
+    from fedsafe.errors import ConfigError
+
+    data = {}
+    apply_override(data, "defense", "probe_posthoc")
+    apply_override(data, "defense.level", 2)
+    assert data == {"defense": {"name": "probe_posthoc", "level": 2}}
+    cfg = load_config(None, ["defense=probe_posthoc", "defense.level=2"])
+    assert cfg.posthoc.level == 2 and cfg.posthoc.enabled
+    with pytest.raises(ConfigError, match=r"fl.rounds is 3, not a section"):
+        apply_override({"fl": {"rounds": 3}}, "fl.rounds.x", 1)

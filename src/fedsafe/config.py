@@ -489,7 +489,11 @@ def apply_override(data: dict, key: str, value: Any) -> None:
             continue
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
+        elif i == 0 and part == "defense" and isinstance(node[part], str):
+            node[part] = {"name": node[part]}  # `defense: <name>` is short for {name: <name>}: a field can follow
         node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is {node!r}, not a section or list")
     last = parts[-1]
     if isinstance(node, list):
         node[_index(last, key, len(node))] = value
