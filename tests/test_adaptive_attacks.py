@@ -209,27 +209,11 @@ def _experiment(tmp_path, attack: dict | None, **over):
 
 
 def test_probe_evasion_lowers_the_probes_score_on_the_tiny_model(tmp_path, test_seed):
-    from fedsafe.aggregators.base import RoundContext
     from fedsafe.attacks.adaptive.plugin import AdaptiveAttack
-    from fedsafe.data.format import tokenize_rows
-    from fedsafe.defenses.shadow import ShadowTrainer
-    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
-    from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
     from fedsafe.plugins import RunContext, Setup
 
-    tok = byte_tokenizer()
-    model = attach_lora(tiny_llama(tok, seed=test_seed), r=4, alpha=8, seed=test_seed)
-    trainer = LocalTrainer(model, tok)
-    ex = lambda rows: tokenize_rows(tok, rows, 64)  # noqa: E731
-    g = trainer.flat.get()
-    rc = RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3)
     # the server's probe, fitted on its own shadows (rows no client holds)
-    shadow = ShadowTrainer(trainer, ex(_rows("benign", 40, 5000)), ex(_rows("malicious", 40, 5000)),
-                           benign_shadows=3, malicious_shadows=3, samples_per_shadow=6, steps=2, seed=test_seed)
-    probe = aggregators.get("probe")
-    probe.prepare(RoundContext(round=1, global_vec=g, round_config=rc, shadow=shadow))
-    clients = [ClientData(f"client_0{i}", "malicious" if i >= 3 else "benign",
-                          ex(_rows("malicious" if i >= 3 else "benign", 6, 1000 + 10 * i)), i >= 3) for i in range(6)]
+    tok, model, trainer, g, rc, probe, clients = _probe_and_clients(test_seed)
     results = [trainer.fit(c, g, rc) for c in clients]  # plain data poisoning: send h
     cfg = _experiment(tmp_path, {"name": "probe_evasion"}, seed=test_seed)
     ctx = RunContext(**vars(Setup.from_config(cfg)), model=model, tokenizer=tok, flat=trainer.flat, clients=clients)
