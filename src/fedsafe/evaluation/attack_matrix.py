@@ -146,7 +146,8 @@ def plot_heatmap(matrix: dict, metric: str, path: Path) -> Path | None:
                 grid[i, j] = c[0]
     if np.isnan(grid).all():
         return None
-    fig, ax = plt.subplots(figsize=(1.3 + 1.25 * len(defenses), 1.0 + 0.55 * len(attacks)))
+    # at least 5 inches wide: the two-line title must fit over a matrix of one or two defenses
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 + 1.25 * len(defenses)), 1.0 + 0.55 * len(attacks)))
     cmap = "RdYlGn" if metric == "rule" else "RdYlGn_r"
     im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0 if metric == "rule" else None,
                    vmax=100 if metric == "rule" else None)
@@ -159,7 +160,7 @@ def plot_heatmap(matrix: dict, metric: str, path: Path) -> Path | None:
                 ax.text(j, i, _fmt(c).replace(" [", "\n["), ha="center", va="center", fontsize=7)
             if is_worst(matrix, metric, a, d):
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
-    ax.set_title(METRICS[metric][0] + "\nboxed: the worst attack per defense", fontsize=9)
+    ax.set_title(METRICS[metric][0].replace(" (", "\n(", 1) + "\nboxed: the worst attack per defense", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +237,10 @@ def plot_stealth(stealth: dict, path: Path) -> Path | None:
         ax2.boxplot([stealth[a]["probe"] for a in probe], patch_artist=True, boxprops={"facecolor": "#fc9272"})
         ax2.set_xticks(range(1, len(probe) + 1), probe, rotation=35, ha="right")
         ax2.axhline(0.8, ls="--", c="grey", lw=1)
+    else:  # say why the panel is empty rather than leave bare axes
+        ax2.text(0.5, 0.5, "no probe in this grid", ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_xticks([])
+        ax2.set_yticks([])
     ax2.set_title("probe probability, malicious\nclients (dashed: threshold)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
