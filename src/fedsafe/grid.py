@@ -231,7 +231,8 @@ def parse_seeds(text: str) -> list[int]:
             return list(range(n))
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a list such as 0,4,7") from None
+        raise ConfigError(f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a list such as 0,4,7 "
+                          "(one seed: 0, with the comma)") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: give distinct seeds, e.g. 0,4,7")
     return seeds
