@@ -71,6 +71,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Many tiny training steps: on a shared, oversubscribed CPU one torch thread is ~5x faster (unless the suite
+    runs on a chosen thread count, FEDSAFE_TEST_THREADS). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    if os.environ.get("FEDSAFE_TEST_THREADS"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FEDSAFE_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
         return

@@ -3,7 +3,6 @@ probe evasion on the tiny model, the plug-in's partial/full knowledge paths, and
 
 import json
 import math
-import os
 from statistics import NormalDist
 
 import pytest
@@ -177,16 +176,7 @@ def _write(path, rows):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many tiny training steps: on a shared, oversubscribed CPU one thread is faster (as in test_probe)
-    if os.environ.get("FEDSAFE_TEST_THREADS"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny training steps (conftest)
 
 
 def _experiment(tmp_path, attack: dict | None, **over):
@@ -225,12 +215,8 @@ def test_probe_evasion_lowers_the_probes_score_on_the_tiny_model(tmp_path, test_
         assert torch.equal(e.update[~mask], r.update[~mask]) and not torch.equal(e.update[mask], r.update[mask])
         assert e.metrics["attack"] == "probe_evasion"
 
-    def probability(res):
-        out = probe(torch.stack([r.update for r in res]), torch.full((6,), 6.0), [c.client_id for c in clients])
-        return [out.info["probe"]["probability"][c.client_id] for c in clients[3:]], out
-
-    plain_p, _ = probability(results)
-    evaded_p, out = probability(evaded)
+    plain_p, _ = _malicious_probabilities(probe, clients, results)
+    evaded_p, out = _malicious_probabilities(probe, clients, evaded)
     # the slice the probe reads is now a benign-data update (the attacker's own benign shadows), so the probe sees
     # benign clients; with plain poisoning it flags them (test_probe's margins: malicious p >= 0.94)
     assert min(plain_p) - max(evaded_p) > 0.5, (plain_p, evaded_p)
@@ -306,6 +292,13 @@ def test_full_knowledge_stealth_statistics_describe_the_crafted_updates(tmp_path
         assert sum(rec["compare_weights"]["krum"][i] for i in mal) == pytest.approx(1.0)
 
 
+def _malicious_probabilities(probe, clients, results):
+    """The probe's probabilities for the malicious clients (the last three) on these updates, and its result."""
+    out = probe(torch.stack([r.update for r in results]), torch.full((len(results),), 6.0),
+                [c.client_id for c in clients])
+    return [out.info["probe"]["probability"][c.client_id] for c in clients[3:]], out
+
+
 def _probe_and_clients(test_seed):
     """The tiny model, a trainer, the server's probe fitted on its own shadows, 3 benign + 3 malicious clients."""
     from fedsafe.aggregators.base import RoundContext
@@ -360,12 +353,8 @@ def test_probe_evasion_normal_data_slice_trains_one_model_that_evades_the_probe(
         benign_slice = torch.stack([b.update[mask] for b in results[:3]]).mean(0)
         assert float(cos(e.update[mask], benign_slice, dim=0)) > float(cos(e.update[mask], r.update[mask], dim=0))
 
-    def probability(res):
-        out = probe(torch.stack([r.update for r in res]), torch.full((6,), 6.0), [c.client_id for c in clients])
-        return [out.info["probe"]["probability"][c.client_id] for c in clients[3:]], out
-
-    plain_p, _ = probability(results)
-    evaded_p, out = probability(evaded)
+    plain_p, _ = _malicious_probabilities(probe, clients, results)
+    evaded_p, out = _malicious_probabilities(probe, clients, evaded)
     assert min(plain_p) - max(evaded_p) > 0.5, (plain_p, evaded_p)
     assert not set(out.info["probe"]["flagged"]) & {"client_03", "client_04", "client_05"}
 

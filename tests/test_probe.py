@@ -1,7 +1,6 @@
 """Safe-FedLLM probe: shadow training without an oracle, separation of planted attackers, weighting modes,
 composition with other rules, and refusal under secure aggregation."""
 
-import os
 
 import numpy as np
 import pytest
@@ -45,17 +44,7 @@ def _shadow(trainer, ex, seed=0, per_class=3, steps=2, start=0):
                          malicious_shadows=per_class, samples_per_shadow=6, steps=steps, seed=seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these tests run many tiny training steps; on a shared, oversubscribed CPU one thread is ~5x faster
-    # (unless the suite is run on a chosen thread count, FEDSAFE_TEST_THREADS)
-    if os.environ.get("FEDSAFE_TEST_THREADS"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny training steps (conftest)
 
 
 RC = RoundConfig(round=1, lr=5e-3, local_steps=2, batch_size=3)
