@@ -317,21 +317,14 @@ def leakage_utility_rows(run_dirs) -> list[dict]:
 
     ``run_dirs`` may hold grid directories: their runs are read in turn (:func:`expand_run_dirs`).
     """
-    import json
-
     import yaml
+
+    from fedsafe.rundir import RunDir
 
     rows = []
     for rd in expand_run_dirs(run_dirs):
         cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
-        records = []
-        metrics = rd / "metrics.jsonl"
-        if metrics.exists():
-            for line in metrics.read_text(encoding="utf-8").splitlines():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        records = RunDir(rd).records()
         priv = [r for r in records if r.get("type") == "privacy"]
         if not priv:
             continue

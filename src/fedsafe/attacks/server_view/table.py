@@ -12,7 +12,6 @@ aggregation, 4 bytes per float otherwise). ``sees``: whether the server actually
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -31,17 +30,12 @@ def server_view_rows(run_dirs) -> list[dict]:
     import yaml
 
     from fedsafe.evaluation.leakage import defense_label, expand_run_dirs
+    from fedsafe.rundir import RunDir
 
     rows = []
     for rd in expand_run_dirs(run_dirs):
         cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
-        recs = []
-        metrics = rd / "metrics.jsonl"
-        for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        recs = RunDir(rd).records()
         sv = [r for r in recs if r.get("type") == "server_view"]
         if not sv:
             continue
