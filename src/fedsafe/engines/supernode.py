@@ -69,26 +69,15 @@ def cap_supernode_waits(poll_s: float) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" in argv:  # everything after "--" is Flower's
-        own, flwr_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    else:  # a wrapper (the warm worker's launcher) may have consumed the "--": split by name
-        own, flwr_args = [], []
-        i = 0
-        while i < len(argv):
-            if argv[i] == "--poll" and i + 1 < len(argv):
-                own += argv[i:i + 2]
-                i += 2
-            elif argv[i].startswith("--poll="):
-                own.append(argv[i])
-                i += 1
-            else:
-                flwr_args.append(argv[i])
-                i += 1
     parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.supernode",
                                      description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_S,
                         help="cap in seconds on the SuperNode's waits (0: Flower's own 3 s / 0.5 s)")
-    args = parser.parse_args(own)
+    if "--" in argv:  # everything after "--" is Flower's
+        split = argv.index("--")
+        args, flwr_args = parser.parse_args(argv[:split]), argv[split + 1:]
+    else:  # a wrapper (the warm worker's launcher) may have consumed the "--": the rest is Flower's, in order
+        args, flwr_args = parser.parse_known_args(argv)
     if args.poll < 0:
         parser.error(f"--poll must be >= 0 seconds, got {args.poll}")
     if args.poll > 0:
