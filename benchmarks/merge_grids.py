@@ -1,0 +1,97 @@
+"""Seeds of one grid run in several grid directories: one table of means with 95% intervals, and paired differences.
+
+    .venv/bin/python benchmarks/merge_grids.py GRID_DIR [GRID_DIR ...] [--reference no_attack/no_attack]
+        [--pair "fedavg/attack:probe_gap/attack" ...]
+
+A long grid is often run in pieces (``--seeds 1,2 --only ...`` one day, other settings the next). Each piece
+writes its own ``results.csv`` and ``outcomes.jsonl``; this script reads them all and summarises them as
+``fedsafe grid`` would have in one directory (``fedsafe.report.summarize``: the two-stage bootstrap over seeds
+and prompts). Rows are keyed by ``<matrix cell>/<scenario>``, where the cell is the setting name without its
+last matrix axis (``probe_gap-posthoc`` and ``probe_gap-none`` share training, so their ``attack`` rows are the
+same run) and the scenario is ``attack``, ``attack_posthoc``, ``no_attack`` ... Paired differences (``b - a``,
+by seed and prompt, ``fedsafe.stats.paired_difference``) are printed against ``--reference`` and for each
+``--pair a:b``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fedsafe.report import summarize  # noqa: E402
+from fedsafe.stats import paired_difference, paired_seed_difference  # noqa: E402
+
+AXIS_SUFFIXES = ("-none", "-posthoc")  # the defense axis of configs/probe_grid.yaml and configs/adaptive*.yaml
+
+
+def cell(setting: str) -> str:
+    for suffix in AXIS_SUFFIXES:
+        if setting.endswith(suffix):
+            return setting[: -len(suffix)]
+    return setting
+
+
+def read(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
+    rows, outcomes = [], []
+    for d in dirs:
+        for r in csv.DictReader(open(d / "results.csv", newline="")):
+            row = {k: (float(v) if v not in ("", None) and k not in ("setting", "scenario", "method", "defense")
+                       else (v or None)) for k, v in r.items()}
+            row["seed"], row["setting"] = int(row["seed"]), cell(r["setting"])
+            rows.append(row)
+        for line in open(d / "outcomes.jsonl"):
+            rec = json.loads(line)
+            rec["setting"] = cell(rec["setting"])
+            outcomes.append(rec)
+    return rows, outcomes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("grid_dirs", nargs="+", type=Path)
+    ap.add_argument("--reference", default="no_attack/no_attack", help="<cell>/<scenario> to compare every row with")
+    ap.add_argument("--pair", action="append", default=[], help="a:b, each <cell>/<scenario>: print b - a")
+    args = ap.parse_args()
+    groups = summarize(*read(args.grid_dirs))
+    by = {f"{g['setting']}/{g['scenario']}": g for g in groups}
+
+    def est(e, digits=1):
+        if e is None:
+            return "-"
+        return f"{e.mean:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}]" if e.lo is not None else f"{e.mean:.{digits}f}"
+
+    print("| row | seeds | Rule | over-refusal | helpfulness proxy | Rule per seed |")
+    print("|---|---|---|---|---|---|")
+    for key, g in by.items():
+        m = g["metrics"]
+        per_seed = " / ".join(f"{g['per_seed'][s].get('rule'):.1f}" for s in sorted(g["per_seed"]))
+        print(f"| {key} | {' '.join(map(str, g['seeds']))} | {est(m.get('rule'))} | {est(m.get('over_refusal'))} | "
+              f"{est(m.get('helpfulness_proxy'), 3)} | {per_seed} |")
+
+    def paired(a_key: str, b_key: str) -> None:
+        a, b = by.get(a_key), by.get(b_key)
+        if a is None or b is None:
+            print(f"{b_key} - {a_key}: missing ({', '.join(k for k in (a_key, b_key) if k not in by)})")
+            return
+        rule = paired_difference({s: v.get("rule") for s, v in a["per_prompt"].items()},
+                                 {s: v.get("rule") for s, v in b["per_prompt"].items()})
+        proxy = paired_seed_difference({s: v.get("helpfulness_proxy") for s, v in a["per_seed"].items()},
+                                       {s: v.get("helpfulness_proxy") for s, v in b["per_seed"].items()})
+        print(f"{b_key} - {a_key}: Rule {rule.mean:+.1f} [{rule.lo:+.1f}, {rule.hi:+.1f}] (seeds "
+              f"{sorted(set(a['seeds']) & set(b['seeds']))}); helpfulness proxy {proxy.mean:+.3f}")
+
+    for key in by:
+        if key != args.reference:
+            paired(args.reference, key)
+    for pair in args.pair:
+        paired(*pair.split(":", 1))
+
+
+if __name__ == "__main__":
+    main()
