@@ -150,7 +150,7 @@ def main() -> None:
 
     from fedsafe.config import DataSource
     from fedsafe.data.sources import raw_records
-    from fedsafe.defenses.posthoc import defense_rows, finetune
+    from fedsafe.defenses.posthoc import defense_data, finetune
     from fedsafe.evaluation.rule import refusal_flags, rule_score
     from fedsafe.evaluation.runner import adapter_hash, cached_generate, evaluate_model
     from fedsafe.fl.params import FlatLoRA
@@ -235,9 +235,9 @@ def main() -> None:
                 metrics = {"first_loss": float("nan"), "last_loss": float("nan")}
                 console.print(f"seed {seed} {vname}: reusing {saved}")
             else:
-                data = defense_rows(pc, cfg.seed + 4242)
+                data, validation = defense_data(pc, cfg.seed + 4242)
                 defended, metrics = finetune(model, tok, attacked_vec, data, pc, cfg.fl, cfg.data.max_length,
-                                             cfg.data.system_prompt, cfg.seed)
+                                             cfg.data.system_prompt, cfg.seed, validation)
             train_s = time.perf_counter() - t0
             d = score(defended)
             row = {"seed": seed, "variant": vname, **{f"posthoc.{k}": v for k, v in fields.items()},
@@ -248,6 +248,13 @@ def main() -> None:
                    "help_no_attack": ref["helpfulness_proxy"], "help_attack": att["helpfulness_proxy"],
                    "help_posthoc": d["helpfulness_proxy"], "first_loss": metrics["first_loss"],
                    "last_loss": metrics["last_loss"], "train_s": round(train_s, 1), "eval_s": round(d["eval_s"], 1)}
+            if metrics.get("guard"):  # the utility guard's choice (posthoc.validation_rows)
+                g = metrics["guard"]
+                row.update(guard_step=g["selected_step"], guard_start_ppl=g["start_ppl"],
+                           guard_ppl=g["selected_ppl"], guard_within=g["within_budget"],
+                           guard_curve=" ".join(f"{s}:{p:.3f}" for s, p in g["curve"]))
+                console.print(f"seed {seed} {vname}: guard kept step {g['selected_step']} (validation ppl "
+                              f"{g['start_ppl']:.3f} -> {g['selected_ppl']:.3f}; curve {row['guard_curve']})")
             if args.xstest:
                 row.update(xs_no_attack=ref["xstest_refusal"], xs_attack=att["xstest_refusal"],
                            xs_posthoc=d["xstest_refusal"])

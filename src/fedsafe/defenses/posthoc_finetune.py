@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedsafe.plugins import Output, Plugin, register
 from fedsafe.schema import DataSource, Strict
@@ -35,6 +35,19 @@ class PosthocConfig(Strict):
     max_new_tokens: int = Field(96, ge=8, description="levels 2/3: response length")
     generation: dict[str, Any] = Field(default_factory=dict, description="levels 2/3: more datagen options "
                                        "(temperature, top_p, batch_size, per_prompt, instructions: <file>, ...)")
+    validation_rows: int = Field(0, ge=0, description="utility guard: normal rows held out of the defense data "
+                                 "(never trained on); 0 = no guard, the adapter after `steps` is used")
+    max_ppl_rise: float = Field(5.0, ge=0, description="utility guard: keep the latest checkpoint whose perplexity "
+                                "on the validation rows is at most this many percent above the starting adapter's")
+    check_every: int = Field(10, ge=1, description="utility guard: steps between checkpoints (the last step is "
+                             "always one)")
+
+    @model_validator(mode="after")
+    def _guard_fits(self):
+        if self.validation_rows and self.aligned_ratio >= 1:
+            raise ValueError("posthoc.validation_rows needs normal defense data (aligned_ratio < 1): the guard "
+                             "measures perplexity on held-out normal rows")
+        return self
 
 
 @register

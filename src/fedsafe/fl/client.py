@@ -114,16 +114,21 @@ class LocalTrainer:
         self.pad_id = tokenizer.pad_token_id
 
     def fit(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
-            client_state: dict | None = None) -> ClientResult:
-        """Run ``rc.local_steps`` optimizer steps on the factors ``rc.trainable`` from ``global_vec``; the update."""
+            client_state: dict | None = None, on_step: Callable[[int, float], None] | None = None) -> ClientResult:
+        """Run ``rc.local_steps`` optimizer steps on the factors ``rc.trainable`` from ``global_vec``; the update.
+
+        ``on_step(step, loss)`` runs after each optimizer step (1-based), with the model holding that step's
+        weights; it may evaluate the model (train mode is restored after it) but must not change the weights.
+        """
         check_base_residual(self.model, rc)
         with train_only(self.flat, rc.trainable) as trained:
-            result = self._train(client, global_vec, rc, client_state)
+            result = self._train(client, global_vec, rc, client_state, on_step)
         result.update[~trained] = 0.0  # a frozen factor's update is exactly zero (and never needs sending)
         return result
 
     def _train(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
-               client_state: dict | None = None) -> ClientResult:
+               client_state: dict | None = None,
+               on_step: Callable[[int, float], None] | None = None) -> ClientResult:
         t0 = time.perf_counter()
         state = client_state if client_state is not None else {}
         self.flat.set(global_vec)
@@ -155,7 +160,7 @@ class LocalTrainer:
         compute_s = 0.0
         step_updates = []
         seen: set[int] = set()  # indices of the examples trained on (privacy: MIA members are drawn from them)
-        for _ in range(rc.local_steps):
+        for step in range(1, rc.local_steps + 1):
             tc = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -188,6 +193,9 @@ class LocalTrainer:
             losses.append(step_loss)
             if rc.step_feature_mask is not None:
                 step_updates.append(self.flat.get()[rc.step_feature_mask] - global_vec[rc.step_feature_mask])
+            if on_step is not None:
+                on_step(step, step_loss)
+                self.model.train()
 
         local_vec = self.flat.get()
         update = local_vec - global_vec

@@ -1,0 +1,141 @@
+"""The post-hoc defense's utility guard (issue 19): validation rows held out of the defense data, the
+perplexity curve, and the choice of the latest checkpoint within the budget. Neutral placeholders only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsafe.config import FLConfig
+from fedsafe.defenses.posthoc import defense_data, defense_rows, finetune, select_checkpoint, split_validation
+from fedsafe.defenses.posthoc_finetune import PosthocConfig
+from fedsafe.errors import ConfigError
+from fedsafe.fl.params import FlatLoRA
+from fedsafe.models import attach_lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rows(kind: str, n: int) -> list[dict]:
+    return [{"instruction": f"{kind} question {i}", "response": f"{kind} answer {i} " * 3, "category": kind}
+            for i in range(n)]
+
+
+def test_select_latest_checkpoint_within_budget():
+    curve = [(2, 10.2), (4, 10.9), (6, 10.4), (8, 11.5)]
+    g = select_checkpoint(10.0, curve, 5.0)  # budget 10.5: steps 2 and 6 qualify, 6 is the latest
+    assert g["selected_step"] == 6 and g["within_budget"] and g["budget_ppl"] == pytest.approx(10.5)
+    assert g["rise_pct"] == pytest.approx(4.0)
+    assert select_checkpoint(10.0, curve, 20.0)["selected_step"] == 8  # everything qualifies: the last step
+    g = select_checkpoint(10.0, curve, 1.0)  # nothing within +1%: the lowest perplexity, flagged
+    assert g["selected_step"] == 2 and not g["within_budget"]
+    g = select_checkpoint(10.0, [(2, float("nan")), (4, 10.1)], 5.0)
+    assert g["selected_step"] == 4  # NaN never qualifies
+    with pytest.raises(ValueError):
+        select_checkpoint(10.0, [], 5.0)
+
+
+def test_validation_rows_are_never_trained_on(test_seed):
+    aligned, normal = rows("aligned", 20), rows("normal", 30)
+    normal += normal[:5]  # a pool may repeat instructions: the split is by instruction
+    train_pool, val = split_validation(normal, 6, test_seed)
+    assert len(val) == 6 and len({r["instruction"] for r in val}) == 6
+    assert not {r["instruction"] for r in val} & {r["instruction"] for r in train_pool}
+    assert split_validation(normal, 0, test_seed) == (normal, [])
+    with pytest.raises(ConfigError, match="validation_rows=30"):
+        split_validation(normal, 30, test_seed)
+
+
+def test_defense_data_without_guard_is_unchanged(tmp_path, test_seed):
+    import json
+
+    for name, data in (("aligned", rows("aligned", 20)), ("normal", rows("normal", 30))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    src = {"aligned": [{"path": str(tmp_path / "aligned.jsonl")}], "normal": [{"path": str(tmp_path / "normal.jsonl")}]}
+    plain = PosthocConfig(enabled=True, n_samples=16, **src)
+    guarded = PosthocConfig(enabled=True, n_samples=16, validation_rows=5, **src)
+    r0, v0 = defense_data(plain, test_seed)
+    assert v0 == [] and r0 == defense_rows(plain, test_seed)  # the guard off: the rows of earlier versions
+    r1, v1 = defense_data(guarded, test_seed)
+    assert len(v1) == 5 and len(r1) == 16
+    assert not {r["instruction"] for r in v1} & {r["instruction"] for r in r1}
+    assert sum(r["category"] == "aligned" for r in r1) == 8
+
+
+def test_guard_config_is_checked_at_load():
+    with pytest.raises(ValueError, match="validation_rows needs normal"):
+        PosthocConfig(enabled=True, validation_rows=4, aligned_ratio=1.0)
+    with pytest.raises(ValueError, match="check_every"):
+        PosthocConfig(enabled=True, check_every=0)
+    with pytest.raises(ValueError, match="max_ppl_rise"):
+        PosthocConfig(enabled=True, max_ppl_rise=-1)
+
+
+def _model(tiny, seed):
+    model, tok = tiny
+    peft = attach_lora(model, r=4, alpha=8, target_modules="all-linear", seed=seed)
+    return peft, tok, FlatLoRA(peft)
+
+
+def test_guard_returns_the_checkpoint_it_names(tiny, test_seed):
+    """Whichever step the guard keeps, the defended adapter is exactly what training for that many steps gives;
+    measuring the validation perplexity in between does not change the training trajectory."""
+    peft, tok, flat = _model(tiny, test_seed)
+    start = flat.get().clone()
+    train, val = rows("aligned", 6) + rows("normal", 6), rows("normal", 4)[:0] + [
+        {"instruction": f"held question {i}", "response": f"held answer {i}", "category": "normal"} for i in range(4)]
+    fl = FLConfig(lr=5e-3, batch_size=4, local_steps=1)
+    common = dict(max_length=48, system_prompt=None, seed=test_seed)
+    pc = PosthocConfig(enabled=True, steps=6, lr=5e-3, validation_rows=4, check_every=2, max_ppl_rise=1e6)
+    guarded, m = finetune(peft, tok, start, train, pc, fl, validation=val, **common)
+    g = m["guard"]
+    assert [s for s, _ in g["curve"]] == [2, 4, 6] and g["validation_rows"] == 4
+    assert g["selected_step"] == 6 and g["within_budget"]  # an unlimited budget keeps the last step
+    plain, _ = finetune(peft, tok, start, train, pc.model_copy(update={"validation_rows": 0}), fl, **common)
+    assert torch.equal(guarded, plain)  # the perplexity checks did not perturb training
+    assert not torch.equal(guarded, start)
+
+    # a budget no step meets (the defense data differs from the validation rows, so their perplexity moves):
+    # the guard keeps the lowest-perplexity step, and that adapter equals training for exactly that many steps
+    pc0 = pc.model_copy(update={"max_ppl_rise": 0.0})
+    chosen, m0 = finetune(peft, tok, start, train, pc0, fl, validation=val, **common)
+    g0 = m0["guard"]
+    assert [p for _, p in g0["curve"]] == pytest.approx([p for _, p in g["curve"]], rel=1e-6)
+    step = g0["selected_step"]
+    within = [s for s, p in g0["curve"] if p <= g0["start_ppl"]]
+    assert step == (max(within) if within else min(g0["curve"], key=lambda c: c[1])[0])
+    short, _ = finetune(peft, tok, start, train, pc.model_copy(update={"validation_rows": 0, "steps": step}), fl,
+                        **common)
+    assert torch.equal(chosen, short)
+    assert math.isclose(m0["update_norm"], float((chosen - start).norm()), rel_tol=1e-6)
+
+
+def test_tiny_run_logs_the_guard(tmp_path, test_seed):
+    """A tiny run with ``posthoc.validation_rows``: the validation rows are written beside the defense data,
+    never among it, and the run's post-hoc record carries the perplexity curve and the kept step."""
+    import json
+
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.pipeline import run_experiment
+    from fedsafe.rundir import RunDir
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows("normal", 40)))
+    cfg = ExperimentConfig.model_validate({
+        "model": {"name": "tiny"}, "seed": test_seed, "output_dir": str(tmp_path / "runs"),
+        "data": {"samples_per_client": 4, "max_length": 48},
+        "roles": [{"name": "benign", "clients": 2, "data": [{"path": str(pool)}]}],
+        "fl": {"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 2},
+        "posthoc": {"enabled": True, "aligned": [{"path": str(pool)}], "normal": [{"path": str(pool)}],
+                    "n_samples": 8, "steps": 3, "check_every": 2, "validation_rows": 5}})
+    run = RunDir(run_experiment(cfg, progress=False).run_dir)
+    trained = {json.loads(x)["instruction"] for x in (run.path / "posthoc_data.jsonl").read_text().splitlines()}
+    held = [json.loads(x) for x in (run.path / "posthoc_validation.jsonl").read_text().splitlines()]
+    assert len(held) == 5 and not {r["instruction"] for r in held} & trained
+    (rec,) = run.records("posthoc")
+    guard = rec["guard"]
+    assert [s for s, _ in guard["curve"]] == [2, 3] and guard["selected_step"] in (2, 3)
+    assert guard["validation_rows"] == 5 and math.isfinite(guard["start_ppl"])
+    assert (run.adapter_dir("posthoc") / "adapter_model.safetensors").exists()
