@@ -11,6 +11,11 @@ last matrix axis (``probe_gap-posthoc`` and ``probe_gap-none`` share training, s
 same run) and the scenario is ``attack``, ``attack_posthoc``, ``no_attack`` ... Paired differences (``b - a``,
 by seed and prompt, ``fedsafe.stats.paired_difference``) are printed against ``--reference`` and for each
 ``--pair a:b``.
+
+Defense variants from ``benchmarks/posthoc_sweep.py`` (other post-hoc settings applied to a grid's trained
+adapters) join with ``--sweep SWEEP_CSV=CELL``: each variant V becomes the row ``<CELL>/attack_posthoc+V``.
+``--posthoc-label GRID_DIR=V`` names a grid directory's own post-hoc rows the same way (for pieces run with a
+post-hoc override such as ``--set posthoc.validation_rows=32``), so they merge with the sweep's variant V.
 """
 
 from __future__ import annotations
@@ -37,18 +42,50 @@ def cell(setting: str) -> str:
     return setting
 
 
-def read(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
+def _label(rec: dict, label: str | None) -> dict:
+    """Rows are keyed by cell and scenario only (method and defense follow from them); a labelled post-hoc row
+    becomes ``attack_posthoc+<label>``."""
+    rec["method"] = rec["defense"] = ""
+    if label and rec.get("scenario") == "attack_posthoc":
+        rec["scenario"] = f"attack_posthoc+{label}"
+    return rec
+
+
+def read(dirs: list[Path], labels: dict[Path, str] | None = None) -> tuple[list[dict], list[dict]]:
     rows, outcomes = [], []
+    labels = {Path(k).resolve(): v for k, v in (labels or {}).items()}
     for d in dirs:
+        label = labels.get(Path(d).resolve())
         for r in csv.DictReader(open(d / "results.csv", newline="")):
             row = {k: (float(v) if v not in ("", None) and k not in ("setting", "scenario", "method", "defense")
                        else (v or None)) for k, v in r.items()}
             row["seed"], row["setting"] = int(row["seed"]), cell(r["setting"])
-            rows.append(row)
+            rows.append(_label(row, label))
         for line in open(d / "outcomes.jsonl"):
             rec = json.loads(line)
             rec["setting"] = cell(rec["setting"])
-            outcomes.append(rec)
+            outcomes.append(_label(rec, label))
+    return rows, outcomes
+
+
+def read_sweep(path: Path, cell_name: str) -> tuple[list[dict], list[dict]]:
+    """A posthoc_sweep run (its CSV and ``<stem>.outcomes.jsonl``): each defended variant V as the rows of
+    ``<cell_name>/attack_posthoc+V`` (Rule and over-refusal per prompt, the proxy per seed)."""
+    rows, outcomes = [], []
+    for r in csv.DictReader(open(path, newline="")):
+        help_ = r.get("help_posthoc")
+        rows.append({"setting": cell_name, "scenario": f"attack_posthoc+{r['variant']}", "method": "",
+                     "defense": "", "seed": int(r["seed"]), "rule": float(r["rule_posthoc"]),
+                     "over_refusal": float(r["or_posthoc"]),
+                     "helpfulness_proxy": float(help_) if help_ not in ("", None) else None})
+    for line in open(path.with_name(path.stem + ".outcomes.jsonl")):
+        rec = json.loads(line)
+        if rec.get("role") != "posthoc":
+            continue
+        outcomes.append({"setting": cell_name, "scenario": f"attack_posthoc+{rec['variant']}", "method": "",
+                         "defense": "", "seed": rec["seed"], "prompt_ids": list(range(len(rec["rule"]))),
+                         "rule": rec["rule"], "over_refusal": rec["over_refusal"],
+                         "over_refusal_prompt_ids": list(range(len(rec["over_refusal"])))})
     return rows, outcomes
 
 
@@ -57,8 +94,19 @@ def main() -> None:
     ap.add_argument("grid_dirs", nargs="+", type=Path)
     ap.add_argument("--reference", default="no_attack/no_attack", help="<cell>/<scenario> to compare every row with")
     ap.add_argument("--pair", action="append", default=[], help="a:b, each <cell>/<scenario>: print b - a")
+    ap.add_argument("--sweep", action="append", default=[],
+                    help="SWEEP_CSV=CELL: benchmarks/posthoc_sweep.py variants as <CELL>/attack_posthoc+<variant>")
+    ap.add_argument("--posthoc-label", action="append", default=[],
+                    help="GRID_DIR=V: that directory's attack_posthoc rows become attack_posthoc+V")
     args = ap.parse_args()
-    groups = summarize(*read(args.grid_dirs))
+    labels = dict(item.rsplit("=", 1) for item in args.posthoc_label)
+    rows, outcomes = read(args.grid_dirs, labels)
+    for item in args.sweep:
+        path, _, cell_name = item.rpartition("=")
+        more = read_sweep(Path(path), cell_name)
+        rows += more[0]
+        outcomes += more[1]
+    groups = summarize(rows, outcomes)
     by = {f"{g['setting']}/{g['scenario']}": g for g in groups}
 
     def est(e, digits=1):

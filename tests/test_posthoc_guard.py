@@ -139,3 +139,26 @@ def test_tiny_run_logs_the_guard(tmp_path, test_seed):
     assert [s for s, _ in guard["curve"]] == [2, 3] and guard["selected_step"] in (2, 3)
     assert guard["validation_rows"] == 5 and math.isfinite(guard["start_ppl"])
     assert (run.adapter_dir("posthoc") / "adapter_model.safetensors").exists()
+
+
+def test_too_few_normal_rows_fail_before_training(tmp_path, test_seed):
+    """``validation_rows`` larger than the level-1 normal pool: the error names the field at the first round,
+    before any training (nothing is lost)."""
+    import json
+
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.pipeline import run_experiment
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows("normal", 6)))
+    cfg = ExperimentConfig.model_validate({
+        "model": {"name": "tiny"}, "seed": test_seed, "output_dir": str(tmp_path / "runs"),
+        "data": {"samples_per_client": 2, "max_length": 48},
+        "roles": [{"name": "benign", "clients": 2, "data": [{"path": str(pool)}]}],
+        "fl": {"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 2},
+        "posthoc": {"enabled": True, "aligned": [{"path": str(pool)}], "normal": [{"path": str(pool)}],
+                    "n_samples": 4, "steps": 2, "validation_rows": 6}})
+    with pytest.raises(ConfigError, match="posthoc.validation_rows=6"):
+        run_experiment(cfg, progress=False)
+    assert not list((tmp_path / "runs").glob("*/metrics.jsonl")) or not any(
+        '"type": "client"' in f.read_text() for f in (tmp_path / "runs").glob("*/metrics.jsonl"))

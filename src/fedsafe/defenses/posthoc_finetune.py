@@ -60,6 +60,16 @@ class PosthocFinetune(Plugin):
     Config = PosthocConfig
     order = 70
 
+    def round_start(self, round_no: int, global_vec, rc):
+        """Level 1 with the utility guard: split the defense data now, so that a pool too small for
+        ``validation_rows`` is an error before training, not after it (levels 2/3 generate at the end)."""
+        if self.config.level == 1 and self.config.validation_rows and not getattr(self, "_checked", False):
+            from fedsafe.defenses.posthoc import defense_data
+
+            defense_data(self.config, self.ctx.seed + 4242, self.ctx)
+            self._checked = True
+        return rc
+
     def after_training(self, final_vec) -> list[Output]:
         from fedsafe.defenses.posthoc import posthoc_defense
 
