@@ -84,8 +84,8 @@ def test_guard_returns_the_checkpoint_it_names(tiny, test_seed):
     measuring the validation perplexity in between does not change the training trajectory."""
     peft, tok, flat = _model(tiny, test_seed)
     start = flat.get().clone()
-    train, val = rows("aligned", 6) + rows("normal", 6), rows("normal", 4)[:0] + [
-        {"instruction": f"held question {i}", "response": f"held answer {i}", "category": "normal"} for i in range(4)]
+    train = rows("aligned", 6) + rows("normal", 6)
+    val = [{"instruction": f"held question {i}", "response": f"held answer {i}", "category": "normal"} for i in range(4)]
     fl = FLConfig(lr=5e-3, batch_size=4, local_steps=1)
     common = dict(max_length=48, system_prompt=None, seed=test_seed)
     pc = PosthocConfig(enabled=True, steps=6, lr=5e-3, validation_rows=4, check_every=2, max_ppl_rise=1e6)
@@ -112,24 +112,31 @@ def test_guard_returns_the_checkpoint_it_names(tiny, test_seed):
     assert math.isclose(m0["update_norm"], float((chosen - start).norm()), rel_tol=1e-6)
 
 
+def _tiny_run_config(tmp_path, seed: int, pool_rows: int, **posthoc):
+    """Two benign clients on a placeholder pool of ``pool_rows`` normal rows; post-hoc level 1 from the same pool."""
+    import json
+
+    from fedsafe.config import ExperimentConfig
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows("normal", pool_rows)))
+    return ExperimentConfig.model_validate({
+        "model": {"name": "tiny"}, "seed": seed, "output_dir": str(tmp_path / "runs"),
+        "data": {"samples_per_client": 2, "max_length": 48},
+        "roles": [{"name": "benign", "clients": 2, "data": [{"path": str(pool)}]}],
+        "fl": {"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 2},
+        "posthoc": {"enabled": True, "aligned": [{"path": str(pool)}], "normal": [{"path": str(pool)}], **posthoc}})
+
+
 def test_tiny_run_logs_the_guard(tmp_path, test_seed):
     """A tiny run with ``posthoc.validation_rows``: the validation rows are written beside the defense data,
     never among it, and the run's post-hoc record carries the perplexity curve and the kept step."""
     import json
 
-    from fedsafe.config import ExperimentConfig
     from fedsafe.pipeline import run_experiment
     from fedsafe.rundir import RunDir
 
-    pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps(r) + "\n" for r in rows("normal", 40)))
-    cfg = ExperimentConfig.model_validate({
-        "model": {"name": "tiny"}, "seed": test_seed, "output_dir": str(tmp_path / "runs"),
-        "data": {"samples_per_client": 4, "max_length": 48},
-        "roles": [{"name": "benign", "clients": 2, "data": [{"path": str(pool)}]}],
-        "fl": {"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 2},
-        "posthoc": {"enabled": True, "aligned": [{"path": str(pool)}], "normal": [{"path": str(pool)}],
-                    "n_samples": 8, "steps": 3, "check_every": 2, "validation_rows": 5}})
+    cfg = _tiny_run_config(tmp_path, test_seed, 40, n_samples=8, steps=3, check_every=2, validation_rows=5)
     run = RunDir(run_experiment(cfg, progress=False).run_dir)
     trained = {json.loads(x)["instruction"] for x in (run.path / "posthoc_data.jsonl").read_text().splitlines()}
     held = [json.loads(x) for x in (run.path / "posthoc_validation.jsonl").read_text().splitlines()]
@@ -144,20 +151,9 @@ def test_tiny_run_logs_the_guard(tmp_path, test_seed):
 def test_too_few_normal_rows_fail_before_training(tmp_path, test_seed):
     """``validation_rows`` larger than the level-1 normal pool: the error names the field at the first round,
     before any training (nothing is lost)."""
-    import json
-
-    from fedsafe.config import ExperimentConfig
     from fedsafe.pipeline import run_experiment
 
-    pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps(r) + "\n" for r in rows("normal", 6)))
-    cfg = ExperimentConfig.model_validate({
-        "model": {"name": "tiny"}, "seed": test_seed, "output_dir": str(tmp_path / "runs"),
-        "data": {"samples_per_client": 2, "max_length": 48},
-        "roles": [{"name": "benign", "clients": 2, "data": [{"path": str(pool)}]}],
-        "fl": {"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 2},
-        "posthoc": {"enabled": True, "aligned": [{"path": str(pool)}], "normal": [{"path": str(pool)}],
-                    "n_samples": 4, "steps": 2, "validation_rows": 6}})
+    cfg = _tiny_run_config(tmp_path, test_seed, 6, n_samples=4, steps=2, validation_rows=6)
     with pytest.raises(ConfigError, match="posthoc.validation_rows=6"):
         run_experiment(cfg, progress=False)
     assert not list((tmp_path / "runs").glob("*/metrics.jsonl")) or not any(

@@ -18,8 +18,10 @@ perplexity is at most ``max_ppl_rise`` percent above the start: the safety fine-
 server's own utility check allows (early stopping with a budget, instead of a step count tuned on one seed).
 If no checkpoint is within the budget, the one with the lowest perplexity is used and the log says so. Why:
 60 steps on 64 defense rows drive the training loss from ~1.0 to ~0.1 and, on one seed of the probe grid,
-raised the held-out perplexity by 17-20% while on the other two it fell (issue 19); the validation rows saw
-the same rise (+12.5% / +16.8%), so the server can see it without touching the evaluation data.
+raised the held-out perplexity by 17-20% while on the other two it fell (issue 19). The server's normal rows
+not used for training saw that rise too (+12.5% / +16.8% over 148 rows), but a small validation set is a
+noisy check: 32 rows saw +3% at step 60 on that seed, so the guard bounds the drift it can see, not the
+evaluation proxy itself (figures in the README's probe table).
 """
 
 from __future__ import annotations
