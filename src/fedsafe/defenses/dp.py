@@ -381,8 +381,10 @@ class DPLocalTrainer(LocalTrainer):
         return grad, per_example.detach(), norms
 
     def _train(self, client, global_vec: torch.Tensor, rc: RoundConfig,
-               client_state: dict | None = None) -> ClientResult:
+               client_state: dict | None = None, on_step=None) -> ClientResult:
         """DP-SGD local steps from ``global_vec``; returns the (already privatised) update.
+
+        ``on_step(step, loss)`` runs after each optimizer step, as in :meth:`LocalTrainer.fit`.
 
         ``LocalTrainer.fit`` calls this with the factors ``rc.trainable`` leaves frozen (fl.lora_aggregation)
         set to ``requires_grad=False``: their per-sample gradients are zero, so clipping covers the trained
@@ -441,6 +443,9 @@ class DPLocalTrainer(LocalTrainer):
                 if len(idx):
                     losses.append(float(per_example.mean()))
                     clipped_frac.append(float((norms > self.clip_norm).float().mean()))
+                if on_step is not None:
+                    on_step(len(batch_sizes), losses[-1] if len(idx) else float("nan"))
+                    self.model.train()
         finally:
             gsm._close()
             for p in params:
