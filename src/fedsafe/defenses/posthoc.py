@@ -18,14 +18,15 @@ perplexity is at most ``max_ppl_rise`` percent above the start: the safety fine-
 server's own utility check allows (early stopping with a budget, instead of a step count tuned on one seed).
 If no checkpoint is within the budget, the one with the lowest perplexity is used and the log says so. Why:
 60 steps on 64 defense rows drive the training loss from ~1.0 to ~0.1 and, on one seed of the probe grid,
-raised the held-out perplexity by 17-20% while on the other two it fell (issue 19). The server's normal rows
-not used for training saw that rise too (+12.5% / +16.8% over 148 rows), but a small validation set is a
-noisy check: 32 rows saw +3% at step 60 on that seed, so the guard bounds the drift it can see, not the
-evaluation proxy itself (figures in the README's probe table).
+raised the held-out perplexity by 17-20% while on the other two it fell (issue 19). A small validation set is
+a noisy check of that drift: on that seed 32 validation rows rose only +3% by step 60 (the guard's logged
+curve), so the guard bounds the drift it can see, not the evaluation proxy itself (figures in the README's
+probe table).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import replace
@@ -37,6 +38,8 @@ from fedsafe.data import load_pool
 from fedsafe.data.format import mean_loss, tokenize_rows
 from fedsafe.errors import ConfigError
 from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+
+log = logging.getLogger("fedsafe")
 
 
 def mix_defense_rows(aligned: list[dict], normal: list[dict], n_samples: int, aligned_ratio: float,
@@ -191,20 +194,22 @@ def finetune(peft_model, tokenizer, global_vec: torch.Tensor, rows: list[dict], 
     trainer.flat.set(global_vec)
     start = perplexity()
     curve: list[tuple[int, float]] = []
-    kept: dict[int, torch.Tensor] = {}  # only the checkpoints that can still be chosen
+    kept: dict[int, torch.Tensor] = {}  # the current choice only: a checkpoint passed over is never chosen later
 
     def on_step(step: int, _loss: float) -> None:
         if step % pc.check_every and step != pc.steps:
             return
         curve.append((step, perplexity()))
-        choice = select_checkpoint(start, curve, pc.max_ppl_rise)["selected_step"]
-        kept[step] = trainer.flat.get().detach().clone()
-        for s in [s for s in kept if s != choice and s != step]:
-            del kept[s]
+        if select_checkpoint(start, curve, pc.max_ppl_rise)["selected_step"] == step:
+            kept.clear()
+            kept[step] = trainer.flat.get().detach().clone()
 
     result = trainer.fit(server_client, global_vec, replace(rc, algorithm="fedavg"), on_step=on_step)
     guard = select_checkpoint(start, curve, pc.max_ppl_rise)
     guard["validation_rows"] = len(val_examples)
+    if not guard["within_budget"]:
+        log.warning("posthoc: no checkpoint kept the validation perplexity within +%g%% of the start; using step %d, "
+                    "the lowest (%+.1f%%)", pc.max_ppl_rise, guard["selected_step"], guard["rise_pct"])
     defended = global_vec + (kept[guard["selected_step"]] - global_vec)  # as the plain path: start + update
     return defended, {"samples": len(examples), **result.metrics, "guard": guard,
                       "update_norm": float((defended - global_vec).norm())}
@@ -234,10 +239,4 @@ def posthoc_defense(pc: PosthocConfig, ctx, global_vec: torch.Tensor) -> torch.T
         ctx.print(f"post-hoc utility guard: validation perplexity {guard['start_ppl']:.3f} at the start; kept step "
                   f"{guard['selected_step']} of {pc.steps} ({guard['selected_ppl']:.3f}, {guard['rise_pct']:+.1f}%, "
                   f"budget +{pc.max_ppl_rise:g}%)")
-        if not guard["within_budget"]:
-            import logging
-
-            logging.getLogger("fedsafe").warning(
-                "posthoc: no checkpoint kept the validation perplexity within +%g%% of the start; using step %d, "
-                "the lowest (%+.1f%%)", pc.max_ppl_rise, guard["selected_step"], guard["rise_pct"])
     return defended

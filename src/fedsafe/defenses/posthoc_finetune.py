@@ -37,7 +37,7 @@ class PosthocConfig(Strict):
                                        "(temperature, top_p, batch_size, per_prompt, instructions: <file>, ...)")
     validation_rows: int = Field(0, ge=0, description="utility guard: normal rows held out of the defense data "
                                  "(never trained on); 0 = no guard, the adapter after `steps` is used")
-    max_ppl_rise: float = Field(5.0, ge=0, description="utility guard: keep the latest checkpoint whose perplexity "
+    max_ppl_rise: float = Field(0.0, ge=0, description="utility guard: keep the latest checkpoint whose perplexity "
                                 "on the validation rows is at most this many percent above the starting adapter's")
     check_every: int = Field(10, ge=1, description="utility guard: steps between checkpoints (the last step is "
                              "always one)")

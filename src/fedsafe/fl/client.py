@@ -122,9 +122,7 @@ class LocalTrainer:
         """
         check_base_residual(self.model, rc)
         with train_only(self.flat, rc.trainable) as trained:
-            # a trainer subclass (e.g. DP-SGD) whose _train predates on_step still works without it
-            result = (self._train(client, global_vec, rc, client_state) if on_step is None
-                      else self._train(client, global_vec, rc, client_state, on_step))
+            result = self._train(client, global_vec, rc, client_state, on_step)
         result.update[~trained] = 0.0  # a frozen factor's update is exactly zero (and never needs sending)
         return result
 
