@@ -2,6 +2,8 @@
 composition with other rules, and refusal under secure aggregation."""
 
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -536,3 +538,62 @@ def test_held_out_thresholds_round_trip_for_resume(synthetic, decision):
     assert a["threshold_logit"] == b["threshold_logit"] and a["flagged"] == b["flagged"] and a["decision"] == decision
     with pytest.raises(RuntimeError, match="held-out"):  # no held-out scores yet: no silent default threshold
         probe(decision=decision)(u, n, ids)
+
+
+class _SimStepShadow:
+    """Shadow stand-in with simulated step reports: each shadow client's steps share one trajectory offset
+    (the reason per-step rows are not exchangeable with per-client scores), plus small per-step noise."""
+
+    def __init__(self, flat, draw, benign, malicious, rng):
+        self.flat, self.draw, self.counts, self.rng = flat, draw, (benign, malicious), rng
+
+    def collect(self, global_vec, rc, featurize):
+        rows, labels = [], []
+        for label, count in enumerate(self.counts):
+            for _ in range(count):
+                x = featurize(SimpleNamespace(extra={"step_updates": self.draw(label, self.rng)}, update=None))
+                rows.append(x)
+                labels.extend([label] * len(x))
+        return np.concatenate(rows), np.asarray(labels), {}
+
+
+def test_step_level_fpr_bound_holds_for_benign_clients(tiny, test_seed):
+    """probe.level=step, decision=fpr: the held-out shadows are scored with the clients' own statistic (the
+    logit of the steps' mean probability, one score per shadow client), so the conformal bound (Vovk et al.
+    2005; Angelopoulos & Bates 2021) holds for fresh benign clients drawn like the benign shadows: mean FPR
+    <= mean logged bound, within Monte Carlo error. 8 benign shadows, holdout 0.5: 4 held-out benign shadow
+    clients, bound 1/(4+1) = 0.2 (too few for 5%, so not 'guaranteed'). Calibrating on their 4 x 10 step
+    rows instead logged guaranteed=True, fpr_bound=0.049 while the benign FPR was ~0.2-0.28 (issue 28)."""
+    model, _ = tiny
+    flat = FlatLoRA(attach_lora(model, r=2, alpha=4, seed=test_seed))
+    k = int(flat.mask("B", [0]).sum())
+    direction = torch.nn.functional.normalize(torch.randn(k, generator=torch.Generator().manual_seed(1)), dim=0)
+    base = torch.randn(k, generator=torch.Generator().manual_seed(2))
+    steps = 10
+
+    def draw(label, rng):
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        offset = 2.0 * torch.randn(k, generator=g)  # the client's trajectory: shared by all its steps
+        noise = 0.3 * torch.randn(steps, k, generator=g)
+        return base + (6.0 if label else 0.0) * direction + offset + noise
+
+    rng = np.random.default_rng(test_seed)
+    rates, bounds, guaranteed = [], [], []
+    for rep in range(150):
+        probe = aggregators.get("probe", level="step", decision="fpr", fpr=0.05, holdout=0.5, seed=rep)
+        probe.bind(flat)
+        probe.prepare(RoundContext(round=rep + 1, global_vec=None, round_config=RC,
+                                   shadow=_SimStepShadow(flat, draw, 8, 8, rng)))
+        ids = [f"b{i}" for i in range(40)]
+        probe._context.client_extra = {cid: {"step_updates": draw(0, rng)} for cid in ids}
+        info = probe(torch.zeros(len(ids), flat.numel), torch.ones(len(ids)), ids).info["probe"]
+        assert "step_report_missing" not in info
+        rates.append(len(info["flagged"]) / len(ids))
+        bounds.append(info["decision_info"]["fpr_bound"])
+        guaranteed.append(info["decision_info"]["guaranteed"])
+    se = np.std(rates, ddof=1) / np.sqrt(len(rates))
+    assert np.mean(rates) <= np.mean(bounds) + 3 * se, (np.mean(rates), np.mean(bounds), se)
+    assert probe._last_fit["calibration"]["heldout"] == 8  # 4 + 4 held-out shadow clients, not 80 step rows
+    assert probe._last_fit["calibration"]["heldout_rows"] == 80
+    assert not any(guaranteed) and np.allclose(bounds, 0.2)  # m = 4 < 1/alpha - 1: only 1/(m+1) is promised
+    assert np.mean(rates) >= 0.1  # the bound is tight here (continuous scores: exactly 1/(m+1) in expectation)

@@ -34,7 +34,12 @@ Where the probe comes from (fedsafe's changes to the public code, each one of it
   * re-fitted every ``refit_every`` rounds on fresh shadows, since the feature distribution drifts with the
     global model (0 fits once, like the public code's freeze, and then a late attacker may be missed);
   * shadows run on the server; ``level=step`` instead lets clients report every local step's update
-    features, which the server cannot verify: a malicious client can report benign-looking steps;
+    features, which the server cannot verify: a malicious client can report benign-looking steps. A client
+    is then scored on the logit of its steps' mean probability, and the held-out shadows that set the
+    ``fpr`` / ``calibrated`` thresholds are scored the same way, one score per shadow client, never per
+    step (a shadow's steps share one trajectory, so per-step rows are not exchangeable with the clients'
+    scores: issue 28 measured a benign FPR of 0.278 under a logged bound of 0.049). A client that sends no
+    step report falls back to its final update's logit, which the calibration does not cover;
   * robust rules compose with the probe (above); under secure aggregation it is refused
     (``needs_plaintext``): it reads individual updates.
 
@@ -111,6 +116,14 @@ class UpdateFeatures:
         if self.cfg.normalize:
             x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return x.numpy().astype(np.float64)
+
+
+def step_mean_logit(step_logits) -> float:
+    """A client's score at ``level=step``: the logit of the mean of its steps' probabilities (clipped to
+    [1e-15, 1 - 1e-15]); the decision rules' held-out shadows are scored with the same statistic."""
+    p = float((1.0 / (1.0 + np.exp(-np.asarray(step_logits, dtype=np.float64)))).mean())
+    p = min(max(p, 1e-15), 1 - 1e-15)
+    return math.log(p / (1 - p))
 
 
 def roc_auc(scores, labels) -> float | None:
@@ -216,11 +229,23 @@ class ProbeAggregator(Aggregator):
             raise RuntimeError("probe: not fitted yet (it is fitted on shadow updates in prepare(), or by fit())")
         return np.asarray(self.classifier.decision_function(features), dtype=np.float64)
 
-    def calibrate(self, features: np.ndarray, labels) -> dict:
-        """Give the decision rules the fitted probe's logits on held-out shadow rows (labels 1 = malicious)."""
+    def calibrate(self, features: np.ndarray, labels, groups=None) -> dict:
+        """Give the decision rules the fitted probe's scores on held-out shadow rows (labels 1 = malicious).
+
+        ``groups``: the held-out shadow client of each row. At ``level=step`` a shadow client gives one row per
+        local step while a real client is scored on one number, the logit of its steps' mean probability
+        (:func:`step_mean_logit`); the rules are then calibrated on that same per-client statistic, one score
+        per held-out shadow, so calibration scores and client scores are exchangeable (the split-conformal
+        condition of ``decision=fpr``). Without ``groups`` every row is its own client."""
         labels = np.asarray(labels).astype(bool)
         logit = self.logits(features)
-        info = {"heldout": int(len(labels)), "heldout_auc": roc_auc(logit, labels)}
+        rows = int(len(labels))
+        if groups is not None and self.config.level == "step":
+            groups = np.asarray(groups)
+            ids, first = np.unique(groups, return_index=True)
+            logit = np.array([step_mean_logit(logit[groups == g]) for g in ids])
+            labels = labels[first]
+        info = {"heldout": int(len(labels)), "heldout_rows": rows, "heldout_auc": roc_auc(logit, labels)}
         for name, rule in [(self.config.decision, self.rule), *self.other_rules.items()]:
             if not rule.needs_holdout:
                 continue
@@ -231,8 +256,9 @@ class ProbeAggregator(Aggregator):
         return info
 
     def calibrate_updates(self, updates: torch.Tensor, labels) -> dict:
-        """:meth:`calibrate` on full held-out update vectors ``[m, d]``."""
-        return self.calibrate(self.features.from_updates(updates.float()), np.asarray(labels))
+        """:meth:`calibrate` on full held-out update vectors ``[m, d]``, one per held-out client."""
+        return self.calibrate(self.features.from_updates(updates.float()), np.asarray(labels),
+                              groups=np.arange(len(updates)))
 
     def _refit_due(self, round_no: int) -> bool:
         if self.classifier is None:
@@ -268,19 +294,30 @@ class ProbeAggregator(Aggregator):
 
                 X, y, shadow_info = shadow.collect(context.global_vec, rc, featurize)
                 fit_rows, cal_rows = self._split_holdout(np.asarray(rows_per_shadow), y, context.round)
+                shadow_of_row = np.repeat(np.arange(len(rows_per_shadow)), rows_per_shadow)
                 self.history = (self.history + [(X[fit_rows], y[fit_rows])])[-self.config.history:]
                 if len(cal_rows):
-                    self.calibration_history = (self.calibration_history
-                                                + [(X[cal_rows], y[cal_rows])])[-self.config.history:]
+                    self.calibration_history = (self.calibration_history + [
+                        (X[cal_rows], y[cal_rows], shadow_of_row[cal_rows])])[-self.config.history:]
                 fit_info = self.fit(np.concatenate([h[0] for h in self.history]),
                                     np.concatenate([h[1] for h in self.history]))
                 if self.calibration_history:  # rescored by the new probe at every refit
-                    fit_info["calibration"] = self.calibrate(
-                        np.concatenate([h[0] for h in self.calibration_history]),
-                        np.concatenate([h[1] for h in self.calibration_history]))
+                    fit_info["calibration"] = self.calibrate(*self._calibration_rows())
                 self.fitted_round = context.round
                 self._last_fit = {"round": context.round, **fit_info, **shadow_info}
         return rc
+
+    def _calibration_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The held-out rows of the kept refits, their labels and a shadow-client id unique across refits."""
+        X, y, groups, offset = [], [], [], 0
+        for entry in self.calibration_history:
+            x_h, y_h = entry[0], entry[1]
+            g_h = np.asarray(entry[2]) if len(entry) > 2 else np.arange(len(y_h))  # pre-group checkpoints
+            X.append(x_h)
+            y.append(y_h)
+            groups.append(g_h + offset)
+            offset += int(g_h.max()) + 1 if len(g_h) else 0
+        return np.concatenate(X), np.concatenate(y), np.concatenate(groups)
 
     def _split_holdout(self, rows_per_shadow: np.ndarray, y: np.ndarray, round_no: int):
         """Row indices to fit on and to hold out: a seeded share ``holdout`` of each class's shadow clients."""
@@ -329,8 +366,7 @@ class ProbeAggregator(Aggregator):
                 ok = (isinstance(steps, torch.Tensor) and steps.ndim == 2 and steps.shape[0] > 0
                       and steps.shape[1] == k and bool(torch.isfinite(steps).all()))
                 if ok:  # the client's own report: trusted, not verifiable
-                    p = min(max(float(self.predict(self.features.from_masked(steps)).mean()), 1e-15), 1 - 1e-15)
-                    logit[i] = math.log(p / (1 - p))
+                    logit[i] = step_mean_logit(self.logits(self.features.from_masked(steps)))
                 else:
                     fell_back.append(cid)
         return logit, fell_back

@@ -34,7 +34,12 @@ Each rule below states the one assumption it makes instead; none reads the clien
 
 Held-out shadows (``fpr``, ``calibrated``): a share ``probe.holdout`` of each class's shadow clients is kept
 out of the probe's fit and scored by the fitted probe, at every refit (so the threshold is never set on
-training scores and follows the drift of the global model).
+training scores and follows the drift of the global model). Each held-out shadow gives one score, computed
+exactly as a client's: its final update's logit at ``probe.level=update``, the logit of its steps' mean
+probability at ``probe.level=step`` (never one score per local step: steps of one shadow share its
+trajectory, so per-step scores are neither exchangeable with each other nor with the clients' scores, and
+issue 28 measured a benign FPR of 0.278 under a logged ``fpr_bound`` of 0.049). ``m`` below counts held-out
+benign shadow *clients*.
 """
 
 from __future__ import annotations
@@ -109,7 +114,14 @@ class FixedThreshold(DecisionRule):
 
 
 class BenignFPR(DecisionRule):
-    """Split-conformal threshold on held-out benign shadow logits at a target false-positive rate."""
+    """Split-conformal threshold on held-out benign shadow logits at a target false-positive rate.
+
+    Split conformal prediction (Vovk, Gammerman & Shafer, "Algorithmic Learning in a Random World", 2005;
+    Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction", 2021): if the m calibration scores
+    and a benign client's score are exchangeable, flagging scores above the ceil((m+1)(1-alpha))-th smallest
+    calibration score has false-positive rate <= 1 - ceil((m+1)(1-alpha))/(m+1) <= alpha, marginally over the
+    calibration draw. ``refit`` must therefore receive one score per held-out shadow client, computed with
+    the same statistic the clients are scored on (the probe does this at both levels)."""
 
     name = "fpr"
     needs_holdout = True
