@@ -360,3 +360,38 @@ def test_server_lr_default_per_optimizer():
     step = ServerOptimizer(FLConfig(algorithm="fedadam"), 1).step(torch.zeros(1), torch.tensor([5e-3]))
     expected = 1e-3 * 0.1 * 5e-3 / (math.sqrt(0.99 * 1e-6 + 0.01 * 25e-6) + 1e-3)
     assert float(step[0]) == pytest.approx(expected, rel=1e-4) and float(step[0]) < 5e-3
+
+
+def test_scaffold_with_rolora_keeps_the_frozen_factors_control_variates(tiny):
+    """SCAFFOLD (Karimireddy et al. 2020) under fl.lora_aggregation=rolora: a round that trains B after a round
+    that trained A leaves A's stale .grad behind; A gets no correction, its c_i and delta_c do not move, and
+    the server's c does not move on A. On B, with SGD local steps, c_i+ follows Option II exactly:
+    c_i+ = c_i - c + (x - y_K) / (K lr)."""
+    from fedsafe.fl.lora_aggregation import trainable_factors, trainable_mask
+
+    trainer, tok = _trainer(tiny)
+    client = _client(tok)
+    n = trainer.flat.numel
+    gen = torch.Generator().manual_seed(0)
+    c = 1e-2 * torch.randn(n, generator=gen)
+    c_i0 = 1e-2 * torch.randn(n, generator=gen)
+    g = trainer.flat.get()
+    lr, steps = 1e-2, 3
+    base = dict(lr=lr, local_steps=steps, batch_size=4, algorithm="scaffold", optimizer="sgd", scaffold_c=c)
+    assert trainable_factors("rolora", 2) == "A" and trainable_factors("rolora", 3) == "B"
+    trainer.fit(client, g, RoundConfig(round=2, trainable="A", **base), {"scaffold_c": c_i0.clone()})
+    state = {"scaffold_c": c_i0.clone()}
+    res = trainer.fit(client, g, RoundConfig(round=3, trainable="B", **base), state)
+    on_b = trainable_mask(trainer.flat, "B")
+    frozen = ~on_b
+    c_i1 = state["scaffold_c"]
+    torch.testing.assert_close(c_i1[frozen], c_i0[frozen], rtol=0, atol=0)  # the frozen factor's c_i is kept
+    assert float(res.extra["delta_c"][frozen].abs().max()) == 0.0
+    assert float(res.update[frozen].abs().max()) == 0.0
+    option_ii = c_i0 - c + (g - (g + res.update)) / (steps * lr)  # x - y_K = -update
+    torch.testing.assert_close(c_i1[on_b], option_ii[on_b], rtol=1e-4, atol=1e-5)
+    assert float((c_i1 - c_i0)[on_b].abs().max()) > 1e-4  # the trained factor's c_i did move
+    server = Server(FLConfig(algorithm="scaffold"), torch.zeros(n), _Mean(), num_clients=1)
+    server.scaffold_c = c.clone()
+    server._update_scaffold_c([res.extra["delta_c"]], torch.ones(1))
+    torch.testing.assert_close(server.scaffold_c[frozen], c[frozen], rtol=0, atol=0)

@@ -147,10 +147,14 @@ class LocalTrainer:
         if rc.algorithm == "fedprox" and rc.prox_mu > 0:
             global_params = [p.detach().clone() for p in params]
         scaffold = rc.algorithm == "scaffold"
+        for p in self.flat.params:  # a frozen factor keeps no .grad from a round it trained in (stale values)
+            if not p.requires_grad:
+                p.grad = None
         if scaffold:  # see the module docstring: correction c - c_i in gradient units; c_i+ = mean local gradient
             c_vec = rc.scaffold_c if rc.scaffold_c is not None else torch.zeros(self.flat.numel)
             c_local_vec = state.get("scaffold_c", torch.zeros(self.flat.numel))
             all_params = self.flat.params  # every LoRA tensor, aligned with the flat layout (frozen ones included)
+            trained = [p.requires_grad for p in all_params]  # train_only froze the factors fl.lora_aggregation freezes
             correction = [corr.to(p.device, p.dtype) for p, corr in zip(all_params, self._split(c_vec - c_local_vec))]
             grad_sum = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in all_params]
 
@@ -183,8 +187,8 @@ class LocalTrainer:
                 torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
             if scaffold:  # SCAFFOLD: the optimizer follows g - c_i + c; the correction is never clipped
                 with torch.no_grad():
-                    for p, corr, acc in zip(all_params, correction, grad_sum):
-                        if p.grad is None:  # a factor frozen by fl.lora_aggregation: its c_i stays 0
+                    for p, corr, acc, on in zip(all_params, correction, grad_sum, trained):
+                        if not on or p.grad is None:  # a frozen factor: no correction, its c_i is kept (below)
                             continue
                         acc.add_(p.grad.float())
                         p.grad.add_(corr)
@@ -204,7 +208,11 @@ class LocalTrainer:
             extra["step_updates"] = torch.stack(step_updates)
         if scaffold:
             # Option II of Karimireddy et al. (2020) as the mean of the K local gradients (module docstring)
-            c_new = torch.cat([acc.reshape(-1).cpu() for acc in grad_sum]) / rc.local_steps
+            # on a factor frozen this round (fl.lora_aggregation: ffa, rolora) nothing was trained, so its c_i is
+            # kept as it was and delta_c is 0 there: the server's c does not move on it either
+            c_new = torch.cat([(acc.reshape(-1).cpu() / rc.local_steps) if on else
+                               old.reshape(-1).to(torch.float32)
+                               for acc, on, old in zip(grad_sum, trained, self._split(c_local_vec))])
             extra["delta_c"] = c_new - c_local_vec
             state["scaffold_c"] = c_new
         metrics = {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": losses[-1],
