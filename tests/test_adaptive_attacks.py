@@ -616,3 +616,36 @@ def test_attack_matrix_marks_the_worst_attack_per_defense(tmp_path):
     assert sorted(stealth["benign"]) == [pytest.approx(0.9)] * 2
     # distance to the benign mean relative to the benign clients' mean distance (2.0 in this round)
     assert stealth["malicious_distance"] == [2.0] and stealth["benign_distance"] == [0.5, 1.5]
+
+
+# --- the attack x defense grids set f-parametrised rules at the true f (issue 28) ---------------------------
+
+@pytest.mark.parametrize("grid_file", ["configs/adaptive.yaml", "configs/adaptive_small.yaml"])
+def test_f_parametrised_defense_cells_use_the_true_f_or_say_misset(grid_file):
+    """Every krum / multikrum / bulyan / dnc cell (also behind probe+ or norm_clip) has f >= the attackers per
+    round, and every trimmed_mean cell trims floor(beta n) >= that many per side, unless its label says
+    ``misset``; a rule at a mis-set f cannot tell a weak rule from a wrong parameter."""
+    from pathlib import Path
+
+    from fedsafe.grid import load_grid
+
+    root = Path(__file__).resolve().parents[1]
+    _, settings = load_grid(root / grid_file)
+    checked = 0
+    for name, cfg in settings:
+        n = int(cfg.fl.clients_per_round)
+        attackers = min(n, sum(r.clients for r in cfg.roles if r.is_malicious))
+        rule, params = cfg.aggregator.name.split("+")[-1], dict(cfg.aggregator.params or {})
+        if rule == "norm_clip":
+            rule, params = str(params.get("aggregator") or "fedavg"), dict(params.get("params") or {})
+        if rule in ("krum", "multikrum", "bulyan", "dnc"):
+            tolerated = int(params.get("f", 1))
+        elif rule == "trimmed_mean":
+            tolerated = math.floor(float(params.get("beta", 0.1)) * n + 1e-9)
+        else:
+            continue
+        checked += 1
+        assert tolerated >= attackers or "misset" in name, (
+            f"{grid_file}: setting {name!r} runs {rule} tolerating {tolerated} against {attackers} attackers per "
+            "round; set the true f or label the cell *_misset")
+    assert checked > 0
