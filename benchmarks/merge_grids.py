@@ -5,11 +5,12 @@
 
 A long grid is often run in pieces (``--seeds 1,2 --only ...`` one day, other settings the next). Each piece
 writes its own ``results.csv`` and ``outcomes.jsonl``; this script reads them all and summarises them as
-``fedsafe grid`` would have in one directory (``fedsafe.report.summarize``: the two-stage bootstrap over seeds
-and prompts). Rows are keyed by ``<matrix cell>/<scenario>``, where the cell is the setting name without its
+``fedsafe grid`` would have in one directory (``fedsafe.report.summarize``: a Student-t interval on the
+per-seed means from two seeds on; one seed: "one seed: prompts only", see :mod:`fedsafe.stats`). Rows are keyed by ``<matrix cell>/<scenario>``, where the cell is the setting name without its
 last matrix axis (``probe_gap-posthoc`` and ``probe_gap-none`` share training, so their ``attack`` rows are the
-same run) and the scenario is ``attack``, ``attack_posthoc``, ``no_attack`` ... Paired differences (``b - a``,
-by seed and prompt, ``fedsafe.stats.paired_difference``) are printed against ``--reference`` and for each
+same run) and the scenario is ``attack``, ``attack_posthoc``, ``no_attack`` ... Paired differences (``b - a``:
+per seed the mean over shared prompts, then a t-interval over seeds, ``fedsafe.stats.paired_difference``), each
+with its interval's method and whether it excludes 0, are printed against ``--reference`` and for each
 ``--pair a:b``.
 
 Defense variants from ``benchmarks/posthoc_sweep.py`` (other post-hoc settings applied to a grid's trained
@@ -114,6 +115,9 @@ def main() -> None:
             return "-"
         return f"{e.mean:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}]" if e.lo is not None else f"{e.mean:.{digits}f}"
 
+    methods = sorted({e.method_label for g in groups for e in g["metrics"].values()})
+    print(f"intervals: {'; '.join(methods)} (fedsafe.stats)")
+
     print("| row | seeds | Rule | over-refusal | helpfulness proxy | Rule per seed |")
     print("|---|---|---|---|---|---|")
     for key, g in by.items():
@@ -131,7 +135,9 @@ def main() -> None:
                                  {s: v.get("rule") for s, v in b["per_prompt"].items()})
         proxy = paired_seed_difference({s: v.get("helpfulness_proxy") for s, v in a["per_seed"].items()},
                                        {s: v.get("helpfulness_proxy") for s, v in b["per_seed"].items()})
-        print(f"{b_key} - {a_key}: Rule {rule.mean:+.1f} [{rule.lo:+.1f}, {rule.hi:+.1f}] (seeds "
+        interval = f" [{rule.lo:+.1f}, {rule.hi:+.1f}]" if rule.lo is not None else ""
+        sig = {True: "significant", False: "not significant", None: "no interval"}[rule.significant]
+        print(f"{b_key} - {a_key}: Rule {rule.mean:+.1f}{interval} ({rule.method_label}, {sig}; seeds "
               f"{sorted(set(a['seeds']) & set(b['seeds']))}); helpfulness proxy {proxy.mean:+.3f}")
 
     for key in by:

@@ -134,7 +134,7 @@ def test_summary_csv_gives_mean_std_and_interval_per_setting(tmp_path):
 
 
 def test_over_refusal_flows_into_table_summary_comparisons_and_plot(tmp_path):
-    """Over-refusal has its own prompt ids (a benign set of another size) and gets bootstrap intervals."""
+    """Over-refusal has its own prompt ids (a benign set of another size) and gets the same per-prompt intervals."""
     from fedsafe.report import plot_results, read_outcomes, summarize, write_outcomes, write_results
 
     d = _seeded_dir(tmp_path)
@@ -156,7 +156,7 @@ def test_over_refusal_flows_into_table_summary_comparisons_and_plot(tmp_path):
     assert float(s["over_refusal_mean"]) == pytest.approx(100 * (7 / 8 + 8 / 8) / 2)
     assert float(s["over_refusal_ci_low"]) < float(s["over_refusal_mean"]) <= float(s["over_refusal_ci_high"])
     groups = summarize(read_results(d), read_outcomes(d))
-    assert {g["metrics"]["over_refusal"].method for g in groups} == {"bootstrap"}  # per-prompt, own ids
+    assert {g["metrics"]["over_refusal"].method for g in groups} == {"t_seeds"}  # per-prompt, own ids
     header = md.split("## Results")[1].splitlines()[2]
     assert header.index("Rule (%) ↑") < header.index("Over-refusal (%) ↓") < header.index("Helpfulness proxy")
     assert "Over-refusal: the same share on benign prompts" in md

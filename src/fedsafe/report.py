@@ -137,8 +137,9 @@ def _key(row: dict) -> tuple:
 def summarize(rows: list[dict], outcomes: list[dict] | None = None) -> list[dict]:
     """One record per (setting, scenario, method, defense): seeds, prompts and an Estimate per metric.
 
-    A metric with per-prompt outcomes for every seed gets the hierarchical bootstrap over seeds and
-    prompts; otherwise a Student-t interval over the per-seed values (see :mod:`fedsafe.stats`).
+    Two or more seeds: a Student-t interval on the per-seed values (for a metric with per-prompt outcomes
+    for every seed, each seed's prompt mean); one seed: the prompt-level interval labelled "one seed:
+    prompts only" (see :mod:`fedsafe.stats`; each Estimate's ``method`` says which).
     """
     from fedsafe.stats import summarize_per_prompt, summarize_per_seed
 
@@ -182,11 +183,11 @@ def _outcome_index(outcomes: list[dict]) -> dict[tuple, dict[str, dict]]:
     return index
 
 
-SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
+SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high", "ci_method")  # ci_method: fedsafe.stats.METHOD_LABELS key
 
 
 def write_summary(run_dir: str | Path, groups: list[dict]) -> Path:
-    """``summary.csv``: per setting, n_seeds, the seeds, and mean/std/95% CI of every metric."""
+    """``summary.csv``: per setting, n_seeds, the seeds, and mean/std/95% CI (and the CI's method) of every metric."""
     metrics = [m for m in METRIC_HEADERS if any(m in g["metrics"] for g in groups)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -196,7 +197,8 @@ def write_summary(run_dir: str | Path, groups: list[dict]) -> Path:
         cells = []
         for m in metrics:
             e = g["metrics"].get(m)
-            cells += ["", "", "", ""] if e is None else [_cell(e.mean), _cell(e.std), _cell(e.lo), _cell(e.hi)]
+            cells += [""] * len(SUMMARY_STATS) if e is None else [_cell(e.mean), _cell(e.std), _cell(e.lo),
+                                                                  _cell(e.hi), e.method]
         w.writerow([*[g[c] for c in KEY_COLUMNS], g["n_seeds"], " ".join(map(str, g["seeds"])),
                     _cell(g["n_prompts"]), *cells])
     path = Path(run_dir) / "summary.csv"
@@ -246,14 +248,20 @@ def default_comparisons(groups: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def compare(ref: dict, other: dict) -> dict:
-    """``other - ref`` for every metric both measured, paired by seed and prompt: metric -> Estimate."""
+    """``other - ref`` for every metric both measured, paired by seed (and prompt): metric -> Estimate.
+
+    Per seed, the mean of ``other - ref`` over the prompts both answered where both sides have per-prompt
+    values, else the difference of the per-seed values; then a t-interval over the seeds (one seed:
+    a paired bootstrap over the prompts, or no interval). See :mod:`fedsafe.stats`.
+    """
     from fedsafe.stats import paired_difference, paired_seed_difference
 
     out = {}
     for m in METRIC_HEADERS:
         if m not in ref["metrics"] or m not in other["metrics"]:
             continue
-        if ref["metrics"][m].method == "bootstrap" and other["metrics"][m].method == "bootstrap":
+        # summarize() gives n_prompts only to metrics it summarised from per-prompt outcomes
+        if ref["metrics"][m].n_prompts is not None and other["metrics"][m].n_prompts is not None:
             out[m] = paired_difference({s: v.get(m, {}) for s, v in ref["per_prompt"].items()},
                                        {s: v.get(m, {}) for s, v in other["per_prompt"].items()})
         else:
@@ -274,14 +282,14 @@ def comparison_rows(groups: list[dict]) -> list[dict]:
             out.append({"compared": _label(other, ambiguous, methods), "reference": _label(ref, ambiguous, methods),
                         "metric": m,
                         "difference": e.mean, "ci_low": e.lo, "ci_high": e.hi, "n_seeds": e.n_seeds,
-                        "n_prompts": e.n_prompts, "significant": e.significant})
+                        "n_prompts": e.n_prompts, "significant": e.significant, "ci_method": e.method})
     return out
 
 
 def write_comparisons(run_dir: str | Path, records: list[dict]) -> Path:
     """``comparisons.csv``: paired differences with their 95% intervals."""
     cols = ["compared", "reference", "metric", "difference", "ci_low", "ci_high", "n_seeds", "n_prompts",
-            "significant"]
+            "significant", "ci_method"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -340,17 +348,28 @@ def results_table(rows: list[dict], outcomes: list[dict] | None = None,
 
 
 def comparisons_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the paired differences (``*``: the interval excludes 0)."""
+    """Header and body of the paired differences (``*``: the interval excludes 0; Interval: what made it)."""
     from fedsafe.stats import Estimate
 
-    header = ["Compared", "Reference", "Metric", "Difference [95% CI]", "Significant"]
+    header = ["Compared", "Reference", "Metric", "Difference [95% CI]", "Significant", "Interval"]
     body = []
     for r in records:
-        e = Estimate(r["difference"], None, r["ci_low"], r["ci_high"], r["n_seeds"])
+        e = Estimate(r["difference"], None, r["ci_low"], r["ci_high"], r["n_seeds"], r["n_prompts"],
+                     r.get("ci_method") or "none")
         sig = "–" if r["significant"] is None else ("yes *" if r["significant"] else "no")
         body.append([r["compared"], r["reference"], METRIC_HEADERS[r["metric"]], fmt_estimate(e, r["metric"], True),
-                     sig])
+                     sig, f"{e.method_label} ({e.n_seeds} seed{'s' if e.n_seeds != 1 else ''})"])
     return header, body
+
+
+def interval_methods_line(groups: list[dict]) -> str:
+    """One line saying which method made the intervals of the results table, per metric."""
+    parts = []
+    for m in METRIC_HEADERS:
+        used = sorted({g["metrics"][m].method_label for g in groups if m in g["metrics"]})
+        if used:
+            parts.append(f"{METRIC_HEADERS[m]}: {'; '.join(used)}")
+    return "Intervals in this table: " + " | ".join(parts) + "." if parts else ""
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -456,7 +475,7 @@ def collect_safety(run_dirs: list[Path]) -> dict[tuple, dict[int, dict[int, tupl
 
 
 def _band(per_seed: dict[int, tuple[float, dict | None]]):
-    """The Estimate of one round: bootstrap over seeds and prompts, or t over seeds without per-prompt data."""
+    """The Estimate of one round (fedsafe.stats: t over the seeds' values; one seed: prompts only)."""
     from fedsafe.stats import summarize_per_prompt, summarize_per_seed
 
     if all(pp is not None for _, pp in per_seed.values()):
@@ -730,7 +749,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     md = [f"# {title}", "", "## Summary", "", *(summary or ["(no config found)"]), "", "## Results", ""]
     if rows:
         md += [markdown_table(header, body), "",
-               METRICS_NOTE, "", INTERVALS_NOTE, ""]
+               METRICS_NOTE, "", INTERVALS_NOTE, "", interval_methods_line(groups), ""]
         if diffs:
             md += ["## Comparisons", "", markdown_table(*comparisons_table(diffs)), "", COMPARISONS_NOTE, ""]
     else:
@@ -766,13 +785,16 @@ METRICS_NOTE = ("Rule: share of responses to the harmful prompts containing a re
                 "prompts that look harmful (XSTest-style; lower is better). Helpfulness proxy: perplexity of "
                 "held-out reference answers, an offline stand-in for MT-Bench (lower is better).")
 INTERVALS_NOTE = ("Each number is the mean over seeds with its 95% interval in brackets (summary.csv also "
-                  "gives the standard deviation over seeds). Rule, over-refusal, borderline refusal, Judge and "
-                  "RM: a two-stage bootstrap that resamples seeds, then prompts (2,000 resamples); other "
-                  "metrics: a Student-t interval over seeds, none with a single seed. See fedsafe.stats.")
-COMPARISONS_NOTE = ("Differences are compared minus reference, paired by seed and prompt: for Rule, the refusal "
-                    "rates, Judge and RM a bootstrap over seeds, then prompts, of the per-prompt differences; "
-                    "for other metrics a Student-t interval over the per-seed differences. \"no\" marks a "
-                    "difference whose 95% interval covers 0 (not significant). comparisons.csv holds every metric.")
+                  "gives the standard deviation over seeds and, as <metric>_ci_method, the interval's method). "
+                  "Two or more seeds: a Student-t interval on the per-seed values (for Rule, over-refusal, "
+                  "borderline refusal, Judge and RM each seed's mean over its prompts). One seed: \"one seed: "
+                  "prompts only\", a Wilson interval for the rates and a bootstrap over prompts for RM, which "
+                  "says nothing about other seeds; other metrics get no interval. See fedsafe.stats.")
+COMPARISONS_NOTE = ("Differences are compared minus reference, paired by seed: per seed the mean difference over "
+                    "the prompts both answered (Rule, the refusal rates, Judge, RM) or the difference of the "
+                    "per-seed values (other metrics), then a Student-t interval over the seeds; one seed: a "
+                    "paired bootstrap over the prompts. \"no\" marks a difference whose 95% interval covers 0 "
+                    "(not significant). comparisons.csv holds every metric.")
 
 
 def _rel(p: Path, root: Path) -> str:

@@ -1,31 +1,41 @@
 """Means, spreads and 95% intervals of results repeated over seeds and evaluated on a prompt sample.
 
 A number fedsafe reports has two sources of chance: the seed (client sampling, partitions, generated
-attack data, LoRA init, local batches) and the finite prompt sample it was measured on. The intervals
-here combine both.
+attack data, LoRA init, local batches) and the finite prompt sample it was measured on.
 
-Method (what ``summary.csv`` and the report use):
+Method (what ``summary.csv``, ``comparisons.csv`` and the report use; each :class:`Estimate` records it
+in ``method``, and :data:`METHOD_LABELS` says it in words):
 
-- **Per-prompt metrics** (Rule and Judge: 100 or 0 per prompt; RM: the reward of each answer) get a
-  two-stage (hierarchical) percentile bootstrap (Davison & Hinkley, *Bootstrap Methods and their
-  Application*, 1997, sec. 3.8; Field & Welsh, JRSS-B 2007): each of ``n_boot`` resamples draws the S
-  seeds with replacement, then the prompts with replacement, and takes the mean over the drawn seeds of
-  each seed's prompt mean. When every seed was evaluated on the same prompts (a crossed design, the
-  default ``eval`` setting) one prompt resample is shared by all drawn seeds, since the prompt sample is
-  then common to all of them; when seeds drew their own prompts (``eval.sample_prompts``) each drawn
-  seed resamples its own prompts (a nested design). The interval is the 2.5th-97.5th percentile of the
-  resampled means. With one seed it is a plain bootstrap over prompts.
-- **Metrics measured once per seed** (helpfulness proxy, MT-1 without per-prompt data): a Student-t
-  interval over seeds, ``mean +- t_{0.975, S-1} * sd / sqrt(S)``; no interval with one seed.
-- **Differences between two settings** are paired: per seed, only the prompts both settings answered,
-  ``d = b - a`` per prompt, and the same bootstrap on ``d`` (a t-interval on per-seed differences for
-  metrics without per-prompt data). A difference is *significant* when its interval excludes 0.
+- **Two or more seeds** (``"t_seeds"``): a Student-t interval on the per-seed values,
+  ``mean +- t_{0.975, S-1} * sd / sqrt(S)`` (for a 0/100 rate clipped to [0, 100], for a difference of
+  two rates to [-100, 100]). For a per-prompt metric (Rule, Judge, over-refusal: 100 or 0
+  per prompt; RM: the reward of each answer) the per-seed value is that seed's mean over its prompts. A
+  seed's mean already carries its own prompt-level noise, so the spread of the S seed means measures
+  both sources at once (a two-level model: ``var(seed mean) = var_seed + var_prompt / n``) and the t
+  quantile accounts for estimating it from S values. When every seed answered the same prompts (the
+  default ``eval`` setting, a fixed prompt set) the interval is for the mean on that prompt set; when
+  seeds drew their own prompts (``eval.sample_prompts``) it is for the prompt population's mean.
+- **One seed** (``"one_seed_wilson"``, ``"one_seed_bootstrap"``): only the prompt sample can be
+  resampled, so the interval is labelled *one seed: prompts only* and says nothing about other seeds. A
+  0/100 metric gets a Wilson score interval on its share of 100s (:func:`wilson_interval`; it does not
+  collapse to a point at 0/n or n/n); any other per-prompt value (a reward, a paired difference) a
+  percentile bootstrap over prompts (``n_boot`` resamples, seeded). A metric measured once per seed has
+  no interval with one seed.
+- **Differences between two settings** are paired by seed: per seed, the mean over the prompts both
+  settings answered of ``b - a`` (for a metric without per-prompt values, ``b - a`` of the per-seed
+  values), then the same rules (a t-interval on the per-seed differences from two seeds on; with one
+  seed a paired bootstrap over the shared prompts). A difference is *significant* when its interval
+  excludes 0.
 - ``std`` is the sample standard deviation (ddof=1) of the per-seed values; the point estimate is the
   mean of the per-seed values (every seed weighs the same).
 
-Caveat: with few seeds (3 is common) the seed stage of a bootstrap sees few distinct resamples and
-understates the between-seed spread by a factor of about sqrt((S-1)/S); read intervals from 3 seeds
-as approximate. Resampling is seeded, so a report is reproducible.
+Why not a bootstrap over seeds, then prompts (the method before issue 28): with 3-5 seeds the seed stage
+sees few distinct resamples and its percentiles act like normal quantiles where a t quantile with S-1
+degrees of freedom is needed. On the two-level model of ``tests/test_stats.py`` (per-seed rates with a
+25-point SD, 48 Bernoulli prompts per seed, 4,000 simulations) its nominal 95% interval covered the true
+mean 84.1% of the time at 3 seeds and 89.5% at 5; the t-interval covers 94-95% there. The t-interval
+assumes roughly normal seed means: for seed means skewed against a bound (mean 80, SD 14) it covered
+about 92% at 3 seeds. With 2 seeds it is honest but wide (``t_{0.975, 1} = 12.7``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,14 @@ N_BOOT = 2000
 
 PerSeed = Mapping[int, Mapping]  # seed -> {prompt id -> value}
 
+# Estimate.method -> what made the interval, in words (tables and summary.csv name it)
+METHOD_LABELS = {
+    "t_seeds": "Student-t over per-seed means",
+    "one_seed_wilson": "one seed: prompts only (Wilson)",
+    "one_seed_bootstrap": "one seed: prompts only (bootstrap)",
+    "none": "no interval",
+}
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -53,6 +71,11 @@ class Estimate:
     n_seeds: int
     n_prompts: int | None = None
     method: str = "none"
+
+    @property
+    def method_label(self) -> str:
+        """What made the interval, in words (:data:`METHOD_LABELS`)."""
+        return METHOD_LABELS.get(self.method, self.method)
 
     @property
     def significant(self) -> bool | None:
@@ -104,59 +127,61 @@ def _clean(per_seed: PerSeed) -> dict[int, dict]:
     return out
 
 
-def hierarchical_bootstrap(per_seed: PerSeed, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
-                           rng_seed: int = 0) -> tuple[float, float, float]:
-    """Two-stage bootstrap (seeds, then prompts) of the mean over seeds of per-seed prompt means.
-
-    ``per_seed`` maps a seed to ``{prompt id: value}``. Returns ``(mean, lo, hi)``. Seeds that share their
-    prompt ids share one prompt resample (crossed design); otherwise each drawn seed resamples its own.
-    """
-    data = _clean(per_seed)
-    if not data:
-        return float("nan"), float("nan"), float("nan")
-    seeds = sorted(data)
+def _bootstrap_prompts(values: np.ndarray, confidence: float, n_boot: int, rng_seed: int) -> tuple[float, float]:
+    """Percentile bootstrap of the mean of one seed's per-prompt values (resampled by integer counts, so
+    the interval of a constant is exactly that constant)."""
     rng = np.random.default_rng(rng_seed)
-    n_seeds = len(seeds)
-    seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    mean = float(np.mean([np.mean(list(data[s].values())) for s in seeds]))
-    ids = [sorted(data[s], key=str) for s in seeds]
-    if all(i == ids[0] for i in ids):  # crossed: the same prompts for every seed
-        values = np.array([[data[s][k] for k in ids[0]] for s in seeds])  # [S, n]
-        n = values.shape[1]
-        # resample counts (integers, so the mean of a constant stays exactly that constant)
-        seed_counts = np.zeros((n_boot, n_seeds))
-        np.add.at(seed_counts, (np.repeat(np.arange(n_boot), n_seeds), seed_draws.ravel()), 1.0)
-        prompt_draws = rng.integers(0, n, size=(n_boot, n))
-        prompt_counts = np.zeros((n_boot, n))
-        np.add.at(prompt_counts, (np.repeat(np.arange(n_boot), n), prompt_draws.ravel()), 1.0)
-        stats = np.einsum("bs,sn,bn->b", seed_counts, values, prompt_counts) / (n_seeds * n)
-    else:  # nested: each drawn seed resamples its own prompts
-        per_seed_means = np.empty((n_boot, n_seeds))
-        for k in range(n_seeds):
-            for j, s in enumerate(seeds):
-                rows = seed_draws[:, k] == j
-                if not rows.any():
-                    continue
-                v = np.fromiter(data[s].values(), dtype=float)
-                draws = rng.integers(0, v.size, size=(int(rows.sum()), v.size))
-                per_seed_means[rows, k] = v[draws].mean(axis=1)
-        stats = per_seed_means.mean(axis=1)
+    n = values.size
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), n), rng.integers(0, n, size=n_boot * n)), 1.0)
+    stats = counts @ values / n
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(stats, [alpha, 1 - alpha])
-    return mean, float(lo), float(hi)
+    return float(lo), float(hi)
+
+
+def _is_binary_percent(values: np.ndarray) -> bool:
+    return bool(np.all((values == 0.0) | (values == 100.0)))
+
+
+def _bounds(data: dict[int, dict]) -> tuple[float, float]:
+    """The range a mean of these values can take: [0, 100] for 0/100 rates, [-100, 100] for their paired
+    differences, unbounded otherwise (a t-interval is clipped to it; the true mean lies inside)."""
+    values = np.concatenate([np.fromiter(v.values(), dtype=float) for v in data.values()])
+    if _is_binary_percent(values):
+        return 0.0, 100.0
+    if _is_binary_percent(np.abs(values)):
+        return -100.0, 100.0
+    return -math.inf, math.inf
+
+
+def _summarize(data: dict[int, dict], confidence: float, n_boot: int, rng_seed: int, wilson: bool) -> Estimate:
+    if not data:
+        return Estimate(float("nan"), None, None, None, 0, 0, "none")
+    seed_means = [float(np.mean(list(v.values()))) for v in data.values()]
+    n_prompts = int(round(np.mean([len(v) for v in data.values()])))
+    if len(data) >= 2:
+        mean, lo, hi = t_interval(seed_means, confidence)
+        low, high = _bounds(data)
+        lo, hi = max(lo, low), min(hi, high)
+        return Estimate(mean, float(np.std(seed_means, ddof=1)), lo, hi, len(data), n_prompts, "t_seeds")
+    values = np.fromiter(next(iter(data.values())).values(), dtype=float)
+    mean = float(values.mean())
+    if wilson and _is_binary_percent(values):
+        lo, hi = wilson_interval(float((values == 100.0).sum()), values.size, confidence)
+        return Estimate(mean, None, 100.0 * lo, 100.0 * hi, 1, n_prompts, "one_seed_wilson")
+    lo, hi = _bootstrap_prompts(values, confidence, n_boot, rng_seed)
+    return Estimate(mean, None, lo, hi, 1, n_prompts, "one_seed_bootstrap")
 
 
 def summarize_per_prompt(per_seed: PerSeed, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
                          rng_seed: int = 0) -> Estimate:
-    """Mean over seeds, std of the per-seed means, and the hierarchical-bootstrap interval."""
-    data = _clean(per_seed)
-    if not data:
-        return Estimate(float("nan"), None, None, None, 0, 0, "none")
-    seed_means = [float(np.mean(list(v.values()))) for v in data.values()]
-    mean, lo, hi = hierarchical_bootstrap(data, confidence, n_boot, rng_seed)
-    std = float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None
-    n_prompts = int(round(np.mean([len(v) for v in data.values()])))
-    return Estimate(mean, std, lo, hi, len(data), n_prompts, "bootstrap")
+    """Mean over seeds of the per-seed prompt means, their std, and the interval of the module docstring.
+
+    ``per_seed`` maps a seed to ``{prompt id: value}``. Two or more seeds: a Student-t interval on the
+    per-seed means. One seed: prompts only (Wilson for 0/100 values, else a bootstrap over prompts).
+    """
+    return _summarize(_clean(per_seed), confidence, n_boot, rng_seed, wilson=True)
 
 
 def summarize_per_seed(values: Sequence[float | None], confidence: float = CONFIDENCE) -> Estimate:
@@ -166,7 +191,7 @@ def summarize_per_seed(values: Sequence[float | None], confidence: float = CONFI
         return Estimate(float("nan"), None, None, None, 0, None, "none")
     mean, lo, hi = t_interval(x, confidence)
     std = float(np.std(x, ddof=1)) if len(x) > 1 else None
-    return Estimate(mean, std, lo, hi, len(x), None, "t" if lo is not None else "none")
+    return Estimate(mean, std, lo, hi, len(x), None, "t_seeds" if lo is not None else "none")
 
 
 def paired_per_prompt(a: PerSeed, b: PerSeed) -> dict[int, dict]:
@@ -182,8 +207,9 @@ def paired_per_prompt(a: PerSeed, b: PerSeed) -> dict[int, dict]:
 
 def paired_difference(a: PerSeed, b: PerSeed, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
                       rng_seed: int = 0) -> Estimate:
-    """``b - a`` paired by seed and prompt, with its hierarchical-bootstrap interval."""
-    return summarize_per_prompt(paired_per_prompt(a, b), confidence, n_boot, rng_seed)
+    """``b - a`` paired by seed and prompt: a t-interval on the per-seed mean differences over shared prompts
+    (two or more seeds), or a paired bootstrap over the shared prompts (one seed)."""
+    return _summarize(paired_per_prompt(a, b), confidence, n_boot, rng_seed, wilson=False)
 
 
 def paired_seed_difference(a: Mapping[int, float | None], b: Mapping[int, float | None],
