@@ -649,3 +649,50 @@ def test_f_parametrised_defense_cells_use_the_true_f_or_say_misset(grid_file):
             f"{grid_file}: setting {name!r} runs {rule} tolerating {tolerated} against {attackers} attackers per "
             "round; set the true f or label the cell *_misset")
     assert checked > 0
+
+
+# --- ALIE's degenerate cases (issue 28) --------------------------------------------------------------------------
+
+def test_alie_zero_z_is_refused_at_config_load_and_in_a_grid_unless_z_is_given(tmp_path, caplog):
+    """Baruch et al. (NeurIPS 2019): n = 4, f = 1 gives s = 2 supporters, z_max = Phi^-1(2/4) = 0, i.e. ALIE
+    would send the benign mean. The config (and so every grid cell) is refused unless attack.z is given; at
+    run time (full knowledge counts the round's n and f) a zero z is logged and recorded."""
+    import logging
+
+    import yaml
+
+    from fedsafe.grid import load_grid
+
+    assert alie.z_max(4, 1) == 0.0 and alie.z_max(6, 1) == 0.0 and alie.z_max(5, 1) > 0
+    four = {"roles": [{"name": "benign", "clients": 3, "data": [{"path": "starter:train"}]},
+                      {"name": "malicious", "clients": 1, "data": [{"path": "starter:train"}],
+                       "attack": {"name": "alie"}}], "fl": {"clients_per_round": 4}}
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "config": four,
+                                    "matrix": {"attack": {"alie": {}, "alie_z1": {"roles.1.attack.z": 1.0}}}}))
+    with pytest.raises(ConfigError, match=r"roles\[1\]\.attack\.z: ALIE with n=4 .* f=1.*z_max = Phi\^-1\(1/2\) = 0"):
+        load_grid(grid)
+    grid.write_text(yaml.safe_dump({"name": "g", "config": four,
+                                    "matrix": {"attack": {"alie_z1": {"roles.1.attack.z": 1.0}}}}))
+    (name, cfg), = load_grid(grid)[1]
+    assert cfg.roles[1].attack["z"] == 1.0
+    # run time: the crafted update is the benign mean, said loudly and in the info the round record keeps
+    benign, centre, gen = _benign(m=3)
+    h = centre + torch.randn(centre.shape, generator=gen)
+    with caplog.at_level(logging.WARNING, logger="fedsafe"):
+        update, info = craft(parse_attack({"name": "alie"}), h, benign, 4, 1)
+    assert info["z"] == 0.0 and info["z_is_zero"] is True and "no-op" in caplog.text
+    assert torch.allclose(update, benign.mean(0))
+
+
+def test_alie_coordinates_where_h_equals_the_mean_move_by_z_sigma_too(test_seed):
+    """sign(h_j - mu_j) = 0 took u_j = mu_j (not perturbed); now the paper's fixed direction -1, so every
+    coordinate sits exactly z sigma_j from the benign mean."""
+    benign, centre, gen = _benign(seed=test_seed)
+    mu, sigma = benign.mean(0), benign.std(0)
+    h = centre + torch.randn(centre.shape, generator=gen)
+    h[:50] = mu[:50]  # e.g. coordinates no client trained, or a harmful update equal to the mean there
+    update, info = craft(parse_attack({"name": "alie", "z": 1.2}), h, benign, 10, 2)
+    torch.testing.assert_close(update[:50], mu[:50] - 1.2 * sigma[:50])
+    torch.testing.assert_close((update - mu).abs(), 1.2 * sigma)
+    torch.testing.assert_close(update[50:], (mu + 1.2 * sigma * torch.sign(h - mu))[50:])

@@ -79,13 +79,25 @@ class AdaptiveAttack(Plugin):
     @classmethod
     def check(cls, config, setup) -> None:
         """Config load: ``knowledge: full`` is refused where the engine may be Flower
-        (``setup.engine_may_be_flower``); a Flower ClientApp refuses it again when it builds its side."""
+        (``setup.engine_may_be_flower``); a Flower ClientApp refuses it again when it builds its side. ALIE
+        whose z_max is 0 at the configured n and f (it would send the benign mean) is refused unless
+        ``attack.z`` is given."""
+        malicious_total = sum(r.clients for r in setup.roles if getattr(r, "is_malicious", False))
+        n = int(setup.clients_per_round)
         for i, r in enumerate(setup.roles):
             if getattr(r, "attack", None):
+                attack = parse_attack(r.attack)
                 try:
-                    check_engine(parse_attack(r.attack), str(i), bool(getattr(setup, "engine_may_be_flower", False)))
+                    check_engine(attack, str(i), bool(getattr(setup, "engine_may_be_flower", False)))
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+                if attack.name == "alie":
+                    from fedsafe.attacks.adaptive.alie import check_z
+
+                    try:
+                        check_z(attack, n, attack.f or expected_f(setup.num_clients, n, malicious_total))
+                    except ValueError as exc:
+                        raise ConfigError(f"roles[{i}].attack.z: {exc}") from None
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
