@@ -5,13 +5,13 @@
 
 A long grid is often run in pieces (``--seeds 1,2 --only ...`` one day, other settings the next). Each piece
 writes its own ``results.csv`` and ``outcomes.jsonl``; this script reads them all and summarises them as
-``fedsafe grid`` would have in one directory (``fedsafe.report.summarize``: a Student-t interval on the
-per-seed means from two seeds on; one seed: "one seed: prompts only", see :mod:`fedsafe.stats`). Rows are keyed by ``<matrix cell>/<scenario>``, where the cell is the setting name without its
-last matrix axis (``probe_gap-posthoc`` and ``probe_gap-none`` share training, so their ``attack`` rows are the
-same run) and the scenario is ``attack``, ``attack_posthoc``, ``no_attack`` ... Paired differences (``b - a``:
-per seed the mean over shared prompts, then a t-interval over seeds, ``fedsafe.stats.paired_difference``), each
-with its interval's method and whether it excludes 0, are printed against ``--reference`` and for each
-``--pair a:b``.
+``fedsafe grid`` would have in one directory (``fedsafe.report.summarize``: a Student-t interval on the per-seed
+means from two seeds on; one seed: "one seed: prompts only", see :mod:`fedsafe.stats`). Rows are keyed by
+``<matrix cell>/<scenario>``, where the cell is the setting name without its last matrix axis
+(``probe_gap-posthoc`` and ``probe_gap-none`` share training, so their ``attack`` rows are the same run) and the
+scenario is ``attack``, ``attack_posthoc``, ``no_attack`` ... Paired differences (``b - a``: per seed the mean
+over shared prompts, then a t-interval over seeds, ``fedsafe.stats.paired_difference``), each with its
+interval's method and whether it excludes 0, are printed against ``--reference`` and for each ``--pair a:b``.
 
 Defense variants from ``benchmarks/posthoc_sweep.py`` (other post-hoc settings applied to a grid's trained
 adapters) join with ``--sweep SWEEP_CSV=CELL``: each variant V becomes the row ``<CELL>/attack_posthoc+V``.

@@ -18,9 +18,9 @@ Generations are cached by adapter hash (``--cache``), so repeated sweeps only ge
 Prints one table per seed, a summary per variant over seeds, and writes every row to ``--out`` and every
 per-prompt outcome (100/0, per seed and model) to ``<out stem>.outcomes.jsonl``.
 
-Trade-off curve: ``--plot tradeoff.png`` draws Rule against over-refusal for every variant (and the
-no_attack / attack models), the mean over seeds with 95% intervals on both axes (a t-interval on the
-per-seed means; one seed: prompts only: :func:`fedsafe.stats.summarize_per_prompt`), the no_attack point and the target band
+Trade-off curve: ``--plot tradeoff.png`` draws Rule against over-refusal for every variant (and the no_attack /
+attack models), the mean over seeds with 95% intervals on both axes (a t-interval on the per-seed means; one
+seed: prompts only: :func:`fedsafe.stats.summarize_per_prompt`), the no_attack point and the target band
 (over-refusal at most 5 points above no_attack), and prints the same numbers with the paired change in
 over-refusal against no_attack. ``--plot-only`` redraws from an existing ``--out``'s outcomes file.
 """

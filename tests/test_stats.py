@@ -72,6 +72,13 @@ def test_several_seeds_get_a_t_interval_on_the_per_seed_prompt_means():
     low = {0: _bernoulli(0, 48), 1: _bernoulli(0, 48), 2: _bernoulli(6, 48)}
     drop = paired_difference({s: _bernoulli(48, 48) for s in range(3)}, low)
     assert drop.lo == -100.0 and drop.hi < 0
+    gain = paired_difference(low, {s: _bernoulli(48, 48) for s in range(3)})  # every prompt's difference >= 0
+    assert gain.lo == pytest.approx(95.8333 - 4.302653 * 7.216878 / math.sqrt(3), abs=1e-3) and gain.hi == 100.0
+    # every prompt's difference is 0 or +100 here, yet the true difference may be negative: clipped at -100, not 0
+    same = {s: _bernoulli(24, 48) for s in range(3)}
+    up = paired_difference(same, {0: _bernoulli(24, 48), 1: _bernoulli(24, 48), 2: _bernoulli(48, 48)})
+    assert up.mean == pytest.approx(50 / 3)  # per-seed differences 0, 0, +50
+    assert up.lo == pytest.approx(50 / 3 - 4.302653 * np.std([0, 0, 50], ddof=1) / math.sqrt(3)) and up.lo < -50
 
 
 def _coverage(n_seeds: int, n_sims: int, rng, seed_sd: float = 0.25, n_prompts: int = 48) -> float:

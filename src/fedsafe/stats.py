@@ -144,30 +144,29 @@ def _is_binary_percent(values: np.ndarray) -> bool:
     return bool(np.all((values == 0.0) | (values == 100.0)))
 
 
-def _bounds(data: dict[int, dict]) -> tuple[float, float]:
-    """The range a mean of these values can take: [0, 100] for 0/100 rates, [-100, 100] for their paired
-    differences, unbounded otherwise (a t-interval is clipped to it; the true mean lies inside)."""
+def _bounds(data: dict[int, dict], difference: bool) -> tuple[float, float]:
+    """The range a mean of these values can take: [0, 100] for 0/100 rates, [-100, 100] for paired
+    differences of such rates (whatever signs this sample shows), unbounded otherwise (a t-interval is
+    clipped to it; the true mean lies inside)."""
     values = np.concatenate([np.fromiter(v.values(), dtype=float) for v in data.values()])
-    if _is_binary_percent(values):
-        return 0.0, 100.0
-    if _is_binary_percent(np.abs(values)):
-        return -100.0, 100.0
-    return -math.inf, math.inf
+    if not _is_binary_percent(np.abs(values)):
+        return -math.inf, math.inf
+    return (-100.0, 100.0) if difference else (0.0, 100.0)
 
 
-def _summarize(data: dict[int, dict], confidence: float, n_boot: int, rng_seed: int, wilson: bool) -> Estimate:
+def _summarize(data: dict[int, dict], confidence: float, n_boot: int, rng_seed: int, difference: bool) -> Estimate:
     if not data:
         return Estimate(float("nan"), None, None, None, 0, 0, "none")
     seed_means = [float(np.mean(list(v.values()))) for v in data.values()]
     n_prompts = int(round(np.mean([len(v) for v in data.values()])))
     if len(data) >= 2:
         mean, lo, hi = t_interval(seed_means, confidence)
-        low, high = _bounds(data)
+        low, high = _bounds(data, difference)
         lo, hi = max(lo, low), min(hi, high)
         return Estimate(mean, float(np.std(seed_means, ddof=1)), lo, hi, len(data), n_prompts, "t_seeds")
     values = np.fromiter(next(iter(data.values())).values(), dtype=float)
     mean = float(values.mean())
-    if wilson and _is_binary_percent(values):
+    if not difference and _is_binary_percent(values):
         lo, hi = wilson_interval(float((values == 100.0).sum()), values.size, confidence)
         return Estimate(mean, None, 100.0 * lo, 100.0 * hi, 1, n_prompts, "one_seed_wilson")
     lo, hi = _bootstrap_prompts(values, confidence, n_boot, rng_seed)
@@ -181,7 +180,7 @@ def summarize_per_prompt(per_seed: PerSeed, confidence: float = CONFIDENCE, n_bo
     ``per_seed`` maps a seed to ``{prompt id: value}``. Two or more seeds: a Student-t interval on the
     per-seed means. One seed: prompts only (Wilson for 0/100 values, else a bootstrap over prompts).
     """
-    return _summarize(_clean(per_seed), confidence, n_boot, rng_seed, wilson=True)
+    return _summarize(_clean(per_seed), confidence, n_boot, rng_seed, difference=False)
 
 
 def summarize_per_seed(values: Sequence[float | None], confidence: float = CONFIDENCE) -> Estimate:
@@ -209,7 +208,7 @@ def paired_difference(a: PerSeed, b: PerSeed, confidence: float = CONFIDENCE, n_
                       rng_seed: int = 0) -> Estimate:
     """``b - a`` paired by seed and prompt: a t-interval on the per-seed mean differences over shared prompts
     (two or more seeds), or a paired bootstrap over the shared prompts (one seed)."""
-    return _summarize(paired_per_prompt(a, b), confidence, n_boot, rng_seed, wilson=False)
+    return _summarize(paired_per_prompt(a, b), confidence, n_boot, rng_seed, difference=True)
 
 
 def paired_seed_difference(a: Mapping[int, float | None], b: Mapping[int, float | None],
