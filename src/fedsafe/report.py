@@ -32,15 +32,15 @@ from fedsafe.rundir import atomic_write_text, grid_run_dirs
 
 log = logging.getLogger("fedsafe")
 
-RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "over_refusal", "borderline_refusal",
+RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "refusal", "over_refusal", "borderline_refusal",
                   "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts", "n_normal_prompts", "n_borderline_prompts"]
 COUNT_COLUMNS = ("seed", "n_prompts", "n_normal_prompts", "n_borderline_prompts")
 KEY_COLUMNS = ("setting", "scenario", "method", "defense")  # one summary row per key, over its seeds
-# metrics outcomes.jsonl holds per prompt (bootstrap intervals); over-refusal and borderline refusal are
+# metrics outcomes.jsonl holds per prompt (paired prompt by prompt); over-refusal and borderline refusal are
 # measured on their own prompt sets and stored with their own ``<metric>_prompt_ids``
-PER_PROMPT_METRICS = ("rule", "over_refusal", "borderline_refusal", "judge", "rm")
-PERCENT_METRICS = ("rule", "over_refusal", "borderline_refusal", "judge")
-METRIC_HEADERS = {"rule": "Rule (%) ↑", "over_refusal": "Over-refusal (%) ↓", "borderline_refusal":
+PER_PROMPT_METRICS = ("rule", "refusal", "over_refusal", "borderline_refusal", "judge", "rm")
+PERCENT_METRICS = ("rule", "refusal", "over_refusal", "borderline_refusal", "judge")
+METRIC_HEADERS = {"rule": "Rule (%) ↑", "refusal": "Refused harmful (%) ↑", "over_refusal": "Over-refusal (%) ↓", "borderline_refusal":
                   "Borderline refusal (%) ↓", "judge": "Judge (%) ↑", "rm": "RM ↑", "mt1": "MT-1 ↑",
                   "helpfulness_proxy": "Helpfulness proxy (ppl) ↓"}
 GRID_SPEC = "grid.yaml"
