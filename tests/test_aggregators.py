@@ -334,6 +334,45 @@ def test_geometric_median_uses_sample_weights():
     assert res.update.item() == pytest.approx(10.0, abs=1e-3)  # weight 5/7 > 1/2 wins
 
 
+def _weiszfeld_float64(x: np.ndarray, a: np.ndarray, nu: float = 1e-6, iters: int = 2000) -> np.ndarray:
+    """Reference: smoothed Weiszfeld (Pillutla et al., Algorithm 2) in float64 on explicit differences."""
+    z = a @ x / a.sum()
+    for _ in range(iters):
+        beta = a / np.maximum(nu, np.linalg.norm(x - z, axis=1))
+        z_new = beta @ x / beta.sum()
+        if np.linalg.norm(z_new - z) <= 1e-13 * max(1.0, np.linalg.norm(z)):
+            return z_new
+        z = z_new
+    return z
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1000.0])
+def test_geometric_median_matches_a_float64_reference_under_a_large_common_component(offset, test_seed):
+    # 9 clients share offset * c (|c_j| ~ 1 per coordinate) and differ by unit-spread noise, plus one outlier
+    gen = torch.Generator().manual_seed(test_seed)
+    n, d = 9, 4000
+    common = torch.randn(d, generator=gen)
+    x = offset * common + torch.randn(n, d, generator=gen)
+    x[0] += 5.0
+    samples = torch.tensor([3.0, 1, 2, 1, 1, 4, 1, 2, 1])
+    rule = aggregators.get("geometric_median")
+    res = rule(x, samples, [f"c{i}" for i in range(n)])
+    x64, a64 = x.double().numpy(), (samples / samples.sum()).double().numpy()
+    ref = _weiszfeld_float64(x64, a64)
+    z = res.update.double().numpy()
+
+    def objective(point):
+        return float(a64 @ np.linalg.norm(x64 - point, axis=1))
+
+    typical = float(np.median(np.linalg.norm(x64 - ref, axis=1)))  # a client's distance to the median, ~sqrt(d)
+    # ftol stops Weiszfeld when the objective improves by < 1e-7 (relative): the objective is then within ftol
+    # of the optimum, and the point within ~sqrt(ftol) of a client's distance
+    assert (objective(z) - objective(ref)) / objective(ref) < rule.ftol
+    assert np.linalg.norm(z - ref) / typical < 1e-3
+    assert res.info["iterations"] < rule.maxiter  # it meets its ftol instead of running out of iterations
+    assert res.info["objective"] == pytest.approx(objective(z), rel=1e-6)  # the logged objective is z's
+
+
 def test_norm_clip_clips_then_aggregates():
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
     res = _run("norm_clip", x, max_norm=1.0)

@@ -10,6 +10,14 @@ starting from the weighted mean and stopping after ``maxiter`` iterations or whe
 less than ``ftol`` (relative). The paper reports that a few iterations suffice on well-behaved data;
 ``maxiter`` defaults higher so that one huge outlier is also pulled in fully.
 
+Conventions (for users porting from other libraries): **sample-weighted by default**, a_i = n_i / sum n_k
+(the client's number of training examples), as in the paper's RFA; ``weighted=False`` gives the unweighted
+geometric median a_i = 1/n that libraries taking only the stacked updates compute (e.g. byzfl's
+``GeometricMedian``), so the two differ whenever clients hold different amounts of data. Distances are
+computed from the differences ``x_i - z`` with float64 accumulation, so a large component shared by all
+updates (offset/spread 1000) costs no accuracy; ``tests/test_aggregators.py`` checks the result against a
+float64 Weiszfeld reference.
+
 ``client_weights``: beta_i / sum_k beta_k of the last iteration, the weights that produced z.
 """
 
@@ -20,20 +28,18 @@ import torch
 from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sample_weights
 
 
-def squared_norms(updates: torch.Tensor) -> torch.Tensor:
-    """Row squared norms ``[n]`` accumulated in float64 over chunks."""
+def distances_to(updates: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances ``[n]`` (float64) from each row to ``z``, from the differences ``x_i - z`` themselves.
+
+    Squared norms of the difference columns are accumulated in float64 over column chunks (bounded extra
+    memory). The expansion ``|x|^2 - 2 x.z + |z|^2`` in float32 cancels catastrophically when the updates
+    share a large common component (issue 28: error 0.67 of a client's distance at offset/spread 1000).
+    """
     n, d = updates.shape
     out = torch.zeros(n, dtype=torch.float64, device=updates.device)
     for cols in column_chunks(n, d):
-        out += torch.linalg.vector_norm(updates[:, cols], dim=1).double() ** 2
-    return out
-
-
-def distances_to(updates: torch.Tensor, z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ``[n]`` from each row to ``z`` via ``|x|^2 - 2 x.z + |z|^2`` (one matrix-vector
-    product per call, like FedAvg's; client updates are deltas near 0, so the cancellation is mild)."""
-    zz = float((z.double() ** 2).sum())
-    return (sq_norms - 2 * (updates @ z).double() + zz).clamp_min(0).sqrt()
+        out += torch.linalg.vector_norm(updates[:, cols] - z[cols], dim=1).double() ** 2
+    return out.sqrt()
 
 
 class GeometricMedian(Aggregator):
@@ -49,16 +55,15 @@ class GeometricMedian(Aggregator):
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n = updates.shape[0]
         a = (sample_weights(num_samples) if self.weighted else torch.full((n,), 1.0 / n, device=updates.device)).double()
-        sq_norms = squared_norms(updates)
         z = (a.float() @ updates)
-        dist = distances_to(updates, z, sq_norms)
+        dist = distances_to(updates, z)
         obj = float((a * dist).sum())
         beta = a.clone()
         iters = 0
         for iters in range(1, self.maxiter + 1):
             beta = a / dist.clamp_min(self.nu)
             z = (beta / beta.sum()).float() @ updates
-            dist = distances_to(updates, z, sq_norms)
+            dist = distances_to(updates, z)
             new_obj = float((a * dist).sum())
             done = abs(obj - new_obj) <= self.ftol * max(new_obj, 1e-30)
             obj = new_obj
