@@ -60,6 +60,37 @@ def test_trimmed_mean_rejects_beta_half():
         aggregators.get("trimmed_mean", beta=0.5)
 
 
+def test_trimmed_mean_fraction_from_a_count_trims_that_count():
+    # beta = 1/49 with 49 clients: 49 * (1/49) = 0.99999999999999989 in floats; int() trimmed nothing
+    x = torch.arange(49, dtype=torch.float32)[:, None].repeat(1, 3)
+    x[0] = -1000.0
+    res = _run("trimmed_mean", x, beta=1 / 49)
+    assert res.info["trimmed_per_side"] == 1
+    assert res.update.tolist() == pytest.approx([float(torch.arange(1, 48).float().mean())] * 3)
+    # every count f < n/2 for n <= 200, given as the fraction f/n, trims exactly f (and beta = 0 nothing)
+    from fedsafe.aggregators.requirements import trimmed_per_side
+
+    wrong = [(n, f) for n in range(1, 201) for f in range(0, (n + 1) // 2) if trimmed_per_side(n, f / n) != f]
+    assert wrong == []
+
+
+def test_trimmed_mean_takes_a_count_f_instead_of_beta():
+    x = _col(1.0, 2.0, 3.0, 4.0, 100.0)
+    by_count = _run("trimmed_mean", x, f=1)
+    assert by_count.update.tolist() == [3.0] and by_count.info["trimmed_per_side"] == 1
+    assert _run("trimmed_mean", torch.cat([x, _col(50.0, 60.0)]), f=1).info["trimmed_per_side"] == 1  # any n
+    assert _run("trimmed_mean", x, f=2).update.tolist() == [3.0]  # the median of 5
+    assert _run("trimmed_mean", x, f=0).update.item() == pytest.approx(22.0)  # the plain mean, asked for
+    assert repr(aggregators.get("trimmed_mean", f=2)) == "TrimmedMean(f=2)"
+    assert aggregators.get("trimmed_mean").beta == 0.1  # neither: the default fraction
+    with pytest.raises(ConfigError, match=r"aggregator\.params\.beta=0\.2 and aggregator\.params\.f=1: .*not both"):
+        aggregators.get("trimmed_mean", beta=0.2, f=1)
+    with pytest.raises(ConfigError, match=r"^aggregator\.params\.beta=0\.2 and aggregator\.params\.f=1"):
+        aggregators.check_feasible("trimmed_mean", {"beta": 0.2, "f": 1}, 10)
+    with pytest.raises(ConfigError, match=r"f must be a non-negative integer"):
+        aggregators.get("trimmed_mean", f=1.5)
+
+
 # --- Krum / Multi-Krum -----------------------------------------------------------------------------
 
 def test_krum_scores_squared_distances_by_hand():
@@ -433,7 +464,8 @@ def test_unknown_parameter_is_a_config_error():
 # --- how many clients each rule needs: the rule and the config check agree ----------------------------
 
 FEASIBILITY = [("krum", {"f": 2}), ("multikrum", {"f": 1}), ("multikrum", {"f": 0, "m": 6}), ("bulyan", {"f": 1}),
-               ("dnc", {"f": 3, "subsample_dim": 16}), ("dnc", {"f": 4, "filter_frac": 0.5, "subsample_dim": 16})]
+               ("dnc", {"f": 3, "subsample_dim": 16}), ("dnc", {"f": 4, "filter_frac": 0.5, "subsample_dim": 16}),
+               ("trimmed_mean", {"f": 2})]
 
 
 @pytest.mark.filterwarnings("ignore:.*at least half:RuntimeWarning")
@@ -441,7 +473,7 @@ FEASIBILITY = [("krum", {"f": 2}), ("multikrum", {"f": 1}), ("multikrum", {"f": 
 def test_rule_refuses_exactly_below_its_min_clients(name, params):
     need = aggregators.min_clients(name, params)
     assert need == {"krum": 7, "multikrum": 6 if params.get("m") else 5, "bulyan": 7,
-                    "dnc": 4 if "filter_frac" not in params else 3}[name]
+                    "dnc": 4 if "filter_frac" not in params else 3, "trimmed_mean": 5}[name]
     torch.manual_seed(0)
     _run(name, torch.randn(need, 16), **params)  # works with need clients...
     aggregators.check_feasible(name, params, need)

@@ -11,8 +11,9 @@ The conditions, each from its rule's paper (see the rule's module):
   multikrum m       n >= m                     (it averages the m best-scoring updates)
   bulyan            n >= 4f + 3                (El Mhamdi et al. 2018)
   dnc               n >= floor(c * f) + 1      (Shejwalkar & Houmansadr 2021: it removes floor(c f) clients)
-  trimmed_mean      floor(beta * n) >= 1 when beta > 0  (Yin et al. 2018; trimming 0 values per side is the
-                    plain mean, not the rule the config names; beta = 0 asks for the mean and is accepted)
+  trimmed_mean      beta: floor(beta * n) >= 1 when beta > 0  (Yin et al. 2018; trimming 0 values per side is
+                    the plain mean, not the rule the config names; beta = 0 asks for the mean and is accepted)
+                    f (a count instead of beta): n >= 2f + 1 (f values trimmed per side, one left)
   residual          n >= 3                     (Fu et al. 2019: the robust scale divides by n - 1 and drops one
                     residual; with fewer clients fedsafe falls back to the plain mean)
 
@@ -24,6 +25,7 @@ plug-ins are not checked here (they raise at run time).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,10 @@ from fedsafe.errors import ConfigError
 
 #: the smallest round the residual rule reweights; below it, it returns the plain mean
 RESIDUAL_MIN_CLIENTS = 3
+
+#: slack for beta * n computed just below an integer: beta = f/n must trim f values (int(beta * n) trimmed
+#: f - 1 for 368 of the (n <= 200, f < n/2) pairs, e.g. none at all for n = 49, beta = 1/49)
+TRIM_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,30 @@ def validate_beta(beta) -> float:
     return float(beta)
 
 
+def validate_trim(beta=None, f=None, where: str = "aggregator.params") -> tuple[float | None, int | None]:
+    """The trimmed mean's ``(beta, f)``: the fraction or the count, exactly one (neither: beta = 0.1).
+
+    Raises ConfigError naming both fields when both are given, ValueError for a bad value.
+    """
+    if beta is not None and f is not None:
+        raise ConfigError(f"{where}.beta={beta!r} and {where}.f={f!r}: trimmed_mean takes the fraction beta or "
+                          "the count f of values trimmed per side, not both")
+    if f is not None:
+        return None, validate_f(f)
+    return validate_beta(0.1 if beta is None else beta), None
+
+
+def trimmed_per_side(n: int, beta: float | None = None, f: int | None = None) -> int:
+    """Values the trimmed mean drops from each end of a coordinate of ``n`` updates.
+
+    ``f`` when the count is given; else ``floor(beta * n)``, computed with :data:`TRIM_SLACK` so that a
+    product rounded just below an integer (``beta = f / n``) still trims f, and capped so one value is left.
+    """
+    if f is not None:
+        return f
+    return max(0, min(math.floor(beta * n + TRIM_SLACK), (n - 1) // 2))
+
+
 def validate_filter_frac(filter_frac) -> float:
     """DnC's filtering fraction c >= 0."""
     if isinstance(filter_frac, bool) or not isinstance(filter_frac, (int, float)) or filter_frac < 0:
@@ -102,19 +132,25 @@ def dnc_needs(f: int, filter_frac: float = 1.0) -> list[Need]:
                                       "per round")]
 
 
-def trimmed_mean_min_clients(beta: float) -> int:
-    """The smallest n with floor(beta * n) >= 1 (1 when beta = 0: the plain mean was asked for)."""
+def trimmed_mean_min_clients(beta: float | None = None, f: int | None = None) -> int:
+    """The smallest n the trimmed mean trims with: 2f + 1 for a count f; for a fraction the smallest n with
+    :func:`trimmed_per_side` >= 1 (1 when beta = 0 or f = 0: the plain mean was asked for)."""
+    if f is not None:
+        return 2 * f + 1 if f > 0 else 1
     if beta <= 0:
         return 1
     n = max(1, int(1 / beta) - 1)
-    while int(beta * n) < 1:  # the same float product the rule computes
+    while trimmed_per_side(n, beta) < 1:  # the same count the rule computes
         n += 1
     return n
 
 
-def trimmed_mean_needs(beta: float) -> list[Need]:
-    """Trimmed mean: floor(beta * n) >= 1 values trimmed per side when beta > 0."""
-    need = trimmed_mean_min_clients(beta)
+def trimmed_mean_needs(beta: float | None = None, f: int | None = None) -> list[Need]:
+    """Trimmed mean: floor(beta * n) >= 1 values trimmed per side when beta > 0; n >= 2f + 1 for a count f."""
+    need = trimmed_mean_min_clients(beta, f)
+    if f is not None:
+        return [Need("f", f, need, f"trimmed_mean trims f={f} values per side and needs at least 2*f+1={need} "
+                                   "clients per round")]
     return [Need("beta", beta, need, f"trimmed_mean trims floor(beta*n) values per side, none with fewer than "
                                      f"{need} clients per round (it would be the plain mean; one per side needs "
                                      "beta >= 1/n and n >= 3)", "raise")]
@@ -145,6 +181,11 @@ def _needs_of(name: str, params: dict, where: str) -> list[Need]:
     if name == "dnc":
         return dnc_needs(param("f", 1, validate_f), param("filter_frac", 1.0, validate_filter_frac))
     if name == "trimmed_mean":
+        beta, f = params.get("beta"), params.get("f")
+        if beta is not None and f is not None:
+            validate_trim(beta, f, where)  # raises the ConfigError naming both fields
+        if f is not None:
+            return trimmed_mean_needs(f=param("f", None, validate_f))
         return trimmed_mean_needs(param("beta", 0.1, validate_beta))
     if name == "residual":
         return residual_needs()

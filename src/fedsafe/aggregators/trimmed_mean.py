@@ -1,12 +1,21 @@
 """Coordinate-wise beta-trimmed mean.
 
 Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
-Rates" (ICML 2018): for every coordinate j sort delta_1j..delta_nj, drop k = floor(beta * n) values from
-each end and average the n - 2k that remain. ``beta`` in [0, 1/2); beta = 0 is the plain mean. With
-beta > 0, a config whose ``fl.clients_per_round`` gives k = 0 is refused when it is loaded (it would be the
-plain mean under another name); a round that ends up shorter averages everything and logs a warning.
+Rates" (ICML 2018): for every coordinate j sort delta_1j..delta_nj, drop k values from each end and average
+the n - 2k that remain. Give exactly one of
 
-(Ye et al.'s code fixes k = 1, which with 3 clients per round is the median; here k follows beta and n.)
+- ``beta`` in [0, 1/2), the paper's fraction: k = floor(beta * n), computed with a 1e-9 slack
+  (:func:`~fedsafe.aggregators.requirements.trimmed_per_side`) so that beta = f/n trims f (a plain
+  ``int(beta * n)`` trims f - 1 for 368 of the (n <= 200, f < n/2) pairs through float rounding: n = 49,
+  beta = 1/49 trimmed nothing). beta = 0 is the plain mean. With beta > 0, a config whose
+  ``fl.clients_per_round`` gives k = 0 is refused when it is loaded (it would be the plain mean under another
+  name); a round that ends up shorter averages everything and logs a warning.
+- ``f``, the count of values trimmed per side (k = f whatever n; byzfl's ``TrMean(f)`` convention): needs
+  n >= 2f + 1, checked at config load and on every round.
+
+Neither: beta = 0.1. Both: a ConfigError naming both fields.
+
+(Ye et al.'s code fixes k = 1, which with 3 clients per round is the median; ``f: 1`` does the same.)
 
 ``client_weights``: the share of the output each client produced: 1/(n-2k) per coordinate it survives in,
 summed over coordinates and divided by d (the weights sum to 1; clients tied on a boundary value share
@@ -20,24 +29,27 @@ import logging
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns, window_shares
-from fedsafe.aggregators.requirements import trimmed_mean_min_clients, validate_beta
+from fedsafe.aggregators.requirements import (require, trimmed_mean_min_clients, trimmed_mean_needs,
+                                               trimmed_per_side, validate_trim)
 
 log = logging.getLogger("fedsafe")
 
 
 class TrimmedMean(Aggregator):
-    """Drop floor(beta*n) values from each end of every coordinate, average the rest."""
+    """Drop floor(beta*n) (or f) values from each end of every coordinate, average the rest."""
 
     name = "trimmed_mean"
 
-    def __init__(self, beta: float = 0.1):
-        self.beta = validate_beta(beta)
+    def __init__(self, beta: float | None = None, f: int | None = None):
+        self.beta, self.f = validate_trim(beta, f)
 
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
         n, d = updates.shape
-        k = int(self.beta * n)
+        if self.f is not None:
+            require(trimmed_mean_needs(f=self.f), n)
+        k = trimmed_per_side(n, self.beta, self.f)
         keep = n - 2 * k
-        if k == 0 and self.beta > 0:  # fl.clients_per_round is checked at config load; a short round lands here
+        if k == 0 and self.beta:  # fl.clients_per_round is checked at config load; a short round lands here
             log.warning("trimmed_mean: beta=%g trims nothing from %d updates (needs %d): this round is the plain "
                         "mean", self.beta, n, trimmed_mean_min_clients(self.beta))
         out = torch.empty(d, device=updates.device)
@@ -50,4 +62,4 @@ class TrimmedMean(Aggregator):
         return AggregationResult(out, (shares / d).float(), {"trimmed_per_side": k})
 
     def __repr__(self) -> str:
-        return f"TrimmedMean(beta={self.beta})"
+        return f"TrimmedMean(f={self.f})" if self.f is not None else f"TrimmedMean(beta={self.beta})"
