@@ -114,6 +114,37 @@ def test_krum_scores_match_formula(test_seed):
     assert torch.equal(res.update, x[res.info["selected"][0]])
 
 
+def _krum_choice(x: torch.Tensor, neighbours: int) -> int:
+    """Reference Krum: the row whose ``neighbours`` nearest other rows have the least summed squared distance."""
+    d2 = torch.cdist(x.double(), x.double()) ** 2
+    scores = [sum(sorted(float(d2[i, j]) for j in range(len(x)) if j != i)[:neighbours]) for i in range(len(x))]
+    return int(np.argmin(scores))
+
+
+def test_krum_uses_n_minus_f_minus_2_neighbours_so_an_n_minus_f_minus_1_krum_needs_f_plus_1():
+    # the paper's n - f - 2 neighbours; a library counting n - f - 1 (e.g. byzfl's Krum) matches krum(f) at f + 1
+    x = _col(0.0, 1.0, 2.0, 3.5, 100.0)
+    n, f = 5, 1
+    ours = _run("krum", x, f=f).info["selected"][0]
+    assert ours == _krum_choice(x, n - f - 2) == 1
+    assert _krum_choice(x, n - f - 1) == 2  # the same f under the other convention picks another client
+    assert ours == _krum_choice(x, n - (f + 1) - 1)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        x = torch.randn(11, 6, generator=gen)
+        x[:3] += 2.0 * torch.randn(6, generator=gen)  # three clustered outliers
+        for f in (1, 2, 3):
+            assert _run("krum", x, f=f).info["selected"][0] == _krum_choice(x, 11 - f - 2)
+        # a Multi-Krum scoring over n - g - 1 neighbours and averaging n - g updates is multikrum(f=g-1, m=n-g)
+        d2 = torch.cdist(x.double(), x.double()) ** 2
+        for g in (1, 2, 3):
+            scores = torch.sort(d2, dim=1).values[:, 1:11 - g].sum(dim=1)
+            best = torch.sort(scores, stable=True).indices[:11 - g]
+            ours = _run("multikrum", x, f=g - 1, m=11 - g)
+            assert sorted(ours.info["selected"]) == sorted(best.tolist())
+            assert torch.allclose(ours.update, x[best].mean(dim=0), atol=1e-6)
+
+
 def test_multikrum_averages_m_best():
     x = _col(0.0, 1.0, 2.0, 3.5, 100.0)
     res = _run("multikrum", x, f=1, m=2)

@@ -14,6 +14,12 @@ config is loaded.
 (Ye et al.'s code returns the mean of the chosen point's neighbours and uses unsquared distances; this is
 the paper's rule.)
 
+Porting from another library: fedsafe counts the paper's **n - f - 2** neighbours. byzfl (EPFL) scores
+``Krum(f)`` and ``MultiKrum(f)`` over n - f - 1 neighbours (the n - f nearest, the point itself included),
+so byzfl's ``Krum(f + 1)`` selects what fedsafe's ``krum(f)`` selects, and the same f can pick different
+clients (``tests/test_aggregators.py`` has a 5-client example). byzfl's ``MultiKrum(g)`` averages n - g
+updates scored that way: fedsafe's ``multikrum(f=g - 1, m=n - g)`` is the same rule.
+
 ``client_weights``: 1 for the Krum choice; 1/m for each update Multi-Krum averages; 0 otherwise.
 """
 

@@ -1,10 +1,15 @@
-"""Sign flipping: a model-poisoning attack that sends the negated (and scaled) honest update.
+"""Sign flipping: a model-poisoning attack that sends the negated (and scaled) update of the attacker itself.
 
 Damaskinos et al., "Asynchronous Byzantine Machine Learning (the case of SGD)" (ICML 2018) and Li et al.,
 "RSA: Byzantine-Robust Stochastic Aggregation Methods for Distributed Learning" (AAAI 2019) use it as a
-standard Byzantine baseline (byzfl's SignFlipping): a malicious client trains honestly on its data and sends
+standard Byzantine baseline: a malicious client trains honestly on its own data and sends
 
-    delta_sent = -scale * delta_honest.
+    delta_sent = -scale * delta_own
+
+(non-omniscient: it needs no other client's update, and each attacker flips a different update). This is
+**not** byzfl's ``SignFlipping``, which is omniscient and sends the negated mean of the honest clients'
+updates, -mean(honest), identical for every attacker; against distance- and cluster-based rules (Krum,
+DnC, FoolsGold) the two behave differently, so results are not interchangeable.
 
 Against FedAvg it cancels benign progress; robust rules that bound each client's influence (median, trimmed
 mean, Krum) are meant to resist it. Hook: ``client_update`` (client side, so it runs in Flower ClientApps

@@ -16,6 +16,13 @@ of the b_i) and fail for large gamma, and both are convex in gamma, so the feasi
 [0, gamma*] and bisection finds gamma* to the relative tolerance ``tol``. (For Min-Sum the cross term
 vanishes, sum_i (mu - b_i) = 0, so gamma*^2 = (max_i sum_j ||b_i - b_j||^2 - sum_i ||mu - b_i||^2) / m; the
 tests check the bisection against it.)
+
+Which Min-Sum bound: fedsafe follows the paper's formula, the **max** over benign updates of their summed
+squared distances. The authors' released code (``our_attack_score`` in NDSS21-Model-Poisoning) bounds it by
+the **min** (``min_score = torch.min(scores)``), a tighter constraint and so a smaller gamma: fedsafe's
+Min-Sum is the looser, more aggressive of the two, and its crafted update may sum to more squared distance
+than some benign update does. Results compared with that code's Min-Sum should say so. Min-Max uses the max
+pairwise benign distance in both.
 """
 
 from __future__ import annotations
