@@ -33,7 +33,7 @@ Why not a bootstrap over seeds, then prompts (the method before issue 28): with 
 sees few distinct resamples and its percentiles act like normal quantiles where a t quantile with S-1
 degrees of freedom is needed. On the two-level model of ``tests/test_stats.py`` (per-seed rates with a
 25-point SD, 48 Bernoulli prompts per seed, 4,000 simulations) its nominal 95% interval covered the true
-mean 84.1% of the time at 3 seeds and 89.5% at 5; the t-interval covers 94-95% there. The t-interval
+mean 84.1% of the time at 3 seeds and 89.5% at 5; the t-interval 95.1% and 95.3%. The t-interval
 assumes roughly normal seed means: for seed means skewed against a bound (mean 80, SD 14) it covered
 about 92% at 3 seeds. With 2 seeds it is honest but wide (``t_{0.975, 1} = 12.7``).
 """
