@@ -224,8 +224,11 @@ class Server:
                 self.global_vec = self.optimizer.step(self.global_vec, delta)
                 stats["update_norm"] = float(delta.norm())
                 if self.lora is not None:  # aggregation error (and FedEx's residual) of fl.lora_aggregation
+                    # fedex's residual follows what the rule did with these updates (clipping, exclusion, ...)
                     stats.update(self.lora.after_round(self.round + 1, global_before, stacked, rule_weights,
-                                                       self.global_vec))
+                                                       self.global_vec, rule=self.aggregator, rule_output=delta,
+                                                       num_samples=num_samples,
+                                                       client_ids=[r.client_id for r in kept_results], info=info))
                 if self.scaffold_c is not None:
                     self._update_scaffold_c([r.extra["delta_c"] for r in kept_results], rule_weights)
         self.round += 1
