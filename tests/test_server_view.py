@@ -283,3 +283,57 @@ def test_table_rows_average_views_and_mark_what_the_server_sees(tmp_path):
     agg = by[("secure", "aggregate")]
     assert agg["sees"] and agg["defense"].startswith("secure-agg(prune=0.5") and agg["rec_token_recall"] == 0.2
     assert ("secure", "individual") not in by
+
+
+@pytest.mark.parametrize("attack", [{"name": "mixing", "normal_share": 0.5}, {"name": "minmax", "start_round": 2}],
+                         ids=["mixing", "late_start"])
+def test_members_of_an_adaptive_attacker_are_the_texts_it_trained_on(tiny, attack):
+    """An adaptive attacker under ``mixing`` (or before its late ``start_round``) trains on a replaced list, and
+    its ``seen_examples`` index that list: the server view's members must be those texts, not the client's own
+    examples at the same indices (issue 28); without the list at hand the client is left out."""
+    from types import SimpleNamespace
+
+    from fedsafe.attacks.adaptive.base import parse_attack
+    from fedsafe.attacks.adaptive.plugin import AdaptiveAttack, AdaptiveTrainer
+    from fedsafe.attacks.server_view.plugin import ServerViewAttack, ServerViewConfig
+    from fedsafe.config import ExperimentConfig
+    from fedsafe.plugins import RunContext, Setup
+
+    model, tok = tiny
+    peft = attach_lora(model, r=2, alpha=4, seed=0)
+    rng = random.Random(7)
+    own = [_example(tok, "own " + _random_text(rng, 12)) for _ in range(8)]
+    pool = [_example(tok, "pool " + _random_text(rng, 12)) for _ in range(20)]
+    benign = ClientData("b0", "benign", [_example(tok, "benign " + _random_text(rng, 12)) for _ in range(8)])
+    attacker = ClientData("m0", "malicious", own, malicious=True)
+
+    class Spy(LocalTrainer):  # what the model really trained on: the list passed in, at the seen indices
+        trained: dict = {}
+
+        def fit(self, client, global_vec, rc, client_state=None, on_step=None):
+            res = super().fit(client, global_vec, rc, client_state, on_step)
+            self.trained[client.client_id] = [client.examples[i] for i in res.metrics["seen_examples"]]
+            return res
+
+    plugin = AdaptiveAttack.__new__(AdaptiveAttack)  # the client side needs no tokenizer here: pool given
+    plugin.attacks = {"malicious": parse_attack({**attack, "benign_data": []})}
+    plugin.benign_pools, plugin.seed, plugin.ctx = {"malicious": pool}, 0, SimpleNamespace(clients=[benign, attacker])
+    spy = Spy(peft, tok)
+    trainer = AdaptiveTrainer(spy, plugin)
+    g = spy.flat.get()
+    rc = RoundConfig(round=1, lr=1e-2, local_steps=3, batch_size=2)
+    results = [trainer.fit(c, g, rc) for c in (benign, attacker)]
+    records = [{"type": "client", "round": 1, "client_id": r.client_id, **r.metrics} for r in results]
+    setup = Setup.from_config(ExperimentConfig())
+    ctx = RunContext(**{k: getattr(setup, k) for k in Setup.__dataclass_fields__}, model=peft, tokenizer=tok,
+                     flat=spy.flat, init_vec=g, clients=[benign, attacker], trainer=trainer,
+                     run_dir=SimpleNamespace(records=lambda kind=None: records))
+    view = ServerViewAttack(ServerViewConfig(enabled=True), ctx)
+    members = view.seen_examples(1)
+    assert [id(e) for e in members["m0"]] == [id(e) for e in spy.trained["m0"]]
+    pool_ids = {id(e) for e in pool}
+    assert any(id(e) in pool_ids for e in members["m0"])  # texts from the benign pool are members
+    assert [id(e) for e in members["b0"]] == [id(e) for e in spy.trained["b0"]]  # own data: unchanged
+    assert results[1].metrics["seen_examples_from"] in ("mixing", "late_start_benign")
+    ctx.trainer = None  # e.g. the client trained in a Flower ClientApp: its members are unknown here
+    assert "m0" not in view.seen_examples(1) and "b0" in view.seen_examples(1)

@@ -267,14 +267,25 @@ class AdaptiveAttack(Plugin):
 
 
 class AdaptiveTrainer:
-    """Wraps a LocalTrainer: late start (benign data before ``start_round``) and mixing change the data."""
+    """Wraps a LocalTrainer: late start (benign data before ``start_round``) and mixing change the data.
+
+    A client whose data was replaced reports ``seen_examples`` as indices into the replaced list, marks its
+    record ``seen_examples_from`` (the phase), and :meth:`trained_examples` gives that list for the round, so
+    the server-view attack's members are the texts the client actually trained on (issue 28)."""
 
     def __init__(self, inner, plugin: AdaptiveAttack):
         self.inner = inner
         self.plugin = plugin
+        self._trained: dict[str, tuple[int, list]] = {}  # client id -> (round, the examples it trained on)
 
     def __getattr__(self, name):  # model, tokenizer, flat, loss_terms, ... of the wrapped trainer
         return getattr(self.inner, name)
+
+    def trained_examples(self, client_id: str, round_no: int) -> list | None:
+        """The examples ``client_id`` trained on in ``round_no`` when this wrapper replaced its data (the list
+        its ``seen_examples`` index), else None; kept for the latest round only."""
+        kept = self._trained.get(client_id)
+        return kept[1] if kept is not None and kept[0] == round_no else None
 
     def fit(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig, client_state: dict | None = None):
         found = self.plugin.attack_of(client.client_id, client.role)
@@ -307,6 +318,10 @@ class AdaptiveTrainer:
             return result
         result = self.inner.fit(client, global_vec, rc, client_state)
         result.metrics.update({"attack": attack.name, "attack_phase": phase})
+        if phase == "late_start_benign" or attack.name == "mixing":  # seen_examples index the replaced data
+            self._trained = {c: v for c, v in self._trained.items() if v[0] == rc.round}
+            self._trained[client.client_id] = (rc.round, client.examples)
+            result.metrics["seen_examples_from"] = "mixing" if phase == "attack" else phase
         return result
 
 

@@ -162,16 +162,32 @@ class ServerViewAttack(Plugin):
         return self._nonmembers
 
     def seen_examples(self, round_no: int) -> dict[str, list]:
-        """{client id: the examples it trained on in ``round_no``} from the run's client records (ground truth)."""
+        """{client id: the examples it trained on in ``round_no``} from the run's client records (ground truth).
+
+        ``seen_examples`` index the client's own data, unless its record says ``seen_examples_from`` (a
+        local-training wrapper replaced the data for the round, e.g. an adaptive attacker's ``mixing`` or late
+        start): they then index the replaced list, which the wrapped trainer gives by ``trained_examples``.
+        Where that list is not at hand (a client trained in another process) the client is left out, never
+        scored against texts it did not train on."""
         ctx = self.ctx
         by_id = {c.client_id: c for c in ctx.clients}
         out = {}
         if ctx.run_dir is None:
             return out
+        trainer = getattr(ctx, "trainer", None)
+        resolve = getattr(trainer, "trained_examples", None) if trainer is not None else None
         for r in ctx.run_dir.records("client"):
             if r.get("round") == round_no and r.get("client_id") in by_id and "seen_examples" in r:
-                c = by_id[r["client_id"]]
-                out[r["client_id"]] = [c.examples[i] for i in r["seen_examples"] if i < len(c.examples)]
+                cid = r["client_id"]
+                examples = by_id[cid].examples
+                if r.get("seen_examples_from"):
+                    examples = resolve(cid, round_no) if callable(resolve) else None
+                    if examples is None:
+                        log.warning("server_view: round %d, client %s trained on replaced data (%s) this process "
+                                    "does not hold; its membership inference is skipped", round_no, cid,
+                                    r["seen_examples_from"])
+                        continue
+                out[cid] = [examples[i] for i in r["seen_examples"] if i < len(examples)]
         return out
 
     def attack_round(self, round_no: int, global_vec: torch.Tensor, updates: dict[str, torch.Tensor],
