@@ -226,7 +226,7 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
         key = load_ssh_private_key(private.read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
-    for secret in (certs.server_key, certs.nodes[0][0], certs.server_key.parent / "ca.key"):
+    for secret in (certs.server_key, certs.nodes[0][0], certs.ca_key):
         assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
 
 

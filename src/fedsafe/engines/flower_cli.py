@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,6 +17,15 @@ flower_app = typer.Typer(no_args_is_help=True, help="Flower deployment helpers: 
 
 INSECURE_WARNING = ("WARNING: plain text (--insecure): updates travel unencrypted and any process that reaches the "
                     "SuperLink can join as a SuperNode; use `fedsafe flower certs` and TLS outside a trusted network")
+CONTROL_ADDRESS = "127.0.0.1:9091"  # the Control API of `fedsafe flower superlink` (default), on the server machine
+CONTROL_HELP = ("the SuperLink's Control API HOST:PORT (default: this machine's, as `fedsafe flower superlink` "
+                "serves it; from elsewhere, tunnel to it: ssh -L 9091:127.0.0.1:9091 SERVER); not the SuperNodes' "
+                "Fleet port")
+UNAUTHENTICATED_CONTROL = (
+    "the Control API (register nodes, list nodes and runs, submit runs: code the SuperLink executes) and the Runtime "
+    "API have no authentication in Flower 1.41 without Flower Enterprise (its only account login is OIDC, `flwr.ee`), "
+    "and Flower's CLI cannot present a client certificate; a non-loopback --control-host lets anyone who reaches it "
+    "register a node of their own and run code on this machine")
 
 
 def _tls_choice(insecure: bool, given: bool, what: str) -> None:
@@ -38,12 +49,16 @@ def certs_command(out: Path = typer.Option(..., "--out", "-o", help="directory f
 
     certs = write_certs(out, nodes, host)
     typer.echo(f"wrote {out}:\n"
-               f"  {certs.ca}  the CA: for every SuperNode (--root-certificates) and `submit`\n"
-               f"  {certs.server_cert}, {certs.server_key}  the SuperLink's "
-               f"(`fedsafe flower superlink --certs {out}`)\n"
-               f"  node0.key .. node{nodes - 1}.key  SECRET, one per SuperNode (--auth-key)\n"
-               f"  node0.pub .. node{nodes - 1}.pub  register each: `fedsafe flower register {out}/node0.pub "
-               f"--superlink HOST:PORT --root-certificates {certs.ca}`")
+               f"  {certs.ca}  the CA certificate (public): for every SuperNode (--root-certificates), "
+               "`register` and `submit`\n"
+               f"  {certs.superlink_dir}/  the SuperLink's only: ca.crt, server.pem, server.key "
+               f"(`fedsafe flower superlink --certs {certs.superlink_dir}`)\n"
+               f"  {certs.ca_key}  SECRET, the CA's signing key: keep it off the SuperLink (offline); whoever holds "
+               "it can mint a server certificate\n"
+               f"  {certs.nodes[0][0].parent}/node0.key .. node{nodes - 1}.key  SECRET, one per SuperNode "
+               "(--auth-key), to that node only\n"
+               f"  {certs.nodes[0][0].parent}/node0.pub .. node{nodes - 1}.pub  register each on the server "
+               f"machine: `fedsafe flower register {certs.nodes[0][1]} --root-certificates {certs.ca}`")
 
 
 @flower_app.command("keys")
@@ -109,34 +124,76 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
                "--superlink HOST:PORT`")
 
 
+def superlink_certs(certs: Path):
+    """The SuperLink's TLS files in ``certs`` (or its ``superlink/``); refuses a directory holding other secrets."""
+    from fedsafe.engines.flower_deploy import Certs
+
+    if (certs / "superlink" / "server.pem").exists():  # the output directory of `fedsafe flower certs`
+        certs = certs / "superlink"
+    files = Certs(certs / "ca.crt", certs / "server.pem", certs / "server.key", [])
+    for path in (files.ca, files.server_cert, files.server_key):
+        if not path.exists():
+            raise typer.BadParameter(f"--certs {certs}: {path.name} is missing (make it with `fedsafe flower certs`)")
+    foreign = sorted(p.name for p in certs.iterdir() if p.name == "ca.key" or re.fullmatch(r"node\d+\.key", p.name))
+    if foreign:
+        raise typer.BadParameter(f"--certs {certs} also holds {', '.join(foreign)}: the CA's signing key and the "
+                                 "SuperNodes' private keys must not lie where the SuperLink reads (whoever reads "
+                                 "its files could mint certificates or act as a node); move them away, or make "
+                                 "new ones with `fedsafe flower certs` (ca/ and nodes/ apart from superlink/)")
+    return files
+
+
 @flower_app.command("superlink")
-def superlink_command(host: str = typer.Option("0.0.0.0", help="address to listen on"),
-                      port: int = typer.Option(9093, help="HTTP port (Fleet, Control and Runtime APIs)"),
-                      certs: Optional[Path] = typer.Option(None, "--certs", help="directory of `fedsafe flower "
-                                                           "certs` (ca.crt, server.pem, server.key): TLS"),
+def superlink_command(host: str = typer.Option("0.0.0.0", help="address of the Fleet API, the only API "
+                                               "SuperNodes need; the only one served there"),
+                      port: int = typer.Option(9093, help="port of the Fleet API"),
+                      control_host: str = typer.Option("127.0.0.1", "--control-host", help="address of the "
+                                                       "Control API (register, submit, list) and the Runtime API "
+                                                       "(SuperExec); loopback unless "
+                                                       "--i-understand-unauthenticated-control"),
+                      control_port: int = typer.Option(9091, "--control-port", help="port of the Control and "
+                                                       "Runtime APIs"),
+                      unauthenticated_control: bool = typer.Option(
+                          False, "--i-understand-unauthenticated-control",
+                          help="allow a non-loopback --control-host although Flower 1.41 cannot authenticate its "
+                               "callers: anyone who reaches it can register nodes and run code here"),
+                      certs: Optional[Path] = typer.Option(None, "--certs", help="the SuperLink's directory of "
+                                                           "`fedsafe flower certs` (its superlink/: ca.crt, "
+                                                           "server.pem, server.key): TLS"),
                       node_auth: bool = typer.Option(True, "--node-auth/--no-node-auth", help="with --certs: only "
                                                      "SuperNodes registered with `fedsafe flower register` join"),
                       insecure: bool = typer.Option(False, "--insecure", help="plain text, anyone may join "
                                                     "(trusted networks only)")) -> None:
-    """Start a SuperLink: TLS and SuperNode authentication with --certs, plain text only with --insecure."""
-    from fedsafe.engines.flower_deploy import Certs, flower_env, superlink_command as cmd
+    """Start a SuperLink: the Fleet API on --host:--port, the Control and Runtime APIs on 127.0.0.1:--control-port;
+    TLS and SuperNode authentication with --certs, plain text only with --insecure."""
+    from fedsafe.engines.flower_deploy import flower_env, superlink_command as cmd
+    from fedsafe.engines.superlink import is_loopback
 
     _tls_choice(insecure, certs is not None, "--certs")
-    files = None
-    if certs is not None:
-        files = Certs(certs / "ca.crt", certs / "server.pem", certs / "server.key", [])
-        for path in (files.ca, files.server_cert, files.server_key):
-            if not path.exists():
-                raise typer.BadParameter(f"--certs {certs}: {path.name} is missing (make it with `fedsafe flower "
-                                         "certs`)")
-    args = cmd(port, host, certs=files, node_auth=node_auth)
+    if port == control_port:
+        raise typer.BadParameter(f"--port and --control-port are both {port}: the Fleet API and the Control API "
+                                 "need their own ports")
+    if not is_loopback(control_host):
+        if not unauthenticated_control:
+            raise typer.BadParameter(f"--control-host {control_host} is not a loopback address, and "
+                                     f"{UNAUTHENTICATED_CONTROL}. Keep it on 127.0.0.1 and register/submit on "
+                                     "the server machine or through an SSH tunnel (ssh -L 9091:127.0.0.1:9091 "
+                                     "SERVER), or pass --i-understand-unauthenticated-control on a network where "
+                                     "everyone who can reach it is trusted")
+        typer.echo(f"WARNING: Control API exposed on {control_host}:{control_port}: {UNAUTHENTICATED_CONTROL}",
+                   err=True)
+    files = superlink_certs(certs) if certs is not None else None
+    args = cmd(port, host, certs=files, node_auth=node_auth, control_port=control_port, control_host=control_host,
+               allow_unauthenticated_control=unauthenticated_control)
+    typer.echo(f"SuperNodes: --superlink {host}:{port} (Fleet API only); register and submit: --superlink "
+               f"{control_host}:{control_port} (Control API)", err=True)
     os.execvpe(args[0], args, flower_env(os.environ.get("FLWR_HOME")))
 
 
 @flower_app.command("register")
 def register_command(public_key: Path = typer.Argument(..., help="a SuperNode's public key (nodeN.pub of "
                                                        "`fedsafe flower certs`)"),
-                     superlink: str = typer.Option(..., help="SuperLink address HOST:PORT"),
+                     superlink: str = typer.Option(CONTROL_ADDRESS, help=CONTROL_HELP),
                      root_certificates: Path = typer.Option(..., "--root-certificates",
                                                             help="the CA of the SuperLink's certificate (ca.crt)"),
                      name: Optional[str] = typer.Option(None, help="a name for the node")) -> None:
@@ -207,7 +264,7 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
 
 @flower_app.command("submit")
 def submit_command(app_dir: Path = typer.Argument(..., help="app written by `fedsafe flower app`"),
-                   superlink: str = typer.Option(..., help="SuperLink address HOST:PORT"),
+                   superlink: str = typer.Option(CONTROL_ADDRESS, help=CONTROL_HELP),
                    set_: list[str] = typer.Option([], "--set", help="override a field of the embedded config"),
                    resume: Optional[str] = typer.Option(None, help="continue this run directory (server side)"),
                    he_context: Optional[str] = typer.Option(None, "--he-context", help="secure_agg: the server's "
@@ -244,17 +301,34 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
     check_deployable(cfg)
     if insecure:
         typer.echo(INSECURE_WARNING, err=True)
-    fed = LocalFederation(cfg.num_clients, secure=not insecure, warm_worker=worker, poll_s=poll)
-    if worker:  # the workers load the base model while the SuperLink and the run start
-        fed.worker_config = fed.workdir / "experiment.yaml"
-        fed.worker_config.write_text(dump_config(cfg))
-    server_ctx = None
-    if cfg.secure_agg.enabled:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
-        from fedsafe.defenses.he_keys import write_key_files
+    # the work directory holds the clients' secret CKKS context, the node keys and the CA: removed on every exit
+    fed = LocalFederation(cfg.num_clients, secure=not insecure, warm_worker=worker, poll_s=poll, remove_workdir=True)
 
-        keys = write_key_files(cfg.secure_agg.ckks, fed.workdir / "keys")
-        fed.he_context, server_ctx = keys.clients, keys.server
-    with fed:
-        app = write_app(fed.workdir / "app", cfg, server_ctx)
-        run_dir = fed.submit(app, timeout_s=timeout_s, on_line=lambda line: typer.echo(line, nl=False))
+    def terminated(signum, frame):  # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally below still runs
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if worker:  # the workers load the base model while the SuperLink and the run start
+            fed.worker_config = fed.workdir / "experiment.yaml"
+            fed.worker_config.write_text(dump_config(cfg))
+        server_ctx = None
+        if cfg.secure_agg.enabled:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
+            from fedsafe.defenses.he_keys import write_key_files
+
+            keys = write_key_files(cfg.secure_agg.ckks, fed.workdir / "keys")
+            fed.he_context, server_ctx = keys.clients, keys.server
+        with fed:
+            try:
+                app = write_app(fed.workdir / "app", cfg, server_ctx)
+                run_dir = fed.submit(app, timeout_s=timeout_s, on_line=lambda line: typer.echo(line, nl=False))
+            except Exception:  # the logs go with the work directory: show their ends first
+                for name in ("superlink", "flwr_run"):
+                    if tail := fed.log_tail(name):
+                        typer.echo(f"--- last lines of {name}.log ---\n{tail}", err=True)
+                raise
+    finally:
+        fed.close()  # idempotent; also covers a failure before `with fed` (keys written, nothing started)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(run_dir)

@@ -9,6 +9,9 @@ for the SuperLink and one EC key pair (P-384, OpenSSH format, as ``flwr supernod
 ``flower-supernode --auth-supernode-private-key`` read them) per node. A SuperLink started with the server
 certificate and ``--enable-supernode-auth`` accepts only SuperNodes whose public key was registered
 (``flwr supernode register``, Control API); Flower refuses node authentication without TLS on both sides.
+The SuperLink is started through :mod:`fedsafe.engines.superlink`, which serves the Control and Runtime APIs
+on their own listener (loopback by default) and only the Fleet API on the port SuperNodes reach: otherwise
+anyone reaching that port could register a node of their own or submit a run (issue 30).
 
 Poll intervals (Flower 1.41): the SuperNode sleeps 3 s after an empty pull and 0.5 s between checks for a
 ClientApp's reply (both fixed in ``flwr/supernode/start_client_internal.py``, no setting; fedsafe starts the
@@ -39,6 +42,7 @@ APP_MODULE = "fedsafe_flower_app"
 RUN_DIR_PATTERN = re.compile(r"fedsafe run directory: (\S+)")
 SUPEREXEC_POLL_S = 0.1  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default 1.0 s adds up to 1 s per message)
 SUPERNODE_POLL_S = 0.2  # cap on the SuperNode's hard-coded 3 s / 0.5 s waits (fedsafe.engines.supernode)
+CONTROL_PORT = 9091  # `fedsafe flower superlink`: register/submit here, on 127.0.0.1 of the server (Control, Runtime)
 
 
 def _toml_string(text: str) -> str:
@@ -114,19 +118,35 @@ def flower_env(flwr_home: str | Path | None = None) -> dict:
 
 @dataclass
 class Certs:
-    """Files of :func:`write_certs`: CA, SuperLink certificate and key, node key pairs (private, public)."""
+    """Files of :func:`write_certs`: CA, SuperLink certificate and key, node key pairs (private, public).
+
+    ``ca``: the public CA certificate every party gets; ``server_cert``/``server_key`` lie in ``superlink/``
+    (with a copy of the CA certificate) and nothing else does; ``ca_key``, the CA's signing key, in ``ca/``.
+    """
 
     ca: Path
     server_cert: Path
     server_key: Path
     nodes: list[tuple[Path, Path]]
+    ca_key: Path | None = None
+
+    @property
+    def superlink_dir(self) -> Path:
+        """The directory ``fedsafe flower superlink --certs`` reads (ca.crt, server.pem, server.key only)."""
+        return self.server_cert.parent
 
 
 def write_certs(out: str | Path, num_nodes: int = 2, hosts: list[str] | None = None,
                 valid_days: int = 30) -> Certs:
     """A test CA, a SuperLink certificate for ``hosts`` (plus localhost/127.0.0.1) and ``num_nodes`` node keys.
 
-    For tests and trials: a real federation uses its organisation's CA. Private keys are written mode 0600.
+    For tests and trials: a real federation uses its organisation's CA. Layout, so that each party's directory
+    holds only its own secrets (private keys mode 0600, their directories 0700)::
+
+        out/ca.crt                               public: every SuperNode, register, submit
+        out/superlink/ca.crt server.pem server.key  the SuperLink's (`superlink --certs out/superlink`)
+        out/ca/ca.key                             the CA's signing key: keep offline, never on the SuperLink
+        out/nodes/nodeN.key nodeN.pub             one key pair per SuperNode (.key to that node only)
     """
     import datetime
     import ipaddress
@@ -138,6 +158,10 @@ def write_certs(out: str | Path, num_nodes: int = 2, hosts: list[str] | None = N
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    dirs = {name: out / name for name in ("superlink", "ca", "nodes")}
+    for path in dirs.values():
+        path.mkdir(exist_ok=True)
+        path.chmod(0o700)
 
     def private(path: Path, data: bytes) -> Path:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -171,36 +195,44 @@ def write_certs(out: str | Path, num_nodes: int = 2, hosts: list[str] | None = N
                    .sign(ca_key, hashes.SHA256()))
     ca_path = out / "ca.crt"
     ca_path.write_bytes(ca_cert.public_bytes(pem))
-    private(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    server_cert_path = out / "server.pem"
+    (dirs["superlink"] / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
+    ca_key_path = private(dirs["ca"] / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                     serialization.NoEncryption()))
+    server_cert_path = dirs["superlink"] / "server.pem"
     server_cert_path.write_bytes(server_cert.public_bytes(pem))
-    server_key_path = private(out / "server.key", server_key.private_bytes(
+    server_key_path = private(dirs["superlink"] / "server.key", server_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     nodes = []
     for i in range(num_nodes):
         key = ec.generate_private_key(ec.SECP384R1())
-        priv = private(out / f"node{i}.key", key.private_bytes(pem, serialization.PrivateFormat.OpenSSH,
-                                                                serialization.NoEncryption()))
-        pub = out / f"node{i}.pub"
+        priv = private(dirs["nodes"] / f"node{i}.key", key.private_bytes(
+            pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        pub = dirs["nodes"] / f"node{i}.pub"
         pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                       serialization.PublicFormat.OpenSSH) + b"\n")
         nodes.append((priv, pub))
-    return Certs(ca_path, server_cert_path, server_key_path, nodes)
+    return Certs(ca_path, server_cert_path, server_key_path, nodes, ca_key_path)
 
 
 def superlink_command(port: int, host: str = "127.0.0.1", certs: Certs | None = None,
-                      node_auth: bool = True) -> list[str]:
-    """``flower-superlink`` on one HTTP port (Fleet, Control and Runtime APIs).
+                      node_auth: bool = True, control_port: int = CONTROL_PORT, control_host: str = "127.0.0.1",
+                      allow_unauthenticated_control: bool = False) -> list[str]:
+    """Flower's SuperLink through :mod:`fedsafe.engines.superlink`: the Fleet API alone on ``host:port``, the
+    Control and Runtime APIs on ``control_host:control_port`` (loopback unless
+    ``allow_unauthenticated_control``: Flower 1.41 has no authentication for them without Flower Enterprise).
 
     With ``certs``: TLS with the SuperLink certificate and, with ``node_auth``, only registered SuperNodes
-    (``--enable-supernode-auth``). Without: plain text (``--insecure``), any process that reaches the port
-    can join as a SuperNode.
+    (``--enable-supernode-auth``). Without: plain text (``--insecure``), any process that reaches the Fleet
+    port can join as a SuperNode.
     """
     tls = (["--insecure"] if certs is None else
            ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
             "--ssl-ca-certfile", str(certs.ca)] + (["--enable-supernode-auth"] if node_auth else []))
-    return ["flower-superlink", *tls, "--host", host, "--port", str(port),
+    launcher = [sys.executable, "-m", "fedsafe.engines.superlink", "--control-host", control_host,
+                "--control-port", str(control_port)]
+    if allow_unauthenticated_control:
+        launcher.append("--allow-unauthenticated-control")
+    return [*launcher, "--", *tls, "--host", host, "--port", str(port),
             "--database", ":flwr-in-memory:", "--disable-runtime-dependency-installation"]
 
 
@@ -331,7 +363,10 @@ def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, wait_s: float = 10.0)
 class LocalFederation:
     """A SuperLink and one SuperNode per client as separate processes on 127.0.0.1 (tests, benchmarks, demos).
 
-    Use as a context manager: every process started is stopped (process groups, warm workers) on exit.
+    Use as a context manager: every process started is stopped (process groups, warm workers) on exit, and with
+    ``remove_workdir`` the work directory (certificates, node keys, CKKS keys, logs) is deleted too.
+    SuperNodes reach the Fleet API at ``fleet_host:port`` (:attr:`superlink`); registration and ``flwr run``
+    go to the Control API on ``127.0.0.1:control_port`` (:attr:`control`), which the Fleet port does not serve.
     ``he_context``: the clients' CKKS key file every SuperNode gets (secure_agg). ``secure`` (default): TLS
     with a fresh test CA (:func:`write_certs`) and SuperNode authentication, every node's key registered
     before it starts. ``warm_worker`` (default): each SuperNode gets a warm worker
@@ -341,6 +376,9 @@ class LocalFederation:
     num_nodes: int
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedsafe-flower-")))
     port: int = 0
+    control_port: int = 0
+    fleet_host: str = "127.0.0.1"
+    remove_workdir: bool = False
     procs: dict = field(default_factory=dict)
     he_context: Path | None = None
     secure: bool = True
@@ -353,19 +391,23 @@ class LocalFederation:
         self.flwr_home = self.workdir / "flwr_home"
         self.env = flower_env(self.flwr_home)
         self.port = self.port or free_port()
-        self.superlink = f"127.0.0.1:{self.port}"
+        self.control_port = self.control_port or free_port()
+        self.superlink = f"{self.fleet_host}:{self.port}"  # what SuperNodes (and anyone on the network) reach
+        self.control = f"127.0.0.1:{self.control_port}"  # register, flwr run: the operator on this machine
         self.certs: Certs | None = None
         self.worker_dirs: dict[int, Path] = {}
         self.registered: set[int] = set()  # nodes whose public key the SuperLink knows
 
     def __enter__(self) -> "LocalFederation":
         try:
-            if self.secure:
-                self.certs = write_certs(self.workdir / "certs", self.num_nodes + 1)  # one spare, unregistered key
-            write_connection(self.flwr_home, self.superlink, root_certificates=self.certs.ca if self.certs else None)
-            self.procs["superlink"] = _start(superlink_command(self.port, certs=self.certs), self.env,
-                                             self.workdir / "superlink.log")
-            self._wait_port(self.port, 60, "superlink")
+            if self.secure:  # one spare, unregistered key
+                self.certs = write_certs(self.workdir / "certs", self.num_nodes + 1, [self.fleet_host])
+            write_connection(self.flwr_home, self.control, root_certificates=self.certs.ca if self.certs else None)
+            self.procs["superlink"] = _start(superlink_command(self.port, self.fleet_host, certs=self.certs,
+                                                               control_port=self.control_port),
+                                             self.env, self.workdir / "superlink.log")
+            self._wait_port(self.control_port, 60, "superlink")
+            self._wait_port(self.port, 60, "superlink", self.fleet_host)
             for i in range(self.num_nodes):
                 self.start_node(i)
         except BaseException:
@@ -404,13 +446,13 @@ class LocalFederation:
         self.procs[f"supernode{index}"] = proc
         return proc
 
-    def _wait_port(self, port: int, timeout_s: float, name: str) -> None:
+    def _wait_port(self, port: int, timeout_s: float, name: str, host: str = "127.0.0.1") -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
                 raise FedsafeError(f"{name} exited early; see {self.workdir / (name + '.log')}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex((host, port)) == 0:
                     return
             time.sleep(0.3)
         raise FedsafeError(f"{name} did not listen on port {port} within {timeout_s:.0f} s")
@@ -472,15 +514,30 @@ class LocalFederation:
         self.close()
 
     def close(self) -> None:
-        """Stop every process this federation started (SuperNodes first, then the SuperLink)."""
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):
-            stop_group(self.procs[name])
-        self.procs.clear()
-        if self.worker_dirs:
-            from fedsafe.engines.worker import stop_worker
+        """Stop every process this federation started (SuperNodes first, then the SuperLink); with
+        ``remove_workdir``, delete the work directory (its keys and logs) once they are stopped."""
+        try:
+            for name in sorted(self.procs, key=lambda n: n == "superlink"):
+                stop_group(self.procs[name])
+            self.procs.clear()
+            if self.worker_dirs:
+                from fedsafe.engines.worker import stop_worker
 
-            for wdir in self.worker_dirs.values():
-                stop_worker(wdir, signal.SIGKILL)
+                for wdir in self.worker_dirs.values():
+                    stop_worker(wdir, signal.SIGKILL)
+        finally:
+            if self.remove_workdir:
+                import shutil
+
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last lines of a process log in the work directory ("" when there is none)."""
+        path = self.workdir / f"{name}.log"
+        try:
+            return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+        except OSError:
+            return ""
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
