@@ -4,8 +4,12 @@ key is kept apart from the SuperLink's files, and `fedsafe flower local` leaves 
 import asyncio
 import json
 import os
+import signal
+import socket
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ pytest.importorskip("flwr")
 from typer.testing import CliRunner  # noqa: E402
 
 from fedsafe.config import ExperimentConfig, dump_config  # noqa: E402
+from fedsafe.engines.flower_deploy import RUN_DIR_PATTERN  # noqa: E402
 from fedsafe.errors import FedsafeError  # noqa: E402
 
 INTRUDER_HOST = "127.0.0.2"  # the Fleet listener's address: all an intruder on the network can reach (loopback)
@@ -63,10 +68,26 @@ def _flwr_json(commands: dict[str, list[str]], env: dict) -> dict[str, dict]:
     return answers
 
 
+def _fedsafe(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "fedsafe"), "flower", *args]
+
+
+def _wait_listening(host: str, port: int, proc, log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited early: {log.read_text()[-2000:]}"
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on {host}:{port} after {timeout_s} s: {log.read_text()[-2000:]}")
+
+
 def test_intruder_holding_the_ca_cannot_register_list_or_submit_and_registered_nodes_train(tmp_path, data_file):
-    """As the README sets it up (certs, superlink --certs, register): an intruder who reaches the SuperNodes' port
-    with the public ca.crt is refused every Control and Runtime call, by Flower's CLI and by Flower's own HTTP
-    clients; the Control listener is not on the address it reaches; the two registered nodes train a round."""
+    """Set up as the README does (`fedsafe flower certs`, `superlink --certs`, `register`, `supernode`, `submit`),
+    on loopback: an intruder who reaches the SuperNodes' address with the public ca.crt is refused every Control and
+    Runtime call, by Flower's CLI and by Flower's own HTTP clients, and cannot connect to the Control port from that
+    address; the two registered nodes train a round."""
     import httpx
     from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest, RegisterNodeRequest, StartRunRequest
     from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest
@@ -75,24 +96,47 @@ def test_intruder_holding_the_ca_cannot_register_list_or_submit_and_registered_n
     from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
-    from fedsafe.engines.flower_deploy import LocalFederation, flower_env, write_app, write_connection
+    from fedsafe.engines.flower_deploy import _start, flower_env, free_port, stop_group, write_connection
+    from fedsafe.engines.worker import stop_worker
     from fedsafe.rundir import RunDir
 
-    cfg = _cfg(tmp_path, data_file)
-    app = write_app(tmp_path / "app", cfg)
-    (tmp_path / "exp.yaml").write_text(dump_config(cfg))  # the warm workers load the model while the intruder tries
-    with LocalFederation(2, workdir=tmp_path / "fed", fleet_host=INTRUDER_HOST,
-                         worker_config=tmp_path / "exp.yaml") as fed:
-        assert fed.superlink == f"{INTRUDER_HOST}:{fed.port}" and fed.registered == {0, 1}
-        spare_public_key = fed.certs.nodes[2][1].read_bytes()  # a key pair the operator never registered
-        ca = fed.certs.ca.read_bytes()
+    env = flower_env(tmp_path / "operator_home")
+    env["OMP_NUM_THREADS"] = "1"
+    fleet_port, control_port = free_port(), free_port()
+    fleet, control = f"{INTRUDER_HOST}:{fleet_port}", f"127.0.0.1:{control_port}"
+    certs = tmp_path / "certs"
+    config = tmp_path / "exp.yaml"
+    config.write_text(dump_config(_cfg(tmp_path, data_file)))
+    for args in (("certs", "--out", str(certs), "--nodes", "3", "--host", INTRUDER_HOST),
+                 ("app", str(tmp_path / "app"), "--config", str(config))):
+        subprocess.run(_fedsafe(*args), env=env, check=True, capture_output=True, timeout=120)
+    ca, spare_public_key = certs / "ca.crt", (certs / "nodes" / "node2.pub").read_bytes()  # node2: never registered
+    procs, worker_dirs = {}, []
+    try:
+        procs["superlink"] = _start(_fedsafe("superlink", "--host", INTRUDER_HOST, "--port", str(fleet_port),
+                                             "--control-port", str(control_port), "--certs", str(certs)),
+                                    env, tmp_path / "superlink.log")
+        _wait_listening("127.0.0.1", control_port, procs["superlink"], tmp_path / "superlink.log")
+        _wait_listening(INTRUDER_HOST, fleet_port, procs["superlink"], tmp_path / "superlink.log")
+        for i in (0, 1):
+            registered = subprocess.run(_fedsafe("register", str(certs / "nodes" / f"node{i}.pub"), "--superlink",
+                                                 control, "--root-certificates", str(ca)),
+                                        env=env, capture_output=True, text=True, timeout=120)
+            assert registered.returncode == 0 and "as SuperNode" in registered.stdout, registered.stderr[-1000:]
+            worker_dirs.append(tmp_path / f"worker{i}")
+            procs[f"node{i}"] = _start(_fedsafe("supernode", "--superlink", fleet, "--partition-id", str(i),
+                                                "--port", str(free_port()), "--root-certificates", str(ca),
+                                                "--auth-key", str(certs / "nodes" / f"node{i}.key"),
+                                                "--worker-dir", str(worker_dirs[-1]), "--config", str(config),
+                                                "--threads", "1"),
+                                       env, tmp_path / f"node{i}.log")
 
         # Flower's CLI, pointed at the address SuperNodes use, with the CA certificate
         intruder = flower_env(tmp_path / "intruder_home")
-        write_connection(tmp_path / "intruder_home", fed.superlink, root_certificates=fed.certs.ca)
-        answers = _flwr_json({"register": ["supernode", "register", str(fed.certs.nodes[2][1]), "fedsafe"],
+        write_connection(tmp_path / "intruder_home", fleet, root_certificates=ca)
+        answers = _flwr_json({"register": ["supernode", "register", str(certs / "nodes" / "node2.pub"), "fedsafe"],
                               "list nodes": ["supernode", "list", "fedsafe"], "list runs": ["ls", "fedsafe"],
-                              "submit": ["run", str(app), "fedsafe"]}, intruder)
+                              "submit": ["run", str(tmp_path / "app"), "fedsafe"]}, intruder)
         assert len(answers) == 4
         for what, answer in answers.items():
             assert answer["success"] is False, (what, answer)
@@ -104,35 +148,42 @@ def test_intruder_holding_the_ca_cannot_register_list_or_submit_and_registered_n
                 call()
             return err.value.response.status_code
 
-        control = ControlHttpClient.from_server_address(fed.superlink, False, ca, [])
-        runtime = RuntimeHttpClient.from_server_address(fed.superlink, False, ca, [])
-        statuses = {"RegisterNode": status_of(lambda: control.RegisterNode(
+        ca_bytes = ca.read_bytes()
+        control_client = ControlHttpClient.from_server_address(fleet, False, ca_bytes, [])
+        runtime_client = RuntimeHttpClient.from_server_address(fleet, False, ca_bytes, [])
+        statuses = {"RegisterNode": status_of(lambda: control_client.RegisterNode(
                         RegisterNodeRequest(public_key=spare_public_key))),
-                    "ListNodes": status_of(lambda: control.ListNodes(ListNodesRequest())),
-                    "ListRuns": status_of(lambda: control.ListRuns(ListRunsRequest())),
-                    "StartRun": status_of(lambda: control.StartRun(StartRunRequest())),
-                    "AcquireTask": status_of(lambda: runtime.AcquireTask(AcquireTaskRequest()))}
+                    "ListNodes": status_of(lambda: control_client.ListNodes(ListNodesRequest())),
+                    "ListRuns": status_of(lambda: control_client.ListRuns(ListRunsRequest())),
+                    "StartRun": status_of(lambda: control_client.StartRun(StartRunRequest())),
+                    "AcquireTask": status_of(lambda: runtime_client.AcquireTask(AcquireTaskRequest()))}
         assert statuses == dict.fromkeys(statuses, 404)
         # the Fleet API's own self-registration is off under node authentication
-        fleet = FleetHttpClient.from_server_address(fed.superlink, False, ca, [])
-        assert status_of(lambda: fleet.RegisterNode(RegisterNodeFleetRequest(public_key=spare_public_key))) >= 400
+        fleet_client = FleetHttpClient.from_server_address(fleet, False, ca_bytes, [])
+        self_registration = RegisterNodeFleetRequest(public_key=spare_public_key)
+        assert status_of(lambda: fleet_client.RegisterNode(self_registration)) >= 400
         # the Control listener is not on the intruder's address at all
         with pytest.raises(httpx.ConnectError):
-            ControlHttpClient.from_server_address(f"{INTRUDER_HOST}:{fed.control_port}", False, ca,
+            ControlHttpClient.from_server_address(f"{INTRUDER_HOST}:{control_port}", False, ca_bytes,
                                                   []).ListNodes(ListNodesRequest())
 
-        # the operator, on the server machine, still has the Control API: two nodes, none of the intruder's
-        (operator_nodes,) = _flwr_json({"list nodes": ["supernode", "list", "fedsafe"]}, fed.env).values()
-        assert operator_nodes["success"] is True
-        assert len(operator_nodes["nodes"]) == 2
+        # the operator, on the server machine, still has the Control API: the two registered nodes only
+        write_connection(tmp_path / "operator_home", control, root_certificates=ca)
+        (operator_nodes,) = _flwr_json({"list nodes": ["supernode", "list", "fedsafe"]}, env).values()
+        assert operator_nodes["success"] is True and len(operator_nodes["nodes"]) == 2
 
-        run_dir = fed.submit(app, timeout_s=400)
-        pids = fed.pids()
+        submitted = subprocess.run(_fedsafe("submit", str(tmp_path / "app"), "--superlink", control,
+                                            "--root-certificates", str(ca)),
+                                   env=env, capture_output=True, text=True, timeout=400)
+        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-2000:]
+        run_dir = Path(RUN_DIR_PATTERN.search(submitted.stdout + submitted.stderr).group(1))
+    finally:
+        for name in sorted(procs, key=lambda n: n == "superlink"):
+            stop_group(procs[name])
+        for wdir in worker_dirs:
+            stop_worker(wdir, signal.SIGKILL)
     (record,) = RunDir.open(run_dir).records("round")
     assert sorted(record["clients"]) == ["client_00", "client_01"] and record["failed"] == []
-    for pid in pids:  # every process the federation started is gone
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
 
 
 # --- the Fleet-only listener (fast) ------------------------------------------------------------------------
