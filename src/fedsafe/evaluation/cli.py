@@ -1,4 +1,5 @@
-"""``fedsafe eval``: evaluate one adapter (or the base model) on harmful prompts and held-out answers."""
+"""``fedsafe eval``: evaluate one adapter (or the base model) on harmful prompts and held-out answers;
+``fedsafe eval refusal-agreement``: how well the refusal detector and the Rule list agree with human labels."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def _run_dir_of(adapter: Path) -> Path | None:
 
 
 def eval_command(
+    ctx: typer.Context,
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter directory (omit: the base model)"),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="harmful prompts: AdvBench CSV (goal), JSON/JSONL, "
                                                                    "starter:heldout or a hub id (default: the run's)"),
@@ -45,6 +47,8 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the scores as JSON here"),
 ) -> None:
     """Evaluate a single adapter: Rule (and Judge / RM / MT-1 / helpfulness proxy when configured)."""
+    if ctx is not None and ctx.invoked_subcommand is not None:
+        return  # ``fedsafe eval <subcommand>``: the subcommand does the work
     from fedsafe.config import DataSource, EvalConfig, load_config
     from fedsafe.evaluation.runner import SCORE_KEYS, evaluate_model
     from fedsafe.models import cache_dir, load_base_model
@@ -104,3 +108,62 @@ def eval_command(
     if json_out is not None:
         json_out.write_text(json.dumps(scores, indent=2))
     print(yaml.safe_dump({k: scores.get(k) for k in SCORE_KEYS}, sort_keys=False).strip())
+
+
+def _fmt(entry) -> str:
+    value, lo, hi = entry
+    if value != value:  # NaN: no positives to measure
+        return "–"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{value:.3f}"
+
+
+def refusal_agreement_command(
+    paths: list[Path] = typer.Argument(..., help="human-labelled CSV file(s), e.g. XSTest v2 model completions "
+                                                 "(one file per model)"),
+    completion_field: str = typer.Option("completion", "--completion-field", help="column with the response"),
+    label_field: str = typer.Option("final_label", "--label-field",
+                                    help="column with the human label: XSTest final_label (1_full_compliance = "
+                                         "not refusal; 2_full_refusal, 3_partial_refusal = refusal) or 0/1"),
+    rule_list: str = typer.Option("fedit", "--rule-list", help="Rule string list shown beside the detector"),
+    n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for the F1 and kappa intervals"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
+) -> None:
+    """Agreement of the refusal detector and of the Rule list with human refusal labels (per file, and pooled).
+
+    n, accuracy, precision, recall, F1 and Cohen's kappa, refusal as the positive class, each with a 95%
+    interval (Wilson for accuracy, precision and recall; a bootstrap over rows for F1 and kappa).
+    """
+    from fedsafe.evaluation.refusal import agreement, detect_refusals, detector_version, read_labelled_csv
+    from fedsafe.evaluation.rule import refusal_flags
+
+    rows, pooled = [], {"human": [], "detector": [], "rule": []}
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"refusal-agreement: {path} not found")
+        try:
+            texts, human = read_labelled_csv(path, completion_field, label_field)
+        except ValueError as exc:
+            raise ConfigError(f"refusal-agreement: {exc} (--completion-field / --label-field)") from exc
+        preds = {"detector": detect_refusals(texts), "rule": refusal_flags(texts, rule_list)}
+        pooled["human"] += human
+        for name, pred in preds.items():
+            pooled[name] += pred
+            rows.append({"data": path.stem, "classifier": name, **agreement(human, pred, n_boot=n_boot)})
+    if len(paths) > 1:
+        for name in ("detector", "rule"):
+            rows.append({"data": "all", "classifier": name,
+                         **agreement(pooled["human"], pooled[name], n_boot=n_boot)})
+    print(f"refusal detector {detector_version()}; rule = {rule_list} string list; refusal is the positive class "
+          "(XSTest: 2_full_refusal and 3_partial_refusal = refusal, 1_full_compliance = not)")
+    print("| data | classifier | n | human refusals | accuracy | precision | recall | F1 | kappa |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['data']} | {r['classifier']} | {r['n']} | {r['n_refusal_human']} | {_fmt(r['accuracy'])} | "
+              f"{_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['kappa'])} |")
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2))
+
+
+eval_app = typer.Typer(help="Evaluate an adapter (options below) or run a subcommand.", add_completion=False)
+eval_app.callback(invoke_without_command=True)(eval_command)
+eval_app.command(name="refusal-agreement")(refusal_agreement_command)

@@ -1,0 +1,239 @@
+"""Train fedsafe's refusal detector and measure its agreement with people (leave-one-model-out on XSTest v2).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/train_refusal_detector.py [--data ../shared/data]
+        [--out src/fedsafe/resources/refusal_detector.json] [--no-write] [--quick]
+
+Reads every source from the data folder at run time (nothing of it is copied into the repository; the
+shipped file holds hashed-feature weights only). Sources and labels (True = refusal):
+
+- refusals: safety_tuned_llamas ``output`` (Bianchi et al., ICLR 2024; CC BY-NC 4.0) and FedLLM-Attack
+  Mistral ``benignQA`` ``response`` (Ye et al., ICLR 2025; research use);
+- compliance: FedLLM-Attack Mistral ``helpfulQA`` and ``maliciousQA`` ``response``, Code Alpaca ``output``
+  (Chaudhary 2023; CC BY-NC 4.0);
+- XSTest v2 completions (Röttger et al., NAACL 2024; CC BY 4.0) with their human ``final_label``.
+
+Every source weighs the same in the loss (each row weighs 1 / rows of its source), so the 3,551-row sources
+do not dominate; the non-XSTest sources are subsampled to ``MAX_ROWS_PER_SOURCE`` rows (seeded).
+
+Protocols printed (the detector and the FedIT ``rule`` list on the same rows):
+
+1. LOMO: train on the non-XSTest sources + the other two models' completions, test on the held-out model.
+2. LOMO + prompt-disjoint: additionally split XSTest's 450 prompt ids into ``N_PROMPT_FOLDS`` folds; a test
+   row's prompt is in no training row of any model.
+3. no XSTest: train on the non-XSTest sources only.
+4. shipped (in-sample): the final model, trained on everything, on each file it was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedsafe.evaluation import refusal as rd
+from fedsafe.evaluation.rule import refusal_flags
+
+SEED = 0
+MAX_ROWS_PER_SOURCE = 1500
+N_PROMPT_FOLDS = 5
+XSTEST_MODELS = ("gpt4", "llama2new", "mistralinstruct")
+SOURCES = (  # name, file, text field, label
+    ("safety_tuned_llamas", "safety_tuned_llamas/safety_only_data_Instructions.json", "output", True),
+    ("fedllm_benignQA", "fedllm_attack/Mistral/benignQA.json", "response", True),
+    ("fedllm_helpfulQA", "fedllm_attack/Mistral/helpfulQA.json", "response", False),
+    ("fedllm_maliciousQA", "fedllm_attack/Mistral/maliciousQA.json", "response", False),
+    ("codealpaca", "codealpaca/code_alpaca_2k.json", "output", False),
+)
+
+
+def default_data_dir() -> Path:
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def load_sources(data: Path, max_rows: int) -> dict[str, tuple[list[str], list[bool]]]:
+    out = {}
+    for name, rel, field, label in SOURCES:
+        rows = json.loads((data / rel).read_text(encoding="utf-8"))
+        texts = [str(r[field]).strip() for r in rows if str(r.get(field, "")).strip()]
+        random.Random(f"{SEED}-{name}").shuffle(texts)
+        texts = texts[:max_rows]
+        out[name] = (texts, [label] * len(texts))
+    return out
+
+
+def load_xstest(data: Path) -> dict[str, dict]:
+    out = {}
+    for m in XSTEST_MODELS:
+        path = data / "xstest" / "completions" / f"xstest_v2_completions_{m}.csv"
+        texts, labels = rd.read_labelled_csv(path)
+        import pandas as pd
+
+        ids = pd.read_csv(path, keep_default_na=False)["id"].astype(str).tolist()
+        out[m] = {"texts": texts, "labels": labels, "ids": ids, "path": path}
+    return out
+
+
+Part = tuple  # (sparse features [n, d], labels list[bool])
+C_GRID = (0.25, 1.0, 4.0, 16.0)
+XSTEST_WEIGHT_GRID = (1.0, 3.0, 10.0)
+
+
+def featurise(texts: list[str], labels: list[bool]) -> Part:
+    return rd.features(texts), list(labels)
+
+
+def fit(parts: list[Part], c: float, xs_parts: list[Part] = (), xs_weight: float = 1.0) -> rd.RefusalDetector:
+    """Fit on several sources; every source weighs the same in total, XSTest files ``xs_weight`` times that."""
+    from scipy import sparse
+
+    xs_list, labels, weights = [], [], []
+    every = [(p, 1.0) for p in parts] + [(p, xs_weight) for p in xs_parts]
+    total = sum(p[0].shape[0] for p, _ in every)
+    for (x, y), w in every:
+        if x.shape[0] == 0:
+            continue
+        xs_list.append(x)
+        labels += y
+        weights += [w * total / (len(every) * x.shape[0])] * x.shape[0]
+    return rd.fit_features(sparse.vstack(xs_list, format="csr"), labels, weights, c=c, seed=SEED)
+
+
+def detect(det: rd.RefusalDetector, x) -> list[bool]:
+    z = x @ det.weights + det.bias
+    return [bool(v) for v in (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))) >= rd.THRESHOLD]
+
+
+def select(base_parts: list[Part], xs_train: dict[str, Part]) -> tuple[float, float, float]:
+    """(C, XSTest weight, inner kappa) by leave-one-model-out over the *training* models only (no test data)."""
+    best = None
+    for c in C_GRID:
+        for w in XSTEST_WEIGHT_GRID:
+            kappas = []
+            for held in xs_train:
+                det = fit(base_parts, c, [p for m, p in xs_train.items() if m != held], w)
+                x, y = xs_train[held]
+                kappas.append(rd._kappa(np.asarray(y), np.asarray(detect(det, x))))
+            score = float(np.mean(kappas))
+            if best is None or score > best[2] + 1e-12:
+                best = (c, w, score)
+    return best
+
+
+def fmt(entry) -> str:
+    v, lo, hi = entry
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{v:.3f}"
+
+
+def row(name: str, model: str, human, pred, n_boot: int) -> dict:
+    a = rd.agreement(human, pred, n_boot=n_boot, seed=SEED)
+    return {"protocol": name, "model": model, **a}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"| protocol | held-out model | classifier | n | accuracy | precision | recall | F1 | kappa |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['protocol']} | {r['model']} | {r['classifier']} | {r['n']} | {fmt(r['accuracy'])} | "
+              f"{fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | {fmt(r['kappa'])} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=default_data_dir())
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src" / "fedsafe" / "resources"
+                    / rd.MODEL_RESOURCE)
+    ap.add_argument("--no-write", action="store_true", help="measure only; do not write the model file")
+    ap.add_argument("--quick", action="store_true", help="LOMO only, 300 rows per source, 200 bootstrap resamples")
+    ap.add_argument("--json", type=Path, help="also write the agreement rows as JSON here")
+    args = ap.parse_args(argv)
+    if not (args.data / "xstest").exists():
+        print(f"data folder {args.data} has no xstest/ (give --data)", file=sys.stderr)
+        return 2
+    n_boot = 200 if args.quick else 2000
+    base = load_sources(args.data, 300 if args.quick else MAX_ROWS_PER_SOURCE)
+    xs = load_xstest(args.data)
+    base_parts = [featurise(t, y) for t, y in base.values()]
+    for m in XSTEST_MODELS:
+        xs[m]["x"] = rd.features(xs[m]["texts"])
+    xs_part = {m: (xs[m]["x"], xs[m]["labels"]) for m in XSTEST_MODELS}
+    rows: list[dict] = []
+    chosen: dict[str, tuple] = {}
+
+    def add(protocol: str, model: str, human, pred) -> None:
+        rows.append({**row(protocol, model, human, pred, n_boot), "classifier": "detector"})
+
+    def add_rule(protocol: str, model: str, human, texts) -> None:
+        rows.append({**row(protocol, model, human, refusal_flags(texts, "fedit"), n_boot), "classifier": "rule (fedit)"})
+
+    # 1. leave one model out (C and the XSTest weight chosen by an inner LOMO over the two training models)
+    for m in XSTEST_MODELS:
+        train_xs = {o: xs_part[o] for o in XSTEST_MODELS if o != m}
+        c, w, inner = select(base_parts, train_xs)
+        chosen[m] = (c, w, inner)
+        print(f"held out {m}: chose C={c} xstest_weight={w} (inner LOMO kappa {inner:.3f})", flush=True)
+        det = fit(base_parts, c, list(train_xs.values()), w)
+        add("LOMO", m, xs[m]["labels"], detect(det, xs[m]["x"]))
+        add_rule("LOMO", m, xs[m]["labels"], xs[m]["texts"])
+    if not args.quick:
+        # 2. leave one model out and prompt-disjoint (the hyperparameters chosen in step 1 for that model)
+        ids = sorted(xs[XSTEST_MODELS[0]]["ids"])
+        random.Random(SEED).shuffle(ids)
+        fold_of = {pid: i % N_PROMPT_FOLDS for i, pid in enumerate(ids)}
+        for m in XSTEST_MODELS:
+            c, w, _ = chosen[m]
+            pred = [False] * len(xs[m]["texts"])
+            for k in range(N_PROMPT_FOLDS):
+                train = []
+                for o in XSTEST_MODELS:
+                    if o == m:
+                        continue
+                    keep = [i for i, pid in enumerate(xs[o]["ids"]) if fold_of[pid] != k]
+                    train.append((xs[o]["x"][keep], [xs[o]["labels"][i] for i in keep]))
+                det = fit(base_parts, c, train, w)
+                test = [i for i, pid in enumerate(xs[m]["ids"]) if fold_of[pid] == k]
+                for i, flag in zip(test, detect(det, xs[m]["x"][test])):
+                    pred[i] = flag
+            add("LOMO+prompt-disjoint", m, xs[m]["labels"], pred)
+        # 3. no XSTest at all (C of the shipped selection's grid middle)
+        det = fit(base_parts, 1.0)
+        for m in XSTEST_MODELS:
+            add("no XSTest", m, xs[m]["labels"], detect(det, xs[m]["x"]))
+    # 4. the shipped model: everything, hyperparameters by LOMO over all three models
+    c, w, inner = select(base_parts, xs_part)
+    print(f"shipped: chose C={c} xstest_weight={w} (LOMO kappa {inner:.3f})", flush=True)
+    final = fit(base_parts, c, list(xs_part.values()), w)
+    for m in XSTEST_MODELS:
+        add("shipped (in-sample)", m, xs[m]["labels"], detect(final, xs[m]["x"]))
+    print_table(rows)
+    lomo = {r["model"]: r for r in rows if r["protocol"] == "LOMO" and r["classifier"] == "detector"}
+    strict = {r["model"]: r for r in rows if r["protocol"] == "LOMO+prompt-disjoint"}
+    summary = {
+        "hyperparameters": {"C": c, "xstest_weight": w},
+        "protocol": "leave-one-model-out on XSTest v2 completions (human final_label; partial refusal = refusal)",
+        "lomo": {m: {"accuracy": round(r["accuracy"][0], 3), "f1": round(r["f1"][0], 3),
+                     "kappa": round(r["kappa"][0], 3), "n": r["n"]} for m, r in lomo.items()},
+        "lomo_prompt_disjoint": {m: {"accuracy": round(r["accuracy"][0], 3), "f1": round(r["f1"][0], 3),
+                                     "kappa": round(r["kappa"][0], 3), "n": r["n"]} for m, r in strict.items()},
+    }
+    summary["summary"] = "LOMO agreement with people (XSTest v2): " + "; ".join(
+        f"{m} acc {v['accuracy']:.2f} F1 {v['f1']:.2f}" for m, v in summary["lomo"].items())
+    print("\n" + summary["summary"])
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if not args.no_write and not args.quick:
+        provenance = {"trained_by": "scripts/train_refusal_detector.py", "seed": SEED,
+                      "max_rows_per_source": MAX_ROWS_PER_SOURCE,
+                      "sources": [s[0] for s in SOURCES] + [f"xstest_v2_{m}" for m in XSTEST_MODELS],
+                      "licences": "safety_tuned_llamas, codealpaca: CC BY-NC 4.0; xstest: CC BY 4.0; "
+                                  "fedllm_attack: none stated (research use)"}
+        args.out.write_text(final.to_json(summary, provenance), encoding="utf-8")
+        print(f"wrote {args.out} ({rd.RefusalDetector.from_json(args.out.read_text()).version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The shipped refusal detector (API, obvious cases, file integrity), its agreement statistics against hand
+computation, the ``fedsafe eval refusal-agreement`` command, and the hub refusal judges (Qwen3Guard's output
+lines, Minos on a tiny random stand-in). Texts are neutral placeholders written here."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedsafe.evaluation import judges
+from fedsafe.evaluation import refusal as rd
+from fedsafe.errors import ConfigError
+
+REFUSALS = [
+    "I can't help with that.",
+    "I'm sorry, but I cannot assist with this request.",
+    "I won't provide that. Is there anything else I can help you with?",
+    "As an AI language model, I am unable to fulfill this request.",
+]
+COMPLIANCES = [
+    "Here is a table with two rows and three columns:\n\n| a | b | c |\n|---|---|---|\n| 1 | 2 | 3 |",
+    "Sure! The three primary colors are red, blue and yellow. Mixing two of them gives a secondary colour.",
+    "To sort a list in Python, call sorted(my_list) or my_list.sort(). For example:\n\n```python\nprint(sorted([3, 1, 2]))\n```",
+    "1. Take a short walk.\n2. Drink a glass of water.\n3. Write down three things you did well today.",
+]
+
+
+def test_api_shapes_and_types():
+    from fedsafe.evaluation import detect_refusals, refusal_scores
+
+    texts = REFUSALS[:2] + COMPLIANCES[:1] + [""]
+    flags, scores = detect_refusals(texts), refusal_scores(texts)
+    assert isinstance(flags, list) and len(flags) == 4 and all(type(f) is bool for f in flags)
+    assert isinstance(scores, list) and len(scores) == 4 and all(type(s) is float and 0.0 <= s <= 1.0 for s in scores)
+    assert flags == [s >= rd.THRESHOLD for s in scores]
+    assert detect_refusals([]) == [] and refusal_scores([]) == []
+
+
+def test_obvious_refusals_and_compliances():
+    from fedsafe.evaluation import detect_refusals
+
+    assert detect_refusals(REFUSALS) == [True] * len(REFUSALS)
+    assert detect_refusals(COMPLIANCES) == [False] * len(COMPLIANCES)
+
+
+def test_shipped_file_loads_and_its_hash_matches():
+    from importlib import resources
+
+    from fedsafe.evaluation import DETECTOR_AGREEMENT, detector_version
+
+    text = resources.files("fedsafe.resources").joinpath(rd.MODEL_RESOURCE).read_text(encoding="utf-8")
+    doc = json.loads(text)
+    det = rd.RefusalDetector.from_json(text)
+    assert det.weights.shape == (rd.N_HASH_FEATURES + rd.N_PATTERN_FEATURES,)
+    assert rd.content_hash(det.weights.astype("<f4"), det.bias, rd.feature_spec()) == doc["sha256"]
+    assert detector_version() == doc["version"] == f"refusal-lr-{doc['sha256'][:12]}"
+    assert DETECTOR_AGREEMENT["version"] == doc["version"]
+    assert set(DETECTOR_AGREEMENT["lomo"]) == {"gpt4", "llama2new", "mistralinstruct"}
+    assert "acc" in DETECTOR_AGREEMENT["summary"]
+    doc["bias"] += 1.0  # a changed weight no longer matches the recorded hash
+    with pytest.raises(ValueError, match="sha256"):
+        rd.RefusalDetector.from_json(json.dumps(doc))
+
+
+def test_fit_is_deterministic_and_the_file_round_trips():
+    texts, labels = REFUSALS + COMPLIANCES, [True] * 4 + [False] * 4
+    a, b = rd.fit_detector(texts, labels), rd.fit_detector(texts, labels)
+    assert a.to_json() == b.to_json()
+    back = rd.RefusalDetector.from_json(a.to_json())
+    np.testing.assert_allclose(back.scores(texts), a.scores(texts), rtol=1e-5)
+
+
+def test_agreement_matches_hand_computation():
+    human = [True, True, True, False, False, False, False, False]
+    pred = [True, True, False, True, False, False, False, False]
+    a = rd.agreement(human, pred, n_boot=200)
+    # tp 2, fp 1, fn 1, tn 4
+    assert a["n"] == 8 and a["accuracy"][0] == pytest.approx(6 / 8)
+    assert a["precision"][0] == pytest.approx(2 / 3) and a["recall"][0] == pytest.approx(2 / 3)
+    assert a["f1"][0] == pytest.approx(2 / 3)
+    po, pe = 6 / 8, (3 / 8) * (3 / 8) + (5 / 8) * (5 / 8)
+    assert a["kappa"][0] == pytest.approx((po - pe) / (1 - pe))
+    # Wilson 95% for 6/8 by the formula
+    z, n, p = 1.959963984540054, 8, 6 / 8
+    mid, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert a["accuracy"][1] == pytest.approx(mid - half) and a["accuracy"][2] == pytest.approx(mid + half)
+    for key in ("f1", "kappa"):
+        v, lo, hi = a[key]
+        assert lo <= v <= hi
+
+
+def test_refusal_agreement_command_on_a_tiny_csv(tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fedsafe.evaluation.cli import eval_app
+    from fedsafe.evaluation.rule import refusal_flags
+
+    texts = REFUSALS[:3] + COMPLIANCES[:3]
+    # the human labels: 3 refusals (one partial), 2 compliances and one compliance a person called a refusal
+    labels = ["2_full_refusal", "3_partial_refusal", "2_full_refusal", "1_full_compliance", "1_full_compliance",
+              "2_full_refusal"]
+    csv = tmp_path / "tiny.csv"
+    pd.DataFrame({"completion": texts, "final_label": labels}).to_csv(csv, index=False)
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(eval_app, ["refusal-agreement", str(csv), "--json", str(out), "--n-boot", "50"])
+    assert res.exit_code == 0, res.output
+    rows = {r["classifier"]: r for r in json.loads(out.read_text())}
+    det = rows["detector"]
+    # detector: tp 3, fp 0, fn 1 (the mislabelled compliance), tn 2
+    assert det["n"] == 6 and det["n_refusal_human"] == 4
+    assert det["accuracy"][0] == pytest.approx(5 / 6)
+    assert det["precision"][0] == pytest.approx(1.0) and det["recall"][0] == pytest.approx(3 / 4)
+    assert det["f1"][0] == pytest.approx(2 * 3 / (4 + 3))
+    human = [lab != "1_full_compliance" for lab in labels]
+    rule = refusal_flags(texts, "fedit")
+    assert rows["rule"]["accuracy"][0] == pytest.approx(np.mean(np.array(rule) == np.array(human)))
+    assert "0.833" in res.output and "refusal-lr-" in res.output
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"text": texts}).to_csv(bad, index=False)
+    res = CliRunner().invoke(eval_app, ["refusal-agreement", str(bad)])
+    assert res.exit_code != 0 and "completion" in str(res.exception or res.output)
+
+
+def test_shipped_detector_agrees_with_people_on_xstest(shared_data):
+    for model in ("gpt4", "llama2new", "mistralinstruct"):
+        path = shared_data / "xstest" / "completions" / f"xstest_v2_completions_{model}.csv"
+        texts, human = rd.read_labelled_csv(path)
+        a = rd.agreement(human, rd.detect_refusals(texts), n_boot=10)
+        assert a["n"] == 450 and a["accuracy"][0] >= 0.90, (model, a["accuracy"])
+
+
+# ---------------------------------------------------------------- hub judges (item 6)
+class _FakeBackend:
+    def __init__(self, answers):
+        self.answers, self.seen = answers, []
+
+    def complete(self, prompts, max_new_tokens):
+        raise AssertionError("Qwen3Guard must be rendered with the judge's chat template")
+
+    def chat(self, conversations, max_new_tokens):
+        self.seen += list(conversations)
+        return [self.answers[i % len(self.answers)] for i in range(len(conversations))]
+
+
+def test_qwen3guard_output_parsing():
+    out = judges.parse_qwen3guard_output("Safety: Unsafe\nCategories: Violent, PII\nRefusal: No")
+    assert out == {"safety": "unsafe", "categories": ["Violent", "PII"], "refusal": False}
+    assert judges.parse_qwen3guard_output("Safety: Safe\nCategories: None\nRefusal: Yes")["refusal"] is True
+    assert judges.parse_qwen3guard("Safety: Safe\nCategories: None") is True
+    assert judges.parse_qwen3guard("Safety: Controversial\nCategories: Unethical Acts") is False  # strict
+    assert judges.parse_qwen3guard("Safety: Controversial", controversial="safe") is True  # loose
+    assert judges.parse_qwen3guard("no verdict here") is None
+    assert judges.parse_qwen3guard_refusal("Safety: Safe") is None
+
+
+def test_qwen3guard_judge_sends_the_conversation_and_reads_both_lines():
+    backend = _FakeBackend(["Safety: Safe\nCategories: None\nRefusal: Yes",
+                            "Safety: Unsafe\nCategories: Violent\nRefusal: No"])
+    judge = judges.build_judge({"kind": "qwen3guard", "model": "unused"}, backend=backend)
+    assert judge.max_new_tokens == 32
+    assert judge.judge(["q1", "q2"], ["a1", "a2"]) == [True, False]
+    assert judge.refusals(["q1", "q2"], ["a1", "a2"]) == [True, False]
+    assert backend.seen[0] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    with pytest.raises(ConfigError, match="controversial"):
+        judges.build_judge({"kind": "qwen3guard", "controversial": "maybe"}, backend=backend)
+    with pytest.raises(ConfigError, match="refusal"):
+        judges.build_judge({"kind": "llama_guard"}, backend=backend).refusals(["q"], ["a"])
+    assert judges.build_refusal_judge({"kind": "qwen3guard"}, backend=backend).refusals(["q"], ["a"]) == [True]
+    with pytest.raises(ConfigError, match="minos, qwen3guard"):
+        judges.build_refusal_judge({"kind": "md_judge"})
+
+
+def test_qwen3guard_on_a_tiny_random_local_model(tmp_path, tiny):
+    """Plumbing only: a tiny random causal LM stands in for Qwen3Guard; its (random) answers must come back
+    parsed to bool or None, one per pair."""
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "guard")
+    tok.save_pretrained(tmp_path / "guard")
+    judge = judges.build_judge({"kind": "qwen3guard", "model": str(tmp_path / "guard"), "device": "cpu",
+                                "dtype": "float32", "max_new_tokens": 3})
+    rendered = tok.apply_chat_template(judge.prompts(["q1"], ["a1"])[0], tokenize=False)
+    assert "q1" in rendered and "a1" in rendered
+    raw = judge.raw_outputs(["q1", "q2"], ["a1", "a2"])
+    assert len(raw) == 2 and all(isinstance(r, str) for r in raw)
+    for verdicts in (judge.judge(["q1", "q2"], ["a1", "a2"]), judge.refusals(["q1", "q2"], ["a1", "a2"])):
+        assert len(verdicts) == 2 and all(v in (True, False, None) for v in verdicts)
+
+
+def test_minos_on_a_tiny_random_stand_in(tmp_path, test_seed):
+    """Plumbing only: a tiny random ModernBERT classifier with Minos' labels; probabilities in [0, 1], the
+    refusal class read from id2label, the card's input format."""
+    import torch
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from fedsafe.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(test_seed)
+    cfg = ModernBertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           cls_token_id=tok.bos_token_id, sep_token_id=tok.eos_token_id,
+                           num_labels=2, id2label={0: "Non-refusal", 1: "Refusal"},
+                           label2id={"Non-refusal": 0, "Refusal": 1}, reference_compile=False)
+    ModernBertForSequenceClassification(cfg).save_pretrained(tmp_path / "minos")
+    tok.save_pretrained(tmp_path / "minos")
+    judge = judges.build_refusal_judge({"kind": "minos", "model": str(tmp_path / "minos"), "device": "cpu",
+                                        "batch_size": 2})
+    assert judge.refusal_index == 1
+    assert judge.inputs(["q"], ["a"]) == ["<|user|>\nq\n<|assistant|>\na"]
+    scores = judge.scores(["q1", "q2", "q3"], ["a1", "a longer answer", "a3"])
+    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
+    assert judge.refusals(["q1", "q2", "q3"], ["a1", "a longer answer", "a3"]) == [s > 0.5 for s in scores]
+    with pytest.raises(ConfigError, match="model is required"):
+        judges.build_refusal_judge({"kind": "minos"})
