@@ -549,3 +549,17 @@ def test_fedex_coordinate_wise_target_does_not_depend_on_the_memory_chunks():
     assert len(whole) == len(small) == len(pairs)
     for x, y in zip(whole, small):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+
+
+def test_fedex_follows_weak_dp_clipping_and_refuses_its_noise():
+    from fedsafe.defenses.weak_dp import WeakDPRule
+
+    ups = _updates(_start()[1], 7)
+    changes = []
+    for k in (1, 100):
+        ups[0] = k * _updates(_start()[1], 7)[0]
+        changes.append(_round(WeakDPRule(get_rule("fedavg"), max_norm=0.3, noise_std=0.0), ups)[0])
+    assert changes[1] < 1.5 * changes[0], changes
+    with pytest.raises(ConfigError, match=r"fl\.lora_aggregation=fedex cannot be combined with weak_dp\.noise_std"):
+        load_config(None, ["fl.lora_aggregation=fedex", "weak_dp.enabled=true", "weak_dp.noise_std=0.001"])
+    assert load_config(None, ["fl.lora_aggregation=fedex", "weak_dp.enabled=true", "weak_dp.noise_std=0"])

@@ -48,8 +48,9 @@ the round started from) and W_prev the global model at the start of the round, t
   bounded in the attacker's scale (it is not the geometric median of the client models either, whose
   Weiszfeld iterations would need every client's dense model); residual-based reweighting's client weights
   sum confidence over all coordinates and it replaces single values, which has no client-model analogue.
-  Any other rule or wrapper is accepted only if its output passes one of the run-time checks above (a
-  wrapper that adds noise to the aggregate does not, and the round fails with an error naming the rule).
+  ``weak_dp`` with noise is refused too (its clipping alone is followed like ``norm_clip``'s). Any other
+  rule or wrapper is accepted only if its output passes one of the run-time checks above (a wrapper that
+  adds noise to the aggregate does not, and the round fails with an error naming the rule).
 
 Every plaintext round logs ``aggregation_error = sum over adapted layers of ||avg(B_i A_i) - B_g A_g||_F /
 ||avg(B_i A_i)||_F``, avg under the rule's normalised client weights over the clients it kept: the distance
@@ -303,7 +304,7 @@ def rule_target(rule, updates: torch.Tensor, num_samples: torch.Tensor, client_i
     layers, r = [], rule
     while r is not None and len(layers) < 16:  # wrappers (adaptive attack, recorder, probe, norm_clip)
         layers.append(r)
-        if isinstance(r, NormClip):  # the rows the inner rule combines are the clipped ones
+        if isinstance(r, NormClip) or type(r).__name__ == "WeakDPRule":  # the inner rule combines clipped rows
             norms = u.norm(dim=1)
             u = u * (r.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)[:, None]
         r = r.__dict__.get("inner")  # the wrapper's own inner rule (not one its __getattr__ delegates to)
@@ -407,6 +408,12 @@ def check_config(cfg) -> None:
                              f"scaffold with fl.server_lr=1), got fl.algorithm={cfg.fl.algorithm!r} with server_lr="
                              f"{cfg.fl.resolved_server_lr:g}: the residual makes the global model the weighted mean "
                              "of the client models, which a server optimiser step would not be")
+        weak_dp = getattr(cfg, "weak_dp", None)
+        if weak_dp is not None and weak_dp.enabled and weak_dp.noise_std > 0:
+            raise ValueError(f"fl.lora_aggregation=fedex cannot be combined with weak_dp.noise_std="
+                             f"{weak_dp.noise_std:g}: noise added to the aggregated factors has no counterpart over "
+                             "the client models, so the residual could not follow it (weak_dp.noise_std=0, norm "
+                             "bounding only, works; or use fl.lora_aggregation=ffa or rolora)")
         for rule in rule_chain(cfg.aggregator.name, cfg.aggregator.params):
             if rule in FEDEX_REFUSED:
                 inner = "" if rule == cfg.aggregator.name else f" (its rule {rule})"
