@@ -12,6 +12,8 @@ shipped file holds hashed-feature weights only). Sources and labels (True = refu
   (Chaudhary 2023; CC BY-NC 4.0);
 - XSTest v2 completions (Röttger et al., NAACL 2024; CC BY 4.0) with their human ``final_label``.
 
+``--filter-weak-labels`` (off for the shipped model; an ablation in docs/refusal_detector.md) drops rows whose
+text contradicts their source's label (``weak_label_keep``).
 Every source weighs the same in the loss (each row weighs 1 / rows of its source), so the 3,551-row sources
 do not dominate; the non-XSTest sources are subsampled to ``MAX_ROWS_PER_SOURCE`` rows (seeded).
 
@@ -54,13 +56,38 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def load_sources(data: Path, max_rows: int) -> dict[str, tuple[list[str], list[bool]]]:
+# optional label-noise filter for the weakly labelled sources (their label is their source's, not a person's): a row of a
+# refusal source must show a refusal or judgement marker in its opening; a row of a compliance source must not
+# open with a strong refusal marker. Fixed from general knowledge, not tuned on XSTest.
+REFUSAL_MARKERS = ("cannot_verb", "cannot_any", "wont_verb", "unable", "decline", "not_comfortable",
+                   "cannot_and_will_not", "sorry", "as_an_ai", "i_am_ai", "not_appropriate", "not_ethical",
+                   "i_dont_condone", "promote_harm")
+STRONG_REFUSAL_MARKERS = ("cannot_verb", "wont_verb", "decline", "sorry", "cannot_and_will_not", "not_comfortable")
+
+
+def weak_label_keep(texts: list[str], label: bool) -> list[bool]:
+    """Which rows of a weakly labelled source keep their source's label (see REFUSAL_MARKERS)."""
+    names = [n for n, _ in rd.PATTERNS]
+    f = rd.pattern_features(texts)
+
+    def has(keys, regions):
+        return np.any([f[:, 3 * names.index(k) + r] > 0 for k in keys for r in regions], axis=0)
+
+    keep = has(REFUSAL_MARKERS, (0, 1)) if label else ~has(STRONG_REFUSAL_MARKERS, (0,))
+    return [bool(k) for k in keep]
+
+
+def load_sources(data: Path, max_rows: int, filter_weak_labels: bool = False) -> dict[str, tuple[list[str], list[bool]]]:
     out = {}
     for name, rel, field, label in SOURCES:
         rows = json.loads((data / rel).read_text(encoding="utf-8"))
         texts = [str(r[field]).strip() for r in rows if str(r.get(field, "")).strip()]
         random.Random(f"{SEED}-{name}").shuffle(texts)
+        if filter_weak_labels:
+            texts = [t for t, k in zip(texts, weak_label_keep(texts, label)) if k]
         texts = texts[:max_rows]
+        print(f"{name}: {len(rows)} rows, {len(texts)} used (label {'refusal' if label else 'compliance'})",
+              flush=True)
         out[name] = (texts, [label] * len(texts))
     return out
 
@@ -148,13 +175,15 @@ def main(argv=None) -> int:
                     / rd.MODEL_RESOURCE)
     ap.add_argument("--no-write", action="store_true", help="measure only; do not write the model file")
     ap.add_argument("--quick", action="store_true", help="LOMO only, 300 rows per source, 200 bootstrap resamples")
+    ap.add_argument("--filter-weak-labels", action="store_true",
+                    help="drop source rows whose text contradicts the source's label (ablation; off when shipped)")
     ap.add_argument("--json", type=Path, help="also write the agreement rows as JSON here")
     args = ap.parse_args(argv)
     if not (args.data / "xstest").exists():
         print(f"data folder {args.data} has no xstest/ (give --data)", file=sys.stderr)
         return 2
     n_boot = 200 if args.quick else 2000
-    base = load_sources(args.data, 300 if args.quick else MAX_ROWS_PER_SOURCE)
+    base = load_sources(args.data, 300 if args.quick else MAX_ROWS_PER_SOURCE, args.filter_weak_labels)
     xs = load_xstest(args.data)
     base_parts = [featurise(t, y) for t, y in base.values()]
     for m in XSTEST_MODELS:
@@ -226,6 +255,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(rows, indent=1))
     if not args.no_write and not args.quick:
         provenance = {"trained_by": "scripts/train_refusal_detector.py", "seed": SEED,
+                      "filter_weak_labels": args.filter_weak_labels,
                       "max_rows_per_source": MAX_ROWS_PER_SOURCE,
                       "sources": [s[0] for s in SOURCES] + [f"xstest_v2_{m}" for m in XSTEST_MODELS],
                       "licences": "safety_tuned_llamas, codealpaca: CC BY-NC 4.0; xstest: CC BY 4.0; "

@@ -76,7 +76,7 @@ PATTERNS: tuple[tuple[str, str], ...] = (
     ("i_am_ai", r"\bi(?:'m| am) (?:just |only )?(?:an? )?(?:ai|language model|computer program|chatbot|assistant)\b"),
     ("no_ability", r"\bi (?:do not|don't) have (?:the ability|access|personal|real-time|the capacity)\b"),
     # judgements of the request
-    ("not_appropriate", r"\b(?:not|n't|in)appropriate\b"),
+    ("not_appropriate", r"\b(?:not |n't |in)appropriate\b"),
     ("not_ethical", r"\b(?:not|n't) (?:ethical|legal|safe|advisable|acceptable|okay|ok|right|responsible)\b"),
     ("harm_words", r"\b(?:illegal|unethical|harmful|dangerous|against the law|immoral|offensive|malicious)\b"),
     ("promote_harm", r"\b(?:promot|encourag|condon|glorif|support|endors|facilitat)\w* (?:any )?(?:violence|harm|"
