@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from fedsafe.errors import FedsafeError
 
@@ -63,6 +64,9 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
     else:
         cfg = load_config(config if config is not None else quickstart_path(), set_)
     if cfg is not None and (seeds is not None or cfg.seeds is not None):
+        from fedsafe.pipeline import check_inputs
+
+        check_inputs(cfg)  # every input file, before the grid directory is made (a run checks its own)
         # one setting repeated per seed: a grid of one setting (summary.csv, intervals, resumable)
         from fedsafe.grid import GridSpec, parse_seeds, print_results, run_grid
 
@@ -74,9 +78,10 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
                             seeds=parse_seeds(seeds) if seeds is not None else None)
         print_results(grid_dir, f"{cfg.name}: seeds {', '.join(map(str, parse_seeds(seeds) if seeds else cfg.seeds))}")
         print(grid_dir)
-        if gate_exit:
-            from fedsafe.rundir import grid_run_dirs
+        from fedsafe.rundir import grid_run_dirs
 
+        _refuse_untrained(grid_run_dirs(grid_dir))
+        if gate_exit:
             _gate_exit(grid_run_dirs(grid_dir))
         return
     if engine == "flower":
@@ -90,8 +95,21 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
     else:
         raise FedsafeError(f"--engine {engine!r} is not one of inprocess, flower")
     print(result.run_dir)
+    _refuse_untrained([Path(result.run_dir)])
     if gate_exit:
         _gate_exit([Path(result.run_dir)])
+
+
+def _refuse_untrained(run_dirs: list[Path]) -> None:
+    """Exit non-zero (2) when every round of a run was skipped: its final adapter is the initial one."""
+    from fedsafe.rundir import RunDir
+
+    for run_dir in run_dirs:
+        rounds = RunDir(run_dir).records("round")
+        if rounds and all(r.get("skipped") for r in rounds):
+            reasons = sorted({str(r["skipped"]) for r in rounds})
+            raise FedsafeError(f"every round of {run_dir} was skipped, so it trained nothing (its final adapter is "
+                               f"the initial one): {'; '.join(reasons)[:400]}")
 
 
 def _gate_exit(run_dirs: list[Path]) -> None:
@@ -160,11 +178,36 @@ def main() -> None:
     try:
         app()
     except FedsafeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only file system, a file that cannot be read or written
+        console.print(f"[bold red]error:[/] {escape(_os_error_message(exc))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished rounds are saved; continue with `fedsafe run --resume RUN_DIR`")
         sys.exit(130)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """One line for an OSError: the path, the reason and, when a run was writing, that its checkpoints are
+    intact and how to continue it."""
+    import errno
+
+    from fedsafe.rundir import RunDir
+
+    what = f"{exc.filename}: " if exc.filename else ""
+    text = f"{what}{exc.strerror or exc}"
+    run_dir = RunDir.current
+    if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG) or run_dir is None:
+        return text
+    grid = run_dir.parent.parent if run_dir.parent.name == "runs" else None
+    if grid is not None and (grid / "grid.yaml").exists():
+        how = f"fedsafe grid {grid / 'grid.yaml'} --resume {grid}"
+    else:
+        how = f"fedsafe run --resume {run_dir}"
+    fix = "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
+    return (f"could not write {text}. The checkpoints of {run_dir} are intact (each is written whole, then "
+            f"renamed; the round in progress is redone); {fix} and continue with `{how}`")
 
 
 def _register_optional_commands() -> None:

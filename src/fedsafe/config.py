@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,6 +101,10 @@ FL_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi
 # eta = 1e-3 as OpenFedLLM does (fedopt_eta, with tau = 1e-3): with eta = 1 their first step is ~0.24 per coordinate
 DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "scaffold": 1.0, "fedavgm": 1.0,
                      "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
+# fl.max_norm_ratio: 100x the round's median norm passes every honest update of our runs (their norms are within
+# a few x of each other) and the boosting attacks of the literature at their usual factors (lambda = n / f, tens),
+# but stops an accidental or hostile update that is orders of magnitude larger (x1000) from deciding a round
+DEFAULT_MAX_NORM_RATIO = 100.0
 
 
 class FLConfig(_Strict):
@@ -118,7 +122,7 @@ class FLConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="client optimizer of the plain local trainer: "
                                                                     "adamw, or sgd (plain SGD; with local_steps=1 "
                                                                     "the update is -lr * gradient, FedSGD)")
-    max_grad_norm: float | None = Field(1.0, description="gradient clipping in local steps (None: off)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping in local steps (None: off)")
     algorithm: Literal[FL_ALGORITHMS] = Field("fedavg", description=", ".join(FL_ALGORITHMS))  # type: ignore[valid-type]
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu")
     server_lr: float | None = Field(None, gt=0, description="server learning rate eta (x <- x + eta * aggregate "
@@ -131,6 +135,12 @@ class FLConfig(_Strict):
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau")
     save_every_round: bool = Field(True, description="write adapters/round_XXXX each round")
+    max_norm_ratio: float | None = Field(
+        DEFAULT_MAX_NORM_RATIO, gt=1, description="default norm bound: a client update whose L2 norm exceeds "
+                                                  "this many times the round's (lower) median update norm is "
+                                                  "scaled down to that bound before the rule sees it (logged as "
+                                                  "a warning and in the round record's clipped); None switches "
+                                                  "it off (e.g. to study undefended FedAvg against boosting)")
     lora_aggregation: Literal["factors", "ffa", "rolora", "fedex"] = Field(
         "factors", description="how LoRA factors are aggregated (fedsafe.fl.lora_aggregation): factors (average A "
                                "and B separately, inexact), ffa (FFA-LoRA: A frozen, only B trained and sent), "
@@ -290,10 +300,10 @@ class ExperimentConfig(_Strict):
     """One federated experiment, from data to report."""
 
     name: str = Field("quickstart", description="run name; the run directory is <output_dir>/<name>-<time>")
-    seed: int = Field(0, description="seeds sampling, data, LoRA init and local training")
-    seeds: list[int] | None = Field(None, min_length=1, description="repeat the experiment once per seed "
-                                                                   "(each run gets seed=s); results then "
-                                                                   "carry means and 95% intervals")
+    seed: int = Field(0, ge=0, lt=2 ** 32, description="seeds sampling, data, LoRA init and local training")
+    seeds: list[Annotated[int, Field(ge=0, lt=2 ** 32)]] | None = Field(
+        None, min_length=1, description="repeat the experiment once per seed (each run gets seed=s); results then "
+                                        "carry means and 95% intervals")
     output_dir: str = Field("runs", description="parent of run directories")
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -515,10 +525,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory; give the experiment YAML file in it")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                              "UTF-8 YAML") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(exc).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded or {}

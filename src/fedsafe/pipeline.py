@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import fedsafe.plugins
 from fedsafe import aggregators
-from fedsafe.config import ExperimentConfig, dump_config, load_config
+from fedsafe.config import DataSource, ExperimentConfig, dump_config, load_config
 from fedsafe.data import build_clients, build_heldout
 from fedsafe.data.format import mean_loss
 from fedsafe.engines.inprocess import InProcessEngine
@@ -129,14 +129,86 @@ def _open_run_dir(cfg: ExperimentConfig | None, resume, dir_name: str | None) ->
     if resume is not None:
         run_dir = RunDir.open(resume)
         cfg = load_config(run_dir.config_path)
+        check_inputs(cfg)  # a data file that went missing fails now, not after the remaining rounds
     else:
         cfg = cfg or ExperimentConfig()
+        check_inputs(cfg)  # before the run directory exists: a bad path leaves nothing behind
         run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
         atomic_write_text(run_dir.config_path, dump_config(cfg))
     console.print(f"[bold]run directory:[/] {run_dir.path}")
     run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))  # every metrics record also goes there
     torch.manual_seed(cfg.seed)
     return cfg, run_dir
+
+
+# config keys whose string values name files (besides data sources), checked to exist when they look local
+_FILE_KEYS = ("prompts", "template", "questions", "judge_prompts", "references", "instructions", "policy")
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".gz", ".yaml", ".yml", ".txt", ".md")
+
+
+def looks_local(path: str) -> bool:
+    """Whether a path-like config value means a local file (so it must exist), not ``starter:*`` or a hub id.
+
+    The rule (the one :func:`fedsafe.data.sources.raw_records` applies): a value that starts with ``.``, ``/``
+    or ``~``, or ends in a file suffix (.json, .jsonl, .csv, .parquet, .gz, .yaml, ...), is a local file; a
+    value with a ``:`` (``starter:train``, a URL) or a bare ``owner/name`` is not.
+    """
+    if ":" in path and not path.startswith((".", "/", "~")):
+        return False
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in _LOCAL_SUFFIXES or Path(
+        path).expanduser().exists()
+
+
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Check every input file of ``cfg`` before anything is created or loaded (issue 30): each data source
+    (client roles, data.heldout, plug-in sections such as posthoc and the probe's shadows), eval.prompts,
+    eval.normal_prompts, eval.borderline_prompts and every other local file path (MT-Bench, judge template,
+    probing prompts). A missing file, an unreadable format or a missing column is a :class:`DataError` naming
+    the field and the path. Hub ids cannot be checked offline and are left to the run; generated data too."""
+    from fedsafe.data.sources import STARTER_SPLITS, load_rows
+    from fedsafe.errors import DataError
+    from fedsafe.evaluation.runner import load_benign_prompts, load_prompts
+
+    if looks_local(cfg.model.name) and not Path(cfg.model.name).expanduser().is_dir():
+        raise DataError(f"model.name: {cfg.model.name} is not a model directory (nor 'embedded', 'tiny' or a hub id)")
+    ev = cfg.eval
+    if ev.prompts is not None and (ev.prompts in STARTER_SPLITS or looks_local(ev.prompts)):
+        load_prompts(ev.prompts)
+    for name, count in (("normal_prompts", ev.n_normal_prompts), ("borderline_prompts", ev.n_borderline_prompts)):
+        source = getattr(ev, name)
+        path = source.path if isinstance(source, DataSource) else source
+        if source is None or not count or path is None or not (path in STARTER_SPLITS or looks_local(path)):
+            continue
+        load_benign_prompts(source, field=f"eval.{name}")
+    data = cfg.model_dump(mode="json")
+    data.pop("eval", None)  # checked above: prompt sets need no response column
+    for where, value in _walk(data, ""):
+        if isinstance(value, dict) and {"path", "instruction_field", "response_field", "generate"} <= set(value):
+            path = value.get("path")
+            if path is None or not (path in STARTER_SPLITS or looks_local(path)):
+                continue  # generated data, or a hub dataset
+            try:
+                load_rows(DataSource.model_validate(value), seed=cfg.seed)
+            except DataError as exc:
+                raise DataError(f"{where}.path: {exc}") from None
+        elif where.rsplit(".", 1)[-1] in _FILE_KEYS and isinstance(value, str) and looks_local(value):
+            if not Path(value).expanduser().is_file():
+                raise DataError(f"{where}: file not found: {value}")
+    for where, value in _walk({"eval": ev.model_dump(mode="json")}, ""):  # MT-Bench and judge files: exist
+        if where.rsplit(".", 1)[-1] in ("questions", "judge_prompts", "references", "template") \
+                and isinstance(value, str) and looks_local(value) and not Path(value).expanduser().is_file():
+            raise DataError(f"{where}: file not found: {value}")
+
+
+def _walk(node, where: str):
+    """(dotted location, value) of every dict and leaf under ``node``, parents before children."""
+    yield where, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{where}.{i}")
 
 
 def _load_model(cfg: ExperimentConfig, run_dir: RunDir, cache_dir) -> Session:

@@ -2,6 +2,13 @@
 
 Layout: config.yaml, env.json, metrics.jsonl, checkpoint/state.pt, adapters/round_XXXX/,
 adapters/final/, adapters/posthoc/, results.csv, report.md/.html, plots/.
+
+Files are written whole to a temp file in the same folder, fsynced, then renamed (adapters: a temp folder whose
+files and the folder itself are fsynced), so a crash, a full disk or a read-only file system never leaves a
+half-written checkpoint or adapter. Every file of a run directory has one mode, ``0o666 & ~umask``, and every
+folder ``0o777 & ~umask`` (0644 / 0755 under the usual umask 022; run under ``umask 077`` for 0600 / 0700),
+also after a resume. The checkpoint is read with ``torch.load(weights_only=True)`` only: resuming a run
+directory someone else wrote never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -22,53 +29,206 @@ from fedsafe.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temp file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic across threads, but only read here)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode of every file fedsafe writes in a run directory: ``0o666 & ~umask`` (0644 under the usual
+    umask 022), as ``open()`` would give. Files written through a temp file (``mkstemp`` makes them 0600) are
+    given this mode before the rename, so adapters, reports, checkpoints and metrics.jsonl (also after a
+    resume) all have one mode. For private runs set a stricter umask (``umask 077``). Secrets (the clients'
+    CKKS context, node keys) pass an explicit ``mode=0o600`` instead."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode of directories fedsafe makes: ``0o777 & ~umask`` (what ``mkdir`` gives; ``mkdtemp`` gives 0700)."""
+    return 0o777 & ~current_umask()
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename into it survives a power loss (a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write bytes via a temp file in the same folder and an atomic rename; the file gets permissions ``mode``.
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Write a file via a temp file in the same folder, fsync and an atomic rename; mode
+    :func:`default_file_mode` unless ``mode`` is given."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"), mode=mode)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write bytes via a temp file in the same folder and an atomic rename; the file gets permissions ``mode``
+    (default :func:`default_file_mode`).
 
     The temp file is created 0600 and only then given ``mode``, so a secret (``mode=0o600``) is never
     readable by others, not even for a moment.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, default_file_mode() if mode is None else mode)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a read-only file system: the old file is untouched
+        raise _naming(exc, path) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _naming(exc: OSError, path) -> OSError:
+    """``exc`` with the file it concerns (a failed write to an open file names none)."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` through a temp file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    """``torch.save`` through a temp file, fsync and an atomic rename (mode :func:`default_file_mode`)."""
+    import io
+
+    buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of the write, naming the path
+    torch.save(obj, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------
+# The resume checkpoint: torch.load(weights_only=True) only, never a full unpickle
+# ------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "fedsafe-checkpoint/2"
+# objects a checkpoint may rebuild besides tensors and plain values: rebuilt from their __getstate__ dict
+# (itself restricted to tensors and plain values), never by unpickling; a new stateful class is added here
+SAFE_CHECKPOINT_CLASSES = frozenset({"sklearn.linear_model._logistic.LogisticRegression"})
+_NDARRAY, _NPSCALAR, _STRARRAY, _SET, _OBJECT = ("__fedsafe_ndarray__", "__fedsafe_npscalar__",
+                                                 "__fedsafe_strarray__", "__fedsafe_set__", "__fedsafe_object__")
+
+
+def _encode_state(obj, where: str):
+    """``obj`` as tensors, plain values, lists, tuples and dicts only (what ``weights_only=True`` loads)."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float subclass
+        return {_NPSCALAR: torch.from_numpy(np.asarray(obj).copy())}
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "biufc":
+            return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj).copy())}
+        if obj.dtype.kind in "US":
+            return {_STRARRAY: obj.tolist(), "dtype": obj.dtype.str}
+        raise TypeError(f"checkpoint: {where} is a numpy array of dtype {obj.dtype}, which cannot be stored safely")
+    if isinstance(obj, dict):
+        return {k: _encode_state(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_encode_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_encode_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, (set, frozenset)):
+        return {_SET: [_encode_state(v, where) for v in sorted(obj, key=repr)]}
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if name in SAFE_CHECKPOINT_CLASSES:
+        return {_OBJECT: name, "state": _encode_state(obj.__getstate__(), f"{where}.<{name}>")}
+    raise TypeError(f"checkpoint: {where} is a {name}, which a weights-only checkpoint cannot hold (give its "
+                    "state_dict tensors and plain values, or add the class to rundir.SAFE_CHECKPOINT_CLASSES)")
+
+
+def _decode_state(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _NDARRAY in obj:
+            return obj[_NDARRAY].numpy()
+        if len(obj) == 1 and _NPSCALAR in obj:
+            return obj[_NPSCALAR].numpy()[()]
+        if len(obj) == 2 and _STRARRAY in obj:
+            return np.array(obj[_STRARRAY], dtype=obj["dtype"])
+        if len(obj) == 1 and _SET in obj:
+            return {_decode_state(v) for v in obj[_SET]}
+        if len(obj) == 2 and _OBJECT in obj:
+            name = obj[_OBJECT]
+            if name not in SAFE_CHECKPOINT_CLASSES:
+                raise ConfigError(f"checkpoint: holds a {name!r}, which is not a class a checkpoint may rebuild")
+            import importlib
+
+            module, _, cls_name = name.rpartition(".")
+            cls = getattr(importlib.import_module(module), cls_name)
+            instance = cls.__new__(cls)
+            instance.__setstate__(_decode_state(obj["state"]))
+            return instance
+        return {k: _decode_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_state(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_decode_state(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write a resume checkpoint that loads with ``torch.load(weights_only=True)`` (atomic, fsynced)."""
+    atomic_torch_save({**_encode_state(state, "state"), "format": CHECKPOINT_FORMAT}, path)
+
+
+def load_checkpoint_state(path: Path) -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: a file that needs a full unpickle (which runs
+    whatever code its author put in it) is refused with a message naming it, never unpickled."""
+    import pickle
+
+    path = Path(path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        payload = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        import re
+
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle of disallowed objects: a damaged or foreign file
+            raise ConfigError(f"cannot resume from {path}: not a readable checkpoint (damaged, or not written "
+                              "by fedsafe)") from None
+        why = f" (it names {(found.group(1) or found.group(2)).rstrip('.,')})"
+        raise ConfigError(
+            f"refusing to resume from {path}: it holds objects that only a full unpickle could load{why}, and "
+            "unpickling a file runs whatever code its author put in it. A checkpoint written "
+            "by this fedsafe never needs that: this one is from an older fedsafe or was not written by "
+            "fedsafe; start the run again instead of resuming it") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else "damaged, or not written by fedsafe"
+        raise ConfigError(f"cannot resume from {path}: not a readable checkpoint ({type(exc).__name__}: "
+                          f"{detail})") from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"cannot resume from {path}: not a fedsafe checkpoint (a {type(payload).__name__})")
+    if payload.get("format") == CHECKPOINT_FORMAT:
+        return _decode_state({k: v for k, v in payload.items() if k != "format"})
+    if "server" in payload:  # an older checkpoint that holds only tensors and plain values
+        return payload
+    raise ConfigError(f"cannot resume from {path}: not a fedsafe checkpoint (format {payload.get('format')!r})")
 
 
 def environment_info(seed: int | None = None, device: str | None = None) -> dict:
@@ -94,6 +254,8 @@ def environment_info(seed: int | None = None, device: str | None = None) -> dict
 
 class RunDir:
     """Paths and writers of one run directory."""
+
+    current: Path | None = None  # the run directory this process last created or opened (named in CLI errors)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -133,6 +295,7 @@ class RunDir:
             path = Path(f"{base}-{i}")
             i += 1
         path.mkdir(parents=True)
+        RunDir.current = path
         return cls(path)
 
     @classmethod
@@ -141,6 +304,7 @@ class RunDir:
         p = Path(path)
         if not (p / "config.yaml").exists():
             raise ConfigError(f"{p} is not a fedsafe run directory (no config.yaml)")
+        RunDir.current = p
         return cls(p)
 
     # --- files -----------------------------------------------------------------------------------
@@ -164,11 +328,14 @@ class RunDir:
         atomic_write_text(self.path / name, json.dumps(obj, indent=2, default=str))
 
     def log(self, record: dict) -> None:
-        """Append one JSON record to metrics.jsonl (flushed and fsynced)."""
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one JSON record to metrics.jsonl (flushed and fsynced; a torn last line is skipped on read)."""
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _naming(exc, self.metrics_path) from exc
         if self.tracker is not None:  # after the file: metrics.jsonl is the source of truth
             self._track(json.loads(json.dumps(record, default=_json_default)))
 
@@ -193,19 +360,33 @@ class RunDir:
 
     def save_adapter(self, peft_model, flat, vec: torch.Tensor, tag: str | int) -> Path:
         """Write a PEFT-loadable adapter (adapter_config.json + safetensors) for ``vec``, atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
         target = self.adapter_dir(tag)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        except OSError as exc:
+            raise _naming(exc, target) from exc
         try:
             cfg = peft_model.peft_config["default"]
             cfg.save_pretrained(str(tmp))
             state = {k: v.contiguous() for k, v in flat.state_dict(vec).items()}
-            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            with open(tmp / "adapter_model.safetensors", "wb") as fh:  # our write: a full disk is an OSError
+                fh.write(safetensors_bytes(state, metadata={"format": "pt"}))
+            file_mode = default_file_mode()
+            for f in tmp.iterdir():  # one mode for every file (save_pretrained and save_file differ), on disk
+                os.chmod(f, file_mode)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.chmod(tmp, default_dir_mode())  # mkdtemp made it 0700
+            fsync_dir(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except OSError as exc:  # a full disk or a read-only file system: the previous adapter stays as it was
+            raise _naming(exc, target) from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -19,9 +19,22 @@ STARTER_SPLITS = {"starter:train": "starter_train.jsonl", "starter:heldout": "st
 
 
 def read_records(path: Path) -> list[dict]:
-    """Read a JSON list, JSONL (optionally .gz), CSV or Parquet file into a list of dicts."""
+    """Read a JSON list, JSONL (optionally .gz), CSV or Parquet file into a list of dicts (a prompt list may
+    also hold plain strings); any other record, such as the numbers of a JSON list of numbers, is an error
+    naming the file."""
+    records = _read_records(path)
+    for i, rec in enumerate(records):
+        if not isinstance(rec, (dict, str)):
+            raise DataError(f"{path}: record {i + 1} is {str(rec)[:40]} ({type(rec).__name__}), not an object "
+                            "with fields (expected a list of {\"instruction\": ..., \"response\": ...} records)")
+    return records
+
+
+def _read_records(path: Path) -> list:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory")
     name = path.name.lower()
     opener = gzip.open if name.endswith(".gz") else open
     stem = name[:-3] if name.endswith(".gz") else name
@@ -37,7 +50,9 @@ def read_records(path: Path) -> list[dict]:
                 if len(lists) != 1:
                     raise DataError(f"{path}: expected a JSON list of records")
                 data = lists[0]
-            return list(data)
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+            return data
         if stem.endswith(".csv"):
             with opener(path, "rt", encoding="utf-8", newline="") as f:
                 return list(csv.DictReader(f))
@@ -45,8 +60,14 @@ def read_records(path: Path) -> list[dict]:
             import pandas as pd
 
             return pd.read_parquet(path).to_dict(orient="records")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: could not parse ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile, csv.Error) as exc:
+        raise DataError(f"{path}: could not parse ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # pandas / pyarrow on a damaged Parquet file
+        if not stem.endswith(".parquet"):
+            raise
+        raise DataError(f"{path}: could not parse ({type(exc).__name__}: {str(exc)[:200]})") from None
     raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .csv or .parquet)")
 
 
@@ -111,7 +132,12 @@ def map_fields(records: list[dict], source: DataSource) -> list[Row]:
     """Apply the field mapping; a wrong field name raises an error listing the fields that exist."""
     if not records:
         return []
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"data source {source.path!r}: record {bad + 1} is a {type(records[bad]).__name__}, not an "
+                        f"object with fields ({source.instruction_field!r}, {source.response_field!r})")
     fields = set(records[0].keys())
+
     category_field = source.category_field or ("category" if "category" in fields else None)
     for role, name in (("instruction_field", source.instruction_field), ("response_field", source.response_field),
                        ("input_field", source.input_field), ("category_field", source.category_field)):

@@ -61,7 +61,8 @@ class ProbeConfig(Strict):
     level: Literal["client", "step"] = Field(
         "client", description="client: the final update; step: clients also report every local step's "
                               "update features (trusts the client's report)")
-    seed: int | None = Field(None, description="shadow sampling/training and projection seed (default: seed)")
+    seed: int | None = Field(None, ge=0, lt=2 ** 32, description="shadow sampling/training and projection seed "
+                                                          "(default: seed)")
     # issue 19: decision rules without oracle labels and shadow realism (fedsafe.defenses.probe_decision)
     decision: Literal["fixed", "fpr", "mad", "gap", "calibrated"] = Field(
         "fixed", description="fixed: p >= threshold (Safe-FedLLM); fpr: conformal threshold on held-out benign "

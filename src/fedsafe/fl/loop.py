@@ -12,7 +12,7 @@ import torch
 
 from fedsafe.fl.lora_aggregation import RESIDUAL_FILE
 from fedsafe.fl.server import Server, sample_clients
-from fedsafe.rundir import RunDir, atomic_torch_save
+from fedsafe.rundir import RunDir, load_checkpoint_state, save_checkpoint
 
 
 def cosine_matrix(updates: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,7 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
                   "malicious": [malicious.get(r.client_id) for r in results],
                   "aggregator": getattr(server.aggregator, "name", type(server.aggregator).__name__),
                   "client_weights": stats["client_weights"], "cosine": cos, "dropped": stats["dropped"],
+                  "clipped": stats.get("clipped") or [],  # the default norm bound (fl.max_norm_ratio)
                   **_distance_stats(finite if full else None, [malicious.get(r.client_id) for r in results]),
                   "compare_weights": stats.get("compare_weights") or {},
                   "mean_loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -86,7 +87,7 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
         record["seconds"] = time.perf_counter() - t0
         run_dir.log(record)
         # checkpoint last: a crash before this line re-runs the round on resume (its records are dropped)
-        atomic_torch_save({"server": server.state_dict(), "engine": engine.state_dict()}, run_dir.checkpoint_path)
+        save_checkpoint({"server": server.state_dict(), "engine": engine.state_dict()}, run_dir.checkpoint_path)
         if on_round_end is not None:
             on_round_end(rc.round, record)
         if progress is not None:
@@ -159,10 +160,13 @@ def _lora_record(server: Server, lora, rc, results, stats: dict) -> dict:
 
 
 def load_checkpoint(run_dir: RunDir, server: Server, engine) -> int:
-    """Restore server and engine state from the run's checkpoint; returns the rounds completed."""
+    """Restore server and engine state from the run's checkpoint; returns the rounds completed.
+
+    The checkpoint is read with ``torch.load(weights_only=True)`` (:func:`fedsafe.rundir.load_checkpoint_state`):
+    resuming a run directory someone else wrote must not run code they put in it."""
     if not run_dir.checkpoint_path.exists():
         return 0
-    state = torch.load(run_dir.checkpoint_path, weights_only=False)
+    state = load_checkpoint_state(run_dir.checkpoint_path)
     server.load_state_dict(state["server"])
     engine.load_state_dict(state.get("engine", {}))
     return server.round

@@ -192,6 +192,9 @@ class Server:
         compare_weights: dict = {}
         stats = {"client_weights": weights_full, "dropped": dropped, "update_norm": 0.0,
                  "aggregator_info": {}, "kept": kept, "compare_weights": compare_weights}
+        if kept:  # the default norm bound (fl.max_norm_ratio), before the rule sees the updates
+            stacked, stats["clipped"] = bound_update_norms(stacked, [ids[i] for i in kept], self.cfg.max_norm_ratio,
+                                                           self.round + 1)
         if not kept:
             self._skip_round("no valid update", stats)
         else:
@@ -316,6 +319,36 @@ class Server:
         for label, rule_state in (state.get("compare") or {}).items():
             if label in self.compare:
                 self.compare[label].load_state_dict(rule_state)
+
+
+def bound_update_norms(stacked: torch.Tensor, client_ids: list[str], ratio: float | None,
+                       round_no: int) -> tuple[torch.Tensor, list[dict]]:
+    """The default norm bound (``fl.max_norm_ratio``): an update whose L2 norm exceeds ``ratio`` times the round's
+    lower median update norm is scaled down to that bound; returns the updates and one record per clipped client.
+
+    Norm bounding as a defense against boosted updates is Sun et al., "Can You Really Backdoor Federated
+    Learning?" (2019); the bound follows the round's own norms, as the quantile-based bound of Andrew et al.,
+    "Differentially Private Learning with Adaptive Clipping" (NeurIPS 2021), here the median, with a wide
+    margin so that honest updates are never touched. The lower median (the smaller of the middle two) means that
+    with two clients the smaller update sets the bound: one client cannot raise it. With fewer than two updates
+    or a zero median there is no reference and nothing is clipped.
+    """
+    if ratio is None or stacked is None or stacked.shape[0] < 2:
+        return stacked, []
+    norms = stacked.float().norm(dim=1)
+    median = float(norms.sort().values[(len(norms) - 1) // 2])
+    bound = ratio * median
+    if not median > 0 or not bool((norms > bound).any()):
+        return stacked, []
+    clipped, scale = [], torch.ones(len(norms), dtype=stacked.dtype)
+    for j, norm in enumerate(norms.tolist()):
+        if norm > bound:
+            scale[j] = bound / norm
+            clipped.append({"client_id": client_ids[j], "norm": norm, "bound": bound, "median_norm": median})
+            log.warning("round %d: update of %s has L2 norm %.4g > fl.max_norm_ratio=%g x the round's median norm "
+                        "%.4g: scaled down to %.4g (fl.max_norm_ratio: null switches this off)", round_no,
+                        client_ids[j], norm, ratio, median, bound)
+    return stacked * scale[:, None], clipped
 
 
 def _rule_skipped(info: dict, rule_weights: torch.Tensor, delta: torch.Tensor) -> str | None:
