@@ -147,3 +147,50 @@ def test_secure_aggregation_needs_min_clients_per_round():
     # robust rules are refused under HE for a more basic reason, which is the one reported
     with pytest.raises(ConfigError, match=r"aggregator\.name='krum' cannot run under secure aggregation"):
         load_config(None, ["secure_agg.enabled=true", "aggregator.name=krum", "aggregator.params={f: 9}"])
+
+
+def _float_fields(model_cls, prefix=""):
+    """Dotted paths of every float field of a config section and its sub-sections (issue 30 item 4)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model_cls.model_fields.items():
+        ann = field.annotation
+        args = (ann,) if typing.get_origin(ann) is list else (typing.get_args(ann) or (ann,))
+        if float in args:
+            yield prefix + name
+        for arg in args:
+            where = f"{prefix}{name}."
+            if typing.get_origin(arg) is list:  # roles: the first item's fields
+                arg, where = typing.get_args(arg)[0], f"{prefix}{name}.0."
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg.__name__ != "DataSource":
+                yield from _float_fields(arg, where)
+
+
+def test_every_float_field_refuses_inf_and_nan():
+    """allow_inf_nan=False on the shared base section: `fl.lr: .inf` made every update NaN and still exited 0."""
+    fields = list(_float_fields(ExperimentConfig))
+    assert {"fl.lr", "fl.clients_per_round", "dp.noise_multiplier", "lora.alpha", "fl.max_norm_ratio",
+            "roles.0.fraction", "probe.C"} <= set(fields), fields
+    for path in fields:
+        for bad in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError) as err:
+                load_config(None, ["total_clients=4", f"{path}={bad}"])
+            text = " ".join(str(err.value).split())
+            leaf = path.rsplit(".", 1)[-1]  # secure_agg.ckks has its own check: "ckks: global_scale must be a finite"
+            assert f"{path}: Input should be a finite number" in text or (leaf in text and "finite" in text), text
+    with pytest.raises(ConfigError, match=r"total_clients: Input should be a finite number"):
+        load_config(None, ["total_clients=.inf"])  # was an OverflowError traceback
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    (["seed=4294967296"], "seed: Input should be less than 4294967296"),
+    (["seeds=[1, -1]"], "seeds.1: Input should be greater than or equal to 0"),
+    (["probe.seed=-1"], "probe.seed: Input should be greater than or equal to 0"),
+    (["fl.max_grad_norm=0"], "fl.max_grad_norm: Input should be greater than 0"),
+])
+def test_out_of_range_integers_and_bounds_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, override)

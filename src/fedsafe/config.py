@@ -265,9 +265,14 @@ def _resolve_role_fractions(data: dict) -> dict:
             if r.get("fraction") is not None:
                 raise ValueError(f"roles.{i}.fraction needs total_clients")
         return data
-    total = int(total)
+    try:
+        total = int(total)
+        frac = [(i, float(r["fraction"])) for i, r in enumerate(roles) if r.get("fraction") is not None]
+    except (TypeError, ValueError, OverflowError):  # inf, nan, text: the fields' own validation names them
+        return data
+    if not all(math.isfinite(f) for _, f in frac):
+        return data
     roles = [dict(r) for r in roles]
-    frac = [(i, float(r["fraction"])) for i, r in enumerate(roles) if r.get("fraction") is not None]
     rest = [i for i, r in enumerate(roles) if r.get("fraction") is None and r.get("clients") is None]
     fixed = sum(int(r["clients"]) for r in roles if r.get("fraction") is None and r.get("clients") is not None)
     if sum(f for _, f in frac) > 1 + 1e-9:
