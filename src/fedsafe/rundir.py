@@ -105,9 +105,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
 
 
 def _naming(exc: OSError, path) -> OSError:
-    """``exc`` with the file it concerns (a failed write to an open file names none)."""
-    if exc.filename is not None:
-        return exc
+    """``exc`` naming the file being written (a failed write to an open file names none; a failed temp file
+    names the temp file, which the user never sees)."""
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
