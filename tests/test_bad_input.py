@@ -173,10 +173,19 @@ def bad_files(tmp_path):
 ])
 def test_bad_input_files_fail_at_the_start_naming_field_and_path(bad_files, monkeypatch, capsys, override, needle):
     monkeypatch.chdir(bad_files)
-    code, text = _cli(monkeypatch, capsys, "run", *_sets(bad_files / "runs", override))
+    used = ["eval.prompts=starter:heldout"] if override.startswith(("eval.normal", "eval.borderline")) else []
+    code, text = _cli(monkeypatch, capsys, "run", *_sets(bad_files / "runs", *used, override))
     assert code == 2 and "Traceback" not in text, text[-3000:]
     assert needle in _error_line(text)
     assert not (bad_files / "runs").exists()
+
+
+def test_benign_prompt_sets_are_checked_only_when_the_safety_evaluation_uses_them():
+    from fedsafe.pipeline import check_inputs
+
+    check_inputs(load_config(None, [*TINY, "eval.normal_prompts=/no/normal.jsonl"]))  # no eval.prompts: unused
+    with pytest.raises(DataError, match="eval.normal_prompts='/no/normal.jsonl'"):
+        check_inputs(load_config(None, [*TINY, "eval.prompts=starter:heldout", "eval.normal_prompts=/no/normal.jsonl"]))
 
 
 def test_starter_splits_and_hub_ids_are_not_taken_for_local_files():

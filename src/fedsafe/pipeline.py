@@ -177,8 +177,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     for name, count in (("normal_prompts", ev.n_normal_prompts), ("borderline_prompts", ev.n_borderline_prompts)):
         source = getattr(ev, name)
         path = source.path if isinstance(source, DataSource) else source
-        if source is None or not count or path is None or not (path in STARTER_SPLITS or looks_local(path)):
-            continue
+        if ev.prompts is None or source is None or not count or path is None \
+                or not (path in STARTER_SPLITS or looks_local(path)):
+            continue  # used only with the safety evaluation (eval.prompts)
         load_benign_prompts(source, field=f"eval.{name}")
     data = cfg.model_dump(mode="json")
     data.pop("eval", None)  # checked above: prompt sets need no response column
