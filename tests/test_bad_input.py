@@ -169,11 +169,14 @@ def bad_files(tmp_path):
      "eval.borderline_prompts='/no/xstest.csv': data file not found"),
     ("eval.mt_bench={questions: /no/question.jsonl}", "eval.mt_bench.questions: file not found: /no/question.jsonl"),
     ("posthoc.aligned=[{path: /no/aligned.jsonl}]", "posthoc.aligned.0.path: data file not found"),
+    ("probe.malicious=[{path: /no/shadow.jsonl}]", "probe.malicious.0.path: data file not found"),
     ("model.name=./no_such_model", "model.name: ./no_such_model is not a model directory"),
 ])
 def test_bad_input_files_fail_at_the_start_naming_field_and_path(bad_files, monkeypatch, capsys, override, needle):
     monkeypatch.chdir(bad_files)
-    used = ["eval.prompts=starter:heldout"] if override.startswith(("eval.normal", "eval.borderline")) else []
+    used = {"eval.normal": ["eval.prompts=starter:heldout"], "eval.borderline": ["eval.prompts=starter:heldout"],
+            "posthoc.": ["posthoc.enabled=true"]}  # read only when used
+    used = next((extra for key, extra in used.items() if override.startswith(key)), [])
     code, text = _cli(monkeypatch, capsys, "run", *_sets(bad_files / "runs", *used, override))
     assert code == 2 and "Traceback" not in text, text[-3000:]
     assert needle in _error_line(text)
@@ -184,6 +187,7 @@ def test_benign_prompt_sets_are_checked_only_when_the_safety_evaluation_uses_the
     from fedsafe.pipeline import check_inputs
 
     check_inputs(load_config(None, [*TINY, "eval.normal_prompts=/no/normal.jsonl"]))  # no eval.prompts: unused
+    check_inputs(load_config(None, [*TINY, "posthoc.aligned=[{path: /no/aligned.jsonl}]"]))  # posthoc is off
     with pytest.raises(DataError, match="eval.normal_prompts='/no/normal.jsonl'"):
         check_inputs(load_config(None, [*TINY, "eval.prompts=starter:heldout", "eval.normal_prompts=/no/normal.jsonl"]))
 

@@ -202,7 +202,10 @@ def check_inputs(cfg: ExperimentConfig) -> None:
 
 
 def _walk(node, where: str):
-    """(dotted location, value) of every dict and leaf under ``node``, parents before children."""
+    """(dotted location, value) of every dict and leaf under ``node``, parents before children; a section
+    switched off (``enabled: false``) is skipped, as the run never reads its files."""
+    if isinstance(node, dict) and node.get("enabled") is False:
+        return
     yield where, node
     if isinstance(node, dict):
         for k, v in node.items():
