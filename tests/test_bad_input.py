@@ -175,7 +175,7 @@ def bad_files(tmp_path):
 def test_bad_input_files_fail_at_the_start_naming_field_and_path(bad_files, monkeypatch, capsys, override, needle):
     monkeypatch.chdir(bad_files)
     used = {"eval.normal": ["eval.prompts=starter:heldout"], "eval.borderline": ["eval.prompts=starter:heldout"],
-            "posthoc.": ["posthoc.enabled=true"]}  # read only when used
+            "eval.mt_bench": ["eval.prompts=starter:heldout"], "posthoc.": ["posthoc.enabled=true"]}  # read when used
     used = next((extra for key, extra in used.items() if override.startswith(key)), [])
     code, text = _cli(monkeypatch, capsys, "run", *_sets(bad_files / "runs", *used, override))
     assert code == 2 and "Traceback" not in text, text[-3000:]
@@ -188,6 +188,7 @@ def test_benign_prompt_sets_are_checked_only_when_the_safety_evaluation_uses_the
 
     check_inputs(load_config(None, [*TINY, "eval.normal_prompts=/no/normal.jsonl"]))  # no eval.prompts: unused
     check_inputs(load_config(None, [*TINY, "posthoc.aligned=[{path: /no/aligned.jsonl}]"]))  # posthoc is off
+    check_inputs(load_config(None, [*TINY, "eval.mt_bench={questions: /no/question.jsonl}"]))
     with pytest.raises(DataError, match="eval.normal_prompts='/no/normal.jsonl'"):
         check_inputs(load_config(None, [*TINY, "eval.prompts=starter:heldout", "eval.normal_prompts=/no/normal.jsonl"]))
 

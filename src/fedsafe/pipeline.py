@@ -195,7 +195,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         elif where.rsplit(".", 1)[-1] in _FILE_KEYS and isinstance(value, str) and looks_local(value):
             if not Path(value).expanduser().is_file():
                 raise DataError(f"{where}: file not found: {value}")
-    for where, value in _walk({"eval": ev.model_dump(mode="json")}, ""):  # MT-Bench and judge files: exist
+    evaluated = {"eval": ev.model_dump(mode="json")} if ev.prompts is not None else {}  # read only then
+    for where, value in _walk(evaluated, ""):  # MT-Bench and judge files: exist
         if where.rsplit(".", 1)[-1] in ("questions", "judge_prompts", "references", "template") \
                 and isinstance(value, str) and looks_local(value) and not Path(value).expanduser().is_file():
             raise DataError(f"{where}: file not found: {value}")
