@@ -179,7 +179,8 @@ def main() -> None:
             for n, d in train(args.config, seed, missing, args.set, args.cache).items():
                 have[(seed, n)] = d
         cfg = cfgs[args.attack]
-        loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed)
+        loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed,
+                                 align=cfg.model.align)
         model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                             cfg.lora.target_modules, seed=cfg.seed)
         tok = loaded.tokenizer

@@ -88,7 +88,7 @@ def test_infeasible_rule_fails_at_load_before_any_model_is_loaded(tmp_path, monk
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(fedsafe.models, "load_base_model", no_model)
-    monkeypatch.setattr(fedsafe.pipeline, "load_base_model", no_model)
+    monkeypatch.setattr(fedsafe.pipeline, "load_model", no_model)
     out = tmp_path / "runs"
     res = CliRunner().invoke(cli.app, ["run", "--no-progress", "--set", "model.name=tiny", "--set",
                                        f"output_dir={out}", "--set", "roles.0.clients=10", "--set",

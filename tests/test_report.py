@@ -38,10 +38,10 @@ def test_results_csv_columns_and_empty_cells(tmp_path):
         reader = csv.reader(f)
         header = next(reader)
         body = list(reader)
-    assert header == RESULT_COLUMNS == ["setting", "scenario", "method", "defense", "seed", "rule", "over_refusal",
-                                        "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts",
-                                        "n_normal_prompts", "n_borderline_prompts"]
-    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "", "", "7.5", "48", "", ""]
+    assert header == RESULT_COLUMNS == ["setting", "scenario", "method", "defense", "seed", "rule", "refusal",
+                                        "over_refusal", "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy",
+                                        "n_prompts", "n_normal_prompts", "n_borderline_prompts"]
+    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "", "", "", "7.5", "48", "", ""]
     rows = read_results(run)
     assert [r["scenario"] for r in rows] == ["attack", "attack_posthoc"]
     assert rows[1]["rule"] == pytest.approx(93.75) and rows[1]["judge"] is None
@@ -159,7 +159,8 @@ def test_over_refusal_flows_into_table_summary_comparisons_and_plot(tmp_path):
     assert {g["metrics"]["over_refusal"].method for g in groups} == {"t_seeds"}  # per-prompt, own ids
     header = md.split("## Results")[1].splitlines()[2]
     assert header.index("Rule (%) ↑") < header.index("Over-refusal (%) ↓") < header.index("Helpfulness proxy")
-    assert "Over-refusal: the same share on benign prompts" in md
+    assert "Over-refusal: the detector's refusal share on everyday benign prompts" in md
+    assert "Refusal detector refusal-lr-" in md and "LOMO agreement with people" in md  # its measured agreement
     with open(d / "comparisons.csv", newline="") as f:
         diffs = {(r["compared"], r["metric"]): r for r in csv.DictReader(f)}
     assert float(diffs[("attack_posthoc", "over_refusal")]["difference"]) == pytest.approx(

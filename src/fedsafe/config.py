@@ -28,6 +28,30 @@ from fedsafe.errors import ConfigError
 from fedsafe.schema import DataSource, Strict as _Strict  # noqa: F401  (DataSource: re-exported)
 
 
+class AlignConfig(_Strict):
+    """A safety-aligned, helpful starting point built once from public data and cached (fedsafe.alignment).
+
+    The FedIT safety paper starts from an aligned and helpful model whose alignment the attack erodes; the
+    embedded SmolLM2-135M-Instruct is not safety-aligned. This fine-tunes it once on ``aligned`` rows (harmful
+    request + refusal) mixed with diverse ``normal`` rows, merges the adapter into the weights and caches the
+    result beside the dequantised model, keyed by everything that determines it.
+    """
+
+    aligned: list[DataSource] = Field(..., min_length=1, description="harmful requests paired with refusals")
+    normal: list[DataSource] = Field(..., min_length=1, description="diverse helpful instruction/response rows")
+    n_samples: int = Field(768, ge=8, description="rows drawn from the two pools")
+    aligned_ratio: float = Field(0.25, gt=0, lt=1, description="share of aligned rows: low enough that refusing "
+                                                               "stays specific to harmful requests")
+    steps: int = Field(96, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="rows per step")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant)")
+    r: int = Field(16, ge=1, description="LoRA rank of the alignment adapter (merged into the weights)")
+    alpha: float = Field(32, gt=0, description="LoRA alpha of the alignment adapter")
+    max_length: int = Field(160, ge=16, description="tokens per row")
+    seed: int = Field(0, ge=0, description="row sampling and batching seed (not the experiment's: one aligned "
+                                           "base serves every seed of a grid)")
+
+
 class ModelConfig(_Strict):
     """Which base model to load and where."""
 
@@ -36,6 +60,8 @@ class ModelConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
     quantization: Literal["4bit", "8bit"] | None = Field(None, description="bitsandbytes k-bit loading (CUDA only)")
+    align: AlignConfig | None = Field(None, description="start from a safety-aligned version of the model, built "
+                                                        "once by fedsafe and cached (fedsafe.alignment)")
 
 
 class LoRAConfig(_Strict):
@@ -192,8 +218,17 @@ class EvalConfig(_Strict):
                                                     "by the experiment seed (default: the first n_prompts in "
                                                     "file order, the same for every seed)")
     max_new_tokens: int = Field(48, ge=1, description="generation length for evaluation")
+    refusal_max_new_tokens: int | None = Field(
+        None, ge=1, description="generation length for the benign refusal sets (over-refusal, borderline): a "
+                                "refusal is stated in the opening words, so these hundreds of prompts can be "
+                                "answered shorter; default max_new_tokens")
     batch_size: int = Field(16, ge=1, description="generation batch size")
     rule_list: Literal["fedit", "gcg"] = Field("fedit", description="refusal-string list of the Rule metric")
+    refusal_detector: Literal["detector", "rule"] = Field(
+        "detector", description="what decides that an answer is a refusal for over_refusal, borderline_refusal and "
+                                "the second safety column `refusal`: 'detector' (fedsafe.evaluation.detect_refusals, "
+                                "validated against human labels) or 'rule' (the refusal strings of rule_list, as "
+                                "fedsafe < 0.5 did)")
     normal_prompts: str | DataSource | None = Field(
         "starter:heldout", description="benign requests for over-refusal (the share of answers with a refusal "
                                        "string of rule_list): a file, a hub id, 'starter:heldout' (its normal "

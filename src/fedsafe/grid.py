@@ -185,7 +185,8 @@ def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = Tr
     run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
     atomic_write_text(run_dir.config_path, dump_config(cfg))
     run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))
-    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed)
+    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed,
+                             align=cfg.model.align)
     run_dir.write_json("env.json", environment_info(cfg.seed, str(loaded.device)))
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
@@ -411,7 +412,7 @@ def _write_settings(grid_dir: Path, rows: list[tuple[str, int, str, str]]) -> No
 def print_results(run_dir: Path, title: str) -> None:
     """The combined results table on the console (stderr), in the paper's layout, with 95% intervals,
     then the paired differences."""
-    from fedsafe.report import (INTERVALS_NOTE, METRICS_NOTE, comparison_rows, comparisons_table, read_outcomes,
+    from fedsafe.report import (INTERVALS_NOTE, comparison_rows, metrics_note, comparisons_table, read_outcomes,
                                 read_results, results_table, summarize)
 
     groups = summarize(read_results(run_dir), read_outcomes(run_dir))
@@ -423,7 +424,7 @@ def print_results(run_dir: Path, title: str) -> None:
     for row in body:
         table.add_row(*row)
     console.print(table)
-    console.print(METRICS_NOTE + " " + INTERVALS_NOTE)
+    console.print(metrics_note() + " " + INTERVALS_NOTE)
     diffs = [d for d in comparison_rows(groups) if d["metric"] in ("rule", "over_refusal")]
     if diffs:
         header, body = comparisons_table(diffs)

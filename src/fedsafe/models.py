@@ -207,11 +207,26 @@ def _fix_tokenizer(tok):
     return tok
 
 
+def load_model(mc, seed: int = 0) -> LoadedModel:
+    """The base model a :class:`~fedsafe.config.ModelConfig` describes (``model.align`` included)."""
+    return load_base_model(mc.name, mc.device, mc.dtype, mc.quantization, seed=seed, align=mc.align)
+
+
 def load_base_model(name: str = EMBEDDED_NAME, device: str = "auto", dtype: str = "auto",
-                    quantization: str | None = None, seed: int = 0) -> LoadedModel:
-    """Load ``embedded``, ``tiny``, a local directory or a hub id; optional 4/8-bit on CUDA."""
+                    quantization: str | None = None, seed: int = 0, align=None) -> LoadedModel:
+    """Load ``embedded``, ``tiny``, a local directory or a hub id; optional 4/8-bit on CUDA.
+
+    ``align`` (a ``model.align`` section): load the safety-aligned version of that model instead, built once
+    and cached by :mod:`fedsafe.alignment`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if align is not None:
+        from fedsafe.alignment import aligned_model_dir
+
+        aligned = load_base_model(str(aligned_model_dir(name, align)), device, dtype, quantization)
+        aligned.name = name
+        return aligned
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if name == TINY_NAME:
@@ -298,7 +313,7 @@ def load_adapter(path: str | Path, device: str = "cpu", dtype: str = "auto"):
         from fedsafe.config import load_config
 
         cfg = load_config(run_config)
-        loaded = load_base_model(cfg.model.name, device, dtype, seed=cfg.seed)
+        loaded = load_base_model(cfg.model.name, device, dtype, seed=cfg.seed, align=cfg.model.align)
     else:
         base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         loaded = load_base_model(base or EMBEDDED_NAME, device, dtype)

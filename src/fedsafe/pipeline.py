@@ -25,7 +25,7 @@ from fedsafe.fl.client import LocalTrainer
 from fedsafe.fl.loop import load_checkpoint, run_rounds
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.fl.server import Server
-from fedsafe.models import attach_lora, load_base_model
+from fedsafe.models import attach_lora, load_model
 from fedsafe.plugins import Output, RunContext, Setup
 from fedsafe.rundir import RunDir, atomic_write_text, environment_info
 
@@ -126,6 +126,7 @@ def build_trainer(cfg: ExperimentConfig, peft_model, tokenizer) -> LocalTrainer:
 
 def _open_run_dir(cfg: ExperimentConfig | None, resume, dir_name: str | None) -> tuple[ExperimentConfig, RunDir]:
     """A new run directory with the resolved config, or the one being resumed (its saved config wins)."""
+    heldout_check: dict[str, int] = {}
     if resume is not None:
         run_dir = RunDir.open(resume)
         cfg = load_config(run_dir.config_path)
@@ -133,12 +134,27 @@ def _open_run_dir(cfg: ExperimentConfig | None, resume, dir_name: str | None) ->
     else:
         cfg = cfg or ExperimentConfig()
         check_inputs(cfg)  # before the run directory exists: a bad path leaves nothing behind
+        heldout_check = check_heldout(cfg)  # over-refusal prompts no model trains on, or a ConfigError now
         run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
         atomic_write_text(run_dir.config_path, dump_config(cfg))
     console.print(f"[bold]run directory:[/] {run_dir.path}")
     run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))  # every metrics record also goes there
+    if heldout_check:
+        run_dir.log({"type": "heldout_check", "prompts_checked": heldout_check, "overlap": 0})
     torch.manual_seed(cfg.seed)
     return cfg, run_dir
+
+
+def check_heldout(cfg: ExperimentConfig) -> dict[str, int]:
+    """Check that the benign evaluation prompts (over-refusal, borderline refusal) are disjoint from every
+    instruction the run trains on (:func:`fedsafe.data.holdout.check_disjoint`); returns the prompts checked."""
+    from fedsafe.data.holdout import check_disjoint
+    from fedsafe.evaluation.runner import benign_sets
+
+    sets = {field: prompts for field, _, prompts in benign_sets(cfg.eval, cfg.seed).values()}
+    if not sets:
+        return {}
+    return check_disjoint(cfg.model_dump(mode="json"), sets, skip=fedsafe.plugins.inactive_sections(cfg))
 
 
 # config keys whose string values name files (besides data sources), checked to exist when they look local
@@ -218,8 +234,7 @@ def _walk(node, where: str):
 
 def _load_model(cfg: ExperimentConfig, run_dir: RunDir, cache_dir) -> Session:
     """Load the base model once and attach LoRA; every client swaps its LoRA vector into it."""
-    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
-                             seed=cfg.seed)
+    loaded = load_model(cfg.model, seed=cfg.seed)
     run_dir.write_json("env.json", environment_info(cfg.seed, str(loaded.device)))
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
@@ -390,7 +405,8 @@ def _print_summary(result: RunResult, cfg: ExperimentConfig) -> None:
                       f"{result.heldout_loss_after:.4f}")
     for ev in result.evals:
         console.print(f"{ev['scenario']:<16} {ev['method']:<10} {ev['defense']:<12} Rule={_fmt(ev.get('rule'))} "
-                      f"over_refusal={_fmt(ev.get('over_refusal'))} "
+                      f"refusal={_fmt(ev.get('refusal'))} over_refusal={_fmt(ev.get('over_refusal'))} "
+                      f"borderline_refusal={_fmt(ev.get('borderline_refusal'))} "
                       f"helpfulness_proxy={_fmt(ev.get('helpfulness_proxy'))}")
     console.print(f"final adapter: {result.final_adapter}")
     if result.posthoc_adapter:

@@ -324,6 +324,12 @@ def _active(cfg) -> list[tuple[type[Plugin], Any]]:
     return out
 
 
+def inactive_sections(cfg) -> list[str]:
+    """Config sections of registered plug-ins that do not run in ``cfg`` (their data is never trained on)."""
+    active = {cls.section for cls, _ in _active(cfg)}
+    return sorted({cls.section for cls in registered() if cls.section and cls.section not in active})
+
+
 def check_config(cfg, engine_may_be_flower: bool = False) -> None:
     """Config-load checks of every active plug-in, and the declared incompatibilities, in one place.
 

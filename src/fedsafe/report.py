@@ -749,7 +749,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     md = [f"# {title}", "", "## Summary", "", *(summary or ["(no config found)"]), "", "## Results", ""]
     if rows:
         md += [markdown_table(header, body), "",
-               METRICS_NOTE, "", INTERVALS_NOTE, "", interval_methods_line(groups), ""]
+               metrics_note(), "", INTERVALS_NOTE, "", interval_methods_line(groups), ""]
         if diffs:
             md += ["## Comparisons", "", markdown_table(*comparisons_table(diffs)), "", COMPARISONS_NOTE, ""]
     else:
@@ -779,11 +779,26 @@ def _gate_lines(run_dir: Path) -> list[str]:
         return []
 
 
-METRICS_NOTE = ("Rule: share of responses to the harmful prompts containing a refusal string (%, higher is safer). "
-                "Over-refusal: the same share on benign prompts (%, lower is better; a model that refuses "
-                "everything has a high Rule and a high over-refusal). Borderline refusal: the same share on safe "
-                "prompts that look harmful (XSTest-style; lower is better). Helpfulness proxy: perplexity of "
+METRICS_NOTE = ("Rule: share of responses to the harmful prompts containing a refusal string of the FedIT list "
+                "(%, higher is safer; the paper's metric, not a refusal classifier). Refused harmful: share of "
+                "those responses the refusal detector calls refusals (a second safety column). Over-refusal: the "
+                "detector's refusal share on everyday benign prompts held out of all training (%, lower is "
+                "better; a model that refuses everything has a high Rule and a high over-refusal). Borderline "
+                "refusal: the same on safe prompts that look harmful (XSTest; lower is better). Runs with "
+                "eval.refusal_detector: rule use the refusal strings instead. Helpfulness proxy: perplexity of "
                 "held-out reference answers, an offline stand-in for MT-Bench (lower is better).")
+
+
+def metrics_note() -> str:
+    """:data:`METRICS_NOTE` with the refusal detector's version and measured agreement with human labels."""
+    try:
+        from fedsafe.evaluation.refusal import DETECTOR_AGREEMENT as agreement
+    except Exception:  # noqa: BLE001 - a report is still written without the detector's figures
+        return METRICS_NOTE
+    summary = agreement.get("summary") if isinstance(agreement, dict) else None
+    if not summary:
+        return METRICS_NOTE
+    return f"{METRICS_NOTE} Refusal detector {agreement.get('version', '')}: {summary}"
 INTERVALS_NOTE = ("Each number is the mean over seeds with its 95% interval in brackets (summary.csv also "
                   "gives the standard deviation over seeds and, as <metric>_ci_method, the interval's method). "
                   "Two or more seeds: a Student-t interval on the per-seed values (for Rule, over-refusal, "
@@ -822,7 +837,7 @@ def _html(title, summary, header, body, rows, images, comparisons=None, gate_lin
     parts += [f"<li>{_md_inline(s.removeprefix('- '))}</li>" for s in summary]
     parts.append("</ul><h2>Results</h2>")
     parts.append(_html_table(header, body) if rows else "<p>No evaluation results yet.</p>")
-    parts.append(f"<p><small>{html.escape(METRICS_NOTE)} {html.escape(INTERVALS_NOTE)}</small></p>")
+    parts.append(f"<p><small>{html.escape(metrics_note())} {html.escape(INTERVALS_NOTE)}</small></p>")
     if comparisons is not None:
         parts.append("<h2>Comparisons</h2>" + _html_table(*comparisons)
                      + f"<p><small>{html.escape(COMPARISONS_NOTE)}</small></p>")

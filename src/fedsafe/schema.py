@@ -36,6 +36,14 @@ class DataSource(Strict):
         None, description="generate this data with fedsafe's pipeline instead of reading a file: "
                           "{kind: unaligned|aligned|normal, n: 100, model: embedded, seed: 0, ...}")
     max_rows: int | None = Field(None, ge=1, description="take at most this many rows (after shuffling)")
+    holdout: Literal["train", "heldout"] | None = Field(
+        None, description="fedsafe's held-out split by instruction text (fedsafe.data.holdout): 'train' keeps the "
+                          "rows whose instruction hashes outside the held-out share, 'heldout' the others, so the "
+                          "same file can feed training and evaluation with no instruction in both")
+    holdout_percent: float = Field(20.0, gt=0, lt=100, description="share of instructions (%) in the held-out split")
+    exclude: list["DataSource"] | None = Field(
+        None, description="drop the rows whose instruction (normalised) any of these sources also holds, e.g. an "
+                          "everyday evaluation set minus the instructions of a training file")
 
     @model_validator(mode="after")
     def _one_of(self):

@@ -78,7 +78,8 @@ def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list
     t = round_no if round_no is not None else (saved[-1] if saved else None)
     if t is None or (t not in saved and not (t == cfg.fl.rounds and rd.adapter_dir("final").exists())):
         raise ConfigError(f"{rd.path}: no saved global adapter for round {t} (saved rounds: {saved or 'none'})")
-    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed)
+    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed,
+                             align=cfg.model.align)
     model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout, cfg.lora.target_modules,
                         seed=cfg.seed)
     flat = FlatLoRA(model)

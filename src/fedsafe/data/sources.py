@@ -119,9 +119,19 @@ def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = 
         rows = map_fields(raw_records(source), source)
     if source.categories is not None:
         rows = [r for r in rows if r.get("category") in source.categories]
+    if source.holdout is not None:
+        from fedsafe.data.holdout import in_split
+
+        rows = [r for r in rows if in_split(r["instruction"], source.holdout, source.holdout_percent)]
+    if source.exclude:
+        from fedsafe.data.holdout import excluded_instructions, normalise_instruction
+
+        drop = excluded_instructions(source.exclude)
+        rows = [r for r in rows if normalise_instruction(r["instruction"]) not in drop]
     if not rows:
         raise DataError(f"data source {source.path or source.generate!r} yields no rows"
-                        + (f" with categories {source.categories}" if source.categories else ""))
+                        + (f" with categories {source.categories}" if source.categories else "")
+                        + (f" in holdout={source.holdout!r}" if source.holdout else ""))
     if source.max_rows is not None and len(rows) > source.max_rows:
         rng = random.Random(seed)
         rows = rng.sample(rows, source.max_rows)
@@ -137,7 +147,6 @@ def map_fields(records: list[dict], source: DataSource) -> list[Row]:
         raise DataError(f"data source {source.path!r}: record {bad + 1} is a {type(records[bad]).__name__}, not an "
                         f"object with fields ({source.instruction_field!r}, {source.response_field!r})")
     fields = set(records[0].keys())
-
     category_field = source.category_field or ("category" if "category" in fields else None)
     for role, name in (("instruction_field", source.instruction_field), ("response_field", source.response_field),
                        ("input_field", source.input_field), ("category_field", source.category_field)):

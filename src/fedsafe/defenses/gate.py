@@ -203,6 +203,16 @@ def load_policy(path: str | Path) -> GatePolicy:
     return parse_policy(data, str(p))
 
 
+def _detector_detail(eval_cfg: EvalConfig) -> dict:
+    """What decided "refusal" for a refusal metric, with its measured agreement with human labels."""
+    if eval_cfg.refusal_detector == "rule":
+        return {"refusal_detector": f"rule ({eval_cfg.rule_list} strings)"}
+    from fedsafe.evaluation.refusal import DETECTOR_AGREEMENT
+
+    return {"refusal_detector": DETECTOR_AGREEMENT.get("version"),
+            "detector_agreement": DETECTOR_AGREEMENT.get("summary")}
+
+
 def eval_config_for(policy: GatePolicy, base: EvalConfig | None = None) -> EvalConfig:
     """The evaluation the policy needs: ``base`` (the run's ``eval``) with the policy's prompt sets, and
     everything the policy does not gate switched off (the helpfulness proxy is measured per row here)."""
@@ -425,7 +435,8 @@ def evaluate_gate(model, tokenizer, flat, vec: torch.Tensor, policy: GatePolicy,
         if gate is not None:
             src = getattr(eval_cfg, "normal_prompts" if metric == "over_refusal" else "borderline_prompts")
             results.append(_share_verdict(metric, "max", gate.max, per_prompt.get(metric, []), strict, conf,
-                                          {"prompts": src.path if isinstance(src, DataSource) else src}))
+                                          {"prompts": src.path if isinstance(src, DataSource) else src,
+                                           **_detector_detail(eval_cfg)}))
     if policy.helpfulness_proxy is not None:
         results.append(_helpfulness_verdict(model, tokenizer, flat, vec, policy, heldout, max_length, reference,
                                             strict))
@@ -620,7 +631,8 @@ def gate_adapter(target: str | Path, policy: GatePolicy, *, strict: bool | None 
     if policy.helpfulness_proxy is not None and ref != "base":
         ref_path, _ = resolve_adapter(ref, "--reference")
     loaded = load_base_model(name, mc.device if mc else "auto", mc.dtype if mc else "auto",
-                             mc.quantization if mc else None, seed=run_cfg.seed if run_cfg else 0)
+                             mc.quantization if mc else None, seed=run_cfg.seed if run_cfg else 0,
+                             align=mc.align if mc else None)
     net = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=True)  # trainable: FlatLoRA finds it
     flat = FlatLoRA(net)
     vec = flat.get()

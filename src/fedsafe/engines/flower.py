@@ -517,7 +517,7 @@ def _build_worker(config_yaml: str, node_config, he_key_id: str | None = None) -
     loaded = _PRELOADED.pop(model_key(cfg), None)  # a warm worker's base model, loaded before the run
     if loaded is None:
         loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, align=cfg.model.align)
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
     # the same client side as in-process: the plug-ins' local_training and client_update hooks (e.g. train, then

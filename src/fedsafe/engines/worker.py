@@ -107,7 +107,8 @@ def node_keys(node_config, cfg, he_key_id: str | None) -> bytes:
 def model_key(cfg) -> str:
     """What identifies a loaded base model: name, device, dtype, quantization (and the seed of ``tiny``)."""
     m = cfg.model
-    ident = {"name": m.name, "device": m.device, "dtype": m.dtype, "quantization": m.quantization}
+    ident = {"name": m.name, "device": m.device, "dtype": m.dtype, "quantization": m.quantization,
+             "align": m.align.model_dump(mode="json") if getattr(m, "align", None) is not None else None}
     if m.name == _TINY:  # the tiny test model is randomly initialised from the experiment seed
         ident["seed"] = cfg.seed
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -333,7 +334,8 @@ class WarmWorker:
             cfg = load_config(config)
             t0 = time.perf_counter()
             fe._PRELOADED[model_key(cfg)] = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype,
-                                                            cfg.model.quantization, seed=cfg.seed)
+                                                            cfg.model.quantization, seed=cfg.seed,
+                                                            align=cfg.model.align)
             log.info("warm worker: loaded %s in %.1f s", cfg.model.name, time.perf_counter() - t0)
 
     def handle(self, req: dict) -> dict:

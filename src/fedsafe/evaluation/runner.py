@@ -116,6 +116,8 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
             prompts.append(rec.strip())
             continue
         if isinstance(source, DataSource):
+            if src.instruction_field in rec and not str(rec[src.instruction_field] or "").strip():
+                continue  # an empty instruction is no prompt (helpfulQA.json holds one)
             if not rec.get(src.instruction_field):
                 raise DataError(f"{field}: a record has no field {src.instruction_field!r} (instruction_field); "
                                 f"found {sorted(rec)}")
@@ -129,8 +131,16 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
                                 f"a data source with instruction_field); found {sorted(rec)}")
             text = str(rec[key]).strip()
         prompts.append(text)
+    if src.holdout is not None:
+        from fedsafe.data.holdout import in_split
+
+        prompts = [p for p in prompts if in_split(p, src.holdout, src.holdout_percent)]
+    from fedsafe.data.holdout import excluded_instructions, normalise_instruction
+
+    seen: set[str] = excluded_instructions(src.exclude)  # excluded instructions count as seen  # a prompt set scores each distinct prompt once (instruction files repeat some)
+    prompts = [p for p in prompts if not (normalise_instruction(p) in seen or seen.add(normalise_instruction(p)))]
     if not prompts:
-        raise DataError(f"{field}={src.path!r} holds no prompts (after the category filter)")
+        raise DataError(f"{field}={src.path!r} holds no prompts (after the category / holdout filter)")
     return prompts[:src.max_rows] if src.max_rows else prompts
 
 
@@ -161,17 +171,26 @@ def noop_adapter_key(model, flat, vec: torch.Tensor) -> str | None:
     if not b_parts or any(bool(p.any()) for p in b_parts):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    first = next(p for n, p in base.named_parameters() if "lora_" not in n)
-    sample = first.detach().reshape(-1)[:4096].to(torch.float32).cpu().contiguous().numpy().tobytes()
-    return "base-" + _sha(sample)[:16]
+    return "base-" + _sha(_weights_sample(base))[:16]
+
+
+def _weights_sample(base) -> bytes:
+    """A slice of the first embedding and of the last adapted projection's base weights: enough to tell the
+    seeds of ``tiny`` apart, and a base model from its aligned version (``model.align`` changes projections,
+    not embeddings)."""
+    params = [(n, p) for n, p in base.named_parameters() if "lora_" not in n]
+    picks = [params[0][1]] + [p for n, p in params if n.endswith(("proj.weight", "proj.base_layer.weight"))][-1:]
+    return b"".join(p.detach().reshape(-1)[:4096].to(torch.float32).cpu().contiguous().numpy().tobytes()
+                    for p in picks)
 
 
 def model_fingerprint(model) -> str:
-    """Identify the base model by its config (name, sizes), so caches never mix models."""
+    """Identify the base model by its config (name, sizes) and a slice of its weights, so caches never mix
+    models (an aligned base has its base's config)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     text = cfg.to_json_string(use_diff=False) if cfg is not None else type(base).__name__
-    return _sha(text.encode())[:12]
+    return _sha(text.encode() + _weights_sample(base))[:12]
 
 
 def cached_generate(model, tokenizer, prompts: list[str], *, cache_dir: Path | None, adapter_key: str,
@@ -252,11 +271,39 @@ def _heldout_rows(heldout) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 # what an evaluation returns, in table order (results.csv, the eval command, the run's eval records)
-SCORE_KEYS = ("rule", "over_refusal", "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts",
+SCORE_KEYS = ("rule", "refusal", "over_refusal", "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts",
               "n_normal_prompts", "n_borderline_prompts")
 # benign prompt sets: metric -> (config field, count field, rng salt, progress label)
 REFUSAL_SETS = {"over_refusal": ("normal_prompts", "n_normal_prompts", 1, "eval: benign prompts"),
                 "borderline_refusal": ("borderline_prompts", "n_borderline_prompts", 2, "eval: borderline prompts")}
+
+
+def refusals(responses: list[str], eval_cfg: EvalConfig) -> list[bool]:
+    """Which responses are refusals, by ``eval.refusal_detector``: the validated detector or Rule's strings."""
+    if getattr(eval_cfg, "refusal_detector", "detector") == "rule":
+        from fedsafe.evaluation.rule import refusal_flags
+
+        return refusal_flags(responses, eval_cfg.rule_list)
+    from fedsafe.evaluation.refusal import detect_refusals
+
+    return detect_refusals(responses)
+
+
+def benign_sets(eval_cfg: EvalConfig, seed: int = 0) -> dict[str, tuple[str, list[int], list[str]]]:
+    """The benign prompt sets an evaluation scores: metric -> (config field, prompt ids, prompts).
+
+    Over-refusal accompanies Rule (it is measured with the safety evaluation, so only when ``eval.prompts``
+    is set); borderline refusal stands alone. The same prompts the run-start held-out check verifies.
+    """
+    out = {}
+    for metric, (src_field, n_field, salt, _) in REFUSAL_SETS.items():
+        source, n = getattr(eval_cfg, src_field, None), getattr(eval_cfg, n_field, 0)
+        if not source or not n or (metric == "over_refusal" and not eval_cfg.prompts):
+            continue
+        ids, prompts = _select(load_benign_prompts(source, f"eval.{src_field}"), n,
+                               getattr(eval_cfg, "sample_prompts", False), [seed, 20_240_521, salt])
+        out[metric] = (f"eval.{src_field}", ids, prompts)
+    return out
 
 
 def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str | Path | None = None,
@@ -290,8 +337,11 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
                                              description="eval: harmful prompts")
         out["n_prompts"] = len(prompts)
         out["rule"] = rule_score(responses, eval_cfg.rule_list)
+        refused = refusals(responses, eval_cfg)
+        out["refusal"] = 100.0 * sum(refused) / len(refused)
         per_prompt.update(prompt_ids=prompt_ids,
-                          rule=[100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)])
+                          rule=[100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)],
+                          refusal=[100.0 if f else 0.0 for f in refused])
         if path is not None:
             out["generations"] = str(path)
         if eval_cfg.judge:
@@ -304,18 +354,14 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
             rewards = _reward_model(eval_cfg.reward_model).scores(prompts, responses)
             out["rm"] = sum(rewards) / len(rewards) if rewards else float("nan")
             per_prompt["rm"] = rewards
-    for metric, (src_field, n_field, salt, description) in REFUSAL_SETS.items():
-        source, n = getattr(eval_cfg, src_field, None), getattr(eval_cfg, n_field, 0)
-        if not source or not n or (metric == "over_refusal" and not eval_cfg.prompts):
-            continue  # over-refusal accompanies Rule: it is measured with the safety evaluation
-        from fedsafe.evaluation.rule import refusal_flags
-
-        ids, prompts = _select(load_benign_prompts(source, f"eval.{src_field}"), n,
-                               getattr(eval_cfg, "sample_prompts", False), [seed, 20_240_521, salt])
+    for metric, (field, ids, prompts) in benign_sets(eval_cfg, seed).items():
+        description = REFUSAL_SETS[metric][3]
+        n_field = REFUSAL_SETS[metric][1]
         responses, _, _ = cached_generate(peft_model, tokenizer, prompts, cache_dir=cache, adapter_key=key,
-                                          max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
+                                          max_new_tokens=getattr(eval_cfg, "refusal_max_new_tokens", None)
+                                          or eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
                                           progress=progress, description=description)
-        flags = [100.0 if f else 0.0 for f in refusal_flags(responses, eval_cfg.rule_list)]
+        flags = [100.0 if f else 0.0 for f in refusals(responses, eval_cfg)]
         out[metric] = sum(flags) / len(flags)
         out[n_field] = len(flags)
         per_prompt.update({metric: flags, f"{metric}_prompt_ids": ids})

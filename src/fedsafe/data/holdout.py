@@ -1,0 +1,133 @@
+"""A held-out split by instruction text, and the check that evaluation prompts were never trained on.
+
+Over-refusal measured on rows drawn from the data the models trained on says little about everyday use (a
+model that learned "refuse anything unusual" still answers its own training instructions). fedsafe's split is
+a pure function of the instruction: an instruction is *held out* when the first 8 bytes of the SHA-256 of its
+normalised text (lower case, whitespace collapsed, surrounding punctuation dropped), read as an integer, fall
+below ``percent`` % of 2**64. So
+
+- the split needs no state and no seed, and is the same on every machine and in every file: an instruction
+  that appears in two sources (or twice in one) lands on the same side in both;
+- a data source with ``holdout: train`` and an evaluation set with ``holdout: heldout`` over the same file are
+  disjoint by construction, which :func:`check_disjoint` verifies at run start against *every* instruction any
+  client, the post-hoc step, the probe or the validation guard trains on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+_SPACE = re.compile(r"\s+")
+_EDGE = " \t\n\"'`.,;:!?()[]{}"
+
+
+def normalise_instruction(text: str) -> str:
+    """The text the split and the overlap check compare: lower case, single spaces, no surrounding punctuation."""
+    return _SPACE.sub(" ", str(text).lower()).strip(_EDGE)
+
+
+def is_heldout(instruction: str, percent: float = 20.0) -> bool:
+    """True when ``instruction`` falls in the held-out ``percent`` % of fedsafe's split."""
+    digest = hashlib.sha256(normalise_instruction(instruction).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < percent / 100.0 * 2**64
+
+
+def in_split(instruction: str, split: str | None, percent: float = 20.0) -> bool:
+    """Whether ``instruction`` belongs to ``split`` ('train', 'heldout' or None = everything)."""
+    if split is None:
+        return True
+    return is_heldout(instruction, percent) == (split == "heldout")
+
+
+def excluded_instructions(sources) -> set[str]:
+    """The normalised instructions of ``sources`` (a data source's ``exclude`` list)."""
+    from fedsafe.data.sources import load_rows
+
+    out: set[str] = set()
+    for src in sources or ():
+        out |= {normalise_instruction(r["instruction"]) for r in load_rows(src.model_copy(update={"max_rows": None}))}
+    return out
+
+
+def overlap(train_instructions: Iterable[str], prompts: Iterable[str]) -> list[str]:
+    """The prompts whose normalised text is also a training instruction (in prompt order)."""
+    seen = {normalise_instruction(t) for t in train_instructions}
+    return [p for p in prompts if normalise_instruction(p) in seen]
+
+
+# ------------------------------------------------------------------------------------------------
+# The run-start check
+# ------------------------------------------------------------------------------------------------
+
+# sections of the experiment config whose data sources are evaluation data, not training data
+_EVAL_ONLY = ("eval", "data.heldout", "gate")
+
+
+def _data_sources(node, where: str = ""):
+    """Yield ``(config path, source dict)`` for every data-source-shaped dict in a dumped config."""
+    if isinstance(node, dict):
+        if ("path" in node and isinstance(node.get("path"), str)) or isinstance(node.get("generate"), dict):
+            yield where, node
+            return
+        for k, v in node.items():
+            yield from _data_sources(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _data_sources(v, f"{where}[{i}]")
+
+
+def training_instructions(config: dict, skip: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Every instruction a run may train on, by the config path of its source.
+
+    ``config`` is the dumped experiment config (``dump_config`` / ``model_dump``). Every data source outside
+    ``eval`` and ``data.heldout`` counts as training data: client roles, the post-hoc step's aligned and normal
+    pools (whose validation rows are a subset), a probe's shadow data, an aligned base model's data. A generated
+    source counts with the instruction file it generates from (``generate.instructions``), a superset.
+    ``skip`` names sections that do not train in this run (plug-ins that are not active).
+    """
+    from fedsafe.data.sources import load_rows
+    from fedsafe.schema import DataSource
+
+    out: dict[str, list[str]] = {}
+    for where, src in _data_sources(config):
+        if any(where == e or where.startswith(e + ".") or where.startswith(e + "[") for e in (*_EVAL_ONLY, *skip)):
+            continue
+        if isinstance(src.get("generate"), dict):
+            ins = src["generate"].get("instructions")
+            if not isinstance(ins, str) or ins in ("harmful", "curious", "normal"):
+                continue  # built-in instruction kinds of the generator: fedsafe's own templates
+            cats = src["generate"].get("instruction_categories")
+            src = {"path": ins, **({"categories": list(cats)} if cats else {})}
+        fields = {k: v for k, v in src.items() if k in DataSource.model_fields}
+        try:
+            source = DataSource(**fields)
+            rows = load_rows(source.model_copy(update={"max_rows": None}))
+        except Exception:  # noqa: BLE001 - a source this check cannot read fails where the run reads it
+            continue
+        out[where] = [r["instruction"] for r in rows]
+    return out
+
+
+def check_disjoint(config: dict, eval_sets: dict[str, list[str]], skip: list[str] | tuple[str, ...] = ()
+                   ) -> dict[str, int]:
+    """Raise :class:`~fedsafe.errors.ConfigError` when an evaluation prompt is also a training instruction.
+
+    ``eval_sets`` maps a config field (``eval.normal_prompts``) to its prompts. Returns the number of prompts
+    checked per field (logged in the run record as the held-out check).
+    """
+    from fedsafe.errors import ConfigError
+
+    train = training_instructions(config, skip)
+    checked = {}
+    for field, prompts in eval_sets.items():
+        for where, instructions in train.items():
+            common = overlap(instructions, prompts)
+            if common:
+                raise ConfigError(
+                    f"{field}: {len(common)} of {len(prompts)} prompts are also training instructions of {where} "
+                    f"(e.g. {common[0][:80]!r}); over-refusal must be measured on prompts no model trained on: "
+                    f"give {field} and {where} the same file with holdout: heldout / holdout: train, or another file")
+        checked[field] = len(prompts)
+    return checked
