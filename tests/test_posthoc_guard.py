@@ -158,3 +158,53 @@ def test_too_few_normal_rows_fail_before_training(tmp_path, test_seed):
         run_experiment(cfg, progress=False)
     assert not list((tmp_path / "runs").glob("*/metrics.jsonl")) or not any(
         '"type": "client"' in f.read_text() for f in (tmp_path / "runs").glob("*/metrics.jsonl"))
+
+
+def test_select_checkpoint_with_a_refusal_budget():
+    """Issue 29: the guard also watches refusals of held-out normal instructions (in %, start 10)."""
+    curve = [(2, 10.1), (4, 10.2), (6, 10.3), (8, 10.4)]
+    refusals = [(2, 10.0), (4, 15.0), (6, 40.0), (8, 60.0)]
+    g = select_checkpoint(10.0, curve, 5.0, 10.0, refusals, 5.0)  # ppl allows all; refusals allow steps 2, 4
+    assert g["selected_step"] == 4 and g["within_budget"] and g["selected_refusal"] == 15.0
+    assert g["refusal_budget"] == 15.0 and g["refusal_curve"] == [[s, r] for s, r in refusals]
+    assert select_checkpoint(10.0, curve, 5.0)["selected_step"] == 8  # without the refusal budget: the last
+    g = select_checkpoint(10.0, curve, 1.5, 10.0, refusals, 5.0)  # ppl budget 10.15: only step 2 in both
+    assert g["selected_step"] == 2 and g["within_budget"]
+    g = select_checkpoint(10.0, curve, 0.0, 10.0, refusals, 5.0)  # no step within the ppl budget: the lowest ppl
+    assert g["selected_step"] == 2 and not g["within_budget"]   # among those within the refusal budget
+    g = select_checkpoint(10.0, curve, 5.0, 0.0, refusals, 1.0)  # no step within the refusal budget: fewest refusals
+    assert g["selected_step"] == 2 and not g["within_budget"]
+
+
+def test_guard_measures_refusals_on_the_validation_instructions(tiny, test_seed, monkeypatch):
+    """The refusal check asks the validation instructions (never the training rows) at the start and at every
+    checkpoint, and a checkpoint that refuses more than the budget allows is not kept."""
+    from fedsafe import generation
+
+    peft, tok, flat = _model(tiny, test_seed)
+    start = flat.get().clone()
+    train = rows("aligned", 6) + rows("normal", 6)
+    val = [{"instruction": f"held question {i}", "response": f"held answer {i}", "category": "normal"} for i in range(4)]
+    asked: list[list[str]] = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):  # refuses more at every call: 0, 0, 1, 2, 4 of 4
+        asked.append(list(prompts))
+        k = [0, 0, 1, 2, 4][min(len(asked) - 1, 4)]
+        return ["I can't help with that."] * k + ["Sure, here is a placeholder answer."] * (len(prompts) - k)
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    fl = FLConfig(lr=5e-3, batch_size=4, local_steps=1)
+    pc = PosthocConfig(enabled=True, steps=8, lr=5e-3, validation_rows=4, check_every=2, max_ppl_rise=1e6,
+                       max_refusal_rise=25.0)
+    chosen, m = finetune(peft, tok, start, train, pc, fl, max_length=48, system_prompt=None, seed=test_seed,
+                         validation=val)
+    g = m["guard"]
+    assert asked and all(p == [v["instruction"] for v in val] for p in asked) and len(asked) == 5
+    assert g["refusal_start"] == 0.0 and [r for _, r in g["refusal_curve"]] == [0.0, 25.0, 50.0, 100.0]
+    assert g["selected_step"] == 4 and g["within_budget"]  # steps 6 and 8 refuse more than +25 points
+    short, _ = finetune(peft, tok, start, train, pc.model_copy(update={"validation_rows": 0, "steps": 4,
+                                                                     "max_refusal_rise": None}), fl,
+                        max_length=48, system_prompt=None, seed=test_seed)
+    assert torch.equal(chosen, short)
+    with pytest.raises(Exception, match="validation_rows"):
+        PosthocConfig(enabled=True, max_refusal_rise=5.0)

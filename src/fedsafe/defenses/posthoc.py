@@ -138,25 +138,47 @@ def defense_data(cfg: PosthocConfig, seed: int, ctx=None) -> tuple[list[dict], l
     return mix_defense_rows(aligned, normal, cfg.n_samples, cfg.aligned_ratio, seed), validation
 
 
-def select_checkpoint(start_ppl: float, curve: list[tuple[int, float]], max_rise_pct: float) -> dict:
+def select_checkpoint(start_ppl: float, curve: list[tuple[int, float]], max_rise_pct: float,
+                      refusal_start: float | None = None, refusal_curve: list[tuple[int, float]] | None = None,
+                      max_refusal_rise: float | None = None) -> dict:
     """The utility guard's choice among ``curve`` = [(step, validation perplexity), ...].
 
-    The latest step whose perplexity is at most ``start_ppl * (1 + max_rise_pct / 100)``; if none is, the
-    step with the lowest perplexity (``within_budget`` False). A NaN perplexity is never within the budget.
+    The latest step whose perplexity is at most ``start_ppl * (1 + max_rise_pct / 100)`` and, with a refusal
+    budget, whose refusal rate on the validation instructions (``refusal_curve``, in %) is at most
+    ``refusal_start + max_refusal_rise`` points. If no step is within both, the step with the lowest perplexity
+    among those within the refusal budget, else the one with the fewest refusals (``within_budget`` False).
+    A NaN perplexity is never within the budget.
     """
     if not curve:
         raise ValueError("select_checkpoint: no checkpoint")
     budget = start_ppl * (1 + max_rise_pct / 100)
-    within = [s for s, p in curve if p <= budget]  # NaN compares False
+    refusals = dict(refusal_curve or [])
+    use_refusal = max_refusal_rise is not None and refusal_start is not None
+    refusal_budget = refusal_start + max_refusal_rise if use_refusal else None
+
+    def refusal_ok(step: int) -> bool:
+        return not use_refusal or refusals.get(step, math.inf) <= refusal_budget
+
+    within = [s for s, p in curve if p <= budget and refusal_ok(s)]  # NaN compares False
     if within:
         step, ok = max(within), True
     else:
-        finite = [(p, s) for s, p in curve if not math.isnan(p)]
-        step, ok = (min(finite)[1] if finite else curve[-1][0]), False
+        finite = [(p, s) for s, p in curve if not math.isnan(p) and refusal_ok(s)]
+        if finite:
+            step = min(finite)[1]
+        elif use_refusal:
+            step = min((refusals.get(s, math.inf), p if not math.isnan(p) else math.inf, s) for s, p in curve)[2]
+        else:
+            step = curve[-1][0]
+        ok = False
     ppl = dict(curve)[step]
-    return {"selected_step": step, "within_budget": ok, "start_ppl": start_ppl, "budget_ppl": budget,
-            "selected_ppl": ppl, "rise_pct": 100 * (ppl / start_ppl - 1), "max_ppl_rise": max_rise_pct,
-            "curve": [[s, p] for s, p in curve]}
+    out = {"selected_step": step, "within_budget": ok, "start_ppl": start_ppl, "budget_ppl": budget,
+           "selected_ppl": ppl, "rise_pct": 100 * (ppl / start_ppl - 1), "max_ppl_rise": max_rise_pct,
+           "curve": [[s, p] for s, p in curve]}
+    if use_refusal:
+        out.update(refusal_start=refusal_start, refusal_budget=refusal_budget, max_refusal_rise=max_refusal_rise,
+                   selected_refusal=refusals.get(step), refusal_curve=[[s, r] for s, r in refusal_curve or []])
+    return out
 
 
 def finetune(peft_model, tokenizer, global_vec: torch.Tensor, rows: list[dict], pc: PosthocConfig, fl,
@@ -191,25 +213,52 @@ def finetune(peft_model, tokenizer, global_vec: torch.Tensor, rows: list[dict], 
             loss = mean_loss(peft_model, val_examples, pad)
         return math.exp(loss) if loss < 700 else math.inf
 
+    watch_refusals = getattr(pc, "max_refusal_rise", None) is not None
+    val_prompts = [str(r["instruction"]) for r in validation]
+
+    def refusal_rate() -> float:
+        """% of the validation instructions the model refuses (greedy answers, the validated detector)."""
+        from fedsafe.evaluation.refusal import detect_refusals
+        from fedsafe.generation import generate
+
+        was_training = peft_model.training
+        peft_model.eval()
+        with torch.no_grad():
+            answers = generate(peft_model, tokenizer, val_prompts, max_new_tokens=pc.refusal_tokens,
+                               batch_size=len(val_prompts))
+        peft_model.train(was_training)
+        flags = detect_refusals(answers)
+        return 100.0 * sum(flags) / len(flags)
+
     trainer.flat.set(global_vec)
     start = perplexity()
+    refusal_start = refusal_rate() if watch_refusals else None
     curve: list[tuple[int, float]] = []
+    refusal_curve: list[tuple[int, float]] = []
     kept: dict[int, torch.Tensor] = {}  # the current choice only: a checkpoint passed over is never chosen later
+
+    def choose() -> dict:
+        return select_checkpoint(start, curve, pc.max_ppl_rise, refusal_start, refusal_curve,
+                                 getattr(pc, "max_refusal_rise", None))
 
     def on_step(step: int, _loss: float) -> None:
         if step % pc.check_every and step != pc.steps:
             return
         curve.append((step, perplexity()))
-        if select_checkpoint(start, curve, pc.max_ppl_rise)["selected_step"] == step:
+        if watch_refusals:
+            refusal_curve.append((step, refusal_rate()))
+        if choose()["selected_step"] == step:
             kept.clear()
             kept[step] = trainer.flat.get().detach().clone()
 
     result = trainer.fit(server_client, global_vec, replace(rc, algorithm="fedavg"), on_step=on_step)
-    guard = select_checkpoint(start, curve, pc.max_ppl_rise)
+    guard = choose()
     guard["validation_rows"] = len(val_examples)
     if not guard["within_budget"]:
-        log.warning("posthoc: no checkpoint kept the validation perplexity within +%g%% of the start; using step %d, "
-                    "the lowest (%+.1f%%)", pc.max_ppl_rise, guard["selected_step"], guard["rise_pct"])
+        log.warning("posthoc: no checkpoint kept the validation perplexity within +%g%% of the start%s; using step "
+                    "%d (%+.1f%%)", pc.max_ppl_rise,
+                    " and the validation refusals within the budget" if watch_refusals else "",
+                    guard["selected_step"], guard["rise_pct"])
     defended = global_vec + (kept[guard["selected_step"]] - global_vec)  # as the plain path: start + update
     return defended, {"samples": len(examples), **result.metrics, "guard": guard,
                       "update_norm": float((defended - global_vec).norm())}
@@ -239,4 +288,8 @@ def posthoc_defense(pc: PosthocConfig, ctx, global_vec: torch.Tensor) -> torch.T
         ctx.print(f"post-hoc utility guard: validation perplexity {guard['start_ppl']:.3f} at the start; kept step "
                   f"{guard['selected_step']} of {pc.steps} ({guard['selected_ppl']:.3f}, {guard['rise_pct']:+.1f}%, "
                   f"budget +{pc.max_ppl_rise:g}%)")
+        if "refusal_start" in guard:
+            ctx.print(f"post-hoc utility guard: validation refusals {guard['refusal_start']:.1f}% at the start, "
+                      f"{guard['selected_refusal']:.1f}% at the kept step (budget +{guard['max_refusal_rise']:g} "
+                      f"points); curve {guard['refusal_curve']}")
     return defended

@@ -41,9 +41,17 @@ class PosthocConfig(Strict):
                                 "on the validation rows is at most this many percent above the starting adapter's")
     check_every: int = Field(10, ge=1, description="utility guard: steps between checkpoints (the last step is "
                              "always one)")
+    max_refusal_rise: float | None = Field(
+        None, ge=0, description="utility guard: also require that the share of validation instructions the model "
+                                "refuses (fedsafe.evaluation.detect_refusals on greedy answers) is at most this many "
+                                "points above the starting adapter's; None = perplexity only")
+    refusal_tokens: int = Field(24, ge=4, description="utility guard: answer length generated for the refusal check")
 
     @model_validator(mode="after")
     def _guard_fits(self):
+        if self.max_refusal_rise is not None and not self.validation_rows:
+            raise ValueError("posthoc.max_refusal_rise needs posthoc.validation_rows > 0: the refusal check asks "
+                             "the held-out validation instructions")
         if self.validation_rows and self.aligned_ratio >= 1:
             raise ValueError("posthoc.validation_rows needs normal defense data (aligned_ratio < 1): the guard "
                              "measures perplexity on held-out normal rows")
