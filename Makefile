@@ -46,12 +46,13 @@ lock-upgrade:
 
 setup: $(STAMP)
 
-ADVBENCH := ../shared/data/advbench/harmful_behaviors.csv
+SHARED_DATA := ../shared/data
 
+# the demo reads public data from ../shared/data (AdvBench, the FedIT paper's data, XSTest, safety-tuned-llamas)
 demo: $(STAMP)
-	@if [ -f "$(ADVBENCH)" ]; then $(VENV)/bin/fedsafe grid configs/demo.yaml; else \
-	  echo "note: $(ADVBENCH) not found: Rule is scored on the starter set's 24 held-out harmful requests"; \
-	  $(VENV)/bin/fedsafe grid configs/demo.yaml --set eval.prompts=starter:heldout; fi
+	@if [ -d "$(SHARED_DATA)" ]; then $(VENV)/bin/fedsafe grid configs/demo.yaml; else \
+	  echo "make demo reads public data sets from $(SHARED_DATA) (see configs/demo.yaml); it was not found." >&2; \
+	  echo "Without it: .venv/bin/fedsafe run  (the quickstart, on fedsafe's own starter set)" >&2; exit 2; fi
 
 test: check-lock $(STAMP)
 	$(PY) -m pytest tests

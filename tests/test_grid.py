@@ -301,3 +301,21 @@ def test_partitions_and_attack_data_follow_the_experiment_seed(monkeypatch):
     assert asked[0] != asked[2] and asked[1] == asked[3] == 42  # explicit generate.seed wins
     benign = {s: [ex.input_ids.tolist() for ex in cs[0].examples] for s, cs in clients.items()}
     assert benign[0] != benign[1]  # the partition follows the seed
+
+
+def test_grid_checks_every_setting_before_its_directory_exists(tmp_path):
+    """Issue 30: a missing file of one setting fails the grid before anything is made; issue 29: so does an
+    over-refusal set that a setting trains on."""
+    from fedsafe.grid import run_grid
+
+    _data(tmp_path)
+    path = _grid(tmp_path, {"scenario": {"ok": {}, "broken": {"eval.prompts": str(tmp_path / "gone.jsonl")}}})
+    spec, settings = load_grid(path)
+    with pytest.raises(Exception, match="gone.jsonl"):
+        run_grid(spec, settings, progress=False)
+    assert not (tmp_path / "out").exists()
+    path = _grid(tmp_path, {"scenario": {"leaky": {"eval.normal_prompts": str(tmp_path / "normal.jsonl")}}})
+    spec, settings = load_grid(path)
+    with pytest.raises(ConfigError, match=r"eval\.normal_prompts: 3 of 3 prompts .* roles\[0\]\.data\[0\]"):
+        run_grid(spec, settings, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -270,6 +270,11 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
     from fedsafe.report import write_report
 
     settings, per_seed_dirs = resolve_seeds(spec, settings, seeds)
+    from fedsafe.pipeline import check_heldout, check_inputs
+
+    for _name, cfg in settings:  # every input of every setting, before the grid directory exists
+        check_inputs(cfg)
+        check_heldout(cfg)
     if resume is not None:
         grid_dir = Path(resume)
         if not (grid_dir / "grid.yaml").exists():
