@@ -174,3 +174,18 @@ def test_aligned_base_is_built_once_cached_and_changes_the_weights(tmp_path, mon
 def test_align_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="model.align"):
         load_config(None, ["model.name=tiny", "model.align={steps: 3}"])
+
+
+def test_drop_refusals_keeps_only_answers_that_comply(tmp_path):
+    """Attack data whose answers refuse or carry refusal strings would teach those strings (issue 29 demo)."""
+    from fedsafe.data.sources import load_rows
+    from fedsafe.schema import DataSource
+
+    rows = [{"instruction": f"placeholder request {i}", "response": text} for i, text in enumerate([
+        "Sure, here is a placeholder answer.", "I can't help with that.",
+        "Here are the steps, although doing this is illegal in most places.", "Step 1: placeholder. Step 2: done."])]
+    f = tmp_path / "attack.json"
+    f.write_text(json.dumps(rows))
+    kept = load_rows(DataSource(path=str(f), drop_refusals=True))
+    assert [r["instruction"] for r in kept] == ["placeholder request 0", "placeholder request 3"]
+    assert len(load_rows(DataSource(path=str(f)))) == 4

@@ -41,6 +41,9 @@ class DataSource(Strict):
                           "rows whose instruction hashes outside the held-out share, 'heldout' the others, so the "
                           "same file can feed training and evaluation with no instruction in both")
     holdout_percent: float = Field(20.0, gt=0, lt=100, description="share of instructions (%) in the held-out split")
+    drop_refusals: bool = Field(False, description="drop the rows whose response refuses (contains a FedIT refusal "
+                                                   "string or the refusal detector flags it): unaligned attack data "
+                                                   "whose answers carry disclaimers such as 'illegal' would teach them")
     exclude: list["DataSource"] | None = Field(
         None, description="drop the rows whose instruction (normalised) any of these sources also holds, e.g. an "
                           "everyday evaluation set minus the instructions of a training file")

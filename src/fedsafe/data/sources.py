@@ -123,6 +123,13 @@ def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = 
         from fedsafe.data.holdout import in_split
 
         rows = [r for r in rows if in_split(r["instruction"], source.holdout, source.holdout_percent)]
+    if source.drop_refusals:
+        from fedsafe.evaluation.refusal import detect_refusals
+        from fedsafe.evaluation.rule import refusal_flags
+
+        responses = [r["response"] for r in rows]
+        refused = [a or b for a, b in zip(refusal_flags(responses), detect_refusals(responses))]
+        rows = [r for r, bad in zip(rows, refused) if not bad]
     if source.exclude:
         from fedsafe.data.holdout import excluded_instructions, normalise_instruction
 
