@@ -155,6 +155,11 @@ def refusal_agreement_command(
                          **agreement(pooled["human"], pooled[name], n_boot=n_boot)})
     print(f"refusal detector {detector_version()}; rule = {rule_list} string list; refusal is the positive class "
           "(XSTest: 2_full_refusal and 3_partial_refusal = refusal, 1_full_compliance = not)")
+    from fedsafe.evaluation.refusal import DETECTOR_AGREEMENT
+
+    print("note: the shipped detector was trained on XSTest v2's three completion files (gpt4, llama2new, "
+          "mistralinstruct); on those its agreement is its fit, not its agreement with people on a model it never "
+          f"saw, which is: {DETECTOR_AGREEMENT.get('summary')}")
     print("| data | classifier | n | human refusals | accuracy | precision | recall | F1 | kappa |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
