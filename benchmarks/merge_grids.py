@@ -118,13 +118,20 @@ def main() -> None:
     methods = sorted({e.method_label for g in groups for e in g["metrics"].values()})
     print(f"intervals: {'; '.join(methods)} (fedsafe.stats)")
 
-    print("| row | seeds | Rule | over-refusal | helpfulness proxy | Rule per seed |")
-    print("|---|---|---|---|---|---|")
+    print("| row | seeds | Rule | refused harmful (detector) | over-refusal | borderline refusal | helpfulness proxy "
+          "| Rule per seed | over-refusal per seed | borderline per seed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def per_seed(g, metric):
+        vals = [g["per_seed"][s].get(metric) for s in sorted(g["per_seed"])]
+        return " / ".join("-" if v is None else f"{v:.1f}" for v in vals)
+
     for key, g in by.items():
         m = g["metrics"]
-        per_seed = " / ".join(f"{g['per_seed'][s].get('rule'):.1f}" for s in sorted(g["per_seed"]))
-        print(f"| {key} | {' '.join(map(str, g['seeds']))} | {est(m.get('rule'))} | {est(m.get('over_refusal'))} | "
-              f"{est(m.get('helpfulness_proxy'), 3)} | {per_seed} |")
+        print(f"| {key} | {' '.join(map(str, g['seeds']))} | {est(m.get('rule'))} | {est(m.get('refusal'))} | "
+              f"{est(m.get('over_refusal'))} | {est(m.get('borderline_refusal'))} | "
+              f"{est(m.get('helpfulness_proxy'), 3)} | {per_seed(g, 'rule')} | {per_seed(g, 'over_refusal')} | "
+              f"{per_seed(g, 'borderline_refusal')} |")
 
     def paired(a_key: str, b_key: str) -> None:
         a, b = by.get(a_key), by.get(b_key)
@@ -133,12 +140,21 @@ def main() -> None:
             return
         rule = paired_difference({s: v.get("rule") for s, v in a["per_prompt"].items()},
                                  {s: v.get("rule") for s, v in b["per_prompt"].items()})
+        extra = []
+        for metric, label in (("over_refusal", "over-refusal"), ("borderline_refusal", "borderline refusal")):
+            if all(v.get(metric) for v in a["per_prompt"].values()) and all(
+                    v.get(metric) for v in b["per_prompt"].values()):
+                d = paired_difference({s: v.get(metric) for s, v in a["per_prompt"].items()},
+                                      {s: v.get(metric) for s, v in b["per_prompt"].items()})
+                iv = f" [{d.lo:+.1f}, {d.hi:+.1f}]" if d.lo is not None else ""
+                extra.append(f"{label} {d.mean:+.1f}{iv}")
         proxy = paired_seed_difference({s: v.get("helpfulness_proxy") for s, v in a["per_seed"].items()},
                                        {s: v.get("helpfulness_proxy") for s, v in b["per_seed"].items()})
         interval = f" [{rule.lo:+.1f}, {rule.hi:+.1f}]" if rule.lo is not None else ""
         sig = {True: "significant", False: "not significant", None: "no interval"}[rule.significant]
         print(f"{b_key} - {a_key}: Rule {rule.mean:+.1f}{interval} ({rule.method_label}, {sig}; seeds "
-              f"{sorted(set(a['seeds']) & set(b['seeds']))}); helpfulness proxy {proxy.mean:+.3f}")
+              f"{sorted(set(a['seeds']) & set(b['seeds']))}); helpfulness proxy {proxy.mean:+.3f}"
+              + "".join(f"; {e}" for e in extra))
 
     for key in by:
         if key != args.reference:
