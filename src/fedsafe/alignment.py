@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,20 +31,11 @@ ALIGN_VERSION = "align-v1"  # bump when the recipe changes, so stale caches are 
 
 def _rows(align) -> list[dict]:
     from fedsafe.data import load_pool
-    from fedsafe.errors import ConfigError
+    from fedsafe.data.mix import mix_rows
 
     aligned = load_pool(list(align.aligned), seed=align.seed)
     normal = load_pool(list(align.normal), seed=align.seed + 1)
-    if not aligned or not normal:
-        raise ConfigError("model.align: the aligned and normal pools must both hold rows")
-    rng = random.Random(align.seed)
-    n_aligned = round(align.n_samples * align.aligned_ratio)
-
-    def take(pool, k):
-        return rng.sample(pool, k) if k <= len(pool) else pool + [rng.choice(pool) for _ in range(k - len(pool))]
-
-    rows = take(aligned, n_aligned) + take(normal, align.n_samples - n_aligned)
-    rng.shuffle(rows)
+    rows = mix_rows(aligned, normal, align.n_samples, align.aligned_ratio, align.seed, field="model.align")
     return [{"instruction": r["instruction"], "response": r["response"]} for r in rows]
 
 

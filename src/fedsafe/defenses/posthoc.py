@@ -35,32 +35,12 @@ import torch
 
 from fedsafe.defenses.posthoc_finetune import PosthocConfig
 from fedsafe.data import load_pool
+from fedsafe.data.mix import mix_rows as mix_defense_rows  # noqa: F401  (re-exported: the defense's mix)
 from fedsafe.data.format import mean_loss, tokenize_rows
 from fedsafe.errors import ConfigError
 from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
 
 log = logging.getLogger("fedsafe")
-
-
-def mix_defense_rows(aligned: list[dict], normal: list[dict], n_samples: int, aligned_ratio: float,
-                     seed: int) -> list[dict]:
-    """Sample ``n_samples`` rows with ``round(n*ratio)`` aligned and the rest normal (with replacement if short)."""
-    rng = random.Random(seed)
-    n_aligned = round(n_samples * aligned_ratio)
-    n_normal = n_samples - n_aligned
-    if n_aligned and not aligned:
-        raise ConfigError("posthoc: aligned_ratio > 0 but no aligned data is available")
-    if n_normal and not normal:
-        raise ConfigError("posthoc: aligned_ratio < 1 but no normal data is available")
-
-    def take(pool: list[dict], k: int) -> list[dict]:
-        if k <= len(pool):
-            return rng.sample(pool, k)
-        return pool + [rng.choice(pool) for _ in range(k - len(pool))]
-
-    rows = take(aligned, n_aligned) + take(normal, n_normal)
-    rng.shuffle(rows)
-    return rows
 
 
 def split_validation(normal: list[dict], k: int, seed: int) -> tuple[list[dict], list[dict]]:
