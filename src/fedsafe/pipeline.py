@@ -99,6 +99,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     ctx.server = server
     server.aggregator = plugins.server_view(server.aggregator)               #    the server's view before the rule
     engine = (engine_factory or InProcessEngine)(plugins.client_side(ctx.trainer), clients)
+    if hasattr(engine, "plan_batching"):  # fl.batched_clients: a round's clients as adapters of one pass
+        engine.plan_batching(cfg.fl.batched_clients, plugins.sequential_training())
     ctx.engine = engine
     plugins.aggregate(server)                                                #    the sum (secure aggregation)
     result, done = _start(session, server, engine, resume)

@@ -170,6 +170,15 @@ class Plugin:
         """Properties other plug-ins may check (e.g. ``server_clipping`` for client-level DP)."""
         return set()
 
+    def changes_local_training(self) -> str | None:
+        """Why this plug-in changes the clients' local training step, or None. While any active plug-in says so,
+        the clients of a round train one at a time instead of as adapters of one batched pass
+        (fedsafe.fl.batched); ``client_update`` hooks run on each result either way. Default: a plug-in that
+        overrides ``local_training`` is taken to change it (override this when its hook only reads the trainer)."""
+        if _overrides(self, "local_training"):
+            return "its local_training hook may change the training step"
+        return None
+
     # -- hooks (see the module docstring) ------------------------------------------------------------------
     def client_data(self, clients: list) -> list:
         return clients
@@ -384,6 +393,10 @@ class PluginSet:
 
     def _with(self, hook: str) -> list[Plugin]:
         return [p for p in self.plugins if _overrides(p, hook)]
+
+    def sequential_training(self) -> dict[str, str]:
+        """``name -> reason`` of every active plug-in that changes local training (:meth:`Plugin.changes_local_training`)."""
+        return {p.name: why for p in self.plugins if (why := p.changes_local_training())}
 
     def client_data(self, clients: list) -> list:
         for p in self._with("client_data"):

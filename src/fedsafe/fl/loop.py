@@ -78,7 +78,9 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
                   "failed": list(getattr(engine, "last_failures", [])),  # clients that never answered
                   "lr": rc.lr, "aggregator_info": stats["aggregator_info"],
                   "skipped": stats.get("skipped"),  # why the adapter is unchanged this round, or None
-                  "compute_seconds": sum(r.metrics.get("compute_seconds", 0.0) for r in results)}
+                  "compute_seconds": sum(r.metrics.get("compute_seconds", 0.0) for r in results),
+                  # the in-process engine: clients trained as one batched pass or one at a time, and why
+                  **getattr(engine, "training_path", {})}
         record.update(_lora_record(server, lora, rc, results, stats))
         if save_adapter is not None and (save_every_round or round_idx + 1 == rounds):
             save_adapter(server.global_vec, rc.round)

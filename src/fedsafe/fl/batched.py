@@ -1,0 +1,324 @@
+"""Batched multi-adapter local training: the K clients of a round as K LoRA adapters over one frozen base model.
+
+Every client of a round starts from the same global adapter and trains on its own data. Their base-model work
+(the frozen weights, by far the most of the FLOPs) is the same computation on different rows, so one
+forward/backward pass over the rows of all K clients does it at once; only the LoRA path differs per client.
+This is the idea of Punica's SGMV/BGMV kernels (Chen et al., "Punica: Multi-Tenant LoRA Serving", MLSys 2024)
+and S-LoRA (Sheng et al., "S-LoRA: Serving Thousands of Concurrent LoRA Adapters", MLSys 2024) for serving, and
+of mLoRA (Ye et al., "mLoRA: Fine-Tuning LoRA Adapters via Highly-Efficient Pipeline Parallelism in Multiple
+GPUs", VLDB 2025) for training:
+
+- each LoRA factor is stacked over adapters, A as ``[K, r, in]`` and B as ``[K, out, r]``; the rows of a pass
+  are grouped by adapter (client k owns rows ``[s_k, e_k)``) and the LoRA path is one ``torch.bmm`` when every
+  group has the same size, else one matmul per group (a segmented GEMM);
+- each adapter keeps its own optimizer: AdamW and SGD are elementwise, so one optimizer over the stacked
+  tensors is K independent optimizers; gradient clipping is per adapter (the norm over adapter k's slices);
+- each client's batches come from its own seeded stream, as in :class:`fedsafe.fl.client.LocalTrainer`, and
+  LoRA dropout draws each client's mask from that client's RNG state with the same op and shape as the
+  sequential path, so the masks are identical; the global RNG is left as the sequential path leaves it.
+
+The result equals :meth:`LocalTrainer.fit` client by client (same seeds, same batches; fp32 on CPU the
+adapters agree to ~1e-6 relative: the base GEMMs run over more rows, which may round differently).
+Anything that changes the training step is not reproduced here: :func:`why_sequential` names it and the
+engine then trains the clients one at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from fedsafe.data.format import IGNORE_INDEX, collate
+from fedsafe.fl.client import (ClientData, ClientResult, LocalTrainer, RoundConfig, _batch_stream,
+                               check_base_residual, derive_seed, train_only)
+
+BATCHED_CLIENTS = ("auto", "off")  # fl.batched_clients
+
+
+def why_sequential(trainer, rc: RoundConfig, n_clients: int) -> str | None:
+    """Why the clients of this round cannot train as adapters of one batched pass, or None when they can.
+
+    ``trainer`` is the engine's local trainer after the ``local_training`` hooks (without the ``client_update``
+    hooks, which run on each result either way). Plug-ins that declare that they change local training are
+    checked by the engine before this (:meth:`fedsafe.plugins.Plugin.changes_local_training`); this checks the
+    trainer and the round themselves, so that a trainer this module does not reproduce never runs batched.
+    """
+    if n_clients < 2:
+        return "fewer than 2 clients this round"
+    if type(trainer) is not LocalTrainer:
+        return f"the local trainer is {type(trainer).__name__}, not the plain LocalTrainer"
+    if trainer.loss_terms:
+        return f"the local trainer has loss terms ({', '.join(type(t).__name__ for t in trainer.loss_terms)})"
+    if rc.algorithm == "scaffold":
+        return "fl.algorithm=scaffold (control variates correct each client's gradient)"
+    if rc.step_feature_mask is not None:
+        return "step-level update reports (the probe's level=step)"
+    return lora_layout_problem(trainer.model, trainer.flat)
+
+
+def lora_layout_problem(model: torch.nn.Module, flat) -> str | None:
+    """None when every trainable tensor is the A or B factor of a plain PEFT LoRA linear layer (what
+    :class:`BatchedLoRA` replaces), else what is not."""
+    layers = _lora_layers(model)
+    if isinstance(layers, str):
+        return layers
+    factors = {id(p) for m in layers for p in (_factor(m, "A"), _factor(m, "B"))}
+    other = [s.name for p, s in zip(flat.params, flat.specs) if id(p) not in factors]
+    if other:
+        return f"the adapter trains tensors other than LoRA factors ({other[0]}, ...)"
+    return None
+
+
+def _lora_layers(model: torch.nn.Module):
+    """The PEFT LoRA linear layers of ``model``, or a string saying why one of them is not a plain one."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return "peft's LoRA layer is not importable"
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if type(m) is not LoraLinear:
+            return f"{name} is a {type(m).__name__} LoRA layer, not a linear one"
+        if list(m.active_adapters) != ["default"] or m.disable_adapters or m.merged:
+            return f"{name}: the LoRA layer is merged, disabled or has other active adapters"
+        if getattr(m, "lora_variant", {}) or m.lora_A["default"].bias is not None:
+            return f"{name}: a LoRA variant (DoRA, LoRA bias) is not batched"
+        layers.append(m)
+    if not layers:
+        return "the model has no PEFT LoRA linear layers"
+    return layers
+
+
+def _factor(module, kind: str) -> torch.nn.Parameter:
+    return (module.lora_A if kind == "A" else module.lora_B)["default"].weight
+
+
+class _Pass:
+    """The rows of one forward pass: client k owns rows ``segments[k] = (start, end)``, padded to ``lengths[k]``
+    tokens in the sequential path, and draws its dropout masks from ``rng_states[k]``."""
+
+    def __init__(self, stacks: dict[int, torch.Tensor], rng_states: list, generator, k: int):
+        self.stacks = stacks  # id(LoRA parameter) -> its stacked tensor [K, *shape]
+        self.rng_states = rng_states
+        self.generator = generator  # the device's default generator (the one LoRA dropout draws from)
+        self.k = k
+        self.segments: list[tuple[int, int]] = []
+        self.lengths: list[int] = []
+
+    @property
+    def equal(self) -> bool:
+        sizes = {e - s for s, e in self.segments}
+        return len(sizes) == 1
+
+    def dropout(self, dropout: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``dropout`` applied to each client's rows with that client's RNG, on the ``[b, L_k, in]`` slice the
+        sequential path would see (same op, same shape: the same mask)."""
+        if isinstance(dropout, torch.nn.Identity) or not dropout.training or getattr(dropout, "p", 0) == 0:
+            return dropout(x)
+        parts = []
+        for k, ((s, e), length) in enumerate(zip(self.segments, self.lengths)):
+            self.generator.set_state(self.rng_states[k])
+            dropped = dropout(x[s:e, :length].contiguous())
+            self.rng_states[k] = self.generator.get_state()
+            if length < x.shape[1]:  # the padding beyond L_k never reaches a real token (right padding, causal)
+                dropped = F.pad(dropped, (0, 0, 0, x.shape[1] - length))
+            parts.append(dropped)
+        return torch.cat(parts)
+
+    def lora(self, module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """PEFT's LoRA linear forward, ``base(x) + B(A(dropout(x))) * scaling``, with adapter k on its rows."""
+        result = module.base_layer(x, *args, **kwargs)
+        a = self.stacks[id(_factor(module, "A"))]  # [K, r, in]
+        b = self.stacks[id(_factor(module, "B"))]  # [K, out, r]
+        x = self.dropout(module.lora_dropout["default"], x.to(a.dtype))
+        scaling = module.scaling["default"]
+        if self.equal:  # the grouped GEMM: one batched matmul over adapters
+            xg = x.reshape(self.k, -1, x.shape[-1])
+            y = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        else:  # segments of different sizes: one matmul per adapter
+            y = torch.cat([F.linear(F.linear(x[s:e], a[k]), b[k]) for k, (s, e) in enumerate(self.segments)])
+        return (result + y * scaling).to(result.dtype)
+
+
+@contextmanager
+def _patched(layers: list, run: _Pass):
+    """Route every LoRA layer's forward through ``run`` for the block (an instance attribute shadows the class's
+    ``forward``; deleting it restores PEFT's)."""
+    try:
+        for m in layers:
+            m.forward = (lambda mod: (lambda x, *a, **kw: run.lora(mod, x, *a, **kw)))(m)
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+
+
+def _default_generator(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class BatchedTrainer:
+    """Trains the clients of a round as K adapters of one batched pass; each result equals
+    :meth:`LocalTrainer.fit` on that client (module docstring). Call :func:`why_sequential` first."""
+
+    def __init__(self, trainer: LocalTrainer):
+        self.trainer = trainer
+        self.model = trainer.model
+        self.flat = trainer.flat
+        self.device = trainer.device
+        self.pad_id = trainer.pad_id
+
+    def fit_many(self, clients: list[ClientData], global_vec: torch.Tensor, rc: RoundConfig,
+                 after_each=None) -> list[ClientResult]:
+        """Train ``clients`` from ``global_vec`` together; ``after_each(k, result)`` runs for each client in
+        order with the global RNG as the sequential path leaves it after that client (client_update hooks)."""
+        check_base_residual(self.model, rc)
+        layers = _lora_layers(self.model)
+        if isinstance(layers, str):
+            raise ValueError(layers)
+        with train_only(self.flat, rc.trainable) as trained:
+            results, rng_after = self._train(clients, global_vec, rc, layers)
+        generator = _default_generator(self.device)
+        out = []
+        for k, (client, result) in enumerate(zip(clients, results)):
+            result.update[~trained] = 0.0  # a frozen factor's update is exactly zero (as LocalTrainer.fit)
+            torch.manual_seed(derive_seed(rc.seed, rc.round, client.client_id))  # as the sequential path seeds
+            generator.set_state(rng_after[k])
+            out.append(after_each(k, result) if after_each is not None else result)
+        return out
+
+    def _train(self, clients: list[ClientData], global_vec: torch.Tensor, rc: RoundConfig, layers: list):
+        t0 = time.perf_counter()
+        k_clients = len(clients)
+        self.flat.set(global_vec)
+        seeds = [derive_seed(rc.seed, rc.round, c.client_id) for c in clients]
+        generator = _default_generator(self.device)
+        rng_states = []
+        for seed in seeds:  # each client's RNG starts where torch.manual_seed(seed) puts it (LoRA dropout)
+            torch.manual_seed(seed)
+            rng_states.append(generator.get_state())
+        streams = [_batch_stream(len(c.examples), rc.batch_size, torch.Generator().manual_seed(seed))
+                   for c, seed in zip(clients, seeds)]
+        # the stacked factors: row k is client k's copy of the LoRA tensor, all starting at the global adapter
+        stacks, trainable = {}, []
+        ordered = []
+        for p in self.flat.params:
+            s = p.detach().unsqueeze(0).repeat(k_clients, *([1] * p.ndim)).requires_grad_(p.requires_grad)
+            stacks[id(p)] = s
+            ordered.append(s)
+            if p.requires_grad:  # train_only froze the factors not trained this round
+                trainable.append(s)
+        if rc.optimizer == "sgd":
+            optimizer = torch.optim.SGD(trainable, lr=rc.lr, weight_decay=rc.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=rc.lr, weight_decay=rc.weight_decay)
+        global_params = None
+        if rc.algorithm == "fedprox" and rc.prox_mu > 0:
+            global_params = [s.detach().clone() for s in trainable]
+        loss_function = getattr(self.model.get_base_model(), "loss_function", None)
+        run = _Pass(stacks, rng_states, generator, k_clients)
+        self.model.train()
+        losses: list[list[float]] = [[] for _ in clients]
+        seen: list[set[int]] = [set() for _ in clients]
+        compute_s = 0.0
+        with _patched(layers, run):
+            for _step in range(rc.local_steps):
+                tc = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = [0.0] * k_clients
+                for _micro in range(rc.grad_accum):
+                    parts = []
+                    for k, (client, stream) in enumerate(zip(clients, streams)):
+                        idx = next(stream)
+                        seen[k].update(idx)
+                        parts.append(collate([client.examples[i] for i in idx], self.pad_id))
+                    batch, run.segments, run.lengths = _concat(parts, self.pad_id)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    total = 0.0
+                    for k, ((s, e), length) in enumerate(zip(run.segments, run.lengths)):
+                        loss = _causal_lm_loss(loss_function, logits[s:e, :length].contiguous(),
+                                               batch["labels"][s:e, :length].contiguous())
+                        total = total + loss / rc.grad_accum
+                        step_loss[k] += loss.item() / rc.grad_accum
+                    total.backward()
+                if global_params is not None:  # FedProx: grad of mu/2 ||w - w_g||^2, per adapter elementwise
+                    with torch.no_grad():
+                        for s, g in zip(trainable, global_params):
+                            s.grad.add_(s.detach() - g, alpha=rc.prox_mu)
+                if rc.max_grad_norm:
+                    clip_per_adapter(trainable, rc.max_grad_norm)
+                optimizer.step()
+                compute_s += time.perf_counter() - tc
+                for k in range(k_clients):
+                    losses[k].append(step_loss[k])
+        # the model holds the last client's weights and gradients afterwards, as after the sequential path
+        last = torch.cat([s[-1].detach().reshape(-1).float().cpu() for s in ordered])
+        self.flat.set(last)
+        for p in self.flat.params:
+            s = stacks[id(p)]
+            p.grad = s.grad[-1].clone() if (p.requires_grad and s.grad is not None) else None
+        seconds = time.perf_counter() - t0
+        results = []
+        for k, client in enumerate(clients):
+            local_vec = torch.cat([s[k].detach().reshape(-1).float().cpu() for s in ordered])
+            update = local_vec - global_vec
+            metrics = {"loss": sum(losses[k]) / len(losses[k]), "first_loss": losses[k][0],
+                       "last_loss": losses[k][-1], "steps": rc.local_steps, "samples": client.num_samples,
+                       "update_norm": float(update.norm()),
+                       # one pass trained every client: each is charged an equal share of its time
+                       "compute_seconds": compute_s / k_clients, "seconds": seconds / k_clients,
+                       "seen_examples": sorted(seen[k]), "batched_with": k_clients}
+            results.append(ClientResult(client.client_id, update, client.num_samples, metrics, {}))
+        return results, list(run.rng_states)
+
+
+def _concat(parts: list[dict], pad_id: int) -> tuple[dict, list[tuple[int, int]], list[int]]:
+    """Stack the clients' right-padded batches along rows (padded again to the longest); their row segments
+    and the length each was padded to on its own."""
+    lengths = [p["input_ids"].shape[1] for p in parts]
+    width = max(lengths)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {key: torch.cat([F.pad(p[key], (0, width - p[key].shape[1]), value=value) for p in parts])
+             for key, value in fill.items()}
+    segments, start = [], 0
+    for p in parts:
+        n = p["input_ids"].shape[0]
+        segments.append((start, start + n))
+        start += n
+    return batch, segments, lengths
+
+
+def _causal_lm_loss(loss_function, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's own causal-LM loss on one client's rows (what ``model(**batch).loss`` computes), else the
+    mean next-token cross-entropy over labelled tokens."""
+    if loss_function is not None:
+        return loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+    shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def clip_per_adapter(stacks: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for each adapter of stacked gradients ``[K, ...]``: adapter k's total
+    norm is over its slices only, and its gradients are scaled by ``min(1, max_norm / (norm + 1e-6))``.
+    Returns the K total norms."""
+    grads = [s.grad for s in stacks if s.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    k = grads[0].shape[0]
+    # one norm per slice, as the sequential path takes one norm per tensor of one client
+    total = torch.stack([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g[i]) for g in grads]))
+                         for i in range(k)])
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view(k, *([1] * (g.ndim - 1))).to(g.dtype))
+    return total
