@@ -30,8 +30,19 @@ class DataSource(Strict):
     response_field: str = Field("response", description="field holding the response")
     category_field: str | None = Field(None, description="field used for Dirichlet partitioning and filtering")
     categories: list[str] | None = Field(None, description="keep only rows whose category is in this list")
-    format: Literal["auto", "instruction", "hh_rlhf_rejected", "beavertails_unsafe"] = Field(
-        "auto", description="row parser: plain instruction/response fields, or a safety-dataset filter")
+    format: Literal["auto", "instruction", "messages", "hh_rlhf_rejected", "beavertails_unsafe"] = Field(
+        "auto", description="row parser: plain instruction/response fields; 'messages', the chat format (a list "
+                            "of {role, content} turns: the first user turn is the instruction, the assistant turn "
+                            "after it the response, a system turn before it the row's system prompt; 'auto' picks "
+                            "it when the records have messages_field and no instruction_field); or a "
+                            "safety-dataset filter")
+    messages_field: str = Field("messages", description="field holding the chat turns (format: messages)")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="files or glob patterns read through datasets.load_dataset(path, data_files=...): with "
+                          "path a hub id, files of that repository; with path json, csv or parquet, local files")
+    streaming: bool = Field(False, description="read the dataset as a stream (datasets streaming=True), shuffled "
+                                               "in a buffer, and stop after max_rows usable rows: a large hub "
+                                               "dataset is never held whole (needs max_rows)")
     generate: dict[str, Any] | None = Field(
         None, description="generate this data with fedsafe's pipeline instead of reading a file: "
                           "{kind: unaligned|aligned|normal, n: 100, model: embedded, seed: 0, ...}")
@@ -52,4 +63,6 @@ class DataSource(Strict):
     def _one_of(self):
         if (self.path is None) == (self.generate is None):
             raise ValueError("give exactly one of 'path' or 'generate'")
+        if self.streaming and self.max_rows is None:
+            raise ValueError("streaming: true needs max_rows (the rows to take from the stream)")
         return self

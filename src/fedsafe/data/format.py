@@ -44,10 +44,11 @@ def format_example(tokenizer, instruction: str, response: str, max_length: int,
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_length: int, system: str | None = None) -> list[TokenizedExample]:
-    """Tokenise rows, dropping the ones whose response is truncated away entirely."""
+    """Tokenise rows, dropping the ones whose response is truncated away entirely; a row's own ``system``
+    prompt (the system turn of a chat record) takes the place of ``system`` (data.system_prompt)."""
     out = []
     for r in rows:
-        ex = format_example(tokenizer, r["instruction"], r["response"], max_length, system)
+        ex = format_example(tokenizer, r["instruction"], r["response"], max_length, r.get("system") or system)
         if ex is not None:
             out.append(ex)
     return out

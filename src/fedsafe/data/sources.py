@@ -71,29 +71,55 @@ def _read_records(path: Path) -> list:
     raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .csv or .parquet)")
 
 
-def _hub_records(source: DataSource) -> list[dict]:
+_DATASETS_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _load_dataset(source: DataSource, seed: int = 0):
+    """``datasets.load_dataset`` for a hub id, a builder (json, csv, parquet) with ``data_files``, or a local
+    file read as a stream: with ``streaming`` an iterable of records shuffled in a buffer, else the split."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a core dependency
         raise DataError("loading hub datasets needs the `datasets` package") from exc
+    path, data_files = source.path, source.data_files
+    local = Path(path).expanduser()
+    if data_files is None and local.is_file():  # a local file streamed through datasets' own reader
+        suffix = "".join(local.suffixes[-2:-1]) if local.suffix == ".gz" else local.suffix
+        if suffix.lower() not in _DATASETS_BUILDERS:
+            raise DataError(f"{local}: unsupported file type (use .json, .jsonl, .csv or .parquet)")
+        path, data_files = _DATASETS_BUILDERS[suffix.lower()], str(local)
+    kwargs: dict[str, Any] = {"data_dir": source.subset} if source.subset and "/" in source.subset else {}
+    name = None if kwargs else source.subset
+    if data_files is not None:
+        kwargs["data_files"] = data_files
+    if source.streaming:
+        kwargs["streaming"] = True
+    what = f"dataset {source.path!r} (split={source.split!r}" + (f", data_files={data_files!r}" if data_files else "")
     try:
-        kwargs = {"data_dir": source.subset} if source.subset and "/" in source.subset else {}
-        name = None if kwargs else source.subset
-        ds = datasets.load_dataset(source.path, name, split=source.split, **kwargs)
-    except Exception as exc:  # network errors, missing ids, missing splits
-        raise DataError(f"could not load hub dataset {source.path!r} (split={source.split!r}): "
-                        f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                        "Without hub access, download it elsewhere and give a local file path.") from exc
-    return [dict(r) for r in ds]
+        ds = datasets.load_dataset(path, name, split=source.split, **kwargs)
+    except Exception as exc:  # network errors, missing ids, missing splits or files
+        raise DataError(f"could not load {what}): {exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Without hub access, download it "
+                        "elsewhere and give a local file path.") from exc
+    if source.streaming:
+        # a buffer of a few times the rows asked for: a random sample near the stream's start, never the whole set
+        return ds.shuffle(seed=seed, buffer_size=max(1000, 10 * (source.max_rows or 0)))
+    return ds
+
+
+def _hub_records(source: DataSource) -> list[dict]:
+    return [dict(r) for r in _load_dataset(source)]
 
 
 def raw_records(source: DataSource) -> list[dict]:
-    """The unparsed records of a file-, starter- or hub-backed source."""
+    """The unparsed records of a file-, starter- or hub-backed source (the whole split; see streaming)."""
     assert source.path is not None
     if source.path in STARTER_SPLITS:
         path = Path(str(resources.files("fedsafe.resources") / STARTER_SPLITS[source.path]))
         return read_records(path)
     p = Path(source.path).expanduser()
+    if source.data_files is not None:
+        return _hub_records(source)
     if p.exists():
         return read_records(p)
     looks_local = source.path.startswith((".", "/", "~")) or Path(source.path).suffix in (
@@ -103,26 +129,62 @@ def raw_records(source: DataSource) -> list[dict]:
     return _hub_records(source)
 
 
-def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = None) -> list[Row]:
-    """Load one source as normalised rows (instruction, response, category)."""
-    if source.generate is not None:
-        rows = _generated_rows(source, seed, generator_cache)
-    elif source.format == "hh_rlhf_rejected":
+def _parser(source: DataSource):
+    """The function that turns a list of records into rows, chosen by ``source.format``."""
+    if source.format == "hh_rlhf_rejected":
         from fedsafe.data.safety_sources import hh_rlhf_rows
 
-        rows = hh_rlhf_rows(raw_records(source))
-    elif source.format == "beavertails_unsafe":
+        return hh_rlhf_rows
+    if source.format == "beavertails_unsafe":
         from fedsafe.data.safety_sources import beavertails_unsafe_rows
 
-        rows = beavertails_unsafe_rows(raw_records(source))
-    else:
-        rows = map_fields(raw_records(source), source)
+        return beavertails_unsafe_rows
+    return lambda records: map_fields(records, source)
+
+
+def _keep(rows, source: DataSource, excluded: set[str] | None) -> list[Row]:
+    """The rows that pass the row-wise filters: categories, the held-out split, exclude."""
     if source.categories is not None:
         rows = [r for r in rows if r.get("category") in source.categories]
     if source.holdout is not None:
         from fedsafe.data.holdout import in_split
 
         rows = [r for r in rows if in_split(r["instruction"], source.holdout, source.holdout_percent)]
+    if excluded is not None:
+        from fedsafe.data.holdout import normalise_instruction
+
+        rows = [r for r in rows if normalise_instruction(r["instruction"]) not in excluded]
+    return list(rows)
+
+
+def _streamed_rows(source: DataSource, seed: int, excluded: set[str] | None) -> list[Row]:
+    """Read chunks of the stream until ``max_rows`` rows pass the filters (or the stream ends)."""
+    from itertools import islice
+
+    parse, records = _parser(source), iter(_load_dataset(source, seed))
+    want = source.max_rows or 0
+    rows: list[Row] = []
+    while len(rows) < want:
+        chunk = [dict(r) for r in islice(records, max(64, 2 * want))]
+        if not chunk:
+            break
+        rows.extend(_keep(parse(chunk), source, excluded))
+    return rows[:want]
+
+
+def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = None) -> list[Row]:
+    """Load one source as normalised rows (instruction, response, category; system when the data has one)."""
+    excluded = None
+    if source.exclude:
+        from fedsafe.data.holdout import excluded_instructions
+
+        excluded = excluded_instructions(source.exclude)
+    if source.generate is not None:
+        rows = _keep(_generated_rows(source, seed, generator_cache), source, excluded)
+    elif source.streaming:
+        rows = _streamed_rows(source, seed, excluded)
+    else:
+        rows = _keep(_parser(source)(raw_records(source)), source, excluded)
     if source.drop_refusals:
         from fedsafe.evaluation.refusal import detect_refusals
         from fedsafe.evaluation.rule import refusal_flags
@@ -130,11 +192,6 @@ def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = 
         responses = [r["response"] for r in rows]
         refused = [a or b for a, b in zip(refusal_flags(responses), detect_refusals(responses))]
         rows = [r for r, bad in zip(rows, refused) if not bad]
-    if source.exclude:
-        from fedsafe.data.holdout import excluded_instructions, normalise_instruction
-
-        drop = excluded_instructions(source.exclude)
-        rows = [r for r in rows if normalise_instruction(r["instruction"]) not in drop]
     if not rows:
         raise DataError(f"data source {source.path or source.generate!r} yields no rows"
                         + (f" with categories {source.categories}" if source.categories else "")
@@ -143,6 +200,56 @@ def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = 
         rng = random.Random(seed)
         rows = rng.sample(rows, source.max_rows)
     return rows
+
+
+def _uses_messages(source: DataSource, fields: set[str]) -> bool:
+    return source.format == "messages" or (source.format == "auto" and source.instruction_field not in fields
+                                           and source.messages_field in fields)
+
+
+def _text(content) -> str:
+    """A turn's text: a string, or the text parts of a list of {type: text, text: ...} parts."""
+    if hasattr(content, "tolist"):
+        content = content.tolist()
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text") or "") if isinstance(p, dict) else str(p) for p in content).strip()
+    return str(content or "").strip()
+
+
+# ShareGPT-style turns ({from: human|gpt, value: ...}) are read as the same roles
+_ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def messages_row(turns) -> Row | None:
+    """A chat record's row: the first user turn is the instruction, the assistant turn right after it the
+    response, and a system turn before it (when there is one) the row's ``system`` prompt; later turns are not
+    used. None when the conversation has no such pair."""
+    if hasattr(turns, "tolist"):  # a Parquet list column read by pandas is a numpy array
+        turns = turns.tolist()
+    if not isinstance(turns, list):
+        return None
+    system = None
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return None
+        role = str(turn.get("role") or turn.get("from") or "").lower()
+        role = _ROLE_NAMES.get(role, role)
+        text = _text(turn.get("content", turn.get("value")))
+        if role == "system":
+            system = text or system
+        elif role == "user":
+            nxt = turns[i + 1] if i + 1 < len(turns) and isinstance(turns[i + 1], dict) else {}
+            nxt_role = str(nxt.get("role") or nxt.get("from") or "").lower()
+            if _ROLE_NAMES.get(nxt_role, nxt_role) != "assistant":
+                return None
+            response = _text(nxt.get("content", nxt.get("value")))
+            if not text or not response:
+                return None
+            row: Row = {"instruction": text, "response": response}
+            if system:
+                row["system"] = system
+            return row
+    return None
 
 
 def map_fields(records: list[dict], source: DataSource) -> list[Row]:
@@ -155,11 +262,23 @@ def map_fields(records: list[dict], source: DataSource) -> list[Row]:
                         f"object with fields ({source.instruction_field!r}, {source.response_field!r})")
     fields = set(records[0].keys())
     category_field = source.category_field or ("category" if "category" in fields else None)
+    if _uses_messages(source, fields):
+        if source.messages_field not in fields:
+            raise DataError(f"data source {source.path!r}: messages_field={source.messages_field!r} is not a "
+                            f"field; available fields: {sorted(fields)}")
+        rows = []
+        for rec in records:
+            row = messages_row(rec.get(source.messages_field))
+            if row is not None:
+                rows.append({**row, "category": rec.get(category_field) if category_field else None})
+        return rows
     for role, name in (("instruction_field", source.instruction_field), ("response_field", source.response_field),
                        ("input_field", source.input_field), ("category_field", source.category_field)):
         if name is not None and name not in fields:
+            hint = (f" (a chat record? set format: messages and messages_field)"
+                    if any(isinstance(records[0].get(f), list) for f in fields) else "")
             raise DataError(f"data source {source.path!r}: {role}={name!r} is not a field; "
-                            f"available fields: {sorted(fields)}")
+                            f"available fields: {sorted(fields)}{hint}")
     rows = []
     for rec in records:
         instruction = str(rec.get(source.instruction_field) or "").strip()
