@@ -32,6 +32,11 @@ REGISTRY: dict[str, str] = {
     "residual": "fedsafe.aggregators.residual:Residual",
     "geometric_median": "fedsafe.aggregators.geometric_median:GeometricMedian",
     "norm_clip": "fedsafe.aggregators.norm_clip:NormClip",
+    "nnm": "fedsafe.aggregators.nnm:NearestNeighbourMixing",
+    "flame": "fedsafe.aggregators.flame:FLAME",
+    "lasa": "fedsafe.aggregators.lasa:LASA",
+    "fltrust": "fedsafe.aggregators.fltrust:FLTrust",
+    "centered_clipping": "fedsafe.aggregators.centered_clipping:CenteredClipping",
 }
 
 
@@ -48,18 +53,17 @@ def available() -> list[str]:
 def get(name: str, **params) -> Aggregator:
     """Build the rule ``name`` with ``params``; unknown names and parameters raise ConfigError.
 
-    ``"filter+rule"`` composes a filter (a class with ``is_filter = True``, e.g. ``probe``) in front of any
-    rule: ``params[filter]`` (a dict) goes to the filter, the other params to the inner rule, e.g.
-    ``get("probe+krum", f=1, probe={"threshold": 0.9})``. How the filter's weights reach the inner rule
-    is the filter's contract (see :mod:`fedsafe.aggregators.probe`).
+    ``"step+rule"`` puts a pre-aggregation step (a class with ``is_filter = True``: ``nnm``, ``probe``,
+    ``norm_clip``) in front of any rule (:func:`fedsafe.aggregators.wrappers.compose`): ``params[step]`` (a
+    dict) goes to the step, the other params to the inner rule, e.g. ``get("nnm+krum", f=1)`` or
+    ``get("probe+krum", f=1, probe={"threshold": 0.9})``. How the step's weights reach the inner rule is the
+    step's contract (see :mod:`fedsafe.aggregators.wrappers` and :mod:`fedsafe.aggregators.probe`).
     """
     if "+" in name:
-        outer, inner = name.split("+", 1)
-        outer_params = dict(params.pop(outer, None) or {})
-        if outer not in REGISTRY or not getattr(_load(outer), "is_filter", False):
-            raise ConfigError(f"aggregator.name={name!r}: {outer!r} is not a filter rule; a filter such as "
-                              f"'probe' goes in front, e.g. 'probe+{inner}'")
-        return get(outer, inner=get(inner, **params), **outer_params)
+        from fedsafe.aggregators.wrappers import compose
+
+        return compose(name, params, get,
+                       lambda outer: outer in REGISTRY and bool(getattr(_load(outer), "is_filter", False)))
     if name not in REGISTRY:
         raise ConfigError(f"aggregator.name={name!r} is not one of {', '.join(available())}")
     cls = _load(name)

@@ -23,7 +23,8 @@ class RoundContext:
     (the probe's ROC-AUC) but must never decide with it. ``shadow`` is the server's shadow-training
     service (:class:`fedsafe.defenses.shadow.ShadowTrainer`) when the experiment built one.
     ``client_extra`` is filled by the server with each client's ``ClientResult.extra`` right before
-    aggregation (e.g. the step-level reports of the probe).
+    aggregation (e.g. the step-level reports of the probe). ``flat`` is the model's LoRA layout
+    (:class:`fedsafe.fl.params.FlatLoRA`) when the server has one (LASA's layers).
     """
 
     round: int
@@ -32,6 +33,7 @@ class RoundContext:
     truth: dict[str, bool] | None = None
     shadow: Any = None
     client_extra: dict[str, dict] = field(default_factory=dict)
+    flat: Any = None
 
 
 @dataclass

@@ -16,11 +16,14 @@ The conditions, each from its rule's paper (see the rule's module):
                     f (a count instead of beta): n >= 2f + 1 (f values trimmed per side, one left)
   residual          n >= 3                     (Fu et al. 2019: the robust scale divides by n - 1 and drops one
                     residual; with fewer clients fedsafe falls back to the plain mean)
+  nnm (a step)      n >= f + 1                 (Allouah et al. 2023: each update is mixed with its n - f nearest)
 
-Compositions: ``probe+<rule>`` needs what ``<rule>`` needs (its params are ``aggregator.params``);
-``norm_clip`` needs what its inner ``aggregator`` needs (params under ``aggregator.params.params``).
-Median, geometric median, FoolsGold, FedAvg and the probe alone work with any n >= 1. Rules registered by
-plug-ins are not checked here (they raise at run time).
+Compositions (:mod:`fedsafe.aggregators.wrappers`): ``<step>+<rule>`` needs what the step needs (its params
+are ``aggregator.params.<step>``, plus the shared ones of :data:`SHARED_PARAMS` taken from the rule's) and what
+``<rule>`` needs (``aggregator.params``); ``norm_clip`` needs what its inner ``aggregator`` needs (params under
+``aggregator.params.params``). Median, geometric median, FoolsGold, FedAvg, FLAME, LASA, FLTrust, centered
+clipping and the probe alone work with any n >= 1 (FLAME's clustering with n = 1 or 2 admits every update; see
+its module). Rules registered by plug-ins are not checked here (they raise at run time).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from fedsafe.errors import ConfigError
 
 #: the smallest round the residual rule reweights; below it, it returns the plain mean
 RESIDUAL_MIN_CLIENTS = 3
+
+#: parameters a pre-aggregation step reads from its inner rule's params when its own section leaves them out
+#: (``nnm+krum`` with ``params: {f: 4}``: NNM mixes over n - 4 neighbours, Krum assumes 4 attackers)
+SHARED_PARAMS: dict[str, tuple[str, ...]] = {"nnm": ("f",)}
 
 #: slack for beta * n computed just below an integer: beta = f/n must trim f values (int(beta * n) trimmed
 #: f - 1 for 368 of the (n <= 200, f < n/2) pairs, e.g. none at all for n = 49, beta = 1/49)
@@ -163,6 +170,12 @@ def residual_needs() -> list[Need]:
                  "scale divides by n-1 and drops one residual; with fewer it is the plain mean)", "change")]
 
 
+def nnm_needs(f: int) -> list[Need]:
+    """Nearest-neighbour mixing: n - f >= 1 neighbours (the update itself)."""
+    return [Need("f", f, f + 1, f"nnm mixes each update with its n-f nearest and needs at least f+1={f + 1} "
+                                "clients per round")]
+
+
 def _needs_of(name: str, params: dict, where: str) -> list[Need]:
     """The conditions of one plain (uncomposed) rule; a bad parameter value raises ConfigError naming it."""
 
@@ -189,6 +202,11 @@ def _needs_of(name: str, params: dict, where: str) -> list[Need]:
         return trimmed_mean_needs(param("beta", 0.1, validate_beta))
     if name == "residual":
         return residual_needs()
+    if name == "nnm":
+        if params.get("f") is None:
+            raise ConfigError(f"{where}.f: nnm needs f, the assumed number of Byzantine clients (set it there or "
+                              "give the inner rule an f)")
+        return nnm_needs(param("f", None, validate_f))
     return []
 
 
@@ -201,10 +219,13 @@ def rule_needs(name: str, params: dict | None = None, where: str = "aggregator.p
     """
     params = dict(params or {})
     name = (name or "").strip()
-    if "+" in name:  # a filter in front: the inner rule gets the params without the filter's own section
-        outer, inner = name.split("+", 1)
-        params.pop(outer, None)
-        return rule_needs(inner, params, where, name_field)
+    if "+" in name:  # a step in front (fedsafe.aggregators.wrappers): the step's needs and the inner rule's
+        outer, inner = (part.strip() for part in name.split("+", 1))
+        own = dict(params.pop(outer, None) or {})
+        shared = {k: params[k] for k in SHARED_PARAMS.get(outer, ()) if k not in own and k in params}
+        needs = [(f"{where}.{need.param}" if need.param in shared else f"{where}.{outer}.{need.param}", need)
+                 for need in _needs_of(outer, {**own, **shared}, f"{where}.{outer}")]
+        return needs + rule_needs(inner, params, where, name_field)
     if name == "norm_clip":
         return rule_needs(str(params.get("aggregator") or "fedavg"), params.get("params") or {},
                           where + ".params", where + ".aggregator")

@@ -151,7 +151,8 @@ class Server:
         from fedsafe.aggregators.base import RoundContext
 
         self._context = RoundContext(round=rc.round, global_vec=self.global_vec, round_config=rc, truth=truth,
-                                     shadow=shadow if shadow is not None else self.shadow)
+                                     shadow=shadow if shadow is not None else self.shadow,
+                                     flat=getattr(self.lora, "flat", None))
         prepare = getattr(self.aggregator, "prepare", None)
         return prepare(self._context) if prepare is not None else rc
 
