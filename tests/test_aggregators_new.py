@@ -414,3 +414,54 @@ def test_centered_clipping_and_nnm_allocate_on_the_device_of_their_input():
         finally:
             torch.set_default_device(previous)
         assert got.update.device.type == "cpu" and torch.equal(got.update, ref.update)
+
+
+# --- FLTrust's root data in a run (the plug-in that trains the server update) -------------------------
+
+@pytest.fixture
+def fltrust_plugin():
+    import fedsafe.plugins as plugins
+    from fedsafe.aggregators.fltrust_root import FLTrustRoot
+
+    added = FLTrustRoot.name not in plugins._REGISTRY
+    if added:  # until the built-in registry lists it
+        plugins.register(FLTrustRoot)
+    yield FLTrustRoot
+    if added:
+        plugins._REGISTRY.pop(FLTrustRoot.name, None)
+
+
+def test_fltrust_needs_root_data_at_config_load(fltrust_plugin):
+    from fedsafe.config import load_config
+
+    with pytest.raises(ConfigError, match=r"fltrust\.root"):
+        load_config(None, ["aggregator.name=fltrust"])
+    cfg = load_config(None, ["aggregator.name=nnm+fltrust", "aggregator.params={nnm: {f: 1}}",
+                             "posthoc.enabled=true", "posthoc.aligned=[{path: 'starter:train', categories: [aligned]}]",
+                             "posthoc.normal=[{path: 'starter:train', categories: [normal]}]"])
+    assert cfg.aggregator.name == "nnm+fltrust"  # the post-hoc data is the default root set
+
+
+def test_fltrust_trains_the_server_update_on_the_root_data_each_round(fltrust_plugin, tmp_path):
+    import json
+    from pathlib import Path
+
+    from fedsafe.config import load_config
+    from fedsafe.pipeline import run_experiment
+
+    cfg = load_config(None, ["model.name=tiny", f"output_dir={tmp_path}", "name=fltrust", "fl.rounds=2",
+                             "fl.local_steps=2", "fl.batch_size=2", "data.samples_per_client=4", "data.max_length=96",
+                             "roles.0.clients=3", "fl.clients_per_round=3", "fl.lr=0.01",
+                             "eval.helpfulness_proxy=false", "eval.normal_prompts=null", "aggregator.name=fltrust",
+                             "fltrust.root=[{path: 'starter:train', categories: [normal]}]", "fltrust.samples=6"])
+    run = run_experiment(cfg, progress=False)
+    rounds = [json.loads(x) for x in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["type"] == "round"]
+    assert len(rounds) == 2
+    norms = [r["aggregator_info"]["server_update_norm"] for r in rounds]
+    assert all(v > 0 for v in norms) and norms[0] != norms[1]  # trained anew from each round's global adapter
+    for r in rounds:  # the logged trust scores give the logged weights: TS_i ||g0|| / (||g_i|| sum TS)
+        info = r["aggregator_info"]
+        trust, g_norms = np.array(info["trust"]), np.array(r["update_norms"])
+        expected = trust * info["server_update_norm"] / g_norms / trust.sum()
+        np.testing.assert_allclose(r["client_weights"], expected, rtol=1e-4)
