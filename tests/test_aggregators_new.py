@@ -465,3 +465,26 @@ def test_fltrust_trains_the_server_update_on_the_root_data_each_round(fltrust_pl
         trust, g_norms = np.array(info["trust"]), np.array(r["update_norms"])
         expected = trust * info["server_update_norm"] / g_norms / trust.sum()
         np.testing.assert_allclose(r["client_weights"], expected, rtol=1e-4)
+
+
+def test_lasa_filters_per_lora_tensor_in_a_run(tmp_path):
+    import json
+    from pathlib import Path
+
+    from fedsafe.config import load_config
+    from fedsafe.pipeline import run_experiment
+
+    cfg = load_config(None, ["model.name=tiny", f"output_dir={tmp_path}", "name=lasa", "fl.rounds=1",
+                             "fl.local_steps=2", "fl.batch_size=2", "data.samples_per_client=4", "data.max_length=96",
+                             "roles.0.clients=3", "fl.clients_per_round=3", "fl.lr=0.01",
+                             "eval.helpfulness_proxy=false", "eval.normal_prompts=null", "aggregator.name=nnm+lasa",
+                             "aggregator.params={nnm: {f: 1}}"])
+    run = run_experiment(cfg, progress=False)
+    record = next(json.loads(x) for x in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(x)["type"] == "round")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(run.run_dir) / "adapters" / "final" / "adapter_model.safetensors"))
+    assert record["aggregator"] == "nnm+lasa"
+    assert record["aggregator_info"]["layers"] == len(tensors) > 1  # one layer per LoRA A / B tensor
+    assert record["aggregator_info"]["nnm"] == {"f": 1, "neighbours": 2}
