@@ -11,17 +11,18 @@ TORCH  ?= torch==2.13.0
 # another torch build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126 (its +cu126 wheel wins)
 TORCH_INDEX ?=
 LOCK   := requirements.lock
-EXTRAS ?= test,he,dp,flower
+EXTRAS ?= test,he,dp,flower,docs
 # the interpreter that resolves `make lock`: the venv's (its pip is the locked one) once it exists
 LOCK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: demo test test-slow setup bench clean help lock lock-upgrade check-lock
+.PHONY: demo test test-slow setup bench docs docs-serve clean help lock lock-upgrade check-lock
 
 help:
 	@echo "make demo   - set up .venv and run the attack-then-defense demo on the embedded model"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make test-slow - also run the slow end-to-end tests on the embedded model"
 	@echo "make bench  - run the benchmarks"
+	@echo "make docs   - build the documentation site from docs/ into site/ (make docs-serve: live preview)"
 	@echo "make lock   - re-resolve requirements.lock after editing pyproject.toml's dependencies (keeps pins)"
 	@echo "make lock-upgrade - re-resolve requirements.lock to the newest versions pyproject allows"
 
@@ -65,5 +66,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/aggregation.py --d 262144
 
+# the documentation site (mkdocs.yml, docs/); --strict: a broken link or API reference fails the build
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

