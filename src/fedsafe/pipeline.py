@@ -405,14 +405,51 @@ def _print_summary(result: RunResult, cfg: ExperimentConfig) -> None:
     if result.heldout_loss_before is not None:
         console.print(f"held-out loss: before {result.heldout_loss_before:.4f} -> after "
                       f"{result.heldout_loss_after:.4f}")
-    for ev in result.evals:
-        console.print(f"{ev['scenario']:<16} {ev['method']:<10} {ev['defense']:<12} Rule={_fmt(ev.get('rule'))} "
-                      f"refusal={_fmt(ev.get('refusal'))} over_refusal={_fmt(ev.get('over_refusal'))} "
-                      f"borderline_refusal={_fmt(ev.get('borderline_refusal'))} "
-                      f"helpfulness_proxy={_fmt(ev.get('helpfulness_proxy'))}")
+    if result.evals:
+        console.print(safety_table(result.evals))
+    elif not cfg.eval.prompts:
+        console.print("no safety evaluation: set eval.prompts (and eval.normal_prompts) to measure Rule and "
+                      "over-refusal, e.g. --set eval.prompts=starter:heldout")
     console.print(f"final adapter: {result.final_adapter}")
     if result.posthoc_adapter:
         console.print(f"defended adapter: {result.posthoc_adapter}")
+
+
+# (result column, prompt-count column, row label) of the console's "did it stay safe?" table
+_SAFETY_ROWS = (("rule", "n_prompts", "Rule % (harmful) ↑"), ("refusal", "n_prompts", "refused % (detector) ↑"),
+                ("over_refusal", "n_normal_prompts", "over-refusal % (everyday) ↓"),
+                ("borderline_refusal", "n_borderline_prompts", "borderline refusal % ↓"))
+
+
+def safety_table(evals: list[dict]):
+    """The end-of-run table, one column per evaluated model: Rule, refusal, over-refusal and borderline refusal
+    with their 95% Wilson intervals over prompts (:func:`fedsafe.stats.wilson_interval`; one seed) and the
+    helpfulness proxy; metrics no model measured are left out."""
+    from rich.table import Table
+
+    from fedsafe.stats import wilson_interval
+
+    table = Table(title="did it stay safe?", caption="95% Wilson intervals over prompts, one seed")
+    table.add_column("metric")
+    for ev in evals:
+        defense = ev.get("defense", "none")
+        table.add_column(ev["scenario"] if defense in ("none", "posthoc") else f"{ev['scenario']} ({defense})",
+                         justify="right")
+    for metric, n_key, label in _SAFETY_ROWS:
+        if all(ev.get(metric) is None for ev in evals):
+            continue
+        cells = []
+        for ev in evals:
+            value, n = ev.get(metric), int(ev.get(n_key) or 0)
+            if value is None or not n:
+                cells.append("-")
+                continue
+            lo, hi = wilson_interval(round(value * n / 100.0), n)
+            cells.append(f"{value:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+        counts = sorted({int(ev.get(n_key) or 0) for ev in evals if ev.get(metric) is not None})
+        table.add_row(f"{label}, n={'/'.join(map(str, counts))}", *cells)
+    table.add_row("helpfulness proxy (ppl) ↓", *(_fmt(ev.get("helpfulness_proxy")) for ev in evals))
+    return table
 
 
 def _fmt(v) -> str:
