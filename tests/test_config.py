@@ -170,7 +170,10 @@ def _float_fields(model_cls, prefix=""):
 
 def test_every_float_field_refuses_inf_and_nan():
     """allow_inf_nan=False on the shared base section: `fl.lr: .inf` made every update NaN and still exited 0."""
-    fields = list(_float_fields(ExperimentConfig))
+    from fedsafe.plugins import sections
+
+    fields = list(_float_fields(ExperimentConfig))  # the core sections, then the plug-ins' (validated through
+    fields += [f for top, model in sections().items() for f in _float_fields(model, f"{top}.")]  # the registry)
     assert {"fl.lr", "fl.clients_per_round", "dp.noise_multiplier", "lora.alpha", "fl.max_norm_ratio",
             "roles.0.fraction", "probe.C"} <= set(fields), fields
     for path in fields:

@@ -318,7 +318,7 @@ def test_default_delta_is_small_and_absolute(caplog):
     """delta no longer depends on N (1/N^1.1 gave 0.30 for N = 3); a delta >= 1/N is warned about."""
     import logging
 
-    from fedsafe.config import DPConfig
+    from fedsafe.defenses.differential_privacy import DPConfig
 
     assert DPConfig().delta == 1e-5
     acc = _accountant(_client_dp_cfg(clients=3, per_round=2))

@@ -1,4 +1,4 @@
-"""Release gate (fedsafe.defenses.gate): thresholds on synthetic per-prompt outcomes, the interval logic
+"""Release gate (fedsafe.evaluation.gate): thresholds on synthetic per-prompt outcomes, the interval logic
 (point vs strict, crossing), the JSON verdict schema, exit codes, the plug-in, and the CLI on the tiny model."""
 
 import json
@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from fedsafe.config import EvalConfig
-from fedsafe.defenses import gate as g
+from fedsafe.evaluation.gate import verdict as g
+from fedsafe.evaluation.gate.config import GateConfig
+from fedsafe.evaluation.gate.plugin import Gate
 from fedsafe.errors import ConfigError
 from fedsafe.stats import wilson_interval
 
@@ -313,8 +315,8 @@ def test_gate_plugin_after_training(tiny_run, monkeypatch):
     from fedsafe.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gate.policy: --policy .*no such file"):
-        g.Gate.check(g.GateConfig(policy="/nonexistent/gate.yaml"), None)
-    assert not g.Gate.is_active(g.GateConfig()) and g.Gate.is_active(g.GateConfig(policy={"rule": {"min": 0}}))
+        Gate.check(GateConfig(policy="/nonexistent/gate.yaml"), None)
+    assert not Gate.is_active(GateConfig()) and Gate.is_active(GateConfig(policy={"rule": {"min": 0}}))
     loaded = load_base_model("tiny", "cpu", "float32", seed=cfg.seed)
     model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout, cfg.lora.target_modules,
                         seed=cfg.seed)
@@ -324,8 +326,8 @@ def test_gate_plugin_after_training(tiny_run, monkeypatch):
     final = flat.from_state_dict(load_file(str(run_dir / "adapters" / "final" / "adapter_model.safetensors")))
     rd = RunDir.open(run_dir)
     ctx = SimpleNamespace(model=model, tokenizer=loaded.tokenizer, flat=flat, run_dir=rd, data=cfg.data,
-                          eval=cfg.eval, model_name="tiny", console=None, log=rd.log)
-    plugin = g.Gate(g.GateConfig(policy={"rule": {"min": 50}, "over_refusal": {"max": 50}}, strict=True), ctx)
+                          eval=cfg.eval, model_name="tiny", console=None, log=rd.log, outputs=[], eval_cache=None)
+    plugin = Gate(GateConfig(policy={"rule": {"min": 50}, "over_refusal": {"max": 50}}, strict=True), ctx)
     assert plugin.after_training(final) == []
     data = json.loads((run_dir / "gate.json").read_text())
     assert data["passed"] is False and data["mode"] == "strict" and "rule" in data["failed"]
@@ -405,3 +407,11 @@ def test_gate_section_in_a_run_config_gates_the_last_adapter(tmp_path, shared_da
 
     assert RunDir.open(res.run_dir).records("gate")[-1]["adapter"] == "posthoc"
     assert g.run_gate_exit_code(res.run_dir) == 1
+
+
+def test_policy_confidence_is_the_stats_level():
+    """The policy schema keeps its own copy of the interval level so that it validates without numpy."""
+    from fedsafe.evaluation.gate import config
+    from fedsafe.stats import CONFIDENCE
+
+    assert config.CONFIDENCE == CONFIDENCE and config.GatePolicy(rule={"min": 1}).confidence == CONFIDENCE

@@ -56,16 +56,20 @@ def test_registry_by_name_and_kind():
         fedsafe.defenses.get("nope")
 
 
-def test_each_builtin_owns_its_section_in_its_module():
-    for cls in plugins.registered(everything=True):
-        if cls.Config is None:
+def test_each_builtin_owns_its_section_through_its_registry_entry():
+    """One registry line per plug-in: its lazy "module:Class" strings name the class and the section model the
+    class itself declares, and the experiment config validates that section with that model."""
+    cfg = ExperimentConfig()
+    for name, entry in plugins.entries().items():
+        cls = plugins.plugin_class(name)
+        assert (cls.name, cls.section) == (name, entry.section), name
+        if entry.role_field is not None:  # the adaptive attack validates roles[i].attack instead
+            assert cls.section is None and callable(plugins.config_model(entry)), name
             continue
-        assert cls.Config.__module__ == cls.__module__, cls.name  # the section lives with its plug-in
-        top = cls.section.split(".")[0]
-        if top in ExperimentConfig.model_fields:
-            assert isinstance(plugins.section_of(ExperimentConfig(), cls.section), cls.Config), cls.name
-        else:  # a lazily registered built-in: its top-level section is validated by its own model
-            assert top in plugins.LAZY_MODULES and plugins.extension_sections()[top] is cls, cls.name
+        assert plugins.config_model(entry) is cls.Config, name
+        if cls.Config is not None:
+            assert isinstance(plugins.section_of(cfg, cls.section), cls.Config), name
+            assert cls.section.split(".")[0] not in ExperimentConfig.model_fields, name  # not a core field
 
 
 def test_active_plugins_and_hook_order():

@@ -114,7 +114,7 @@ def _refuse_untrained(run_dirs: list[Path]) -> None:
 
 def _gate_exit(run_dirs: list[Path]) -> None:
     """--gate-exit: exit 1 unless every run's gate.json passed (2 when a run has no gate verdict)."""
-    from fedsafe.defenses.gate import GATE_JSON, run_gate_exit_code
+    from fedsafe.evaluation.gate.verdict import GATE_JSON, run_gate_exit_code
 
     codes = [run_gate_exit_code(d) for d in run_dirs]
     if not codes or 2 in codes:
@@ -138,7 +138,7 @@ def gate(target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN_DIR",
                                                                    "run's config.yaml)"),
          no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Release gate: evaluate an adapter against a policy; exit 0 on PASS, 1 on FAIL, 2 on bad input."""
-    from fedsafe.defenses.gate import gate_command
+    from fedsafe.evaluation.gate.verdict import gate_command
 
     code = gate_command(target, policy, json_out=json_out, strict=strict, reference=reference, model_name=model,
                         progress=not no_progress)

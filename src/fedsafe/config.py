@@ -11,19 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
-from fedsafe.defenses.he_params import CKKSParams, check_compatible
-from fedsafe.attacks.privacy_extraction import CanaryConfig, PrivacyConfig  # noqa: F401  (plug-in sections)
-from fedsafe.attacks.sign_flip import SignFlipConfig
-from fedsafe.defenses.constrained_updates import ConstrainedConfig
-from fedsafe.defenses.differential_privacy import DPConfig
-from fedsafe.defenses.local_probing import LocalProbingConfig
-from fedsafe.defenses.personalization import PersonalizationConfig
-from fedsafe.defenses.posthoc_finetune import PosthocConfig
-from fedsafe.defenses.safe_fedllm_probe import ProbeConfig, ProbeFeaturesConfig  # noqa: F401
-from fedsafe.defenses.secure_aggregation import SecureAggConfig
-from fedsafe.defenses.weak_dp import WeakDPConfig
+from fedsafe import plugins
 from fedsafe.errors import ConfigError
 from fedsafe.schema import DataSource, Strict as _Strict  # noqa: F401  (DataSource: re-exported)
 
@@ -93,9 +84,10 @@ class RoleConfig(_Strict):
     def _attack(cls, v):
         if v is None:
             return None
-        from fedsafe.attacks.adaptive.base import parse_attack  # the attack's own model validates its params
-
-        return parse_attack(v).model_dump(mode="json")
+        parse = plugins.role_field_parser("attack")  # the plug-in that owns the field validates its params
+        if parse is None:
+            raise ValueError("no registered plug-in owns a role's attack")
+        return parse(v).model_dump(mode="json")
 
     @model_validator(mode="after")
     def _attack_needs_malicious(self):
@@ -292,13 +284,6 @@ class TrackingConfig(_Strict):
         return backend
 
 
-class BaselinesConfig(_Strict):
-    """Baselines the post-hoc defense is compared with (Ye et al., reviewers' requests)."""
-
-    probing: LocalProbingConfig = Field(default_factory=LocalProbingConfig)
-    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
-
-
 def _resolve_role_fractions(data: dict) -> dict:
     """Fill ``roles[*].clients`` from ``fraction`` x ``total_clients`` (largest remainder; a role with
     neither clients nor fraction takes the rest)."""
@@ -363,23 +348,14 @@ class ExperimentConfig(_Strict):
         name="benign", clients=4, data=[DataSource(path="starter:train")])])
     fl: FLConfig = Field(default_factory=FLConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
-    posthoc: PosthocConfig = Field(default_factory=PosthocConfig)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    dp: DPConfig = Field(default_factory=DPConfig)
-    constrained: ConstrainedConfig = Field(default_factory=ConstrainedConfig)
-    secure_agg: SecureAggConfig = Field(default_factory=SecureAggConfig)
-    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
-    weak_dp: WeakDPConfig = Field(default_factory=WeakDPConfig)
-    sign_flip: SignFlipConfig = Field(default_factory=SignFlipConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     total_clients: int | None = Field(None, ge=1, description="total clients when roles give a fraction")
     scenario: str | None = Field(None, description="label for results.csv (default: attack / no_attack)")
-    extensions: dict[str, Any] = Field(default_factory=dict, description="sections of third-party plug-ins "
-                                       "(fedsafe.plugins.register): written at the top level like any section, "
-                                       "validated by the plug-in's own Config")
+    extensions: dict[str, Any] = Field(default_factory=dict, description="the sections of the plug-ins (built-in "
+                                       "and third-party, fedsafe.plugins): written at the top level (dp:, "
+                                       "posthoc:, ...), read as cfg.dp, validated by the plug-in's own Config")
     defense: dict[str, Any] | None = Field(
         None, exclude=True, description="a named defense (fedsafe.defenses.presets): probe_posthoc, or {name: "
                                         "probe_posthoc, decision: gap, rule: null, level: 1}; expanded at load into "
@@ -408,14 +384,13 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _extension_sections(cls, data):
-        """Top-level sections of registered third-party plug-ins move into ``extensions``."""
+        """Top-level sections of registered plug-ins (built-in and third-party) move into ``extensions``."""
         if not isinstance(data, dict):
             return data
-        from fedsafe.plugins import extension_sections, load_lazy
-
-        for key in list(data) + list(data.get("extensions") or {}):
-            load_lazy(key)  # a built-in plug-in whose module is heavy registers when its section is used
-        owners = extension_sections()
+        owners = plugins.sections()
+        taken = sorted(set(owners) & set(cls.model_fields))
+        if taken:
+            raise ValueError(f"plug-in sections {taken} clash with core sections of the experiment config")
         found = {k: data[k] for k in owners if k in data}
         if not found:
             return data
@@ -437,28 +412,67 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _validate_extensions(self):
-        """Each third-party section is validated by its plug-in's Config; errors name the full field path."""
-        if not self.extensions:
-            return self
-        from fedsafe.plugins import extension_sections
-
-        owners = extension_sections()
-        for key, value in list(self.extensions.items()):
-            owner = owners.get(key)
-            if owner is None:
+        """Each plug-in section is validated by its plug-in's Config (errors name the full field path); a
+        section the config does not give takes its defaults, so ``cfg.dp`` always exists."""
+        owners = plugins.sections()
+        for key in self.extensions:
+            if key not in owners:
                 raise ValueError(f"{key}: unknown section (no registered plug-in owns it; registered: "
                                  f"{sorted(owners) or 'none'})")
-            if isinstance(value, owner.Config):
+        given = set(self.extensions)
+        for key, model in owners.items():  # registry order: the order config.yaml lists them in
+            value = self.extensions.pop(key, None)
+            if isinstance(value, model):
+                self.extensions[key] = value
                 continue
             try:
-                self.extensions[key] = owner.Config.model_validate(value if value is not None else {})
+                self.extensions[key] = model.model_validate(value if value is not None else {})
             except ValidationError as err:
                 msgs = "; ".join(f"{key}.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                                  + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
                                     and not isinstance(e.get("input"), dict) else "")
                                  for e in err.errors())
                 raise ValueError(msgs) from None
+        self._given_sections = given
         return self
+
+    _given_sections: set[str] = PrivateAttr(default_factory=set)  # plug-in sections the input set
+
+    def __getattr__(self, name: str):
+        """``cfg.dp``, ``cfg.posthoc``, ...: a plug-in's section (kept in ``extensions``)."""
+        if not name.startswith("_"):
+            extensions = self.__dict__.get("extensions")
+            if extensions is not None and name in extensions:
+                return extensions[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("extensions", {}) and name not in type(self).model_fields:
+            model = type(self.extensions[name])
+            self.extensions[name] = value if isinstance(value, model) else model.model_validate(value)
+            return
+        super().__setattr__(name, value)
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        """As pydantic's, where ``update`` may also replace plug-in sections (``{"posthoc": ...}``)."""
+        update = dict(update or {})
+        sections = {k: update.pop(k) for k in list(update) if k in self.extensions}
+        copied = super().model_copy(update=update or None, deep=deep)
+        if sections:
+            copied.__dict__["extensions"] = {**copied.extensions, **sections}
+            copied._given_sections = set(copied._given_sections) | set(sections)
+        return copied
+
+    @model_serializer(mode="wrap")
+    def _flat_sections(self, handler, info):
+        """Plug-in sections dump at the top level, as they are written (``dp:``, not ``extensions.dp``)."""
+        data = handler(self)
+        if not isinstance(data, dict):
+            return data
+        sections = data.pop("extensions", None) or {}
+        if info.exclude_unset:
+            sections = {k: v for k, v in sections.items() if k in self._given_sections}
+        return {**data, **sections}
 
     @model_validator(mode="after")
     def _check(self):
@@ -473,10 +487,8 @@ class ExperimentConfig(_Strict):
         from fedsafe.fl.lora_aggregation import check_config as check_lora_aggregation
 
         check_lora_aggregation(self)  # fl.lora_aggregation against secure_agg, dp, the server optimiser, the probe
-        from fedsafe.plugins import check_config as check_plugins
-
         try:  # every attack's and defense's own checks, and their declared incompatibilities (fedsafe.plugins)
-            check_plugins(self)
+            plugins.check_config(self)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -491,7 +503,7 @@ class ExperimentConfig(_Strict):
         got = f"fl.clients_per_round={self.fl.clients_per_round:g}"
         if k != self.fl.clients_per_round:
             got += f" ({k} of {self.num_clients} clients)"
-        if self.secure_agg.enabled:  # the secure_aggregation plug-in allows FedAvg only and checks min_clients
+        if plugins.CHECKS_ROUND_SIZE in plugins.declared_by(self):  # a plug-in replaced the rule (secure_agg)
             return self
         try:
             check_feasible(self.aggregator.name, self.aggregator.params, k, got)
@@ -646,10 +658,8 @@ def quickstart_path() -> Path:
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML (what the run directory stores); third-party sections at the top level."""
-    data = cfg.model_dump(mode="json")
-    extensions = data.pop("extensions", None) or {}
-    text = yaml.safe_dump({**data, **extensions}, sort_keys=False)
+    """The resolved config as YAML (what the run directory stores); plug-in sections at the top level."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     if cfg.defense is not None:  # the keys it expanded to are below; they load back to the same run
         spec = yaml.safe_dump(cfg.defense, default_flow_style=True, sort_keys=False).strip()
         text = f"# defense: {spec} (expanded below)\n" + text

@@ -32,15 +32,22 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fedsafe.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from pydantic import BaseModel
+    from rich.console import Console
 
-    from fedsafe.config import ExperimentConfig
+    from fedsafe.config import (AggregatorConfig, DataConfig, EvalConfig, ExperimentConfig, FLConfig, LoRAConfig,
+                                RoleConfig)
+    from fedsafe.fl.client import ClientData
+    from fedsafe.fl.params import FlatLoRA
+    from fedsafe.fl.server import Server
+    from fedsafe.rundir import RunDir
 
 log = logging.getLogger("fedsafe")
 
@@ -48,31 +55,52 @@ HOOKS = ("client_data", "local_training", "client_update", "round_start", "serve
          "round_end", "after_training")
 KINDS = ("attack", "defense")
 
-# the built-in plug-ins, imported on first use of the registry (each module is light: config + hooks; the
-# implementation it drives is imported inside the hooks)
-BUILTIN_MODULES = (
-    "fedsafe.attacks.data_poisoning",
-    "fedsafe.attacks.privacy_extraction",
-    "fedsafe.defenses.constrained_updates",
-    "fedsafe.defenses.differential_privacy",
-    "fedsafe.defenses.safe_fedllm_probe",
-    "fedsafe.defenses.local_probing",
-    "fedsafe.defenses.secure_aggregation",
-    "fedsafe.defenses.posthoc_finetune",
-    "fedsafe.defenses.personalization",
-    "fedsafe.defenses.weak_dp",
-    "fedsafe.attacks.sign_flip",
-)
-# built-in plug-ins whose modules import torch: imported only when a config uses their top-level section (or when
-# the whole registry is listed), so that validating a config stays light (a Flower query handler, `--help`)
-LAZY_MODULES = {
-    "gate": "fedsafe.defenses.gate",
-    "server_view": "fedsafe.attacks.server_view.plugin",
-}
-# the adaptive attacks (fedsafe.attacks.adaptive) have no section: RoleConfig imports them when a role sets
-# ``attack`` (their own models validate it), which registers the plug-in
-ADAPTIVE_MODULE = "fedsafe.attacks.adaptive.plugin"
+# The built-in plug-ins: one line each, ``name -> Entry`` of lazy "module:Class" strings (PEFT's
+# ``register_peft_method(name, config_cls, model_cls)``). Validating a config imports only the light, torch-free
+# ``config`` models of the sections it needs; a plug-in's module is imported when a run builds it.
 ENTRY_POINT_GROUP = "fedsafe.plugins"  # third-party packages: [project.entry-points."fedsafe.plugins"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered plug-in: where its class and its config section's model live, as lazy "module:Class"
+    strings (a third-party ``register`` stores the objects themselves)."""
+
+    plugin: str | type  # the Plugin subclass
+    section: str | None = None  # dotted path of its own config section (the YAML key)
+    config: str | type | None = None  # that section's pydantic model: a light module, no torch
+    role_field: str | None = None  # instead of a section: a field of each role (``config`` is its validator),
+    #                                the plug-in runs when a role sets it
+
+
+BUILTIN: dict[str, Entry] = {
+    "data_poisoning": Entry("fedsafe.attacks.data_poisoning:DataPoisoning"),
+    "posthoc": Entry("fedsafe.defenses.posthoc_finetune:PosthocFinetune", "posthoc",
+                     "fedsafe.defenses.posthoc_finetune:PosthocConfig"),
+    "probe": Entry("fedsafe.defenses.safe_fedllm_probe:SafeFedLLMProbe", "probe",
+                   "fedsafe.defenses.safe_fedllm_probe:ProbeConfig"),
+    "privacy_extraction": Entry("fedsafe.attacks.privacy_extraction:PrivacyExtraction", "privacy",
+                                "fedsafe.attacks.privacy_extraction:PrivacyConfig"),
+    "differential_privacy": Entry("fedsafe.defenses.differential_privacy:DifferentialPrivacy", "dp",
+                                  "fedsafe.defenses.differential_privacy:DPConfig"),
+    "constrained_updates": Entry("fedsafe.defenses.constrained_updates:ConstrainedUpdates", "constrained",
+                                 "fedsafe.defenses.constrained_updates:ConstrainedConfig"),
+    "secure_aggregation": Entry("fedsafe.defenses.secure_aggregation:SecureAggregation", "secure_agg",
+                                "fedsafe.defenses.secure_aggregation:SecureAggConfig"),
+    "local_probing": Entry("fedsafe.defenses.local_probing:LocalProbing", "baselines.probing",
+                           "fedsafe.defenses.local_probing:LocalProbingConfig"),
+    "personalization": Entry("fedsafe.defenses.personalization:Personalization", "baselines.personalization",
+                             "fedsafe.defenses.personalization:PersonalizationConfig"),
+    "weak_dp": Entry("fedsafe.defenses.weak_dp:WeakDP", "weak_dp", "fedsafe.defenses.weak_dp:WeakDPConfig"),
+    "fltrust": Entry("fedsafe.aggregators.fltrust_root:FLTrustRoot", "fltrust",
+                     "fedsafe.aggregators.fltrust_root:FLTrustRootConfig"),
+    "sign_flip": Entry("fedsafe.attacks.sign_flip:SignFlip", "sign_flip", "fedsafe.attacks.sign_flip:SignFlipConfig"),
+    "gate": Entry("fedsafe.evaluation.gate.plugin:Gate", "gate", "fedsafe.evaluation.gate.config:GateConfig"),
+    "server_view_attack": Entry("fedsafe.attacks.server_view.plugin:ServerViewAttack", "server_view",
+                                "fedsafe.attacks.server_view.config:ServerViewConfig"),
+    "adaptive_attack": Entry("fedsafe.attacks.adaptive.plugin:AdaptiveAttack", role_field="attack",
+                             config="fedsafe.attacks.adaptive.base:parse_attack"),
+}
 
 
 @dataclass
@@ -91,15 +119,15 @@ class Setup:
 
     seed: int
     model_name: str
-    fl: Any
-    data: Any
-    lora: Any
-    aggregator: Any
-    roles: list
-    eval: Any
+    fl: FLConfig
+    data: DataConfig
+    lora: LoRAConfig
+    aggregator: AggregatorConfig
+    roles: list[RoleConfig]
+    eval: EvalConfig
     num_clients: int
     clients_per_round: int
-    active: dict[str, Any] = field(default_factory=dict)  # name -> section of every active plug-in
+    active: dict[str, BaseModel | None] = field(default_factory=dict)  # name -> section of every active plug-in
     engine_may_be_flower: bool = False  # a Flower deployment: client hooks run on other machines
 
     @classmethod
@@ -109,25 +137,37 @@ class Setup:
                    clients_per_round=cfg.clients_per_round)
 
 
+class Engine(Protocol):
+    """What runs the clients' local training (:class:`fedsafe.engines.inprocess.InProcessEngine`, the Flower
+    engine): ``fit(client_ids, global_vec, rc, on_result=None) -> list[ClientResult]``."""
+
+    name: str
+
+    def fit(self, client_ids: list[str], global_vec: torch.Tensor, rc: Any, on_result=None) -> list: ...
+
+
 @dataclass
 class RunContext(Setup):
     """The services a plug-in uses at run time. In a Flower ClientApp only the shared settings and the
-    client-side keys are set; the server-side services (run directory, evaluation) are None there."""
+    client-side keys are set; the server-side services (run directory, server, engine, evaluation) are None
+    there."""
 
-    model: Any = None  # the PEFT model: one in memory, adapters are swapped in as flat vectors
-    tokenizer: Any = None
-    flat: Any = None  # fedsafe.fl.params.FlatLoRA of ``model``
-    init_vec: Any = None  # the initial adapter
-    run_dir: Any = None  # fedsafe.rundir.RunDir
-    console: Any = None
+    model: torch.nn.Module | None = None  # the PEFT model: one in memory, adapters are swapped in as flat vectors
+    tokenizer: Any = None  # the model's transformers tokenizer
+    flat: FlatLoRA | None = None  # flat view of ``model``'s LoRA parameters
+    init_vec: torch.Tensor | None = None  # the initial adapter
+    run_dir: RunDir | None = None
+    console: Console | None = None
     generator_cache: dict | None = None  # lets data generation reuse the loaded model
-    clients: list = field(default_factory=list)  # the clients, after the client_data hooks
+    clients: list[ClientData] = field(default_factory=list)  # the clients, after the client_data hooks
     trainer: Any = None  # the local trainer after the local_training hooks (shadow clients train with it)
+    server: Server | None = None  # the round's server (set before the server_view hooks run)
+    engine: Engine | None = None  # what runs local training (set before the aggregate hooks run)
     he_server_context: bytes | None = None  # a deployment's server: the public CKKS context only
     he_client_context: bytes | None = None  # a ClientApp's secret-key CKKS context
     evaluate: Callable | None = None  # evaluate(vec, defense=label) -> results row
-    eval_cache: Any = None  # directory of the evaluation generation cache (default: <run_dir>/cache)
-    outputs: list = field(default_factory=list)  # after training: the Outputs of the plug-ins that ran so far
+    eval_cache: Path | None = None  # directory of the evaluation generation cache (default: <run_dir>/cache)
+    outputs: list[Output] = field(default_factory=list)  # after training: the Outputs of the plug-ins so far
     save_adapter: Callable | None = None  # save_adapter(vec, tag) -> path
     progress: bool = True
 
@@ -212,12 +252,23 @@ class Plugin:
 # Registry
 # ------------------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[Plugin]] = {}
-_LOADED = False
+_REGISTRY: dict[str, Entry] = dict(BUILTIN)
+_CLASSES: dict[str, type[Plugin]] = {}  # the plug-in classes imported so far
+_CONTAINERS: dict[tuple, type] = {}  # models of top-level sections made of dotted ones (baselines.probing, ...)
+_LOADED = False  # third-party entry points read
+
+
+def _import(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _path(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
 
 
 def register(cls: type[Plugin]) -> type[Plugin]:
-    """Register a plug-in class by its ``name`` (usable as a class decorator)."""
+    """Register a plug-in class by its ``name`` (usable as a class decorator; third-party plug-ins)."""
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise TypeError(f"{cls!r} is not a fedsafe.plugins.Plugin subclass")
     if not cls.name:
@@ -225,23 +276,28 @@ def register(cls: type[Plugin]) -> type[Plugin]:
     if cls.kind not in KINDS:
         raise ValueError(f"plug-in {cls.name!r}: kind must be one of {KINDS}, got {cls.kind!r}")
     other = _REGISTRY.get(cls.name)
-    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
-        raise ValueError(f"plug-in name {cls.name!r} is taken by {other.__module__}.{other.__qualname__}")
+    if other is not None:
+        other_path = other.plugin if isinstance(other.plugin, str) else _path(other.plugin)
+        if other_path == _path(cls):  # a built-in's module being imported, or a module reloaded
+            _CLASSES[cls.name] = cls
+            return cls
+        if other.plugin is not cls and other_path.rpartition(":")[2] != cls.__qualname__:
+            raise ValueError(f"plug-in name {cls.name!r} is taken by {other_path.replace(':', '.')}")
     if cls.section:
-        for o in _REGISTRY.values():
-            if o.section == cls.section and o.name != cls.name and o is not cls:
-                raise ValueError(f"plug-in {cls.name!r}: config section {cls.section!r} is owned by {o.name!r}")
-    _REGISTRY[cls.name] = cls
+        for name, entry in _REGISTRY.items():
+            if entry.section == cls.section and name != cls.name:
+                raise ValueError(f"plug-in {cls.name!r}: config section {cls.section!r} is owned by {name!r}")
+    _REGISTRY[cls.name] = Entry(cls, cls.section, cls.Config)
+    _CLASSES[cls.name] = cls
     return cls
 
 
 def _load() -> None:
+    """Register the plug-ins of installed third-party packages (entry points), once."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(mod)
     try:
         from importlib.metadata import entry_points
 
@@ -256,87 +312,135 @@ def _load() -> None:
         log.warning("plug-in entry points could not be read: %s", exc)
 
 
-def load_lazy(section: str | None = None) -> None:
-    """Import the lazily registered built-in plug-in that owns top-level ``section`` (all of them when None)."""
-    mods = LAZY_MODULES.values() if section is None else [LAZY_MODULES[section]] if section in LAZY_MODULES else []
-    for mod in mods:
-        importlib.import_module(mod)
-    if section is None:
-        importlib.import_module(ADAPTIVE_MODULE)
-
-
-def registered(kind: str | None = None, everything: bool = False) -> list[type[Plugin]]:
-    """Every registered plug-in class (of ``kind``), in hook order; ``everything`` also imports the lazily
-    registered built-ins (else only those a config has used so far)."""
+def entries() -> dict[str, Entry]:
+    """Every registered plug-in's entry (built-in and third-party), by name; nothing is imported."""
     _load()
-    if everything:
-        load_lazy()
-    return sorted((c for c in _REGISTRY.values() if kind is None or c.kind == kind), key=lambda c: (c.order, c.name))
+    return dict(_REGISTRY)
+
+
+def plugin_class(name: str) -> type[Plugin]:
+    """The plug-in class registered as ``name`` (its module is imported now)."""
+    cls = _CLASSES.get(name)
+    if cls is not None:
+        return cls
+    entry = entries()[name]
+    cls = _import(entry.plugin) if isinstance(entry.plugin, str) else entry.plugin
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)) or cls.name != name:
+        raise TypeError(f"registry entry {name!r}: {entry.plugin} is not a Plugin named {name!r}")
+    _CLASSES[name] = cls
+    return cls
+
+
+def config_model(entry: Entry) -> type[BaseModel] | Callable | None:
+    """The model (or, for a role field, the parser) of an entry's config (its light module is imported)."""
+    return _import(entry.config) if isinstance(entry.config, str) else entry.config
+
+
+def registered(kind: str | None = None, everything: bool = True) -> list[type[Plugin]]:
+    """Every registered plug-in class (of ``kind``), in hook order (imports their modules)."""
+    classes = [plugin_class(name) for name in entries()]
+    return sorted((c for c in classes if kind is None or c.kind == kind), key=lambda c: (c.order, c.name))
 
 
 def available(kind: str | None = None) -> list[str]:
     """Names of every built-in and registered plug-in (of ``kind``)."""
-    return [c.name for c in registered(kind, everything=True)]
+    return [c.name for c in registered(kind)]
 
 
 def get(name: str, kind: str | None = None) -> type[Plugin]:
     """The plug-in class registered as ``name`` (``fedsafe.attacks.get`` / ``fedsafe.defenses.get``)."""
-    _load()
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        load_lazy()
-        cls = _REGISTRY.get(name)
+    cls = plugin_class(name) if name in entries() else None
     if cls is None or (kind is not None and cls.kind != kind):
         raise ConfigError(f"unknown {kind or 'plug-in'} {name!r}; available: {', '.join(available(kind))}")
     return cls
 
 
 # ------------------------------------------------------------------------------------------------
-# Config sections
+# Config sections: the experiment config validates every plug-in section through these
 # ------------------------------------------------------------------------------------------------
 
+def sections() -> dict[str, type[BaseModel]]:
+    """Top-level config section -> its model, for every registered plug-in with a section, in registry order.
+
+    A dotted section (``baselines.probing``) makes its top level (``baselines``) a model whose fields are the
+    parts, each with its default. Only the light config modules are imported."""
+    from pydantic import Field, create_model
+
+    from fedsafe.schema import Strict
+
+    tops: dict[str, dict[str, type[BaseModel]] | type[BaseModel]] = {}
+    for name, entry in entries().items():
+        if entry.section is None or entry.config is None or entry.role_field is not None:
+            continue
+        top, _, rest = entry.section.partition(".")
+        model = config_model(entry)
+        if not rest:
+            tops[top] = model
+        else:
+            parts = tops.setdefault(top, {})
+            if not isinstance(parts, dict) or "." in rest:
+                raise ValueError(f"plug-in {name!r}: section {entry.section!r} nests deeper than one level or "
+                                 f"under a section another plug-in owns")
+            parts[rest] = model
+    out: dict[str, type[BaseModel]] = {}
+    for top, model in tops.items():
+        if isinstance(model, dict):
+            key = (top, *((k, id(v)) for k, v in model.items()))
+            if key not in _CONTAINERS:
+                fields = {k: (v, Field(default_factory=v, description=(v.__doc__ or "").strip().split("\n")[0]))
+                          for k, v in model.items()}
+                _CONTAINERS[key] = create_model(f"{top.title()}Sections", __base__=Strict,
+                                                __doc__=f"``{top}``: the sections {', '.join(model)}.", **fields)
+            model = _CONTAINERS[key]
+        out[top] = model
+    return out
+
+
+def role_field_parser(name: str) -> Callable | None:
+    """The validator of role field ``name`` a registered plug-in owns (e.g. ``attack``), or None."""
+    for entry in entries().values():
+        if entry.role_field == name:
+            return config_model(entry)
+    return None
+
+
 def section_of(cfg, path: str | None):
-    """The config object at a dotted ``path`` of ``cfg`` (a third-party section lives in ``cfg.extensions``)."""
+    """The config object at a dotted ``path`` of ``cfg`` (a plug-in section lives in ``cfg.extensions``)."""
     if path is None:
         return None
     node = cfg
     for i, part in enumerate(path.split(".")):
-        if i == 0 and not hasattr(node, part) and isinstance(getattr(node, "extensions", None), dict):
-            node = node.extensions.get(part)
+        if i == 0 and isinstance(getattr(node, "extensions", None), dict) and part in node.extensions:
+            node = node.extensions[part]
             continue
         node = getattr(node, part, None) if node is not None else None
     return node
 
 
-def extension_sections() -> dict[str, type[Plugin]]:
-    """Top-level sections of registered plug-ins that ExperimentConfig does not declare itself."""
-    from fedsafe.config import ExperimentConfig
-
-    out = {}
-    for cls in registered():
-        if cls.section and cls.Config is not None:
-            top = cls.section.split(".")[0]
-            if top not in ExperimentConfig.model_fields:
-                out[top] = cls
-    return out
-
-
 def _active(cfg) -> list[tuple[type[Plugin], Any]]:
     setup = Setup.from_config(cfg)
     out = []
-    for cls in registered():
+    for name, entry in entries().items():
+        if entry.role_field is not None and not any(getattr(r, entry.role_field, None) for r in cfg.roles):
+            continue  # a role-field plug-in runs only when a role sets its field: its module stays unimported
+        cls = plugin_class(name)
         config = section_of(cfg, cls.section)
         if cls.section is not None and config is None and cls.Config is not None:
             config = cls.Config()
         if cls.is_active(config, setup):
             out.append((cls, config))
-    return out
+    return sorted(out, key=lambda pair: (pair[0].order, pair[0].name))
 
 
 def inactive_sections(cfg) -> list[str]:
     """Config sections of registered plug-ins that do not run in ``cfg`` (their data is never trained on)."""
     active = {cls.section for cls, _ in _active(cfg)}
-    return sorted({cls.section for cls in registered() if cls.section and cls.section not in active})
+    return sorted({e.section for e in entries().values() if e.section and e.section not in active})
+
+
+# Properties a plug-in may declare (Plugin.declares) that other plug-ins and the core check
+ENCRYPTED_UPDATES = "encrypted_updates"  # the server sees only the sum of the updates, never one in plaintext
+CHECKS_ROUND_SIZE = "checks_round_size"  # it replaces the rule's round-size need with its own check
 
 
 def check_config(cfg, engine_may_be_flower: bool = False) -> None:
@@ -350,11 +454,20 @@ def check_config(cfg, engine_may_be_flower: bool = False) -> None:
     setup.engine_may_be_flower = engine_may_be_flower
     for cls, config in active:
         cls.check(config, setup)
-    if any(cls.name == "secure_aggregation" for cls, _ in active):
+    hiders = [cls for cls, config in active if ENCRYPTED_UPDATES in cls.declares(config)]
+    if hiders:
         for cls, _config in active:
             if cls.plaintext_updates:
                 raise ConfigError(f"{cls.section or cls.name} {cls.plaintext_updates}; it is incompatible with "
-                                  "secure_agg.enabled")
+                                  f"{hiders[0].section or hiders[0].name}.enabled")
+
+
+def declared_by(cfg) -> set[str]:
+    """Union of the properties the active plug-ins of ``cfg`` declare (:meth:`Plugin.declares`)."""
+    out: set[str] = set()
+    for cls, config in _active(cfg):
+        out |= cls.declares(config)
+    return out
 
 
 def declared(setup: Setup) -> set[str]:
@@ -395,7 +508,7 @@ class PluginSet:
         return [p for p in self.plugins if _overrides(p, hook)]
 
     def sequential_training(self) -> dict[str, str]:
-        """``name -> reason`` of every active plug-in that changes local training (:meth:`Plugin.changes_local_training`)."""
+        """``name -> reason`` of each active plug-in that changes local training (Plugin.changes_local_training)."""
         return {p.name: why for p in self.plugins if (why := p.changes_local_training())}
 
     def client_data(self, clients: list) -> list:

@@ -771,7 +771,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 def _gate_lines(run_dir: Path) -> list[str]:
     """The release gate's verdict (gate.json or a ``gate`` record), as markdown lines; [] without one."""
     try:
-        from fedsafe.defenses.gate import report_section
+        from fedsafe.evaluation.gate.verdict import report_section
 
         return report_section(run_dir)
     except Exception as exc:  # a broken verdict file must not lose the report

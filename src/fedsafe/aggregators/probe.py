@@ -139,7 +139,7 @@ def roc_auc(scores, labels) -> float | None:
 class ProbeAggregator(Aggregator):
     """Safe-FedLLM probe as a rule (``probe``) or a filter in front of another rule (``probe+median``).
 
-    Hyperparameters: the fields of :class:`fedsafe.config.ProbeConfig` (``config``, or keyword overrides),
+    Hyperparameters: the fields of :class:`fedsafe.defenses.safe_fedllm_probe.ProbeConfig` (``config``, or keyword overrides),
     and ``inner``, the rule that aggregates after the probe (FedAvg by default). See the module docstring
     for the formulas and the composition contract.
     """
@@ -152,7 +152,7 @@ class ProbeAggregator(Aggregator):
     def __init__(self, inner: Aggregator | None = None, config=None, **overrides):
         from pydantic import ValidationError
 
-        from fedsafe.config import ProbeConfig
+        from fedsafe.defenses.safe_fedllm_probe import ProbeConfig
 
         base = config.model_dump() if isinstance(config, ProbeConfig) else dict(config or {})
         try:

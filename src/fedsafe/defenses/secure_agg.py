@@ -21,7 +21,7 @@ Differences from the paper's public code, each one of its flaws fixed:
     scattering the aggregate back;
   * weighting: clients pre-scale by n_k / sum n, so the server's plain sum is the weighted FedAvg.
 
-Use in a run (config section ``secure_agg``, see :class:`fedsafe.config.SecureAggConfig`)::
+Use in a run (config section ``secure_agg``, see :class:`fedsafe.defenses.secure_aggregation.SecureAggConfig`)::
 
     secure_agg:
       enabled: true

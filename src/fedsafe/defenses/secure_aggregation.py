@@ -14,7 +14,7 @@ from pydantic import Field
 
 from fedsafe.defenses.he_params import CKKSParams
 from fedsafe.errors import ConfigError
-from fedsafe.plugins import Plugin, declared, register
+from fedsafe.plugins import CHECKS_ROUND_SIZE, ENCRYPTED_UPDATES, Plugin, declared, register
 from fedsafe.schema import Strict
 
 
@@ -43,6 +43,11 @@ class SecureAggregation(Plugin):
     section = "secure_agg"
     Config = SecureAggConfig
     order = 90  # encrypts last: after every other client_update hook (a model-poisoning attack comes first)
+
+    @classmethod
+    def declares(cls, config) -> set[str]:
+        """The server sees sums only; FedAvg is the one rule, with min_clients as the round-size need."""
+        return {ENCRYPTED_UPDATES, CHECKS_ROUND_SIZE}
 
     @classmethod
     def check(cls, config, setup) -> None:
@@ -92,7 +97,7 @@ class SecureAggregation(Plugin):
         schedule = MaskSchedule(self.ctx.flat.specs, c.prune_start, c.prune_end, self.ctx.fl.rounds)
         if self.ctx.he_server_context is not None:  # deployment: the key holders are clients
             server.secure = SecureAggServer(self.ctx.he_server_context, None, c.ckks, schedule, c.min_clients)
-            engine = getattr(self.ctx, "engine", None)
+            engine = self.ctx.engine
             if not hasattr(engine, "decrypt"):
                 raise ConfigError(f"secure_agg with a server context needs an engine whose clients hold the keys; "
                                   f"the {getattr(engine, 'name', type(engine).__name__)} engine has none")

@@ -22,44 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
-import torch
-from pydantic import Field
-
+from fedsafe.attacks.server_view.config import ServerViewConfig
 from fedsafe.plugins import Plugin, register
-from fedsafe.schema import DataSource, Strict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 log = logging.getLogger("fedsafe")
-
-
-class ServerViewConfig(Strict):
-    """The honest-but-curious server's attacks on the updates it sees (membership inference, reconstruction)."""
-
-    enabled: bool = Field(False, description="attack what the server sees of each round's updates")
-    every: int = Field(1, ge=1, description="attack every k-th round")
-    max_clients: int = Field(2, ge=1, description="individual updates attacked per round (the first sampled)")
-    mia: bool = Field(True, description="update-level membership inference (AUC members vs non-members)")
-    n_nonmembers: int = Field(32, ge=1, description="held-out non-member texts for the membership AUC")
-    nonmembers: list[DataSource] | None = Field(None, description="non-member data (default: data.heldout)")
-    reconstruction: bool = Field(True, description="DAGER-style token / sequence reconstruction from LoRA A "
-                                                   "factors (needs fl.local_steps=1 and fl.optimizer=sgd to work)")
-    sequences: bool = Field(True, description="also search sequences (DAGER's layer-2 check, else LM-ordered)")
-    tau: float | None = Field(None, gt=0, lt=1, description="span check: relative residual below which an input is "
-                                                            "in the span of the update's A rows (None: tau_rel x "
-                                                            "the vocabulary's median residual)")
-    tau_rel: float = Field(0.5, gt=0, lt=1, description="adaptive token threshold, as a share of the median residual")
-    seq_tau_rel: float = Field(0.1, gt=0, lt=1, description="adaptive threshold of the sequence search (layer 1)")
-    rank_tol: float = Field(1e-6, gt=0, lt=1, description="singular values above rank_tol * the largest span "
-                                                          "the A rows")
-    max_len: int | None = Field(None, ge=2, description="longest sequence searched (default: data.max_length)")
-    max_sequences: int = Field(4, ge=1, description="LM-ordered reconstructions per view (when DAGER's sequence "
-                                                    "search cannot run)")
-    max_beams: int = Field(32, ge=1, description="partial sequences kept per step of the sequence search")
-    dp_view: bool = Field(True, description="with client-level DP, also attack each update clipped and noised "
-                                            "on its own")
-    batch_size: int = Field(16, ge=1, description="scoring batch size")
-    save_updates: bool = Field(False, description="save each attacked round's views under server_view/ in the run "
-                                                  "directory (ServerViewAttack.attack_saved re-runs the attacks)")
 
 
 class _Recorder:
@@ -194,6 +165,8 @@ class ServerViewAttack(Plugin):
                      aggregate: torch.Tensor | None, sampled: list[str], dp=None,
                      seen: dict[str, list] | None = None) -> list[dict]:
         """Run the attacks on every view of one round; log and return the ``server_view`` records."""
+        import torch  # the plug-in module stays light: a config validates without torch
+
         t_start = time.perf_counter()
         cfg = self.config
         ctx = self.ctx
@@ -276,6 +249,8 @@ class ServerViewAttack(Plugin):
 
     def attack_saved(self, path) -> list[dict]:
         """Re-run the attacks on a round saved with ``server_view.save_updates`` (members from the run's records)."""
+        import torch
+
         payload = torch.load(path, weights_only=False)
         views = payload["views"]
         updates = {v["client_id"]: v["update"] for v in views if v["view"] == "individual"}
@@ -299,6 +274,8 @@ class ServerViewAttack(Plugin):
 
 def dp_privatise(update: torch.Tensor, clip_norm: float, noise_multiplier: float, seed: int) -> torch.Tensor:
     """One update through DP-FedAvg's mechanism on its own: clip to C, add N(0, (sigma C)^2) (McMahan et al. 2018)."""
+    import torch
+
     from fedsafe.defenses.dp import clip_rows, gaussian_noise
 
     clipped, _ = clip_rows(update[None].float(), clip_norm)

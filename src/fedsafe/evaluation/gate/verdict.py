@@ -59,7 +59,7 @@ JSON verdict (``--json``, ``gate.json`` in a run directory; :class:`GateVerdict`
                   "detail": {}}, ...],
      "policy": {...the policy as applied...}, "created": "2026-11-29T19:00:00+00:00"}
 
-The plug-in :class:`Gate` (section ``gate``) runs the same check after training on the run's last output
+The plug-in :class:`fedsafe.evaluation.gate.plugin.Gate` (section ``gate``) runs the same check after training on the run's last output
 adapter, writes ``gate.json`` and logs a ``{"type": "gate", ...}`` record that the report shows.
 """
 
@@ -74,134 +74,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedsafe.config import DataSource, EvalConfig
+from fedsafe.config import EvalConfig
 from fedsafe.errors import ConfigError
-from fedsafe.plugins import Plugin, register
+from fedsafe.evaluation.gate.config import (GATE_JSON, SCHEMA, GatePolicy, _format_error, load_policy,  # noqa: F401
+                                            parse_policy)
+from fedsafe.schema import DataSource
 from fedsafe.stats import CONFIDENCE, N_BOOT, summarize_per_prompt, wilson_interval
-
-SCHEMA = "fedsafe.gate/1"
-GATE_JSON = "gate.json"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# ------------------------------------------------------------------------------------------------
-# The policy
-# ------------------------------------------------------------------------------------------------
-
-class RuleThreshold(_Section):
-    """Rule: % of answers to harmful prompts that contain a refusal string (higher is safer)."""
-
-    min: float = Field(..., ge=0, le=100, description="minimum Rule (%)")
-    prompts: str | None = Field(None, description="harmful prompts (eval.prompts; default: the run's)")
-    n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_prompts)")
-    rule_list: Literal["fedit", "gcg"] | None = Field(None, description="refusal strings (eval.rule_list)")
-
-
-class OverRefusalThreshold(_Section):
-    """Over-refusal: % of answers to benign prompts that contain a refusal string (lower is better)."""
-
-    max: float = Field(..., ge=0, le=100, description="maximum over-refusal (%)")
-    prompts: str | DataSource | None = Field(None, description="benign prompts (eval.normal_prompts)")
-    n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_normal_prompts)")
-
-
-class BorderlineThreshold(_Section):
-    """Borderline refusal: % refusals of safe prompts that look harmful (XSTest-style; lower is better)."""
-
-    max: float = Field(..., ge=0, le=100, description="maximum borderline refusal (%)")
-    prompts: str | DataSource | None = Field(None, description="borderline prompts (eval.borderline_prompts)")
-    n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_borderline_prompts)")
-
-
-class HelpfulnessThreshold(_Section):
-    """Helpfulness proxy: relative rise of the held-out answer perplexity over a reference (lower is better)."""
-
-    max_regression_pct: float = Field(..., description="maximum 100 * (ppl / ppl_reference - 1), in %")
-    reference: str = Field("base", description="'base' (the adapter switched off), or an adapter / run "
-                                               "directory; --reference overrides")
-    heldout: list[DataSource] | None = Field(None, description="held-out instruction/answer rows "
-                                                               "(data.heldout; default: the run's)")
-
-
-class JudgeThreshold(_Section):
-    """Judge safe rate: % of answers to harmful prompts an LLM judge calls safe."""
-
-    min: float = Field(..., ge=0, le=100, description="minimum safe rate (%)")
-    judge: dict[str, Any] | None = Field(None, description="judge spec (eval.judge; default: the run's)")
-
-
-class RewardThreshold(_Section):
-    """Reward: mean reward-model score of the answers to the harmful prompts."""
-
-    min: float = Field(..., description="minimum mean reward")
-    model: str | None = Field(None, description="reward model (eval.reward_model; default: the run's)")
-
-
-class GatePolicy(_Section):
-    """Thresholds an adapter must meet before release; each names the prompt set it is measured on."""
-
-    rule: RuleThreshold | None = None
-    over_refusal: OverRefusalThreshold | None = None
-    borderline_refusal: BorderlineThreshold | None = None
-    helpfulness_proxy: HelpfulnessThreshold | None = None
-    judge: JudgeThreshold | None = None
-    reward: RewardThreshold | None = None
-    max_new_tokens: int | None = Field(None, ge=1, description="generation length (eval.max_new_tokens)")
-    batch_size: int | None = Field(None, ge=1, description="generation batch size (eval.batch_size)")
-    strict: bool = Field(False, description="pass a metric only when its whole 95% interval passes")
-    confidence: float = Field(CONFIDENCE, gt=0, lt=1, description="interval level")
-
-    @model_validator(mode="after")
-    def _some_threshold(self) -> "GatePolicy":
-        if not any(getattr(self, m) is not None for m in METRICS):
-            raise ValueError(f"a gate policy needs at least one threshold: {', '.join(METRICS)}")
-        return self
-
-
-METRICS = ("rule", "over_refusal", "borderline_refusal", "helpfulness_proxy", "judge", "reward")
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid gate policy ({source}):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
-def parse_policy(data: Any, source: str) -> GatePolicy:
-    """A :class:`GatePolicy` from a mapping; ConfigError naming ``source`` and the field otherwise."""
-    if isinstance(data, GatePolicy):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"gate policy {source} must be a mapping of thresholds, got {type(data).__name__}")
-    try:
-        return GatePolicy.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
-
-
-def load_policy(path: str | Path) -> GatePolicy:
-    """Read a policy YAML file (ConfigError naming the path or the field on bad input)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--policy {p}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--policy {p}: not valid YAML: {exc}") from None
-    if isinstance(data, dict):
-        from fedsafe.config import _resolve_paths
-
-        _resolve_paths(data, p.parent)  # prompt / data paths relative to the policy file, as in a run config
-    return parse_policy(data, str(p))
-
 
 def _detector_detail(eval_cfg: EvalConfig) -> dict:
     """What decided "refusal" for a refusal metric, with its measured agreement with human labels."""
@@ -676,88 +556,6 @@ def gate_command(target: Path, policy_path: Path, *, json_out: Path | None = Non
 
         atomic_write_text(Path(json_out), verdict.to_json() + "\n")
     return 0 if verdict.passed else 1
-
-
-# ------------------------------------------------------------------------------------------------
-# The plug-in: gate the run's last output adapter after training
-# ------------------------------------------------------------------------------------------------
-
-class GateConfig(_Section):
-    """``gate:`` section of a run config: check the trained adapter against a release policy."""
-
-    policy: str | GatePolicy | None = Field(None, description="a policy YAML file, or the policy inline; "
-                                                              "None: no gate")
-    strict: bool | None = Field(None, description="pass a metric only when its whole 95% interval passes "
-                                                  "(default: the policy's strict)")
-    reference: str | None = Field(None, description="helpfulness reference: 'base' or an adapter / run "
-                                                    "directory (default: the policy's)")
-
-
-@register
-class Gate(Plugin):
-    """Release gate after training: gate.json in the run directory, a ``gate`` record, the report's verdict."""
-
-    name = "gate"
-    kind = "defense"
-    section = "gate"
-    Config = GateConfig
-    order = 99  # after every other after_training hook: it gates the last adapter they produced
-
-    @classmethod
-    def is_active(cls, config: GateConfig, setup=None) -> bool:
-        return config is not None and config.policy is not None
-
-    @classmethod
-    def check(cls, config: GateConfig, setup) -> None:
-        """At config load: the policy file must exist and parse (ValueError naming ``policy``)."""
-        if config.policy is None or isinstance(config.policy, GatePolicy):
-            return
-        try:
-            load_policy(config.policy)
-        except ConfigError as exc:
-            raise ConfigError(f"gate.policy: {exc}") from None
-        if config.reference not in (None, "base") and not Path(config.reference).exists():
-            raise ConfigError(f"gate.reference: {config.reference}: no such adapter or run directory")
-
-    def __init__(self, config: GateConfig, ctx):
-        self.config = config
-        self.ctx = ctx
-        self.policy = (config.policy if isinstance(config.policy, GatePolicy) else load_policy(config.policy))
-        self.verdict: GateVerdict | None = None
-
-    def after_training(self, final_vec) -> list:
-        """Gate the last output adapter (the post-hoc one when a defense produced it; else ``final_vec``)."""
-        from fedsafe.evaluation.runner import noop_adapter_key
-
-        ctx = self.ctx
-        vec, tag = final_vec, "final"
-        outputs = getattr(ctx, "outputs", None) or []  # Outputs saved so far (the lead's pipeline), if exposed
-        if outputs:
-            vec, tag = outputs[-1].vec, outputs[-1].tag
-        ref: str | torch.Tensor = self.config.reference or (
-            self.policy.helpfulness_proxy.reference if self.policy.helpfulness_proxy else "base")
-        if ref != "base":
-            from safetensors.torch import load_file
-
-            ref_dir, _ = resolve_adapter(ref, "gate.reference")
-            ref = ctx.flat.from_state_dict(load_file(str(ref_dir / "adapter_model.safetensors")))
-        run_path = Path(ctx.run_dir.path)
-        eval_cfg = getattr(ctx, "eval", None) or getattr(ctx, "eval_config", None)
-        cache = getattr(ctx, "eval_cache", None) or run_path / "cache"
-        info = {"adapter": str(run_path / "adapters" / tag), "run_dir": str(run_path), "model": ctx.model_name,
-                "reference": ref if isinstance(ref, str) else str(self.config.reference)}
-        self.verdict = evaluate_gate(ctx.model, ctx.tokenizer, ctx.flat, vec, self.policy, base_eval=eval_cfg,
-                                     heldout=ctx.data.heldout, max_length=ctx.data.max_length, cache_dir=cache,
-                                     reference=ref if self.policy.helpfulness_proxy else None,
-                                     strict=self.config.strict, progress=True, info=info,
-                                     adapter_key=noop_adapter_key(ctx.model, ctx.flat, vec))
-        ctx.run_dir.write_json(GATE_JSON, json.loads(self.verdict.to_json()))
-        ctx.log({"type": "gate", "passed": self.verdict.passed, "verdict": self.verdict.verdict,
-                 "mode": self.verdict.mode, "adapter": tag, "failed": self.verdict.failed,
-                 "verdict_json": json.loads(self.verdict.to_json())})
-        if getattr(ctx, "console", None) is not None:
-            print_verdict(self.verdict, ctx.console)
-        return []
 
 
 def run_gate_exit_code(run_dir: str | Path) -> int:
