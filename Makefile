@@ -1,6 +1,6 @@
 # fedsafe: `make demo` runs the main job on the embedded model; `make test` runs the test suite.
 # Both create .venv and install everything they need from requirements.lock (every transitive dependency
-# pinned; CPU torch here, TORCH=... picks another build; see README for GPU extras). `make lock` refreshes it.
+# pinned; CPU torch here, TORCH=... picks another build; see docs/gpu.md for GPU extras). `make lock` refreshes it.
 
 PYTHON ?= python3
 VENV   ?= .venv
