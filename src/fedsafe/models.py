@@ -315,8 +315,9 @@ def load_adapter(path: str | Path, device: str = "cpu", dtype: str = "auto"):
         cfg = load_config(run_config)
         loaded = load_base_model(cfg.model.name, device, dtype, seed=cfg.seed, align=cfg.model.align)
     else:
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        loaded = load_base_model(base or EMBEDDED_NAME, device, dtype)
+        from fedsafe.hub import adapter_base
+
+        loaded = load_base_model(adapter_base(adapter) or EMBEDDED_NAME, device, dtype)
     model = PeftModel.from_pretrained(loaded.model, str(adapter))
     residual_path = adapter / RESIDUAL_FILE
     if not residual_path.exists():

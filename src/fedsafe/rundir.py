@@ -358,8 +358,12 @@ class RunDir:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def save_adapter(self, peft_model, flat, vec: torch.Tensor, tag: str | int) -> Path:
-        """Write a PEFT-loadable adapter (adapter_config.json + safetensors) for ``vec``, atomically."""
-        from safetensors.torch import save as safetensors_bytes
+        """Write a PEFT-loadable adapter for ``vec`` through PEFT's ``save_pretrained`` (adapter_config.json,
+        safetensors and a README.md model card with the run's facts), atomically.
+
+        ``base_model_name_or_path`` is the base model's hub id where there is one (fedsafe.hub), not this
+        machine's cache path; the card's ``fedsafe`` metadata keeps the local path."""
+        from fedsafe.hub import CARD_FILE, model_card, portable_base_id, set_card_base_model
 
         target = self.adapter_dir(tag)
         try:
@@ -367,14 +371,31 @@ class RunDir:
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         except OSError as exc:
             raise _naming(exc, target) from exc
+        cfg = peft_model.peft_config["default"]
+        local_base = cfg.base_model_name_or_path
+        aligned = bool(((self.config_dict() or {}).get("model") or {}).get("align"))
+        base_id = local_base if aligned else portable_base_id(local_base)
         try:
-            cfg = peft_model.peft_config["default"]
-            cfg.save_pretrained(str(tmp))
-            state = {k: v.contiguous() for k, v in flat.state_dict(vec).items()}
-            with open(tmp / "adapter_model.safetensors", "wb") as fh:  # our write: a full disk is an OSError
-                fh.write(safetensors_bytes(state, metadata={"format": "pt"}))
+            # PEFT's names carry the adapter name (lora_A.default.weight); FlatLoRA's specs follow the same order
+            names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+            state = dict(zip(names, flat.state_dict(vec).values())) if len(names) == len(flat.specs) else None
+            if state is None or any(n.replace(".default.", ".") != s.name for n, s in zip(names, flat.specs)):
+                raise RuntimeError("the model's trainable parameters changed since FlatLoRA was built")
+            atomic_write_text(tmp / CARD_FILE, model_card(str(tag), base_id, local_base, self.path))
+            cfg.base_model_name_or_path = base_id
+            try:
+                peft_model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state,
+                                           save_embedding_layers=False, safe_serialization=True)
+            except Exception as exc:  # safetensors reports a full disk as its own error, not an OSError
+                err = _as_os_error(exc, tmp / "adapter_model.safetensors")
+                if err is exc:
+                    raise
+                raise err from exc
+            finally:
+                cfg.base_model_name_or_path = local_base
+            set_card_base_model(tmp, base_id if base_id != local_base or not local_base else None)
             file_mode = default_file_mode()
-            for f in tmp.iterdir():  # one mode for every file (save_pretrained and save_file differ), on disk
+            for f in tmp.iterdir():  # one mode for every file (PEFT's writes and ours differ), on disk
                 os.chmod(f, file_mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -390,6 +411,31 @@ class RunDir:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+    def config_dict(self) -> dict | None:
+        """The run's config.yaml as a dict (None before it is written)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def _as_os_error(exc: Exception, path: Path) -> Exception:
+    """An OSError for a write that failed in a library (safetensors: ``IoError(Os { code: 28, ... })``)."""
+    import errno
+    import re
+
+    if isinstance(exc, OSError):
+        return exc
+    code = re.search(r"code: (\d+)", str(exc))
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    if "No space left" in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return exc
 
 
 def grid_run_dirs(grid_dir: Path) -> list[Path]:

@@ -270,7 +270,9 @@ def resolve_model_spec(spec: str) -> tuple[str, Path | None, int]:
             run = _read_run_model(parent)
             if run is not None:
                 return run[0], p, run[1]
-        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        from fedsafe.hub import adapter_base
+
+        base = adapter_base(p)  # fedsafe's card names its embedded base; else base_model_name_or_path
         if not base:
             raise ConfigError(f"generate.model={spec!r}: adapter has no base_model_name_or_path and is not "
                               "inside a run directory")
