@@ -37,9 +37,69 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
+def fedsafe_version() -> str:
+    """The installed fedsafe version (the package metadata), or 'unknown' from a bare source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedsafe")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"fedsafe {fedsafe_version()}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print fedsafe's version and exit")) -> None:
     _setup_logging(verbose)
+
+
+# top-level keys of a grid file (fedsafe.grid.GridSpec) that an experiment file never has
+_GRID_KEYS = ("matrix", "settings", "base", "share_training")
+
+
+def refuse_grid_file(path: Path) -> None:
+    """A grid file given to ``fedsafe run`` is named as one, with the command that runs it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_config reports these, naming the file
+    if isinstance(data, dict) and any(k in data for k in _GRID_KEYS):
+        keys = ", ".join(f"{k}:" for k in _GRID_KEYS if k in data)
+        raise FedsafeError(f"{path} is a grid file (it has {keys}), a matrix of experiments: run it with "
+                           f"`fedsafe grid {path}` (`fedsafe grid {path} --dry-run` lists its settings)")
+
+
+def print_config_help(prefix: str = "") -> None:
+    """Every config field under ``prefix`` as 'path  default  description' (``fedsafe run --help-config``)."""
+    from pydantic_core import PydanticUndefined
+
+    from fedsafe.config import known_field_paths
+
+    rows = []
+    for path, info in known_field_paths().items():
+        if prefix and not (path == prefix or path.startswith(prefix + ".")):
+            continue
+        if info.default is not PydanticUndefined:
+            default = repr(info.default)
+        elif info.default_factory is not None:
+            default = "(section)" if "." not in path or hasattr(info.default_factory, "model_fields") else "..."
+        else:
+            default = "(required)"
+        rows.append((path, default if len(default) <= 30 else default[:27] + "...", info.description or ""))
+    if not rows:
+        raise FedsafeError(f"--help-config {prefix}: no such field or section")
+    width = max(len(r[0]) for r in rows)
+    for path, default, description in rows:
+        print(f"{path:<{width}}  {default:<12}  {description}")
 
 
 @app.command()
@@ -52,10 +112,18 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
                                                                   "with means and 95% intervals"),
         no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars"),
         gate_exit: bool = typer.Option(False, "--gate-exit", help="exit 1 when the config's release gate "
-                                                                  "(gate: {policy: ...}) fails, 0 when it passes")) -> None:
+                                                                  "(gate: {policy: ...}) fails, 0 when it passes"),
+        help_config: bool = typer.Option(False, "--help-config", help="list every config field (path, default, "
+                                                                      "description) and exit; with a config "
+                                                                      "argument such as fl, only that section")) -> None:
     """Run an experiment from a config file (or the quickstart) and print its run directory."""
     from fedsafe.config import load_config, quickstart_path
 
+    if help_config:  # `fedsafe run --help-config [SECTION]`: the argument names a section, not a file
+        print_config_help(str(config) if config is not None else "")
+        return
+    if config is not None and config.is_file():
+        refuse_grid_file(config)
     if resume is not None:
         if config is not None or set_ or seeds is not None:
             raise FedsafeError("--resume continues a run with its saved config; do not pass a config, --set "
@@ -146,17 +214,63 @@ def gate(target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN_DIR",
 
 
 @app.command()
-def info() -> None:
-    """Print package versions, the device and the embedded model's cache state."""
+def info(json_out: bool = typer.Option(False, "--json", help="the full dump: every installed package, the lock, "
+                                                             "the device")) -> None:
+    """Print fedsafe's version, the base model and where it lives, the device, the cache and the data directory."""
     import json
 
-    from fedsafe.models import cache_dir
+    from fedsafe.models import EMBEDDED_ID, cache_dir
     from fedsafe.rundir import environment_info
 
     env = environment_info()
+    model_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    cached = (model_dir / "config.json").exists()
+    data_dir = Path("..") / "shared" / "data"
     env["cache_dir"] = str(cache_dir())
-    env["embedded_cached"] = (cache_dir() / "models" / "SmolLM2-135M-Instruct" / "config.json").exists()
-    print(json.dumps(env, indent=2))
+    env["embedded_cached"] = cached
+    env["base_model"] = {"name": EMBEDDED_ID, "local_path": str(model_dir) if cached else None}
+    env["data_dir"] = {"path": str(data_dir.resolve()), "found": data_dir.is_dir()}
+    if json_out:
+        print(json.dumps(env, indent=2))
+        return
+    packages = env["packages"]
+    if env.get("cuda_device"):
+        device = f"cuda ({env['cuda_device']})"
+    else:
+        device = f"cpu ({env['cpu_count']} cores, torch uses {env['torch_threads']} threads)"
+    where = (str(model_dir) if cached else f"not yet dequantised; the first run writes it to {model_dir}")
+    lines = [("fedsafe", f"{packages.get('fedsafe') or fedsafe_version()} (python {env['python']}, "
+                         f"torch {packages.get('torch')}, transformers {packages.get('transformers')}, "
+                         f"peft {packages.get('peft')})"),
+             ("base model", f"{EMBEDDED_ID} (model.name: embedded, shipped in the wheel)"),
+             ("local path", where),
+             ("device", device),
+             ("cache dir", f"{env['cache_dir']} (FEDSAFE_CACHE)"),
+             ("data dir", f"{data_dir} " + ("found" if data_dir.is_dir() else
+                                            "not found (configs/demo.yaml and the paper configs read it; the "
+                                            "quickstart does not)")),
+             ("lock", _lock_line(env.get("lock")))]
+    for key, value in lines:
+        print(f"{key + ':':<12} {value}")
+    print("(fedsafe info --json: every package and the full environment)")
+
+
+def _lock_line(lock) -> str:
+    if not isinstance(lock, dict):
+        return str(lock)
+    return ", ".join(f"{k} {v}" for k, v in lock.items() if not isinstance(v, (dict, list)))[:120] or "-"
+
+
+@app.command()
+def push(target: Path = typer.Argument(..., metavar="ADAPTER_OR_RUN_DIR",
+                                       help="an adapter directory, or a run directory (its post-hoc adapter, else "
+                                            "final)"),
+         repo_id: str = typer.Argument(..., help="Hugging Face Hub repository, e.g. you/smollm2-fedsafe-lora"),
+         private: bool = typer.Option(False, "--private", help="create the repository as private")) -> None:
+    """Upload an adapter (model card refreshed with the run's results) to the Hugging Face Hub."""
+    from fedsafe.hub import push_adapter
+
+    print(push_adapter(target, repo_id, private=private))
 
 
 @app.command()

@@ -428,7 +428,9 @@ class ExperimentConfig(_Strict):
             try:
                 self.extensions[key] = model.model_validate(value if value is not None else {})
             except ValidationError as err:
-                msgs = "; ".join(f"{key}.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                msgs = "; ".join(f"{key}.{'.'.join(str(p) for p in e['loc'])}: "
+                                 + (unknown_field_message(f"{key}.{'.'.join(str(p) for p in e['loc'])}")
+                                    if e["type"] == "extra_forbidden" else e['msg'].removeprefix('Value error, '))
                                  + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
                                     and not isinstance(e.get("input"), dict) else "")
                                  for e in err.errors())
@@ -530,13 +532,33 @@ class ExperimentConfig(_Strict):
 # Building configs from files and overrides, with errors that name the field
 # ------------------------------------------------------------------------------------------------
 
+def known_field_paths() -> dict:
+    """Every dotted field path a config may set (core sections and registered plug-ins' sections) -> FieldInfo."""
+    from fedsafe.errors import field_paths
+
+    paths = field_paths(ExperimentConfig)
+    paths.pop("extensions", None)
+    for key, model in plugins.sections().items():  # a plug-in section: its row, then its fields
+        paths[key] = Field(default_factory=model, description=(model.__doc__ or "").strip().split("\n")[0])
+        paths.update(field_paths(model, f"{key}."))
+    return paths
+
+
+def unknown_field_message(path: str) -> str:
+    """``unknown field; did you mean fl.rounds?``, or where the list of fields is when nothing is close."""
+    from fedsafe.errors import did_you_mean
+
+    return "unknown field" + (did_you_mean(path, known_field_paths())
+                              or "; `fedsafe run --help-config` lists the fields")
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `fedsafe run --help-config` lists the fields)"
+            msg = unknown_field_message(loc)
         lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
                                           and not isinstance(e.get("input"), dict) else ""))
     return "\n".join(lines)

@@ -95,6 +95,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
     except yaml.YAMLError as exc:
         raise ConfigError(f"grid file {p} is not valid YAML: {exc}") from exc
     except ValidationError as err:
+        if isinstance(raw, dict) and not {"matrix", "settings", "base", "config"} & set(raw):
+            raise ConfigError(f"{p} is an experiment file, not a grid file (it has no matrix:, settings:, base: "
+                              f"or config:): run it with `fedsafe run {p}`") from None
         lines = [f"invalid grid file ({p}):"] + [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise ConfigError("\n".join(lines)) from None
     base_cfg = load_config((p.parent / spec.base) if spec.base else None)
@@ -176,7 +179,7 @@ def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = Tr
     """Apply ``cfg.posthoc`` to the final adapter of an already trained run, evaluate, and report."""
     from safetensors.torch import load_file
 
-    from fedsafe.defenses.posthoc import posthoc_defense
+    from fedsafe.defenses.posthoc.finetune import posthoc_defense
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.models import attach_lora, load_base_model
     from fedsafe.pipeline import Session, _evaluate, _run_context, _write_report
