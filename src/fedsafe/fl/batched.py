@@ -9,18 +9,21 @@ of mLoRA (Ye et al., "mLoRA: Fine-Tuning LoRA Adapters via Highly-Efficient Pipe
 GPUs", VLDB 2025) for training:
 
 - each LoRA factor is stacked over adapters, A as ``[K, r, in]`` and B as ``[K, out, r]``; the rows of a pass
-  are grouped by adapter (client k owns rows ``[s_k, e_k)``) and the LoRA path is one ``torch.bmm`` when every
-  group has the same size, else one matmul per group (a segmented GEMM);
+  are grouped by adapter (client k owns rows ``[s_k, e_k)``) and the LoRA path is one matmul per group (a
+  segmented GEMM), or on an accelerator, when every group has the same shape, one ``torch.bmm``;
+- whatever mixes positions or depends on the padded length runs on each client's own ``[b, L_k]`` slice, as
+  the sequential path runs it: attention (with the mask the model builds for that client's batch alone), LoRA
+  dropout and the LoRA matmuls; the rest (the base model's linear layers, norms, the LM head) is row-wise;
 - each adapter keeps its own optimizer: AdamW and SGD are elementwise, so one optimizer over the stacked
   tensors is K independent optimizers; gradient clipping is per adapter (the norm over adapter k's slices);
 - each client's batches come from its own seeded stream, as in :class:`fedsafe.fl.client.LocalTrainer`, and
   LoRA dropout draws each client's mask from that client's RNG state with the same op and shape as the
   sequential path, so the masks are identical; the global RNG is left as the sequential path leaves it.
 
-The result equals :meth:`LocalTrainer.fit` client by client (same seeds, same batches; fp32 on CPU the
-adapters agree to ~1e-6 relative: the base GEMMs run over more rows, which may round differently).
-Anything that changes the training step is not reproduced here: :func:`why_sequential` names it and the
-engine then trains the clients one at a time.
+The result equals :meth:`LocalTrainer.fit` client by client (same seeds, same batches). fp32 on CPU it was
+bit-identical on the tiny test Llama (torch 2.13, MKL); the guarantee the tests hold it to is 1e-5 relative,
+since a BLAS may round a GEMM over more rows differently. Anything that changes the training step is not
+reproduced here: :func:`why_sequential` names it and the engine then trains the clients one at a time.
 """
 
 from __future__ import annotations
@@ -100,8 +103,11 @@ def _factor(module, kind: str) -> torch.nn.Parameter:
 
 
 class _Pass:
-    """The rows of one forward pass: client k owns rows ``segments[k] = (start, end)``, padded to ``lengths[k]``
-    tokens in the sequential path, and draws its dropout masks from ``rng_states[k]``."""
+    """The rows of one forward pass: client k owns rows ``segments[k] = (start, end)``, which the sequential path
+    pads to ``lengths[k]`` tokens (here they are padded to the longest), and draws its dropout masks from
+    ``rng_states[k]``. Whatever mixes positions or depends on the padded length runs on each client's own
+    ``[b, L_k]`` slice, as the sequential path runs it: attention, LoRA dropout and the LoRA matmuls when the
+    shapes differ."""
 
     def __init__(self, stacks: dict[int, torch.Tensor], rng_states: list, generator, k: int):
         self.stacks = stacks  # id(LoRA parameter) -> its stacked tensor [K, *shape]
@@ -110,53 +116,117 @@ class _Pass:
         self.k = k
         self.segments: list[tuple[int, int]] = []
         self.lengths: list[int] = []
+        self.masks: list = []  # each client's attention mask as the model builds it for that client's batch alone
+        # the LoRA path as one torch.bmm over adapters when every client's slice has the same shape (a GPU saves K
+        # launches); on CPU one matmul per adapter costs the same and rounds exactly as the sequential path does
+        # (a bmm differs in the last bits, ~1e-7 relative a step)
+        self.grouped_gemm = False
+
+    def prepare(self, model, parts: list[dict], pad_id: int) -> dict:
+        """Stack the clients' batches for one pass and build each client's own attention mask."""
+        from transformers.masking_utils import create_causal_mask
+
+        batch, self.segments, self.lengths = _concat(parts, pad_id)
+        config = model.get_base_model().config
+        dtype = model.get_input_embeddings().weight.dtype
+        device = next(model.parameters()).device
+        self.masks = []
+        for part in parts:
+            b, length = part["input_ids"].shape
+            shape_only = torch.zeros((), dtype=dtype, device=device).expand(b, length, 1)
+            self.masks.append(create_causal_mask(config=config, inputs_embeds=shape_only,
+                                                 attention_mask=part["attention_mask"].to(device), cache=None,
+                                                 position_ids=torch.arange(length, device=device).unsqueeze(0)))
+        return batch
 
     @property
-    def equal(self) -> bool:
-        sizes = {e - s for s, e in self.segments}
-        return len(sizes) == 1
+    def same_shapes(self) -> bool:
+        return len({e - s for s, e in self.segments}) == 1 and len(set(self.lengths)) == 1
 
-    def dropout(self, dropout: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``dropout`` applied to each client's rows with that client's RNG, on the ``[b, L_k, in]`` slice the
-        sequential path would see (same op, same shape: the same mask)."""
-        if isinstance(dropout, torch.nn.Identity) or not dropout.training or getattr(dropout, "p", 0) == 0:
-            return dropout(x)
-        parts = []
-        for k, ((s, e), length) in enumerate(zip(self.segments, self.lengths)):
-            self.generator.set_state(self.rng_states[k])
-            dropped = dropout(x[s:e, :length].contiguous())
-            self.rng_states[k] = self.generator.get_state()
-            if length < x.shape[1]:  # the padding beyond L_k never reaches a real token (right padding, causal)
-                dropped = F.pad(dropped, (0, 0, 0, x.shape[1] - length))
-            parts.append(dropped)
-        return torch.cat(parts)
+    def _own(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Client k's ``[b, L_k, ...]`` slice of ``x``, contiguous as its own batch would be."""
+        s, e = self.segments[k]
+        return x[s:e, : self.lengths[k]].contiguous()
+
+    def _padded(self, y: torch.Tensor, width: int) -> torch.Tensor:
+        """``y [b, L_k, ...]`` zero-padded to ``width`` positions (right padding never reaches a real token)."""
+        if y.shape[1] == width:
+            return y
+        return F.pad(y, (0, 0) * (y.ndim - 2) + (0, width - y.shape[1]))
 
     def lora(self, module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """PEFT's LoRA linear forward, ``base(x) + B(A(dropout(x))) * scaling``, with adapter k on its rows."""
         result = module.base_layer(x, *args, **kwargs)
         a = self.stacks[id(_factor(module, "A"))]  # [K, r, in]
         b = self.stacks[id(_factor(module, "B"))]  # [K, out, r]
-        x = self.dropout(module.lora_dropout["default"], x.to(a.dtype))
+        x = x.to(a.dtype)
+        dropout = module.lora_dropout["default"]
         scaling = module.scaling["default"]
-        if self.equal:  # the grouped GEMM: one batched matmul over adapters
+        drops = not (isinstance(dropout, torch.nn.Identity) or not dropout.training or getattr(dropout, "p", 0) == 0)
+        if self.grouped_gemm and self.same_shapes and not drops:  # one batched matmul over the K adapters
             xg = x.reshape(self.k, -1, x.shape[-1])
-            y = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-        else:  # segments of different sizes: one matmul per adapter
-            y = torch.cat([F.linear(F.linear(x[s:e], a[k]), b[k]) for k, (s, e) in enumerate(self.segments)])
-        return (result + y * scaling).to(result.dtype)
+            y = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2)).reshape(*x.shape[:-1], -1) * scaling
+        else:  # a segmented GEMM: one matmul per adapter on its own rows
+            parts = []
+            for k in range(self.k):
+                xk = self._own(x, k)
+                if drops:  # the client's own RNG, op and shape: the mask the sequential path draws
+                    self.generator.set_state(self.rng_states[k])
+                    xk = dropout(xk)
+                    self.rng_states[k] = self.generator.get_state()
+                parts.append(self._padded(F.linear(F.linear(xk, a[k]), b[k]) * scaling, x.shape[1]))
+            y = torch.cat(parts)
+        return (result + y).to(result.dtype)
+
+    def attention(self, original, module, query, key, value, attention_mask, **kwargs):
+        """The model's attention function on each client's own ``[b, heads, L_k, d]`` slice with that client's own
+        mask (the batch's mask, padded to the longest client, is not used): the softmax sees what it sees in the
+        sequential path."""
+        width = query.shape[2]
+        outs = []
+        for k in range(self.k):
+            s, e = self.segments[k]
+            length = self.lengths[k]
+            q, kk, v = (t[s:e, :, :length].transpose(1, 2).contiguous().transpose(1, 2) for t in (query, key, value))
+            out, _weights = original(module, q, kk, v, self.masks[k], **kwargs)
+            outs.append(self._padded(out, width))  # [b, L_k, heads, d] -> [b, width, heads, d]
+        return torch.cat(outs), None
 
 
 @contextmanager
-def _patched(layers: list, run: _Pass):
-    """Route every LoRA layer's forward through ``run`` for the block (an instance attribute shadows the class's
-    ``forward``; deleting it restores PEFT's)."""
+def _patched(model, layers: list, run: _Pass):
+    """Route every LoRA layer's forward and the model's attention function through ``run`` for the block.
+
+    A LoRA layer gets an instance attribute ``forward`` (shadowing the class's; deleting it restores PEFT's);
+    the attention function is overridden in transformers' attention registry under the name the model uses
+    (a local override of that registry instance, removed afterwards)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = model.get_base_model().config._attn_implementation or "eager"
+    had_local = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
+    original = ALL_ATTENTION_FUNCTIONS.get(impl) if impl != "eager" or had_local else None
+
+    def attention(module, *args, **kwargs):
+        fn = original
+        if fn is None:  # eager: each model file has its own eager_attention_forward
+            import sys
+
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        return run.attention(fn, module, *args, **kwargs)
+
     try:
         for m in layers:
             m.forward = (lambda mod: (lambda x, *a, **kw: run.lora(mod, x, *a, **kw)))(m)
+        ALL_ATTENTION_FUNCTIONS[impl] = attention
         yield
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS[impl] = previous
+        else:
+            ALL_ATTENTION_FUNCTIONS._local_mapping.pop(impl, None)
 
 
 def _default_generator(device: torch.device):
@@ -169,8 +239,9 @@ class BatchedTrainer:
     """Trains the clients of a round as K adapters of one batched pass; each result equals
     :meth:`LocalTrainer.fit` on that client (module docstring). Call :func:`why_sequential` first."""
 
-    def __init__(self, trainer: LocalTrainer):
+    def __init__(self, trainer: LocalTrainer, grouped_gemm: bool | None = None):
         self.trainer = trainer
+        self.grouped_gemm = grouped_gemm  # None: on accelerators only (see _Pass.grouped_gemm)
         self.model = trainer.model
         self.flat = trainer.flat
         self.device = trainer.device
@@ -225,11 +296,12 @@ class BatchedTrainer:
             global_params = [s.detach().clone() for s in trainable]
         loss_function = getattr(self.model.get_base_model(), "loss_function", None)
         run = _Pass(stacks, rng_states, generator, k_clients)
+        run.grouped_gemm = self.device.type != "cpu" if self.grouped_gemm is None else self.grouped_gemm
         self.model.train()
         losses: list[list[float]] = [[] for _ in clients]
         seen: list[set[int]] = [set() for _ in clients]
         compute_s = 0.0
-        with _patched(layers, run):
+        with _patched(self.model, layers, run):
             for _step in range(rc.local_steps):
                 tc = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
@@ -240,9 +312,9 @@ class BatchedTrainer:
                         idx = next(stream)
                         seen[k].update(idx)
                         parts.append(collate([client.examples[i] for i in idx], self.pad_id))
-                    batch, run.segments, run.lengths = _concat(parts, self.pad_id)
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    batch = {k: v.to(self.device) for k, v in run.prepare(self.model, parts, self.pad_id).items()}
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).logits
                     total = 0.0
                     for k, ((s, e), length) in enumerate(zip(run.segments, run.lengths)):
                         loss = _causal_lm_loss(loss_function, logits[s:e, :length].contiguous(),
