@@ -488,3 +488,32 @@ def test_lasa_filters_per_lora_tensor_in_a_run(tmp_path):
     assert record["aggregator"] == "nnm+lasa"
     assert record["aggregator_info"]["layers"] == len(tensors) > 1  # one layer per LoRA A / B tensor
     assert record["aggregator_info"]["nnm"] == {"f": 1, "neighbours": 2}
+
+
+# --- issue 32 item 4: weights only when asked, clipping without a copy --------------------------------
+
+@pytest.mark.parametrize("name,params,window", [("median", {}, lambda n: ((n - 1) // 2, n // 2 + 1)),
+                                                ("trimmed_mean", {"beta": 0.2}, lambda n: (2, n - 2))])
+def test_order_statistic_weights_are_computed_on_demand_and_share_ties(name, params, window):
+    from fedsafe.aggregators.base import sort_columns, window_shares
+
+    x = torch.randint(-3, 4, (10, 257)).float()  # many ties at every window end
+    res = _run(aggregators.get(name, **params), x)
+    assert res.weights_pending  # the aggregate alone never pays for the per-client bookkeeping
+    start, stop = window(10)
+    expected = window_shares(x, sort_columns(x), start, stop) / (stop - start) / x.shape[1]
+    assert torch.allclose(res.client_weights, expected.float(), atol=1e-7)
+    assert not res.weights_pending and float(res.client_weights.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_norm_clip_before_fedavg_folds_the_clipping_into_the_weights():
+    x = _clients(70) * 40
+    samples = torch.arange(1.0, 10.0)
+    res = aggregators.get("norm_clip", max_norm=1.0)(x, samples, _ids(9))
+    norms = x.double().norm(dim=1)
+    scale = (1.0 / norms).clamp(max=1.0)
+    w = samples.double() / samples.sum()
+    _close(res.update, ((w * scale) @ x.double()).numpy())  # sum_i w_i s_i x_i, no clipped matrix built
+    assert torch.allclose(res.client_weights, w.float()) and res.info["clipped"] == (scale < 1).tolist()
+    composed = aggregators.get("norm_clip+median", norm_clip={"max_norm": 1.0})(x, samples, _ids(9))
+    _close(composed.update, (x.double() * scale[:, None]).median(dim=0).values.numpy())

@@ -21,7 +21,7 @@ class RoundContext:
 
     ``truth`` (client id -> malicious) is the simulator's ground truth: rules may log metrics against it
     (the probe's ROC-AUC) but must never decide with it. ``shadow`` is the server's shadow-training
-    service (:class:`fedsafe.defenses.shadow.ShadowTrainer`) when the experiment built one.
+    service (:class:`fedsafe.defenses.safe_fedllm_probe.shadow.ShadowTrainer`) when the experiment built one.
     ``client_extra`` is filled by the server with each client's ``ClientResult.extra`` right before
     aggregation (e.g. the step-level reports of the probe). ``flat`` is the model's LoRA layout
     (:class:`fedsafe.fl.params.FlatLoRA`) when the server has one (LASA's layers).
@@ -36,17 +36,42 @@ class RoundContext:
     flat: Any = None
 
 
-@dataclass
 class AggregationResult:
-    """An aggregate update ``[d]``, the effective weight of each client ``[n]`` (0 = excluded) and details."""
+    """An aggregate update ``[d]``, the effective weight of each client ``[n]`` (0 = excluded) and details.
 
-    update: torch.Tensor
-    client_weights: torch.Tensor
-    info: dict = field(default_factory=dict)
-    #: ``[n, d]`` the updates the server received, where a ``server_view`` hook replaced the ones it was given
-    #: (a full-knowledge adaptive attack crafts the malicious clients' updates there); None: the ones given.
-    #: The round's stealth statistics are computed from these (fedsafe.fl.loop)
-    received: torch.Tensor | None = None
+    ``client_weights`` may be given as a zero-argument callable: a rule whose weights cost more than its
+    aggregate (the median's per-client bookkeeping, issue 32) computes them on first access only, e.g. for the
+    stealth analysis; the server reads them every round, a benchmark of the aggregate alone never does.
+    """
+
+    def __init__(self, update: torch.Tensor, client_weights, info: dict | None = None,
+                 received: torch.Tensor | None = None):
+        self.update = update
+        self._client_weights = client_weights
+        self.info = {} if info is None else info
+        #: ``[n, d]`` the updates the server received, where a ``server_view`` hook replaced the ones it was given
+        #: (a full-knowledge adaptive attack crafts the malicious clients' updates there); None: the ones given.
+        #: The round's stealth statistics are computed from these (fedsafe.fl.loop)
+        self.received = received
+
+    @property
+    def client_weights(self) -> torch.Tensor:
+        if callable(self._client_weights):
+            self._client_weights = self._client_weights()
+        return self._client_weights
+
+    @client_weights.setter
+    def client_weights(self, value) -> None:
+        self._client_weights = value
+
+    @property
+    def weights_pending(self) -> bool:
+        """Whether the client weights are still to be computed (nobody has asked for them yet)."""
+        return callable(self._client_weights)
+
+    def __repr__(self) -> str:
+        weights = "<pending>" if self.weights_pending else self._client_weights
+        return f"AggregationResult(update={self.update!r}, client_weights={weights!r}, info={self.info!r})"
 
 
 class Aggregator:
@@ -141,6 +166,15 @@ def window_shares(block: torch.Tensor, sorted_block: torch.Tensor, start, stop) 
     stop = torch.as_tensor(stop, dtype=torch.long, device=block.device).expand(c)
     lo = sorted_block.gather(0, start[None])
     hi = sorted_block.gather(0, (stop - 1)[None])
+    return window_shares_between(block, lo, hi, start, stop)
+
+
+def window_shares_between(block: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, start, stop) -> torch.Tensor:
+    """:func:`window_shares` from the window's end values ``lo``, ``hi`` (``[1, c]``: the sorted places
+    ``start`` and ``stop - 1`` of each column) instead of the whole sorted block."""
+    n, c = block.shape
+    start = torch.as_tensor(start, dtype=torch.long, device=block.device).expand(c)
+    stop = torch.as_tensor(stop, dtype=torch.long, device=block.device).expand(c)
     inside = (block >= lo) & (block <= hi)
     # without ties at the window's ends exactly stop - start values lie in [lo, hi]: the fast path
     tied = inside.sum(dim=0) != (stop - start)

@@ -20,6 +20,10 @@ class FedAvg(Aggregator):
     def __init__(self, weighted: bool = True):
         self.weighted = weighted
 
+    def weights(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """The mean's weights ``[n]``: sample shares, or 1/n each."""
+        return sample_weights(num_samples) if self.weighted else torch.full_like(num_samples, 1.0 / len(num_samples))
+
     def aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[str]) -> AggregationResult:
-        w = sample_weights(num_samples) if self.weighted else torch.full_like(num_samples, 1.0 / len(num_samples))
+        w = self.weights(num_samples)
         return AggregationResult(w @ updates, w, {})

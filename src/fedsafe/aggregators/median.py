@@ -15,7 +15,20 @@ from __future__ import annotations
 
 import torch
 
-from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns, window_shares
+from fedsafe.aggregators.base import (AggregationResult, Aggregator, column_chunks, sort_columns,
+                                     window_shares_between)
+
+
+def window_weights(updates: torch.Tensor, lo_vals: torch.Tensor, hi_vals: torch.Tensor, start: int, stop: int,
+                   per_column: int = 4) -> torch.Tensor:
+    """Each client's share of the sorted places ``[start, stop)`` of every coordinate, averaged over the d
+    coordinates (float32 ``[n]``), from the window's end values ``lo_vals``/``hi_vals`` ``[d]`` (ties shared)."""
+    n, d = updates.shape
+    shares = torch.zeros(n, dtype=torch.float64, device=updates.device)
+    for cols in column_chunks(n, d, per_column=per_column):
+        block = updates[:, cols]
+        shares += window_shares_between(block, lo_vals[None, cols], hi_vals[None, cols], start, stop) / (stop - start)
+    return (shares / d).float()
 
 
 class Median(Aggregator):
@@ -27,11 +40,10 @@ class Median(Aggregator):
         n, d = updates.shape
         out = torch.empty(d, device=updates.device)
         lo, hi = (n - 1) // 2, n // 2
-        shares = torch.zeros(n, dtype=torch.float64, device=updates.device)
-        for cols in column_chunks(n, d, per_column=4):
-            block = updates[:, cols].contiguous()
-            vals = sort_columns(block)
+        lo_vals, hi_vals = torch.empty(d, device=updates.device), torch.empty(d, device=updates.device)
+        for cols in column_chunks(n, d, per_column=2):
+            vals = sort_columns(updates[:, cols])
+            lo_vals[cols], hi_vals[cols] = vals[lo], vals[hi]
             out[cols] = (vals[lo] + vals[hi]) / 2
-            # the median place(s): one for odd n, two of weight 1/2 for even n
-            shares += window_shares(block, vals, lo, hi + 1) / (hi - lo + 1)
-        return AggregationResult(out, (shares / d).float(), {})
+        # the median place(s): one for odd n, two of weight 1/2 for even n; computed when first asked for
+        return AggregationResult(out, lambda: window_weights(updates, lo_vals, hi_vals, lo, hi + 1), {})

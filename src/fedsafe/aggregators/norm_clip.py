@@ -9,6 +9,10 @@ updates go to the inner rule (FedAvg by default). It is a pre-aggregation step
     {name: norm_clip, params: {max_norm: 1.0, aggregator: krum, params: {f: 1}}}   (the inner rule by name)
 
 ``client_weights`` are the inner rule's; ``info`` adds each client's norm and whether it was clipped.
+
+Without a copy: in front of FedAvg (a weighted mean) the clipping factors fold into the mean's weights,
+Delta = sum_i (w_i s_i) delta_i, so the [n, d] matrix of clipped updates is never built (issue 32); other inner
+rules receive the clipped matrix.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ class NormClip(Wrapper):
         norms = updates.norm(dim=1)
         scale = (self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
         return updates * scale[:, None], None, {"norms": norms.tolist(), "clipped": (scale < 1).tolist()}
+
+    def aggregate(self, updates, num_samples, client_ids) -> AggregationResult:
+        from fedsafe.aggregators.fedavg import FedAvg
+
+        if type(self.inner) is not FedAvg:
+            return super().aggregate(updates, num_samples, client_ids)
+        norms = updates.norm(dim=1)
+        scale = (self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+        weights = self.inner.weights(num_samples)
+        return AggregationResult((weights * scale) @ updates, weights,
+                                 {"norms": norms.tolist(), "clipped": (scale < 1).tolist()})
 
     def post(self, res, how, info) -> AggregationResult:
         return AggregationResult(res.update, res.client_weights, {**res.info, **info})

@@ -28,7 +28,8 @@ import logging
 
 import torch
 
-from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns, window_shares
+from fedsafe.aggregators.base import AggregationResult, Aggregator, column_chunks, sort_columns
+from fedsafe.aggregators.median import window_weights
 from fedsafe.aggregators.requirements import (require, trimmed_mean_min_clients, trimmed_mean_needs,
                                                trimmed_per_side, validate_trim)
 
@@ -48,18 +49,18 @@ class TrimmedMean(Aggregator):
         if self.f is not None:
             require(trimmed_mean_needs(f=self.f), n)
         k = trimmed_per_side(n, self.beta, self.f)
-        keep = n - 2 * k
         if k == 0 and self.beta:  # fl.clients_per_round is checked at config load; a short round lands here
             log.warning("trimmed_mean: beta=%g trims nothing from %d updates (needs %d): this round is the plain "
                         "mean", self.beta, n, trimmed_mean_min_clients(self.beta))
         out = torch.empty(d, device=updates.device)
-        shares = torch.zeros(n, dtype=torch.float64, device=updates.device)
-        for cols in column_chunks(n, d, per_column=4):
-            block = updates[:, cols].contiguous()
-            vals = sort_columns(block)
+        lo_vals, hi_vals = torch.empty(d, device=updates.device), torch.empty(d, device=updates.device)
+        for cols in column_chunks(n, d, per_column=2):
+            vals = sort_columns(updates[:, cols])
+            lo_vals[cols], hi_vals[cols] = vals[k], vals[n - k - 1]
             out[cols] = vals[k:n - k].mean(dim=0)
-            shares += window_shares(block, vals, k, n - k) / keep
-        return AggregationResult(out, (shares / d).float(), {"trimmed_per_side": k})
+        # each client's share of the kept places, computed when first asked for (issue 32: weights only on demand)
+        return AggregationResult(out, lambda: window_weights(updates, lo_vals, hi_vals, k, n - k),
+                                 {"trimmed_per_side": k})
 
     def __repr__(self) -> str:
         return f"TrimmedMean(f={self.f})" if self.f is not None else f"TrimmedMean(beta={self.beta})"
