@@ -205,7 +205,7 @@ def test_centered_clipping_parameters_are_checked():
 
 # --- FLAME (Nguyen et al., USENIX Security 2022, Algorithm 1) ---------------------------------------
 
-def flame_port(x: np.ndarray, noise_free=True):
+def flame_port(x: np.ndarray):
     """Algorithm 1 without the noise: HDBSCAN on cosine distances, median-norm clipping, plain mean."""
     from sklearn.cluster import HDBSCAN
     from sklearn.metrics.pairwise import cosine_distances
