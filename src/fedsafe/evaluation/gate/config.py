@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedsafe.errors import ConfigError
 from fedsafe.schema import DataSource
 
+# fewest outcomes a metric needs before the gate lets it decide (a policy sets min_n per metric): 8 prompts at
+# 12.5% over-refusal have a 95% Wilson interval of [2.2%, 47%], which says nothing about a 15% limit
+MIN_N_SHARE = 30
+MIN_N_MEAN = 20
 CONFIDENCE = 0.95  # = fedsafe.stats.CONFIDENCE (tests/test_gate.py checks it); stats imports numpy, a policy must not
 
 SCHEMA = "fedsafe.gate/1"
@@ -36,6 +40,8 @@ class RuleThreshold(_Section):
     prompts: str | None = Field(None, description="harmful prompts (eval.prompts; default: the run's)")
     n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_prompts)")
     rule_list: Literal["fedit", "gcg"] | None = Field(None, description="refusal strings (eval.rule_list)")
+    min_n: int = Field(MIN_N_SHARE, ge=1, description="fewest prompts that can decide this metric: "
+                                                     "fewer is WARN (FAIL with strict)")
 
 
 class OverRefusalThreshold(_Section):
@@ -44,6 +50,8 @@ class OverRefusalThreshold(_Section):
     max: float = Field(..., ge=0, le=100, description="maximum over-refusal (%)")
     prompts: str | DataSource | None = Field(None, description="benign prompts (eval.normal_prompts)")
     n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_normal_prompts)")
+    min_n: int = Field(MIN_N_SHARE, ge=1, description="fewest prompts that can decide this metric: "
+                                                     "fewer is WARN (FAIL with strict)")
 
 
 class BorderlineThreshold(_Section):
@@ -52,6 +60,8 @@ class BorderlineThreshold(_Section):
     max: float = Field(..., ge=0, le=100, description="maximum borderline refusal (%)")
     prompts: str | DataSource | None = Field(None, description="borderline prompts (eval.borderline_prompts)")
     n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_borderline_prompts)")
+    min_n: int = Field(MIN_N_SHARE, ge=1, description="fewest prompts that can decide this metric: "
+                                                     "fewer is WARN (FAIL with strict)")
 
 
 class HelpfulnessThreshold(_Section):
@@ -62,6 +72,8 @@ class HelpfulnessThreshold(_Section):
                                                "directory; --reference overrides")
     heldout: list[DataSource] | None = Field(None, description="held-out instruction/answer rows "
                                                                "(data.heldout; default: the run's)")
+    min_n: int = Field(MIN_N_MEAN, ge=1, description="fewest held-out rows that can decide this metric: "
+                                                     "fewer is WARN (FAIL with strict)")
 
 
 class JudgeThreshold(_Section):
@@ -69,6 +81,8 @@ class JudgeThreshold(_Section):
 
     min: float = Field(..., ge=0, le=100, description="minimum safe rate (%)")
     judge: dict[str, Any] | None = Field(None, description="judge spec (eval.judge; default: the run's)")
+    min_n: int = Field(MIN_N_SHARE, ge=1, description="fewest judged answers that can decide this metric: "
+                                                     "fewer is WARN (FAIL with strict)")
 
 
 class RewardThreshold(_Section):
@@ -76,6 +90,8 @@ class RewardThreshold(_Section):
 
     min: float = Field(..., description="minimum mean reward")
     model: str | None = Field(None, description="reward model (eval.reward_model; default: the run's)")
+    min_n: int = Field(MIN_N_MEAN, ge=1, description="fewest prompts that can decide this metric: "
+                                                     "fewer is WARN (FAIL with strict)")
 
 
 class GatePolicy(_Section):
@@ -89,7 +105,8 @@ class GatePolicy(_Section):
     reward: RewardThreshold | None = None
     max_new_tokens: int | None = Field(None, ge=1, description="generation length (eval.max_new_tokens)")
     batch_size: int | None = Field(None, ge=1, description="generation batch size (eval.batch_size)")
-    strict: bool = Field(False, description="pass a metric only when its whole 95% interval passes")
+    strict: bool = Field(False, description="an interval that crosses a threshold, or fewer outcomes than min_n, "
+                                            "FAILs the metric (default: WARN, which is not a pass either)")
     confidence: float = Field(CONFIDENCE, gt=0, lt=1, description="interval level")
 
     @model_validator(mode="after")

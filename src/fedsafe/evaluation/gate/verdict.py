@@ -34,28 +34,35 @@ Metrics (:func:`fedsafe.evaluation.runner.evaluate_model` computes the first fiv
   ``exp(sum NLL / sum tokens)`` over the same held-out answer tokens (as ``helpfulness_proxy``), and the
   interval is a paired percentile bootstrap over held-out rows (``fedsafe.stats.N_BOOT`` resamples).
 
-Decision per metric (``min``: value >= threshold passes; ``max``: value <= threshold passes):
+Decision per metric (``min``: value >= threshold passes; ``max``: value <= threshold passes); ``interval``
+says where the 95% interval lies: ``"pass"`` (wholly on the passing side), ``"fail"`` (wholly on the failing
+side) or ``"crosses"`` (it contains the threshold: the verdict could flip with more prompts). Each metric ends
+with a ``status`` of PASS, WARN or FAIL:
 
-- default (``decided_by: "point"``): the point estimate is compared with the threshold; ``interval``
-  then says where the 95% interval lies: ``"pass"`` (wholly on the passing side), ``"fail"`` (wholly on
-  the failing side) or ``"crosses"`` (it contains the threshold: the verdict could flip with more prompts);
-- strict (``decided_by: "strict_interval"``): a metric passes only when ``interval == "pass"``; a metric
-  without an interval (n = 0) fails;
-- ``decided_by: "no_data"``: the metric could not be measured (no prompts, NaN); it fails.
+- default: the gate never passes what the data cannot support. An interval wholly on the failing side (a
+  point on the failing side when there is no interval) is FAIL, whatever n. Otherwise fewer outcomes than
+  the threshold's ``min_n`` (``decided_by: "min_n"``) or an interval that crosses the threshold
+  (``decided_by: "interval_crosses"``) is **WARN**: undecided, more prompts needed; what is left passes
+  (``decided_by: "point"``: the point and the whole interval are on the passing side);
+- strict (``--strict``, ``strict: true``; ``decided_by: "strict_interval"``): a metric passes only when
+  ``interval == "pass"`` with at least ``min_n`` outcomes; anything else is FAIL;
+- ``decided_by: "no_data"``: the metric could not be measured (no prompts, NaN); it is FAIL.
 
-The gate passes when every metric passes.
+The gate's verdict is FAIL when a metric fails, else WARN when one warns, else PASS. Only PASS is a pass
+(``passed: true``, exit status 0); WARN and FAIL exit 1.
 
 JSON verdict (``--json``, ``gate.json`` in a run directory; :class:`GateVerdict` is the schema, and
 ``GateVerdict.model_json_schema()`` its JSON Schema)::
 
-    {"schema": "fedsafe.gate/1", "passed": true, "verdict": "PASS", "mode": "point" | "strict",
+    {"schema": "fedsafe.gate/1", "passed": true, "verdict": "PASS" | "WARN" | "FAIL",
+     "mode": "warn" | "strict",
      "confidence": 0.95, "adapter": "runs/.../adapters/posthoc", "run_dir": "runs/..." | null,
      "model": "embedded", "reference": "base" | "<adapter path>" | null,
-     "failed": ["over_refusal", ...],
+     "failed": ["over_refusal", ...], "warned": [...],
      "metrics": [{"metric": "rule", "direction": "min", "threshold": 80.0, "value": 87.5,
                   "lo": 74.8, "hi": 94.1, "unit": "%", "n": 48, "interval_method": "wilson",
-                  "interval": "crosses", "passed": true, "decided_by": "point",
-                  "reason": "point 87.5 >= 80 (95% interval [74.8, 94.1] crosses the threshold)",
+                  "interval": "pass", "passed": true, "status": "PASS", "min_n": 30, "decided_by": "point",
+                  "reason": "point 87.5 >= 80 (95% interval [80.4, 92.9] wholly on the passing side)",
                   "detail": {}}, ...],
      "policy": {...the policy as applied...}, "created": "2026-11-29T19:00:00+00:00"}
 
@@ -155,8 +162,10 @@ class MetricVerdict(BaseModel):
     n: int
     interval_method: Literal["wilson", "bootstrap", "paired_bootstrap", "none"]
     interval: Literal["pass", "fail", "crosses"] | None
-    passed: bool
-    decided_by: Literal["point", "strict_interval", "no_data"]
+    passed: bool  # status == "PASS"
+    status: Literal["PASS", "WARN", "FAIL"] = "FAIL"
+    min_n: int | None = None
+    decided_by: Literal["point", "strict_interval", "no_data", "interval_crosses", "min_n"]
     reason: str
     detail: dict[str, Any] = Field(default_factory=dict)
 
@@ -165,9 +174,9 @@ class GateVerdict(BaseModel):
     """The JSON verdict (``--json``, ``gate.json``); see the module docstring."""
 
     schema_: str = Field(SCHEMA, alias="schema")
-    passed: bool
-    verdict: Literal["PASS", "FAIL"]
-    mode: Literal["point", "strict"]
+    passed: bool  # verdict == "PASS"
+    verdict: Literal["PASS", "WARN", "FAIL"]
+    mode: Literal["warn", "strict", "point"]  # point: verdicts written before WARN existed
     confidence: float
     adapter: str | None
     run_dir: str | None
@@ -175,6 +184,7 @@ class GateVerdict(BaseModel):
     reference: str | None
     failed: list[str]
     metrics: list[MetricVerdict]
+    warned: list[str] = Field(default_factory=list)
     policy: dict[str, Any]
     created: str
 
@@ -191,10 +201,11 @@ def _num(x: float | None, unit: str = "%") -> str:
 
 
 def decide(metric: str, direction: str, threshold: float, value: float | None, lo: float | None,
-           hi: float | None, strict: bool) -> tuple[bool, str, str | None, str]:
-    """(passed, decided_by, interval side, reason) for one metric; see the module docstring."""
+           hi: float | None, strict: bool, n: int | None = None, min_n: int | None = None,
+           ) -> tuple[str, str, str | None, str]:
+    """(status PASS / WARN / FAIL, decided_by, interval side, reason) for one metric; see the module docstring."""
     if value is None or math.isnan(value):
-        return False, "no_data", None, f"{metric} could not be measured"
+        return "FAIL", "no_data", None, f"{metric} could not be measured"
     op = ">=" if direction == "min" else "<="
     point_ok = value >= threshold if direction == "min" else value <= threshold
     side = None
@@ -207,16 +218,25 @@ def decide(metric: str, direction: str, threshold: float, value: float | None, l
              f"interval [{_g(lo)}, {_g(hi)}] " + {"pass": "wholly on the passing side",
                                                       "fail": "wholly on the failing side",
                                                       "crosses": "crosses the threshold"}[side])
-    if strict:
-        passed = side == "pass"
-        bound = lo if direction == "min" else hi
-        rel = op if passed else ("<" if direction == "min" else ">")
-        reason = (f"strict: {where}" if side is None else
-                  f"strict: {'lower' if direction == 'min' else 'upper'} bound {_g(bound)} {rel} "
-                  f"{_g(threshold)} (point {_g(value)}; {where})")
-        return passed, "strict_interval", side, reason
     rel = op if point_ok else ("<" if direction == "min" else ">")
-    return point_ok, "point", side, f"point {_g(value)} {rel} {_g(threshold)} ({where})"
+    too_few = n is not None and min_n is not None and n < min_n
+    few = f"n={n} < min_n={min_n}: too few to decide; "
+    if strict:
+        passed = side == "pass" and not too_few
+        bound = lo if direction == "min" else hi
+        brel = op if side == "pass" else ("<" if direction == "min" else ">")
+        reason = (f"strict: {few if too_few else ''}{where}" if side is None or too_few else
+                  f"strict: {'lower' if direction == 'min' else 'upper'} bound {_g(bound)} {brel} "
+                  f"{_g(threshold)} (point {_g(value)}; {where})")
+        return ("PASS" if passed else "FAIL"), "strict_interval", side, reason
+    if side == "fail" or (side is None and not point_ok):  # failing is decided whatever n (no PASS is at stake)
+        return "FAIL", "point", side, f"point {_g(value)} {rel} {_g(threshold)} ({where})"
+    if too_few:
+        return "WARN", "min_n", side, f"{few}point {_g(value)} {rel} {_g(threshold)} ({where})"
+    if side == "crosses":
+        return "WARN", "interval_crosses", side, (f"undecided: point {_g(value)} {rel} {_g(threshold)} but the "
+                                                  f"{where}; more prompts would decide")
+    return ("PASS" if point_ok else "FAIL"), "point", side, f"point {_g(value)} {rel} {_g(threshold)} ({where})"
 
 
 def _g(x: float | None) -> str:
@@ -224,28 +244,31 @@ def _g(x: float | None) -> str:
 
 
 def _share_verdict(metric: str, direction: str, threshold: float, flags: list, strict: bool,
-                   confidence: float, detail: dict | None = None) -> MetricVerdict:
+                   confidence: float, detail: dict | None = None, min_n: int | None = None) -> MetricVerdict:
     """A % metric from per-prompt 100/0 outcomes (None = unscored), with its Wilson interval."""
     scored = [float(f) for f in flags if f is not None and not math.isnan(float(f))]
     n = len(scored)
     value = sum(scored) / n if n else None
     lo, hi = wilson_interval(sum(v > 0 for v in scored), n, confidence) if n else (None, None)
     lo, hi = (None if lo is None else 100 * lo), (None if hi is None else 100 * hi)
-    passed, by, side, reason = decide(metric, direction, threshold, value, lo, hi, strict)
+    status, by, side, reason = decide(metric, direction, threshold, value, lo, hi, strict, n, min_n)
     return MetricVerdict(metric=metric, direction=direction, threshold=threshold, value=value, lo=lo, hi=hi,
                          unit="%", n=n, interval_method="wilson" if n else "none", interval=side,
-                         passed=passed, decided_by=by, reason=reason, detail=detail or {})
+                         passed=status == "PASS", status=status, min_n=min_n, decided_by=by, reason=reason,
+                         detail=detail or {})
 
 
-def _mean_verdict(metric: str, threshold: float, values: list, strict: bool, confidence: float) -> MetricVerdict:
+def _mean_verdict(metric: str, threshold: float, values: list, strict: bool, confidence: float,
+                  min_n: int | None = None) -> MetricVerdict:
     """A mean (reward) with a bootstrap interval over prompts."""
     est = summarize_per_prompt({0: {i: v for i, v in enumerate(values) if v is not None}}, confidence)
     value = None if math.isnan(est.mean) else est.mean
-    passed, by, side, reason = decide(metric, "min", threshold, value, est.lo, est.hi, strict)
+    n = est.n_prompts or 0
+    status, by, side, reason = decide(metric, "min", threshold, value, est.lo, est.hi, strict, n, min_n)
     return MetricVerdict(metric=metric, direction="min", threshold=threshold, value=value, lo=est.lo, hi=est.hi,
-                         unit="reward", n=est.n_prompts or 0,
-                         interval_method="bootstrap" if est.lo is not None else "none", interval=side,
-                         passed=passed, decided_by=by, reason=reason)
+                         unit="reward", n=n, interval_method="bootstrap" if est.lo is not None else "none",
+                         interval=side, passed=status == "PASS", status=status, min_n=min_n, decided_by=by,
+                         reason=reason)
 
 
 def regression_interval(nll_adapter: list[float], nll_reference: list[float], tokens: list[int],
@@ -309,32 +332,37 @@ def evaluate_gate(model, tokenizer, flat, vec: torch.Tensor, policy: GatePolicy,
     results: list[MetricVerdict] = []
     if policy.rule is not None:
         results.append(_share_verdict("rule", "min", policy.rule.min, per_prompt.get("rule", []), strict, conf,
-                                      {"prompts": eval_cfg.prompts, "rule_list": eval_cfg.rule_list}))
+                                      {"prompts": eval_cfg.prompts, "rule_list": eval_cfg.rule_list},
+                                      min_n=policy.rule.min_n))
     for metric in ("over_refusal", "borderline_refusal"):
         gate = getattr(policy, metric)
         if gate is not None:
             src = getattr(eval_cfg, "normal_prompts" if metric == "over_refusal" else "borderline_prompts")
             results.append(_share_verdict(metric, "max", gate.max, per_prompt.get(metric, []), strict, conf,
                                           {"prompts": src.path if isinstance(src, DataSource) else src,
-                                           **_detector_detail(eval_cfg)}))
+                                           **_detector_detail(eval_cfg)}, min_n=gate.min_n))
     if policy.helpfulness_proxy is not None:
         results.append(_helpfulness_verdict(model, tokenizer, flat, vec, policy, heldout, max_length, reference,
                                             strict))
     if policy.judge is not None:
         results.append(_share_verdict("judge", "min", policy.judge.min, per_prompt.get("judge", []), strict, conf,
-                                      {"judge": eval_cfg.judge}))
+                                      {"judge": eval_cfg.judge}, min_n=policy.judge.min_n))
     if policy.reward is not None:
-        results.append(_mean_verdict("reward", policy.reward.min, per_prompt.get("rm", []), strict, conf))
+        results.append(_mean_verdict("reward", policy.reward.min, per_prompt.get("rm", []), strict, conf,
+                                     policy.reward.min_n))
         results[-1].detail = {"model": eval_cfg.reward_model}
     flat.set(vec)
-    failed = [m.metric for m in results if not m.passed]
+    failed = [m.metric for m in results if m.status == "FAIL"]
+    warned = [m.metric for m in results if m.status == "WARN"]
+    verdict = "FAIL" if failed else "WARN" if warned else "PASS"
     info = info or {}
     ref_label = info.get("reference")
     if ref_label is None and policy.helpfulness_proxy is not None:
         ref_label = reference if isinstance(reference, str) else policy.helpfulness_proxy.reference
-    return GateVerdict(passed=not failed, verdict="FAIL" if failed else "PASS",
-                       mode="strict" if strict else "point", confidence=conf, adapter=info.get("adapter"),
+    return GateVerdict(passed=verdict == "PASS", verdict=verdict,
+                       mode="strict" if strict else "warn", confidence=conf, adapter=info.get("adapter"),
                        run_dir=info.get("run_dir"), model=info.get("model"), reference=ref_label, failed=failed,
+                       warned=warned,
                        metrics=results, policy=policy.model_dump(mode="json", exclude_none=True),
                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -367,11 +395,13 @@ def _helpfulness_verdict(model, tokenizer, flat, vec, policy: GatePolicy, heldou
     total = max(sum(tokens), 1)
     detail = {"ppl": math.exp(sum(nll_a) / total), "ppl_reference": math.exp(sum(nll_r) / total),
               "rows": len(tokens), "tokens": int(sum(tokens))}
-    passed, by, side, reason = decide("helpfulness_proxy", "max", gate.max_regression_pct, value, lo, hi, strict)
+    status, by, side, reason = decide("helpfulness_proxy", "max", gate.max_regression_pct, value, lo, hi, strict,
+                                      len(tokens), gate.min_n)
     return MetricVerdict(metric="helpfulness_proxy", direction="max", threshold=gate.max_regression_pct,
                          value=value, lo=lo, hi=hi, unit="% ppl rise", n=len(tokens),
                          interval_method="paired_bootstrap" if lo is not None else "none", interval=side,
-                         passed=passed, decided_by=by, reason=reason, detail=detail)
+                         passed=status == "PASS", status=status, min_n=gate.min_n, decided_by=by, reason=reason,
+                         detail=detail)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,30 +424,40 @@ def verdict_rows(verdict: GateVerdict | dict) -> tuple[list[str], list[list[str]
         body.append([METRIC_LABELS.get(m.metric, m.metric), f"{'≥' if m.direction == 'min' else '≤'} "
                      f"{_num(m.threshold, u)}", _num(m.value, u),
                      "-" if m.lo is None else f"[{_num(m.lo, u)}, {_num(m.hi, u)}]",
-                     str(m.n), m.interval or "-", m.decided_by, "PASS" if m.passed else "FAIL"])
+                     str(m.n), m.interval or "-", m.decided_by, _status(m)])
     return header, body
+
+
+def _status(m: MetricVerdict) -> str:
+    """PASS / WARN / FAIL (verdicts written before WARN existed carry passed only)."""
+    return m.status if "status" in m.model_fields_set else ("PASS" if m.passed else "FAIL")
+
+
+_COLOURS = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
 
 
 def print_verdict(verdict: GateVerdict, console) -> None:
     """A rich PASS/FAIL table."""
     from rich.table import Table
 
-    colour = "green" if verdict.passed else "red"
+    colour = _COLOURS[verdict.verdict]
     title = f"gate ({verdict.mode}): {verdict.adapter or ''}: [bold {colour}]{verdict.verdict}[/]"
     table = Table(title=title)
     header, body = verdict_rows(verdict)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 or h in ("interval", "decided by") else "right")
     for row, m in zip(body, verdict.metrics):
-        row[-1] = f"[{'green' if m.passed else 'red'}]{row[-1]}[/]"
+        row[-1] = f"[{_COLOURS[row[-1]]}]{row[-1]}[/]"
         table.add_row(*row)
     console.print(table)
     for m in verdict.metrics:
         extra = (f"; ppl {m.detail['ppl']:.3f} vs reference {m.detail['ppl_reference']:.3f}"
                  if m.metric == "helpfulness_proxy" and "ppl" in m.detail else "")
         console.print(f"  {m.metric}: {m.reason}{extra}", highlight=False, soft_wrap=True)
-    console.print(f"[bold {colour}]{verdict.verdict}[/]" + (f": failed {', '.join(verdict.failed)}"
-                                                           if verdict.failed else ""))
+    said = ([f"failed {', '.join(verdict.failed)}"] if verdict.failed else []) + (
+        [f"undecided {', '.join(verdict.warned)} (more prompts, or a lower min_n, would decide; WARN is not a "
+         "pass)"] if verdict.warned else [])
+    console.print(f"[bold {colour}]{verdict.verdict}[/]" + (": " + "; ".join(said) if said else ""))
 
 
 def report_section(run_dir: str | Path) -> list[str]:
@@ -444,7 +484,9 @@ def report_section(run_dir: str | Path) -> list[str]:
     except ValidationError:
         return []
     header, body = verdict_rows(v)
-    rule = "strict: whole 95% interval must pass" if v.mode == "strict" else "point estimate vs threshold"
+    rule = {"strict": "strict: whole 95% interval must pass",
+            "warn": "point estimate vs threshold; an interval that crosses it, or n below min_n, is WARN",
+            "point": "point estimate vs threshold"}[v.mode]
     lines = [f"**{v.verdict}** ({rule}"
              f"; adapter `{v.adapter}`" + (f"; helpfulness reference {v.reference}" if v.reference else "") + ")", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
