@@ -173,9 +173,13 @@ def window_shares_between(block: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
     """:func:`window_shares` from the window's end values ``lo``, ``hi`` (``[1, c]``: the sorted places
     ``start`` and ``stop - 1`` of each column) instead of the whole sorted block."""
     n, c = block.shape
+    one_place = isinstance(start, int) and isinstance(stop, int) and stop - start == 1
     start = torch.as_tensor(start, dtype=torch.long, device=block.device).expand(c)
     stop = torch.as_tensor(stop, dtype=torch.long, device=block.device).expand(c)
-    inside = (block >= lo) & (block <= hi)
+    if one_place:  # an odd median: the window is one value, one comparison finds who holds it
+        inside = block == lo
+    else:
+        inside = (block >= lo) & (block <= hi)
     # without ties at the window's ends exactly stop - start values lie in [lo, hi]: the fast path
     tied = inside.sum(dim=0) != (stop - start)
     shares = inside.sum(dim=1).double()
