@@ -262,3 +262,24 @@ def test_batched_run_equals_sequential_run_and_records_the_path(tmp_path):
     _vec, rec_c = _run(tmp_path, "constrained", ["constrained.l2_mu=1000"])
     assert [r["training_path"] for r in rec_c] == ["sequential", "sequential"]
     assert rec_c[0]["training_path_reason"].startswith("constrained_updates: its local_training hook")
+
+
+def test_batched_generate_with_k_adapters_equals_one_at_a_time(test_seed):
+    """generate_adapters: greedy completions under K adapters from one generate call per prompt batch equal
+    loading each adapter and calling generate (prompts of different lengths: left padding, several batches)."""
+    from fedsafe.generation import generate, generate_adapters
+
+    trainer, _clients, start = _setup(test_seed)
+    gen = torch.Generator().manual_seed(test_seed + 1)
+    vecs = [start + 0.5 * torch.randn(start.shape, generator=gen) for _ in range(3)]
+    prompts = ["Tell me a story", "Hi", "What is the capital of a country far away?", "List three colours", "Why"]
+    kw = dict(max_new_tokens=8, batch_size=2)
+    expected = []
+    for v in vecs:
+        trainer.flat.set(v)
+        expected.append(generate(trainer.model, trainer.tokenizer, prompts, **kw))
+    trainer.flat.set(start)
+    got = generate_adapters(trainer.model, trainer.tokenizer, trainer.flat, vecs, prompts, **kw)
+    assert got == expected
+    assert expected[0] != expected[1]  # the adapters really differ in what they generate
+    assert trainer.flat.get().equal(start)  # the model's own adapter is untouched

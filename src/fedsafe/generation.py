@@ -27,9 +27,36 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
     Prompts are sorted by length so that batches pad little, and results come back in input order.
     With ``chat=False`` prompts are raw text continued as is (used by extraction attacks).
     """
+    return _generate(model, tokenizer, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat, system=system,
+                     progress=progress, description=description)[0]
+
+
+@torch.no_grad()
+def generate_adapters(model, tokenizer, flat, vecs: Sequence[torch.Tensor], prompts: Sequence[Prompt], *,
+                      max_new_tokens: int = 64, batch_size: int = 16, chat: bool = True, system: str | None = None,
+                      progress: bool = False, description: str = "generating") -> list[list[str]]:
+    """Greedy completions of ``prompts`` under each of K adapters (flat LoRA vectors ``vecs``), ``[K][prompts]``.
+
+    One ``generate`` call per prompt batch serves all K adapters: the batch is repeated K times and each copy's
+    rows go through its own adapter (fedsafe.fl.batched.adapter_rows), the base model through all rows at once.
+    The prompt batches and their padding are those of :func:`generate`, so the completions equal loading each
+    adapter in turn and calling :func:`generate` (sampling would draw in another order, so this is greedy only).
+    """
+    return _generate(model, tokenizer, prompts, (flat, list(vecs)), max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, do_sample=False, temperature=1.0, top_p=1.0, seed=0, chat=chat,
+                     system=system, progress=progress, description=description)
+
+
+def _generate(model, tokenizer, prompts, adapters, *, max_new_tokens, batch_size, do_sample, temperature, top_p,
+              seed, chat, system, progress, description) -> list[list[str]]:
+    """:func:`generate` for one adapter (the model's own, ``adapters=None``) or K (``(flat, vecs)``)."""
+    from contextlib import nullcontext
+
     texts = [to_chat_text(tokenizer, p, system) if chat else p for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    outputs: list[str] = [""] * len(texts)
+    copies = 1 if adapters is None else len(adapters[1])
+    outputs: list[list[str]] = [[""] * len(texts) for _ in range(copies)]
     was_training = model.training
     model.eval()
     padding_side = tokenizer.padding_side
@@ -46,10 +73,18 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
                 torch.manual_seed(seed * 1_000_003 + b_idx)  # per-batch seed: reproducible sampling
-            out = model.generate(**enc, **kwargs)
+            context = nullcontext()
+            if adapters is not None:  # the batch once per adapter, each copy through its own adapter
+                from fedsafe.fl.batched import adapter_rows
+
+                enc = {k: v.repeat(copies, 1) for k, v in enc.items()}
+                context = adapter_rows(model, adapters[0], adapters[1], len(batch))
+            with context:
+                out = model.generate(**enc, **kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
-            for row, i in enumerate(batch):
-                outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            for k in range(copies):
+                for row, i in enumerate(batch):
+                    outputs[k][i] = tokenizer.decode(new_tokens[k * len(batch) + row], skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = padding_side
         if was_training:

@@ -141,12 +141,13 @@ class _Pass:
 
     @property
     def same_shapes(self) -> bool:
-        return len({e - s for s, e in self.segments}) == 1 and len(set(self.lengths)) == 1
+        return len({e - s for s, e in self.segments}) == 1 and len(set(self.lengths)) <= 1
 
     def _own(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Client k's ``[b, L_k, ...]`` slice of ``x``, contiguous as its own batch would be."""
+        """Client k's ``[b, L_k, ...]`` slice of ``x``, contiguous as its own batch would be (no ``lengths``: every
+        client's rows are as long as the pass, e.g. decoding steps of one generate call)."""
         s, e = self.segments[k]
-        return x[s:e, : self.lengths[k]].contiguous()
+        return x[s:e, : self.lengths[k] if self.lengths else x.shape[1]].contiguous()
 
     def _padded(self, y: torch.Tensor, width: int) -> torch.Tensor:
         """``y [b, L_k, ...]`` zero-padded to ``width`` positions (right padding never reaches a real token)."""
@@ -194,7 +195,31 @@ class _Pass:
 
 
 @contextmanager
-def _patched(model, layers: list, run: _Pass):
+def adapter_rows(model, flat, vecs: list[torch.Tensor], rows_per_adapter: int):
+    """Inference with K adapters at once: while the block runs, rows ``[k*n, (k+1)*n)`` of every batch the model
+    sees (``n = rows_per_adapter``) go through adapter ``vecs[k]`` (flat LoRA vectors), the frozen base model
+    through all of them together (the serving case of Punica's BGMV / S-LoRA). Rows must keep their positions,
+    as in ``generate``, whose batch dimension never reorders."""
+    layers = _lora_layers(model)
+    if isinstance(layers, str):
+        raise ValueError(layers)
+    problem = lora_layout_problem(model, flat)
+    if problem is not None:
+        raise ValueError(problem)
+    device = next(model.parameters()).device
+    stacks = {}
+    for p, spec in zip(flat.params, flat.specs):
+        stacks[id(p)] = torch.stack([v[spec.offset: spec.offset + spec.numel].view(spec.shape) for v in vecs]).to(
+            device, p.dtype)
+    run = _Pass(stacks, [], _default_generator(device), len(vecs))
+    run.segments = [(k * rows_per_adapter, (k + 1) * rows_per_adapter) for k in range(len(vecs))]
+    run.grouped_gemm = device.type != "cpu"
+    with _patched(model, layers, run, attention=False):
+        yield
+
+
+@contextmanager
+def _patched(model, layers: list, run: _Pass, attention: bool = True):
     """Route every LoRA layer's forward and the model's attention function through ``run`` for the block.
 
     A LoRA layer gets an instance attribute ``forward`` (shadowing the class's; deleting it restores PEFT's);
@@ -207,7 +232,7 @@ def _patched(model, layers: list, run: _Pass):
     previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
     original = ALL_ATTENTION_FUNCTIONS.get(impl) if impl != "eager" or had_local else None
 
-    def attention(module, *args, **kwargs):
+    def attention_fn(module, *args, **kwargs):
         fn = original
         if fn is None:  # eager: each model file has its own eager_attention_forward
             import sys
@@ -218,12 +243,15 @@ def _patched(model, layers: list, run: _Pass):
     try:
         for m in layers:
             m.forward = (lambda mod: (lambda x, *a, **kw: run.lora(mod, x, *a, **kw)))(m)
-        ALL_ATTENTION_FUNCTIONS[impl] = attention
+        if attention:
+            ALL_ATTENTION_FUNCTIONS[impl] = attention_fn
         yield
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)
-        if had_local:
+        if not attention:
+            pass
+        elif had_local:
             ALL_ATTENTION_FUNCTIONS[impl] = previous
         else:
             ALL_ATTENTION_FUNCTIONS._local_mapping.pop(impl, None)

@@ -1,0 +1,97 @@
+"""One federated round's local training, one client at a time vs the clients as adapters of one batched pass.
+
+The same round (same global adapter, seeds, batches) is trained back to back both ways in one process
+(fedsafe.fl.client.LocalTrainer.fit per client, then fedsafe.fl.batched.BatchedTrainer.fit_many), and the
+table gives each path's wall time, the batched/sequential ratio and the largest relative difference between
+the two paths' client updates (the exactness check). Issue 32's CPU goal: a round of 5 clients x 4 steps on
+the embedded model batched in <= 0.75x the sequential time.
+
+    python benchmarks/batched_round.py                       # embedded model, 5 clients x 4 steps, batch 4
+    python benchmarks/batched_round.py --model tiny --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedsafe.data.format import tokenize_rows
+from fedsafe.data.sources import load_rows
+from fedsafe.fl.batched import BatchedTrainer, why_sequential
+from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.models import attach_lora, load_base_model
+from fedsafe.schema import DataSource
+
+console = Console()
+
+
+def build(model_name: str, clients: int, per_client: int, max_length: int, seed: int):
+    """The LoRA model, its trainer and ``clients`` clients with disjoint starter rows."""
+    loaded = load_base_model(model_name, device="cpu", seed=seed)
+    model = attach_lora(loaded.model, seed=seed)
+    trainer = LocalTrainer(model, loaded.tokenizer)
+    rows = load_rows(DataSource(path="starter:train"), seed=seed)
+    examples = tokenize_rows(loaded.tokenizer, rows, max_length)
+    if len(examples) < clients * per_client:
+        raise SystemExit(f"starter:train gives {len(examples)} examples, need {clients * per_client}")
+    data = [ClientData(f"client_{i:02d}", "benign", examples[i * per_client:(i + 1) * per_client])
+            for i in range(clients)]
+    return trainer, data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--clients", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--per-client", type=int, default=8, help="examples per client")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1, help="sequential/batched pairs, measured alternately")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    trainer, clients = build(args.model, args.clients, args.per_client, args.max_length, args.seed)
+    start = trainer.flat.get()
+    # a global adapter with B != 0 (as from round 2 on), so that both factors train
+    start = start + 1e-3 * torch.randn(start.shape, generator=torch.Generator().manual_seed(args.seed))
+    rc = RoundConfig(round=1, lr=5e-4, local_steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    reason = why_sequential(trainer, rc, len(clients))
+    if reason is not None:
+        raise SystemExit(f"this setup cannot run batched: {reason}")
+    tokens = sum(len(e.input_ids) for c in clients for e in c.examples)
+    trainer.fit(clients[0], start, RoundConfig(round=0, lr=5e-4, local_steps=1, batch_size=args.batch_size))  # warm-up
+
+    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+    worst = 0.0
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        seq = [trainer.fit(c, start, rc, {}) for c in clients]
+        times["sequential"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        bat = BatchedTrainer(trainer).fit_many(clients, start, rc)
+        times["batched"].append(time.perf_counter() - t0)
+        for s, b in zip(seq, bat):
+            worst = max(worst, float((s.update - b.update).norm() / s.update.norm()))
+
+    table = Table(title=f"one round: {args.clients} clients x {args.steps} steps x batch {args.batch_size}, "
+                        f"{args.model}, {torch.get_num_threads()} torch threads "
+                        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
+                        f"{tokens} tokens in the clients' data")
+    for col in ("path", "wall s (each repeat)", "mean s", "ratio to sequential"):
+        table.add_column(col, justify="right")
+    base = sum(times["sequential"]) / len(times["sequential"])
+    for path, ts in times.items():
+        mean = sum(ts) / len(ts)
+        table.add_row(path, " ".join(f"{t:.2f}" for t in ts), f"{mean:.2f}", f"{mean / base:.3f}")
+    console.print(table)
+    console.print(f"largest relative difference between the two paths' client updates: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
