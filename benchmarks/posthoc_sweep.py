@@ -150,7 +150,7 @@ def main() -> None:
 
     from fedsafe.config import DataSource
     from fedsafe.data.sources import raw_records
-    from fedsafe.defenses.posthoc import defense_data, finetune
+    from fedsafe.defenses.posthoc.finetune import defense_data, finetune
     from fedsafe.evaluation.rule import refusal_flags, rule_score
     from fedsafe.evaluation.runner import adapter_hash, cached_generate, evaluate_model
     from fedsafe.fl.params import FlatLoRA
@@ -335,7 +335,8 @@ def tradeoff(outcomes_files: list[Path], plot: Path, max_or_rise: float = 5.0, r
     from rich.console import Console
     from rich.table import Table
 
-    from fedsafe.report import _pyplot, _save
+    from fedsafe.results import pyplot as _pyplot
+    from fedsafe.results import save_figure as _save
 
     found: dict[tuple, dict] = {}  # (seed, variant) -> outcomes; a later file wins
     for f in outcomes_files:

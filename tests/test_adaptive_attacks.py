@@ -303,7 +303,7 @@ def _probe_and_clients(test_seed):
     """The tiny model, a trainer, the server's probe fitted on its own shadows, 3 benign + 3 malicious clients."""
     from fedsafe.aggregators.base import RoundContext
     from fedsafe.data.format import tokenize_rows
-    from fedsafe.defenses.shadow import ShadowTrainer
+    from fedsafe.defenses.safe_fedllm_probe.shadow import ShadowTrainer
     from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
     from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 

@@ -160,7 +160,7 @@ def test_format_field_routes_to_filters(tmp_path):
 
 @pytest.mark.parametrize("n,ratio", [(10, 0.5), (7, 0.3), (20, 1.0), (9, 0.0), (100, 0.25)])
 def test_defense_mix_ratio(n, ratio, test_seed):
-    from fedsafe.defenses.posthoc import mix_defense_rows
+    from fedsafe.defenses.posthoc.finetune import mix_defense_rows
 
     aligned = [{"instruction": f"a{i}", "response": "r", "category": "aligned"} for i in range(8)]
     normal = [{"instruction": f"n{i}", "response": "r", "category": "normal"} for i in range(8)]
@@ -173,7 +173,7 @@ def test_defense_mix_ratio(n, ratio, test_seed):
 
 
 def test_defense_mix_errors():
-    from fedsafe.defenses.posthoc import mix_defense_rows
+    from fedsafe.defenses.posthoc.finetune import mix_defense_rows
 
     with pytest.raises(ConfigError, match="no aligned data"):
         mix_defense_rows([], [{"instruction": "n", "response": "r"}], 4, 0.5, 0)
@@ -182,8 +182,8 @@ def test_defense_mix_errors():
 def test_defense_levels_2_and_3_use_the_pipeline(monkeypatch, tmp_path, tiny):
     """Level 2 names an external model; level 3 generates with the aggregated model (adapter on)."""
     from fedsafe.attacks import datagen
-    from fedsafe.defenses.posthoc_finetune import PosthocConfig
-    from fedsafe.defenses.posthoc import defense_rows
+    from fedsafe.defenses.posthoc.config import PosthocConfig
+    from fedsafe.defenses.posthoc.finetune import defense_rows
 
     monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path))
     calls = []

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fedsafe.config import ExperimentConfig, dump_config, load_config
-from fedsafe.defenses.probe_posthoc import apply, preset
+from fedsafe.defenses.presets.probe_posthoc import apply, preset
 from fedsafe.errors import ConfigError
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedsafe.config import FLConfig
-from fedsafe.defenses.posthoc import defense_data, defense_rows, finetune, select_checkpoint, split_validation
-from fedsafe.defenses.posthoc_finetune import PosthocConfig
+from fedsafe.defenses.posthoc.finetune import defense_data, defense_rows, finetune, select_checkpoint, split_validation
+from fedsafe.defenses.posthoc.config import PosthocConfig
 from fedsafe.errors import ConfigError
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.models import attach_lora

@@ -39,7 +39,7 @@ def setup(test_seed):
 
 
 def _shadow(trainer, ex, seed=0, per_class=3, steps=2, start=0):
-    from fedsafe.defenses.shadow import ShadowTrainer
+    from fedsafe.defenses.safe_fedllm_probe.shadow import ShadowTrainer
 
     return ShadowTrainer(trainer, ex(_rows("benign", 40, start)), ex(_rows("malicious", 40, start)),
                          benign_shadows=per_class,
@@ -330,7 +330,7 @@ def test_flagged_clients_never_reach_the_robust_rule(synthetic, rule):
 
 # ---- decision rules without oracle labels (issue 19) ------------------------------------------------
 
-from fedsafe.defenses.probe_decision import (  # noqa: E402
+from fedsafe.aggregators.probe_decision import (  # noqa: E402
     BenignFPR, Calibrated, FixedThreshold, RobustZ, TwoGroupGap, platt_fit,
 )
 
@@ -477,7 +477,7 @@ def test_shadow_realism_options(setup, tmp_path, monkeypatch):
 
     from fedsafe.attacks import datagen
     from fedsafe.config import ExperimentConfig
-    from fedsafe.defenses.shadow import build_shadow
+    from fedsafe.defenses.safe_fedllm_probe.shadow import build_shadow
     from fedsafe.errors import DataError
 
     trainer, ex = setup

@@ -255,8 +255,9 @@ def _run_context(session: Session, he_server_context: bytes | None = None, progr
                      he_server_context=he_server_context, save_adapter=session.save_adapter, progress=progress,
                      eval_cache=session.eval_cache,
                      evaluate=lambda vec, defense="none": _evaluate(session, vec, cfg.fl.rounds, defense=defense))
-    if he_server_context is not None and not cfg.secure_agg.enabled:
-        log.warning("a CKKS server context was given but secure_agg.enabled is false: updates travel in plaintext")
+    if he_server_context is not None and fedsafe.plugins.ENCRYPTED_UPDATES not in fedsafe.plugins.declared_by(cfg):
+        log.warning("a CKKS server context was given but no active plug-in encrypts the updates (secure "
+                    "aggregation is off): updates travel in plaintext")
     return ctx
 
 
@@ -330,7 +331,7 @@ def _finish(session: Session, result: RunResult, final_vec: torch.Tensor, output
         result.evals.append(_evaluate(session, final_vec, round_idx=cfg.fl.rounds))
     for out in outputs:  # post-hoc, personalized, ... adapters
         path = session.save_adapter(out.vec, out.tag)
-        if out.tag == "posthoc":
+        if out.defense is not None:  # a defended model of the run (the post-hoc defense's)
             result.posthoc_adapter = path
         if out.defense is not None and cfg.eval.prompts:
             result.evals.append(_evaluate(session, out.vec, round_idx=cfg.fl.rounds, defense=out.defense))
@@ -350,7 +351,7 @@ def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str |
               defense: str = "none") -> dict:
     """Evaluate the model with adapter ``vec``; log an eval record and append a results.csv row."""
     from fedsafe.evaluation.runner import SCORE_KEYS, evaluate_model, noop_adapter_key
-    from fedsafe.report import append_outcomes, append_results
+    from fedsafe.results import append_outcomes, append_results
 
     cfg = session.cfg
     session.flat.set(vec)
@@ -433,7 +434,7 @@ def safety_table(evals: list[dict]):
     table.add_column("metric")
     for ev in evals:
         defense = ev.get("defense", "none")
-        table.add_column(ev["scenario"] if defense in ("none", "posthoc") else f"{ev['scenario']} ({defense})",
+        table.add_column(ev["scenario"] if defense == "none" else f"{ev['scenario']} ({defense})",
                          justify="right")
     for metric, n_key, label in _SAFETY_ROWS:
         if all(ev.get(metric) is None for ev in evals):

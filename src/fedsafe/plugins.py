@@ -75,10 +75,10 @@ class Entry:
 
 BUILTIN: dict[str, Entry] = {
     "data_poisoning": Entry("fedsafe.attacks.data_poisoning:DataPoisoning"),
-    "posthoc": Entry("fedsafe.defenses.posthoc_finetune:PosthocFinetune", "posthoc",
-                     "fedsafe.defenses.posthoc_finetune:PosthocConfig"),
-    "probe": Entry("fedsafe.defenses.safe_fedllm_probe:SafeFedLLMProbe", "probe",
-                   "fedsafe.defenses.safe_fedllm_probe:ProbeConfig"),
+    "posthoc": Entry("fedsafe.defenses.posthoc.plugin:PosthocFinetune", "posthoc",
+                     "fedsafe.defenses.posthoc.config:PosthocConfig"),
+    "probe": Entry("fedsafe.defenses.safe_fedllm_probe.plugin:SafeFedLLMProbe", "probe",
+                   "fedsafe.defenses.safe_fedllm_probe.config:ProbeConfig"),
     "privacy_extraction": Entry("fedsafe.attacks.privacy_extraction:PrivacyExtraction", "privacy",
                                 "fedsafe.attacks.privacy_extraction:PrivacyConfig"),
     "differential_privacy": Entry("fedsafe.defenses.differential_privacy:DifferentialPrivacy", "dp",
@@ -217,6 +217,17 @@ class Plugin:
         overrides ``local_training`` is taken to change it (override this when its hook only reads the trainer)."""
         if _overrides(self, "local_training"):
             return "its local_training hook may change the training step"
+        return None
+
+    # -- the report (fedsafe.report asks every registered plug-in) --------------------------------------
+    @classmethod
+    def report_summary(cls, section: dict) -> list[str]:
+        """Summary bullet lines (``- **...:** ...``) about the run's section, a plain mapping from config.yaml."""
+        return []
+
+    @classmethod
+    def report_section(cls, run_dir: Path) -> tuple[str, list[str]] | None:
+        """A section of the run's report: (heading, markdown lines), or None."""
         return None
 
     # -- hooks (see the module docstring) ------------------------------------------------------------------

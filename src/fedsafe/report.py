@@ -28,102 +28,18 @@ from pathlib import Path
 
 import yaml
 
+from fedsafe import plugins
+from fedsafe.results import (COUNT_COLUMNS, KEY_COLUMNS, METRIC_HEADERS, PER_PROMPT_METRICS,  # noqa: F401
+                             PERCENT_METRICS, RESULT_COLUMNS, _read_jsonl, append_outcomes, append_results,
+                             read_outcomes, read_results, write_outcomes, write_results)  # (grid.py reads them here)
+from fedsafe.results import format_cell as _cell
+from fedsafe.results import pyplot as _pyplot
+from fedsafe.results import save_figure as _save
 from fedsafe.rundir import atomic_write_text, grid_run_dirs
 
 log = logging.getLogger("fedsafe")
 
-RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "refusal", "over_refusal", "borderline_refusal",
-                  "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts", "n_normal_prompts", "n_borderline_prompts"]
-COUNT_COLUMNS = ("seed", "n_prompts", "n_normal_prompts", "n_borderline_prompts")
-KEY_COLUMNS = ("setting", "scenario", "method", "defense")  # one summary row per key, over its seeds
-# metrics outcomes.jsonl holds per prompt (paired prompt by prompt); over-refusal and borderline refusal are
-# measured on their own prompt sets and stored with their own ``<metric>_prompt_ids``
-PER_PROMPT_METRICS = ("rule", "refusal", "over_refusal", "borderline_refusal", "judge", "rm")
-PERCENT_METRICS = ("rule", "refusal", "over_refusal", "borderline_refusal", "judge")
-METRIC_HEADERS = {"rule": "Rule (%) ↑", "refusal": "Refused harmful (%) ↑", "over_refusal": "Over-refusal (%) ↓", "borderline_refusal":
-                  "Borderline refusal (%) ↓", "judge": "Judge (%) ↑", "rm": "RM ↑", "mt1": "MT-1 ↑",
-                  "helpfulness_proxy": "Helpfulness proxy (ppl) ↓"}
 GRID_SPEC = "grid.yaml"
-
-
-# ------------------------------------------------------------------------------------------------
-# results.csv
-# ------------------------------------------------------------------------------------------------
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def read_results(run_dir: str | Path) -> list[dict]:
-    """The rows of ``results.csv`` (numbers as floats, empty cells as None); [] when absent."""
-    path = Path(run_dir) / "results.csv"
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for rec in csv.DictReader(f):
-            row: dict = {}
-            for col in RESULT_COLUMNS:
-                v = rec.get(col, "")
-                if col in KEY_COLUMNS:
-                    row[col] = v
-                elif v == "":
-                    row[col] = None
-                else:
-                    row[col] = int(float(v)) if col in COUNT_COLUMNS else float(v)
-            rows.append(row)
-    return rows
-
-
-def write_results(run_dir: str | Path, rows: list[dict]) -> Path:
-    """(Re)write ``results.csv`` with exactly :data:`RESULT_COLUMNS`, atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(RESULT_COLUMNS)
-    for r in rows:
-        writer.writerow([_cell(r.get(c)) for c in RESULT_COLUMNS])
-    path = Path(run_dir) / "results.csv"
-    atomic_write_text(path, buf.getvalue())
-    return path
-
-
-def append_results(run_dir: str | Path, rows: list[dict]) -> Path:
-    """Append evaluation rows to ``results.csv`` (created with its header on first use)."""
-    return write_results(run_dir, read_results(run_dir) + list(rows))
-
-
-def read_outcomes(run_dir: str | Path) -> list[dict]:
-    """The records of ``outcomes.jsonl``: key columns, seed, ``prompt_ids`` and per-prompt metric lists."""
-    return _read_jsonl(Path(run_dir) / "outcomes.jsonl")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The JSON records of a JSONL file ([] when it is missing); a torn last line from a crash is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def write_outcomes(run_dir: str | Path, records: list[dict]) -> Path:
-    """(Re)write ``outcomes.jsonl``, atomically."""
-    path = Path(run_dir) / "outcomes.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def append_outcomes(run_dir: str | Path, records: list[dict]) -> Path:
-    """Append per-prompt outcome records to ``outcomes.jsonl``."""
-    return write_outcomes(run_dir, read_outcomes(run_dir) + list(records))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,24 +308,6 @@ def _records(run_dir: Path) -> list[dict]:
     return _read_jsonl(run_dir / "metrics.jsonl")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    _pyplot().close(fig)
-    return path
-
-
 def plot_loss(records: list[dict], path: Path, label: str | None = None, ax=None) -> Path | None:
     """Mean client loss per round, and per role (benign / malicious) when clients were logged."""
     rounds = [r for r in records if r.get("type") == "round"]
@@ -652,10 +550,12 @@ def _summary_lines(run_dir: Path) -> list[str]:
              f"- **Training:** {fl.get('rounds')} rounds x {fl.get('local_steps')} local steps, batch "
              f"{fl.get('batch_size')}, lr {fl.get('lr')} ({fl.get('lr_schedule')}), algorithm {fl.get('algorithm')}",
              f"- **Aggregator:** {agg.get('name')} {agg.get('params') or ''}"]
-    ph = cfg.get("posthoc", {})
-    if ph.get("enabled"):
-        lines.append(f"- **Post-hoc defense:** level {ph.get('level')}, {ph.get('n_samples')} samples "
-                     f"({ph.get('aligned_ratio')} aligned), {ph.get('steps')} steps")
+    for cls in plugins.registered():  # what each plug-in says about its own section of the config
+        section = cfg
+        for part in (cls.section or "").split(".") if cls.section else []:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            lines += cls.report_summary(section)
     ev = cfg.get("eval", {})
     if ev.get("prompts"):
         lines.append(f"- **Safety evaluation:** {ev.get('n_prompts')} prompts from {ev.get('prompts')}, "
@@ -754,9 +654,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             md += ["## Comparisons", "", markdown_table(*comparisons_table(diffs)), "", COMPARISONS_NOTE, ""]
     else:
         md += ["No evaluation results yet (results.csv is empty).", ""]
-    gate_lines = _gate_lines(run_dir)
-    if gate_lines:
-        md += ["## Release gate", "", *gate_lines, ""]
+    sections = plugin_sections(run_dir)
+    for heading, lines in sections:
+        md += [f"## {heading}", "", *lines, ""]
     md += ["## Plots", ""]
     for caption, p in images:
         md += [f"### {caption}", "", f"![{caption}]({_rel(p, run_dir)})", ""]
@@ -764,19 +664,23 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     atomic_write_text(md_path, "\n".join(md))
     html_path = run_dir / "report.html"
     atomic_write_text(html_path, _html(title, summary, header, body, rows, images,
-                                       comparisons_table(diffs) if diffs else None, gate_lines))
+                                       comparisons_table(diffs) if diffs else None, sections))
     return md_path, html_path
 
 
-def _gate_lines(run_dir: Path) -> list[str]:
-    """The release gate's verdict (gate.json or a ``gate`` record), as markdown lines; [] without one."""
-    try:
-        from fedsafe.evaluation.gate.verdict import report_section
-
-        return report_section(run_dir)
-    except Exception as exc:  # a broken verdict file must not lose the report
-        log.warning("gate verdict skipped: %s", exc)
-        return []
+def plugin_sections(run_dir: Path) -> list[tuple[str, list[str]]]:
+    """The report sections the plug-ins write about this run (:meth:`fedsafe.plugins.Plugin.report_section`,
+    e.g. the release gate's verdict), as (heading, markdown lines)."""
+    out = []
+    for cls in plugins.registered():
+        try:
+            section = cls.report_section(run_dir)
+        except Exception as exc:  # a broken file of one plug-in must not lose the report
+            log.warning("%s report section skipped: %s", cls.name, exc)
+            continue
+        if section is not None and section[1]:
+            out.append(section)
+    return out
 
 
 METRICS_NOTE = ("Rule: share of responses to the harmful prompts containing a refusal string of the FedIT list "
@@ -828,7 +732,7 @@ def _md_inline(text: str) -> str:
     return re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', text)
 
 
-def _html(title, summary, header, body, rows, images, comparisons=None, gate_lines=None) -> str:
+def _html(title, summary, header, body, rows, images, comparisons=None, sections=()) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
@@ -841,10 +745,10 @@ def _html(title, summary, header, body, rows, images, comparisons=None, gate_lin
     if comparisons is not None:
         parts.append("<h2>Comparisons</h2>" + _html_table(*comparisons)
                      + f"<p><small>{html.escape(COMPARISONS_NOTE)}</small></p>")
-    if gate_lines:
-        table = [ln for ln in gate_lines if ln.startswith("|") and not ln.startswith("|---")]
+    for heading, lines in sections:  # a plug-in's section: its first line, then its table
+        table = [ln for ln in lines if ln.startswith("|") and not ln.startswith("|---")]
         cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
-        parts.append(f"<h2>Release gate</h2><p>{_md_inline(gate_lines[0])}</p>"
+        parts.append(f"<h2>{html.escape(heading)}</h2><p>{_md_inline(lines[0])}</p>"
                      + (_html_table(cells[0], cells[1:]) if cells else ""))
     parts.append("<h2>Plots</h2>")
     for caption, p in images:

@@ -7,7 +7,7 @@ public code dmqx/Safe-FedLLM. For client k with update delta_k in round t:
                M: LoRA B of the first transformer layer by default (``probe.features``); P: optional seeded
                Gaussian random projection to ``project_dim``
     probe      p_k = sigmoid(w^T x_k + b), logistic regression (scikit-learn) fitted on *shadow* updates
-    decide     flag_k from the logit l_k = w^T x_k + b by ``probe.decision`` (:mod:`fedsafe.defenses.probe_decision`):
+    decide     flag_k from the logit l_k = w^T x_k + b by ``probe.decision`` (:mod:`fedsafe.aggregators.probe_decision`):
                fixed p_k >= tau (Safe-FedLLM, tau = ``threshold``, 0.8), fpr (conformal threshold on held-out
                benign shadows), mad / gap (within-round outlier tests), calibrated (Platt / isotonic, then tau)
     weight     exclude:      s_k = 1 - flag_k
@@ -29,7 +29,7 @@ Composition ``probe+<rule>`` (so the probe's weights are never silently ignored)
 
 Where the probe comes from (fedsafe's changes to the public code, each one of its weaknesses fixed):
   * no oracle: the probe is fitted on updates of the server's own shadow clients
-    (:mod:`fedsafe.defenses.shadow`), trained from the current global adapter on data the server holds
+    (:mod:`fedsafe.defenses.safe_fedllm_probe.shadow`), trained from the current global adapter on data the server holds
     (benign: normal + aligned; malicious: unaligned, generated or public), never on client data labels;
   * re-fitted every ``refit_every`` rounds on fresh shadows, since the feature distribution drifts with the
     global model (0 fits once, like the public code's freeze, and then a late attacker may be missed);
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator, RoundContext
-from fedsafe.defenses.probe_decision import DECISIONS, build_rule, holdout_share
+from fedsafe.aggregators.probe_decision import DECISIONS, build_rule, holdout_share
 from fedsafe.errors import ConfigError
 
 log = logging.getLogger("fedsafe")
@@ -139,7 +139,7 @@ def roc_auc(scores, labels) -> float | None:
 class ProbeAggregator(Aggregator):
     """Safe-FedLLM probe as a rule (``probe``) or a filter in front of another rule (``probe+median``).
 
-    Hyperparameters: the fields of :class:`fedsafe.defenses.safe_fedllm_probe.ProbeConfig` (``config``, or keyword overrides),
+    Hyperparameters: the fields of :class:`fedsafe.defenses.safe_fedllm_probe.config.ProbeConfig` (``config``, or keyword overrides),
     and ``inner``, the rule that aggregates after the probe (FedAvg by default). See the module docstring
     for the formulas and the composition contract.
     """
@@ -152,7 +152,7 @@ class ProbeAggregator(Aggregator):
     def __init__(self, inner: Aggregator | None = None, config=None, **overrides):
         from pydantic import ValidationError
 
-        from fedsafe.defenses.safe_fedllm_probe import ProbeConfig
+        from fedsafe.defenses.safe_fedllm_probe.config import ProbeConfig
 
         base = config.model_dump() if isinstance(config, ProbeConfig) else dict(config or {})
         try:

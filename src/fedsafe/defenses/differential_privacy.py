@@ -66,6 +66,10 @@ class DifferentialPrivacy(Plugin):
 
     @classmethod
     def check(cls, config, setup) -> None:
+        if config.client_level and setup.fl.lora_aggregation == "fedex":
+            raise ConfigError("fl.lora_aggregation=fedex cannot be combined with dp.client_level=true: the residual "
+                              "is computed from the clients' unclipped, un-noised factors, which the client-level "
+                              "epsilon does not cover (use ffa or rolora)")
         if config.client_level and setup.fl.algorithm == "scaffold":
             raise ConfigError("dp.client_level=true cannot be combined with fl.algorithm=scaffold: the server's "
                               "control variate c is built from each client's raw, unclipped delta_c, which the "

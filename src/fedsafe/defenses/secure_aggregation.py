@@ -53,6 +53,11 @@ class SecureAggregation(Plugin):
     def check(cls, config, setup) -> None:
         from fedsafe.defenses.he_params import check_compatible
 
+        if setup.fl.lora_aggregation == "fedex":
+            raise ConfigError("fl.lora_aggregation=fedex cannot be combined with secure_agg.enabled: FedEx-LoRA's "
+                              "residual avg(B_i A_i) - avg(B) avg(A) needs every client's plaintext factors, which "
+                              "secure aggregation hides (ffa and rolora are linear and work with it)")
+
         check_compatible(setup.aggregator.name, setup.fl.algorithm, max_update_norm=setup.aggregator.max_update_norm,
                          server_clipping="server_clipping" in declared(setup))
         k = setup.clients_per_round

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from fedsafe.errors import ConfigError
 from fedsafe.plugins import Plugin, register
 from fedsafe.schema import Strict
 
@@ -80,6 +81,14 @@ class WeakDP(Plugin):
     Config = WeakDPConfig
     order = 35  # after the probe has built its rule, before local probing wraps the result
     plaintext_updates = "clips each client's plaintext update"
+
+    @classmethod
+    def check(cls, config, setup) -> None:
+        if setup.fl.lora_aggregation == "fedex" and config.noise_std > 0:
+            raise ConfigError(f"fl.lora_aggregation=fedex cannot be combined with weak_dp.noise_std="
+                              f"{config.noise_std:g}: noise added to the aggregated factors has no counterpart over "
+                              "the client models, so the residual could not follow it (weak_dp.noise_std=0, norm "
+                              "bounding only, works; or use fl.lora_aggregation=ffa or rolora)")
 
     def server_view(self, aggregator):
         return WeakDPRule(aggregator, self.config.max_norm, self.config.noise_std, self.ctx.seed)

@@ -97,7 +97,7 @@ def eval_command(
         table.add_row(k, "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
     console.print(table)
     if results is not None:
-        from fedsafe.report import append_results
+        from fedsafe.results import append_results
 
         tag = adapter.name if adapter else "base"
         row = {"scenario": scenario or (run_cfg.scenario if run_cfg and run_cfg.scenario else tag),

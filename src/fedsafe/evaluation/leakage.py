@@ -440,6 +440,6 @@ def _plot_leakage_utility(rows, path, leakage_key, utility_key):
     ax.set_ylabel(f"{leakage_key} (leakage)")
     ax.set_title("Privacy leakage versus utility")
     ax.legend(fontsize=7)
-    from fedsafe.report import _save  # atomic write, the report's one figure saver
+    from fedsafe.results import save_figure as _save  # atomic write, the one figure saver
 
     return _save(fig, path)

@@ -65,7 +65,8 @@ def plot_probe_scores(records: list[dict], path: Path) -> Path | None:
     infos = probe_infos(records)
     if not infos:
         return None
-    from fedsafe.report import _pyplot, _save
+    from fedsafe.results import pyplot as _pyplot
+    from fedsafe.results import save_figure as _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(infos) + 2.5), 3.6))

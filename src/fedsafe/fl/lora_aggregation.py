@@ -394,26 +394,13 @@ def _live_scaling(module) -> float:
 def check_config(cfg) -> None:
     """Refuse ``fl.lora_aggregation`` combinations that cannot work, at config load (``ValueError``, both fields)."""
     mode = cfg.fl.lora_aggregation
+    # a plug-in that cannot work with a mode refuses it in its own check (secure aggregation, DP, the probe)
     if mode == "fedex":
-        if cfg.secure_agg.enabled:
-            raise ValueError("fl.lora_aggregation=fedex cannot be combined with secure_agg.enabled: FedEx-LoRA's "
-                             "residual avg(B_i A_i) - avg(B) avg(A) needs every client's plaintext factors, which "
-                             "secure aggregation hides (ffa and rolora are linear and work with it)")
-        if cfg.dp.client_level:
-            raise ValueError("fl.lora_aggregation=fedex cannot be combined with dp.client_level=true: the residual "
-                             "is computed from the clients' unclipped, un-noised factors, which the client-level "
-                             "epsilon does not cover (use ffa or rolora)")
         if cfg.fl.algorithm not in ("fedavg", "fedprox", "scaffold") or cfg.fl.resolved_server_lr != 1.0:
             raise ValueError(f"fl.lora_aggregation=fedex needs plain averaging (fl.algorithm fedavg, fedprox or "
                              f"scaffold with fl.server_lr=1), got fl.algorithm={cfg.fl.algorithm!r} with server_lr="
                              f"{cfg.fl.resolved_server_lr:g}: the residual makes the global model the weighted mean "
                              "of the client models, which a server optimiser step would not be")
-        weak_dp = getattr(cfg, "weak_dp", None)
-        if weak_dp is not None and weak_dp.enabled and weak_dp.noise_std > 0:
-            raise ValueError(f"fl.lora_aggregation=fedex cannot be combined with weak_dp.noise_std="
-                             f"{weak_dp.noise_std:g}: noise added to the aggregated factors has no counterpart over "
-                             "the client models, so the residual could not follow it (weak_dp.noise_std=0, norm "
-                             "bounding only, works; or use fl.lora_aggregation=ffa or rolora)")
         for rule in rule_chain(cfg.aggregator.name, cfg.aggregator.params):
             if rule in FEDEX_REFUSED:
                 inner = "" if rule == cfg.aggregator.name else f" (its rule {rule})"
@@ -421,15 +408,6 @@ def check_config(cfg) -> None:
                                  f"{cfg.aggregator.name!r}{inner}: {FEDEX_REFUSED[rule]}; FedEx's residual must "
                                  "follow the rule's own aggregate of the client models. Use fl.lora_aggregation="
                                  "ffa or rolora (linear, exact under every rule) or another aggregator.name")
-    if cfg.aggregator.name.startswith("probe"):
-        kind = cfg.probe.features.kind
-        if mode == "ffa" and kind == "A":
-            raise ValueError("probe.features.kind=A reads LoRA A, which fl.lora_aggregation=ffa never trains (its "
-                             "update is always zero): use probe.features.kind=B")
-        if mode == "rolora" and kind != "both":
-            raise ValueError(f"probe.features.kind={kind} reads one LoRA factor, which fl.lora_aggregation=rolora "
-                             "freezes every other round (its update is then zero and the probe sees nothing): use "
-                             "probe.features.kind=both")
 
 
 class LoRAAggregation:

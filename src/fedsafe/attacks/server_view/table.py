@@ -132,7 +132,7 @@ def _plot(rows, path):
                         textcoords="offset points")
         ax.set_xlabel("helpfulness proxy (perplexity, lower is better)")
         ax.set_title(title, fontsize=9)
-    from fedsafe.report import _save  # atomic write, the report's one figure saver
+    from fedsafe.results import save_figure as _save  # atomic write, the one figure saver
 
     return _save(fig, path)
 

@@ -43,6 +43,13 @@ class Gate(Plugin):
         if config.reference not in (None, "base") and not Path(config.reference).exists():
             raise ConfigError(f"gate.reference: {config.reference}: no such adapter or run directory")
 
+    @classmethod
+    def report_section(cls, run_dir: Path) -> tuple[str, list[str]] | None:
+        """The verdict (gate.json or the ``gate`` record) under "Release gate"."""
+        from fedsafe.evaluation.gate.verdict import report_section
+
+        return "Release gate", report_section(run_dir)
+
     def __init__(self, config: GateConfig, ctx):
         self.config = config
         self.ctx = ctx

@@ -33,7 +33,7 @@ from dataclasses import replace
 
 import torch
 
-from fedsafe.defenses.posthoc_finetune import PosthocConfig
+from fedsafe.defenses.posthoc.config import PosthocConfig
 from fedsafe.data import load_pool
 from fedsafe.data.mix import mix_rows as mix_defense_rows  # noqa: F401  (re-exported: the defense's mix)
 from fedsafe.data.format import mean_loss, tokenize_rows

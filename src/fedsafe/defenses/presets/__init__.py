@@ -36,7 +36,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from fedsafe.defenses import probe_posthoc
+from fedsafe.defenses.presets import probe_posthoc
+from fedsafe.defenses.presets.keys import _lookup, set_key  # noqa: F401  (set_key: part of the API)
 
 #: validation-context key of :class:`fedsafe.config.ExperimentConfig`: the dotted keys the user set
 EXPLICIT = "explicit_keys"
@@ -130,35 +131,6 @@ def editable_dump(cfg) -> tuple[dict, set[str]]:
             if isinstance(node, dict):
                 node.pop(leaf, None)
     return data, explicit
-
-
-def _lookup(data: dict, dotted: str) -> tuple[bool, Any]:
-    node: Any = data
-    for part in dotted.split("."):
-        if isinstance(node, BaseModel):
-            if part not in node.model_fields_set:
-                return False, None
-            node = getattr(node, part)
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return False, None
-    return True, node
-
-
-def set_key(data: dict, dotted: str, value: Any) -> None:
-    """Set a dotted key in a nested mapping, creating mappings (and turning section models into mappings)."""
-    node = data
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        child = node.get(part)
-        if isinstance(child, BaseModel):
-            child = child.model_dump(mode="json", exclude_unset=True)
-        elif not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    node[leaf] = value
 
 
 def expand(data: dict, explicit: set[str] | None = None) -> dict:

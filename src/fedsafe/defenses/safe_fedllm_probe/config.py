@@ -1,13 +1,4 @@
-"""The Safe-FedLLM probe as a plug-in (Tao et al., ACL 2026), trained on the server's own shadow clients.
-
-The server trains shadow clients on benign and on unaligned data it holds, fits a classifier on their LoRA
-updates (by default LoRA B of the first layer) and scores each client's update; flagged clients are excluded or
-down-weighted before the rule (``aggregator.name: probe`` or ``probe+<rule>``). Hook ``server_view`` builds the
-probe around the rule and gives the server the shadow trainer, whose shadows train at the start of each refit
-round. The probe reads plaintext updates, so it is refused under secure aggregation (by the rule check of
-:func:`fedsafe.defenses.he_params.check_compatible`). The classifier lives in :mod:`fedsafe.aggregators.probe`,
-the shadows in :mod:`fedsafe.defenses.shadow`.
-"""
+"""The ``probe`` section of the Safe-FedLLM probe (Tao et al., ACL 2026): light, a config validates without torch."""
 
 from __future__ import annotations
 
@@ -15,7 +6,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from fedsafe.plugins import Plugin, register
 from fedsafe.schema import DataSource, Strict
 
 
@@ -88,34 +78,3 @@ class ProbeConfig(Strict):
 def uses_probe(aggregator_name: str) -> bool:
     """Whether a rule name selects the probe (``probe`` or ``probe+<rule>``)."""
     return aggregator_name == "probe" or aggregator_name.startswith("probe+")
-
-
-@register
-class SafeFedLLMProbe(Plugin):
-    """Flag clients whose LoRA update a shadow-trained probe scores as unaligned."""
-
-    name = "probe"
-    kind = "defense"
-    section = "probe"
-    Config = ProbeConfig
-    order = 30
-    plaintext_updates = "reads each client's plaintext LoRA update"
-
-    @classmethod
-    def is_active(cls, config, setup) -> bool:
-        return uses_probe(setup.aggregator.name)
-
-    def server_view(self, aggregator):
-        from fedsafe import aggregators
-        from fedsafe.aggregators.probe import with_probe_config
-        from fedsafe.defenses.shadow import build_shadow
-
-        ctx = self.ctx
-        agg = ctx.aggregator
-        probe = aggregators.get(agg.name, **with_probe_config(agg.name, agg.params, self.config, ctx.seed))
-        if getattr(probe, "needs_shadow", False):  # the probe fits on the server's own shadow clients
-            ctx.server.shadow = build_shadow(self.config, ctx.trainer, ctx.generator_cache, data=ctx.data,
-                                             seed=ctx.seed, aggregator_name=agg.name)
-            ctx.flat.set(ctx.init_vec)  # shadow data generation may have used the model
-        return probe
-

@@ -4,7 +4,7 @@ One defense made of two existing plug-ins, with nothing of its own to compute:
 
     rounds 1..T   probe (Tao et al., Safe-FedLLM, ACL 2026; hook ``server_view``): each client's LoRA update is
                   scored by a probe fitted on the server's own shadow clients; clients flagged by
-                  ``probe.decision`` (an oracle-free rule, :mod:`fedsafe.defenses.probe_decision`) are
+                  ``probe.decision`` (an oracle-free rule, :mod:`fedsafe.aggregators.probe_decision`) are
                   excluded before the rule;
     after T       post-hoc defense (Ye et al., ICLR 2025; hook ``after_training``): the final adapter is
                   fine-tuned on aligned + normal data the server holds and evaluated as ``posthoc_l<level>``.
@@ -36,11 +36,11 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
 
-from fedsafe.defenses.safe_fedllm_probe import ProbeConfig
+from fedsafe.defenses.safe_fedllm_probe.config import ProbeConfig
 from fedsafe.schema import Strict
 
 NAME = "probe_posthoc"
-# the schema's choices (the same as fedsafe.defenses.probe_decision.DECISIONS, which imports numpy)
+# the schema's choices (the same as fedsafe.aggregators.probe_decision.DECISIONS, which imports numpy)
 DECISIONS: tuple[str, ...] = get_args(ProbeConfig.model_fields["decision"].annotation)
 
 
@@ -97,7 +97,7 @@ def apply(config: dict, **kwargs) -> dict:
     """A copy of a config mapping with :func:`preset`'s overrides set (nested keys created as needed)."""
     import copy
 
-    from fedsafe.defenses.presets import set_key
+    from fedsafe.defenses.presets.keys import set_key
 
     out = copy.deepcopy(config)
     for dotted, value in preset(**kwargs).items():

@@ -326,7 +326,7 @@ def platt_fit(scores, labels, iterations: int = 100) -> tuple[float, float]:
 
 
 def build_rule(config) -> DecisionRule:
-    """The decision rule of a :class:`fedsafe.defenses.safe_fedllm_probe.ProbeConfig`."""
+    """The decision rule of a :class:`fedsafe.defenses.safe_fedllm_probe.config.ProbeConfig`."""
     name = getattr(config, "decision", "fixed")
     if name == "fixed":
         return FixedThreshold(config.threshold)
