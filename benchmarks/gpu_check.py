@@ -208,7 +208,7 @@ def check_aggregation_cuda(args, out_dir: Path) -> str:
 
 
 def check_ckks_cuda_tensors(args, out_dir: Path) -> str:
-    from fedsafe.defenses.secure_agg import (KeyHolder, aggregate_encrypted, decrypt_aggregate, encrypt_update,
+    from fedsafe.defenses.secure_aggregation.protocol import (KeyHolder, aggregate_encrypted, decrypt_aggregate, encrypt_update,
                                              fedavg_weights)
 
     keys = KeyHolder()

@@ -35,8 +35,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from fedsafe.defenses.pruning import pruning_mask
-from fedsafe.defenses.secure_agg import (
+from fedsafe.defenses.secure_aggregation.pruning import pruning_mask
+from fedsafe.defenses.secure_aggregation.protocol import (
     CiphertextSum,
     CKKSParams,
     FedShieldSum,

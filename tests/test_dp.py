@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fedsafe.defenses import dp
-from fedsafe.defenses.constrained import KLToGlobal, ProximalL2
+from fedsafe.defenses.differential_privacy import mechanism as dp
+from fedsafe.defenses.constrained_updates.loss_terms import KLToGlobal, ProximalL2
 
 
 @pytest.fixture(autouse=True)
@@ -318,7 +318,7 @@ def test_default_delta_is_small_and_absolute(caplog):
     """delta no longer depends on N (1/N^1.1 gave 0.30 for N = 3); a delta >= 1/N is warned about."""
     import logging
 
-    from fedsafe.defenses.differential_privacy import DPConfig
+    from fedsafe.defenses.differential_privacy.config import DPConfig
 
     assert DPConfig().delta == 1e-5
     acc = _accountant(_client_dp_cfg(clients=3, per_round=2))

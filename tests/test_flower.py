@@ -425,8 +425,8 @@ def _assert_same_he_rounds(run_dir: Path, reference_dir: Path) -> None:
 @pytest.fixture
 def he_keys(tmp_path):
     pytest.importorskip("tenseal")
-    from fedsafe.defenses.he_keys import write_key_files
-    from fedsafe.defenses.he_params import CKKSParams
+    from fedsafe.defenses.secure_aggregation.keys import write_key_files
+    from fedsafe.defenses.secure_aggregation.params import CKKSParams
 
     return write_key_files(CKKSParams(), tmp_path / "keys")
 
@@ -435,8 +435,8 @@ def test_server_and_supernodes_refuse_wrong_key_files(tmp_path, data_file, he_ke
     from flwr.app import Context
 
     from fedsafe.config import dump_config
-    from fedsafe.defenses.he_keys import write_key_files
-    from fedsafe.defenses.he_params import CKKSParams
+    from fedsafe.defenses.secure_aggregation.keys import write_key_files
+    from fedsafe.defenses.secure_aggregation.params import CKKSParams
     from fedsafe.errors import ConfigError
 
     cfg = _cfg(tmp_path, data_file, secure_agg=_HE)

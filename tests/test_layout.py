@@ -198,3 +198,19 @@ def test_config_imports_no_plugin():
     bad = sorted(m for m in graph["fedsafe.config"] if m in _plugin_modules())
     assert not bad, f"fedsafe.config imports plug-in modules {bad}"
     assert "fedsafe.plugins" in graph["fedsafe.config"]
+
+
+def test_no_two_files_in_attacks_or_defenses_are_synonyms():
+    """A concept is one folder: no file stem in attacks/ or defenses/ is a prefix-variant of another there
+    (secure_agg vs secure_aggregation, dp vs differential_privacy, posthoc vs posthoc_finetune)."""
+    for folder in ("attacks", "defenses"):
+        stems = [p.stem for p in (SRC / folder).glob("*.py") if p.stem != "__init__"]
+        stems += [p.name for p in (SRC / folder).iterdir() if p.is_dir() and p.name != "__pycache__"]
+        synonyms = {"dp": "differential_privacy", "agg": "aggregation"}
+        norm = {s: s.replace("secure_agg", "secure_aggregation") for s in stems}
+        for a in stems:
+            for b in stems:
+                if a == b:
+                    continue
+                same = norm[a] == norm[b] or synonyms.get(a) == b or b.startswith(a + "_")
+                assert not same, f"{folder}/: {a} and {b} name the same concept"

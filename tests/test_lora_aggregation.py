@@ -78,7 +78,7 @@ def test_frozen_factor_update_is_exactly_zero(trainable):
 
 
 def test_frozen_factor_update_is_exactly_zero_under_local_dp():
-    from fedsafe.defenses.dp import DPLocalTrainer
+    from fedsafe.defenses.differential_privacy.mechanism import DPLocalTrainer
 
     model, tok = _tiny()
     peft = attach_lora(model, r=4, alpha=8)
@@ -138,7 +138,7 @@ def test_ffa_keeps_a_at_its_shared_init_and_halves_the_payload(tmp_path):
 
 
 def test_client_level_dp_noise_never_moves_a_frozen_factor(tmp_path):
-    from fedsafe.defenses.dp import DPFedAvg
+    from fedsafe.defenses.differential_privacy.mechanism import DPFedAvg
 
     trainer, clients = _setup()
     cfg = FLConfig(rounds=1, local_steps=2, batch_size=4, lr=1e-2, lora_aggregation="ffa")

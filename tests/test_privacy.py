@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from fedsafe.attacks import privacy as pv
+from fedsafe.attacks.privacy_extraction import extraction as pv
 from fedsafe.data.format import IGNORE_INDEX, TokenizedExample, format_example
 from fedsafe.evaluation import leakage as lk
 

@@ -207,7 +207,7 @@ def test_probe_is_refused_under_secure_aggregation():
     agg = aggregators.get("probe+fedavg")
     assert agg.needs_plaintext and aggregators.get("probe").needs_plaintext
     try:
-        from fedsafe.defenses.secure_agg import check_compatible
+        from fedsafe.defenses.secure_aggregation.protocol import check_compatible
     except ImportError:  # HE suite not present: the flag above is what it checks
         return
     for name in ("probe", "probe+fedavg", "probe+median"):

@@ -9,8 +9,8 @@ import tenseal as ts
 import torch
 from pydantic import ValidationError
 
-from fedsafe.defenses.pruning import MaskSchedule, mask_digest, pruning_mask, pruning_schedule
-from fedsafe.defenses.secure_agg import (
+from fedsafe.defenses.secure_aggregation.pruning import MaskSchedule, mask_digest, pruning_mask, pruning_schedule
+from fedsafe.defenses.secure_aggregation.protocol import (
     WIRE_ERROR_KEY,
     WIRE_KEY,
     CKKSParams,
@@ -325,7 +325,7 @@ def test_parties_exchange_plain_data_and_drop_bad_clients(keys):
     assert stats["client_weights"] == pytest.approx([1 / 3, 0.0, 2 / 3, 0.0])
     # The key holder also accepts the aggregate in wire form (what a Flower key-holding client receives).
     again = SecureAggClient(keys.client_context_bytes(), specs, 0.5, 0.5, total_rounds=3)
-    from fedsafe.defenses.secure_agg import CiphertextSum, EncryptedUpdate
+    from fedsafe.defenses.secure_aggregation.protocol import CiphertextSum, EncryptedUpdate
 
     total = CiphertextSum(keys.server_context_bytes())
     for r in (results[0], results[2]):
@@ -476,7 +476,7 @@ def test_encrypted_result_survives_a_flower_message(keys):
 
 @pytest.fixture(scope="module")
 def key_files(tmp_path_factory):
-    from fedsafe.defenses.he_keys import write_key_files
+    from fedsafe.defenses.secure_aggregation.keys import write_key_files
 
     return write_key_files(CKKSParams(), tmp_path_factory.mktemp("keys"))
 
@@ -485,7 +485,7 @@ def test_key_files_give_the_secret_key_to_the_clients_only(key_files):
     import os
     import stat
 
-    from fedsafe.defenses.he_keys import read_key_file
+    from fedsafe.defenses.secure_aggregation.keys import read_key_file
 
     server = read_key_file(key_files.server, "server", CKKSParams())
     clients = read_key_file(key_files.clients, "clients", CKKSParams())
@@ -508,7 +508,7 @@ def test_key_files_give_the_secret_key_to_the_clients_only(key_files):
 
 
 def test_key_files_are_not_overwritten_by_accident(tmp_path):
-    from fedsafe.defenses.he_keys import write_key_files
+    from fedsafe.defenses.secure_aggregation.keys import write_key_files
 
     first = write_key_files(CKKSParams(), tmp_path)
     with pytest.raises(ConfigError, match="--force"):
@@ -520,7 +520,7 @@ def test_bad_key_files_are_refused_with_a_reason(key_files, tmp_path, caplog):
     import json
     import logging
 
-    from fedsafe.defenses.he_keys import _header, read_key_file
+    from fedsafe.defenses.secure_aggregation.keys import _header, read_key_file
 
     def broken(name: str, data: bytes):
         path = tmp_path / name
@@ -560,7 +560,7 @@ def test_flower_keys_command_writes_the_key_set(tmp_path):
     pytest.importorskip("flwr")
     from typer.testing import CliRunner
 
-    from fedsafe.defenses.he_keys import read_key_file
+    from fedsafe.defenses.secure_aggregation.keys import read_key_file
     from fedsafe.engines.flower_cli import flower_app
 
     out = tmp_path / "keys"
@@ -586,7 +586,7 @@ def _encrypted_results(client, global_vec, updates, samples, rc):
 
 def test_server_refuses_to_decrypt_fewer_than_min_clients(keys):
     """In process: with one kept ciphertext nothing is decrypted; delta is None and the stats say why."""
-    from fedsafe.defenses.secure_agg import DecryptRefused
+    from fedsafe.defenses.secure_aggregation.protocol import DecryptRefused
     from fedsafe.fl.client import RoundConfig
 
     d = 3000
@@ -636,7 +636,7 @@ def test_server_refuses_to_decrypt_fewer_than_min_clients(keys):
 
 def test_key_holder_refuses_to_decrypt_a_sum_of_fewer_than_min_clients(keys):
     """decrypt_aggregate checks the aggregate's client count (and names) before it decrypts anything."""
-    from fedsafe.defenses.secure_agg import CiphertextSum, DecryptRefused
+    from fedsafe.defenses.secure_aggregation.protocol import CiphertextSum, DecryptRefused
 
     d = 3000
     updates, global_vec = lora_scale_updates(2, d, seed=32), torch.randn(d) * 0.05
@@ -691,8 +691,8 @@ def test_flower_key_holder_refuses_a_sum_of_fewer_than_its_minimum(key_files, ta
     from flwr.app import Context, Message, RecordDict
 
     from fedsafe.config import dump_config, load_config
-    from fedsafe.defenses.he_keys import read_key_file
-    from fedsafe.defenses.secure_agg import DecryptRefused
+    from fedsafe.defenses.secure_aggregation.keys import read_key_file
+    from fedsafe.defenses.secure_aggregation.protocol import DecryptRefused
     from fedsafe.engines import flower as fe
 
     keys = read_key_file(key_files.clients, "clients", CKKSParams())

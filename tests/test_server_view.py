@@ -159,7 +159,7 @@ def test_reconstruction_degrades_when_its_assumptions_break(wide):
     assert _reproduced(tok, adam_rec) == 0
 
     # pruning half of each LoRA tensor (secure aggregation's shared mask) moves the A rows out of the span
-    from fedsafe.defenses.pruning import pruning_mask
+    from fedsafe.defenses.secure_aggregation.pruning import pruning_mask
 
     mask = pruning_mask(g + 0.01 * torch.randn(g.numel(), generator=torch.Generator().manual_seed(0)), 0.5,
                         flat.specs)

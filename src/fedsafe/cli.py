@@ -331,7 +331,7 @@ def _register_optional_commands() -> None:
     for module, attr, name in (("fedsafe.attacks.datagen", "generate_app", "generate"),
                                ("fedsafe.evaluation.cli", "eval_app", "eval"),
                                ("fedsafe.grid", "grid_command", "grid"),
-                               ("fedsafe.attacks.privacy_cli", "attack_app", "attack"),
+                               ("fedsafe.attacks.privacy_extraction.cli", "attack_app", "attack"),
                                ("fedsafe.engines.flower_cli", "flower_app", "flower")):
         try:
             obj = getattr(importlib.import_module(module), attr)

@@ -27,11 +27,11 @@ raised to what the round needs anyway (:func:`round_min_results`): the aggregati
 aggregation, ``secure_agg.min_clients``, so a round with too few replies is skipped, not a failed rule.
 
 Secure aggregation (``secure_agg.enabled``) in a deployment: ``fedsafe flower keys`` writes the key set
-(:mod:`fedsafe.defenses.he_keys`); every SuperNode holds the secret-key file (node config ``he-context``)
+(:mod:`fedsafe.defenses.secure_aggregation.keys`); every SuperNode holds the secret-key file (node config ``he-context``)
 and the ServerApp the public one (run config ``he-context``). The pipeline's :class:`fedsafe.fl.server.Server`
 sums the ciphertexts as in-process, and its key holder is :meth:`FlowerEngine.decrypt`: a ``query.decrypt``
 message carries the encrypted sum and the round's keep-mask to one SuperNode whose client answered this
-round, which decrypts it with :func:`fedsafe.defenses.secure_agg.decrypt_aggregate` (no model needed) and
+round, which decrypts it with :func:`fedsafe.defenses.secure_aggregation.protocol.decrypt_aggregate` (no model needed) and
 replies with the plaintext aggregate; if it fails, the next key-holding node is asked. The server optimiser
 step, the mask schedule, the metrics and the run directory are the in-process code. Every message carries
 the server's key id, so a node holding another key set refuses (at connect, so it is never sampled) instead
@@ -384,7 +384,7 @@ class FlowerEngine:
 
     # -- secure aggregation: a key-holding SuperNode decrypts the sum ----------------------------
     def decrypt(self, aggregate, mask: torch.Tensor, round: int) -> torch.Tensor:
-        """Remote key holder of :class:`fedsafe.defenses.secure_agg.SecureAggServer`: a SuperNode decrypts the sum.
+        """Remote key holder of :class:`fedsafe.defenses.secure_aggregation.protocol.SecureAggServer`: a SuperNode decrypts the sum.
 
         Sends the encrypted sum and the round's (public) keep-mask; nodes whose client answered this round
         are asked first, one at a time; a node that fails or does not answer within
@@ -397,7 +397,7 @@ class FlowerEngine:
             if self.node_of[cid] not in seen:
                 seen.add(self.node_of[cid])
                 order.append((cid, self.node_of[cid]))
-        from fedsafe.defenses.secure_agg import REFUSED, DecryptRefused
+        from fedsafe.defenses.secure_aggregation.protocol import REFUSED, DecryptRefused
 
         reasons = []
         for cid, node in order:
@@ -489,7 +489,7 @@ def unregister_local(token: str) -> None:
 
 def server_keys(cfg: ExperimentConfig, path: str | None):
     """The ServerApp's public CKKS key file (run config ``he-context``) when ``secure_agg`` is on, else None."""
-    from fedsafe.defenses.he_keys import SERVER, read_key_file
+    from fedsafe.defenses.secure_aggregation.keys import SERVER, read_key_file
 
     if not cfg.secure_agg.enabled:
         if path:
@@ -562,7 +562,7 @@ def _secret_context(token: str, config_yaml: str, node_config, he_key_id: str | 
     """This node's secret-key CKKS context: the simulation's own client party, or the node's key file."""
     import yaml
 
-    from fedsafe.defenses.secure_agg import client_party
+    from fedsafe.defenses.secure_aggregation.protocol import client_party
 
     worker = _LOCAL_WORKERS.get(token)
     if worker is not None:
@@ -602,7 +602,7 @@ def key_holder_min_clients(token: str, config_yaml: str, node_config) -> int:
     from the server, so it may raise the minimum but never lower it)."""
     import yaml
 
-    from fedsafe.defenses.secure_agg import MIN_CLIENTS, client_party
+    from fedsafe.defenses.secure_aggregation.protocol import MIN_CLIENTS, client_party
 
     worker = _LOCAL_WORKERS.get(token)
     if worker is not None and client_party(worker.trainer) is not None:
@@ -623,14 +623,14 @@ def handle_decrypt(message: Message, context: Context) -> Message:
 
     Needs no model: the server sends the round's keep-mask, which :func:`decrypt_aggregate` checks against
     the digest the clients encrypted under. A sum of fewer clients than :func:`key_holder_min_clients` is
-    refused (:class:`fedsafe.defenses.secure_agg.DecryptRefused`) before anything is decrypted.
+    refused (:class:`fedsafe.defenses.secure_aggregation.protocol.DecryptRefused`) before anything is decrypted.
     """
     return Message(decrypt_reply(message.content, context.node_config), reply_to=message)
 
 
 def decrypt_reply(content: RecordDict, node_config) -> RecordDict:
     """The content of :func:`handle_decrypt`'s reply (also run by a SuperNode's warm worker)."""
-    from fedsafe.defenses.secure_agg import EncryptedAggregate, decrypt_aggregate
+    from fedsafe.defenses.secure_aggregation.protocol import EncryptedAggregate, decrypt_aggregate
 
     meta = content["fedsafe"]
     secret = _secret_context(meta["token"], meta["config"], node_config, meta.get("he_key_id"))

@@ -70,7 +70,7 @@ def keys_command(out: Path = typer.Option(..., "--out", "-o", help="directory fo
                  force: bool = typer.Option(False, "--force", help="replace an existing key set")) -> None:
     """Make the CKKS keys of a secure_agg deployment: clients.ctx (secret, for SuperNodes) and server.ctx (public)."""
     from fedsafe.config import load_config
-    from fedsafe.defenses.he_keys import context_summary, write_key_files
+    from fedsafe.defenses.secure_aggregation.keys import context_summary, write_key_files
 
     cfg = load_config(config, set_)
     if not cfg.secure_agg.enabled:
@@ -115,7 +115,7 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
         typer.echo("note: secure_agg.enabled: pass --he-context server.ctx here or to `fedsafe flower submit`",
                    err=True)
     elif he_context.exists():  # refuse the secret file here already, on the author's machine
-        from fedsafe.defenses.he_keys import SERVER, read_key_file
+        from fedsafe.defenses.secure_aggregation.keys import SERVER, read_key_file
 
         read_key_file(he_context, SERVER, cfg.secure_agg.ckks, who="--he-context")
     path = write_app(app_dir, cfg, he_context)
@@ -243,7 +243,7 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
 
     _tls_choice(insecure, root_certificates is not None, "--root-certificates")
     if he_context is not None:  # a wrong file fails here, not in the first round
-        from fedsafe.defenses.he_keys import CLIENTS, read_key_file
+        from fedsafe.defenses.secure_aggregation.keys import CLIENTS, read_key_file
 
         read_key_file(he_context, CLIENTS, who="--he-context")
     if config is not None and not worker:
@@ -314,7 +314,7 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
             fed.worker_config.write_text(dump_config(cfg))
         server_ctx = None
         if cfg.secure_agg.enabled:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
-            from fedsafe.defenses.he_keys import write_key_files
+            from fedsafe.defenses.secure_aggregation.keys import write_key_files
 
             keys = write_key_files(cfg.secure_agg.ckks, fed.workdir / "keys")
             fed.he_context, server_ctx = keys.clients, keys.server

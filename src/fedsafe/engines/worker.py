@@ -90,7 +90,7 @@ def node_keys(node_config, cfg, he_key_id: str | None) -> bytes:
     The file must be the clients' file of ``fedsafe flower keys``, made with the config's ``secure_agg.ckks``
     and, when the server names its key id, from the same key set as the server's public context.
     """
-    from fedsafe.defenses.he_keys import CLIENTS, read_key_file
+    from fedsafe.defenses.secure_aggregation.keys import CLIENTS, read_key_file
 
     path = node_config.get(HE_CONTEXT)
     if not path:

@@ -101,7 +101,7 @@ class Server:
     def __init__(self, fl_cfg: FLConfig, global_vec: torch.Tensor, aggregator, seed: int = 0,
                  max_update_norm: float | None = None, num_clients: int = 1, secure=None):
         self.cfg = fl_cfg
-        self.secure = secure  # SecureAggServer under HE: only ciphertexts arrive (fedsafe.defenses.secure_agg)
+        self.secure = secure  # SecureAggServer under HE: only ciphertexts arrive (fedsafe.defenses.secure_aggregation.protocol)
         self.global_vec = global_vec.clone()
         self.aggregator = aggregator
         self.seed = seed

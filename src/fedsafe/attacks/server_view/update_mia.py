@@ -19,8 +19,8 @@ what every update does to every text (learning the chat format, the task):
 
 Reported: the AUC of s (``auc``) and of s_ref (``auc_ref``) for members (texts the client trained on this
 round) against non-members (held-out texts nobody trained on), as in the global-model attack of
-:mod:`fedsafe.attacks.privacy`, whose scoring helpers (:func:`~fedsafe.attacks.privacy.sequence_nll`,
-:func:`~fedsafe.attacks.privacy.membership_auc`) this module reuses.
+:mod:`fedsafe.attacks.privacy_extraction.extraction`, whose scoring helpers (:func:`~fedsafe.attacks.privacy_extraction.extraction.sequence_nll`,
+:func:`~fedsafe.attacks.privacy_extraction.extraction.membership_auc`) this module reuses.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsafe.attacks.privacy import membership_auc, sequence_nll
+from fedsafe.attacks.privacy_extraction.extraction import membership_auc, sequence_nll
 from fedsafe.data.format import TokenizedExample
 
 

@@ -53,7 +53,7 @@ class ProbeConfig(Strict):
                               "update features (trusts the client's report)")
     seed: int | None = Field(None, ge=0, lt=2 ** 32, description="shadow sampling/training and projection seed "
                                                           "(default: seed)")
-    # issue 19: decision rules without oracle labels and shadow realism (fedsafe.defenses.probe_decision)
+    # issue 19: decision rules without oracle labels and shadow realism (fedsafe.aggregators.probe_decision)
     decision: Literal["fixed", "fpr", "mad", "gap", "calibrated"] = Field(
         "fixed", description="fixed: p >= threshold (Safe-FedLLM); fpr: conformal threshold on held-out benign "
                              "shadow logits at rate fpr; mad: within-round median/MAD z-score >= z; gap: "

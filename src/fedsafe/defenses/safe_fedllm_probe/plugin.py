@@ -5,7 +5,7 @@ updates (by default LoRA B of the first layer) and scores each client's update; 
 down-weighted before the rule (``aggregator.name: probe`` or ``probe+<rule>``). Hook ``server_view`` builds the
 probe around the rule and gives the server the shadow trainer, whose shadows train at the start of each refit
 round. The probe reads plaintext updates, so it is refused under secure aggregation (by the rule check of
-:func:`fedsafe.defenses.he_params.check_compatible`). The classifier lives in :mod:`fedsafe.aggregators.probe`,
+:func:`fedsafe.defenses.secure_aggregation.params.check_compatible`). The classifier lives in :mod:`fedsafe.aggregators.probe`,
 the shadows in :mod:`fedsafe.defenses.safe_fedllm_probe.shadow`, the section in
 :mod:`fedsafe.defenses.safe_fedllm_probe.config`.
 """

@@ -296,7 +296,7 @@ def regression_interval(nll_adapter: list[float], nll_reference: list[float], to
 
 def row_nll(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> tuple[list[float], list[int]]:
     """Per held-out row: summed NLL of the answer tokens and their count (the helpfulness proxy's terms)."""
-    from fedsafe.attacks.privacy import sequence_nll
+    from fedsafe.attacks.privacy_extraction.extraction import sequence_nll
     from fedsafe.data.format import tokenize_rows
 
     examples = tokenize_rows(tokenizer, rows, max_length)

@@ -412,7 +412,7 @@ class DPLocalTrainer(LocalTrainer):
         optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
         prox = None
         if rc.algorithm == "fedprox" and rc.prox_mu > 0:  # data-independent: added after the noise, no privacy cost
-            from fedsafe.defenses.constrained import ProximalL2
+            from fedsafe.defenses.constrained_updates.loss_terms import ProximalL2
 
             prox = ProximalL2(rc.prox_mu)
             prox.start(self.model, global_vec)

@@ -29,7 +29,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsafe.defenses.he_params import CKKSParams
+from fedsafe.defenses.secure_aggregation.params import CKKSParams
 from fedsafe.errors import ConfigError
 
 log = logging.getLogger("fedsafe")
@@ -73,7 +73,7 @@ def _header(role: str, key_id: str, params: CKKSParams, body: bytes) -> bytes:
 
 def write_key_files(params: CKKSParams, out_dir: str | Path, *, overwrite: bool = False) -> KeySet:
     """Make one CKKS key set; write ``clients.ctx`` (secret key, mode 0600) and ``server.ctx`` (public) atomically."""
-    from fedsafe.defenses.secure_agg import KeyHolder
+    from fedsafe.defenses.secure_aggregation.protocol import KeyHolder
     from fedsafe.rundir import atomic_write_bytes
 
     out = Path(out_dir).expanduser().resolve()

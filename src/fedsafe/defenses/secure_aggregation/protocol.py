@@ -4,7 +4,7 @@ Paper: Mia & Amini, "FedShield-LLM: A Secure and Scalable Federated Fine-Tuned L
 (2025). Clients encrypt their LoRA updates with CKKS (Cheon, Kim, Kim, Song, "Homomorphic Encryption for
 Arithmetic of Approximate Numbers", ASIACRYPT 2017) via TenSEAL/SEAL, the server adds ciphertexts, and the
 key holders decrypt the sum. Per round t, with participating clients k, sample counts n_k and the shared
-keep-mask M_t (see :mod:`fedsafe.defenses.pruning`):
+keep-mask M_t (see :mod:`fedsafe.defenses.secure_aggregation.pruning`):
 
     w_k        = n_k / sum_j n_j                          (clients learn sum_j n_j from RoundConfig.total_samples)
     c_k        = Enc(w_k * delta_k[M_t])                  (client k; packed N/2 slots per ciphertext)
@@ -43,7 +43,7 @@ the same path: the pipeline hands the plug-in trainer to the engine factory, a F
 bytes unchanged (round trip tested in tests/test_secure_agg.py), and the pipeline's Server sums them.
 
 A multi-machine Flower deployment has no process that every party shares, so the keys are made ahead of
-the run by ``fedsafe flower keys`` (:mod:`fedsafe.defenses.he_keys`): each SuperNode gets the secret-key
+the run by ``fedsafe flower keys`` (:mod:`fedsafe.defenses.secure_aggregation.keys`): each SuperNode gets the secret-key
 file (its ClientApp builds the same client side with :func:`fedsafe.plugins.client_trainer`), the ServerApp
 gets the public file (the plug-in's server side then holds no key), and the Flower engine becomes the
 key holder through :meth:`SecureAggServer.use_remote_key_holder`: it sends
@@ -107,14 +107,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fedsafe.defenses.he_params import (
+from fedsafe.defenses.secure_aggregation.params import (
     HE_COMPATIBLE_AGGREGATORS,
     HE_COMPATIBLE_ALGORITHMS,
     CKKSParams,
     check_compatible,
     he_security_level,
 )
-from fedsafe.defenses.pruning import MaskSchedule, mask_digest, pruning_mask
+from fedsafe.defenses.secure_aggregation.pruning import MaskSchedule, mask_digest, pruning_mask
 from fedsafe.errors import ConfigError, FedsafeError, UpdateRejected
 
 if TYPE_CHECKING:  # tenseal is imported lazily: only runs with secure_agg.enabled need it

@@ -2,26 +2,17 @@
 
 A privacy defense in Guo et al., "Can Federated Learning Safeguard Private Data in LLM Training?" (Findings of
 EMNLP 2025): an L2 proximal term mu/2 ||theta - theta_global||^2 on the LoRA parameters and/or
-beta KL(p_global || p_local) on the client's response tokens. The terms live in :mod:`fedsafe.defenses.constrained`;
+beta KL(p_global || p_local) on the client's response tokens. The terms live in :mod:`fedsafe.defenses.constrained_updates.loss_terms`;
 this plug-in adds them to the local training step (hook ``local_training``), before local DP-SGD (which keeps them).
 """
 
 from __future__ import annotations
 
-from pydantic import Field
 
 from fedsafe.plugins import Plugin, register
-from fedsafe.schema import Strict
 
 
-class ConstrainedConfig(Strict):
-    """Regularisation-constrained local updates (a privacy defense in Guo et al. 2025)."""
-
-    l2_mu: float = Field(0.0, ge=0, description="coefficient of mu/2 ||theta - theta_global||^2 on the LoRA "
-                                                "parameters (0: off)")
-    kl_beta: float = Field(0.0, ge=0, description="coefficient of KL(p_global || p_local) on the client's "
-                                                  "response tokens (0: off; one extra forward per batch)")
-    kl_temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions in the KL")
+from fedsafe.defenses.constrained_updates.config import ConstrainedConfig
 
 
 @register
@@ -39,7 +30,7 @@ class ConstrainedUpdates(Plugin):
         return config.l2_mu > 0 or config.kl_beta > 0
 
     def local_training(self, trainer):
-        from fedsafe.defenses.constrained import loss_terms
+        from fedsafe.defenses.constrained_updates.loss_terms import loss_terms
 
         trainer.loss_terms.extend(loss_terms(self.config))
         return trainer

@@ -2,7 +2,7 @@
 
 Kept free of torch and tenseal so that :mod:`fedsafe.config` can import it: the ``secure_agg`` config
 section validates its CKKS parameters and refuses incompatible rules when the config is built, with
-errors that name the field. The HE machinery itself is :mod:`fedsafe.defenses.secure_agg`.
+errors that name the field. The HE machinery itself is :mod:`fedsafe.defenses.secure_aggregation.protocol`.
 
 Security levels follow the HomomorphicEncryption.org standard (Albrecht, Chase, Chen, Ding, Goldwasser,
 Gorbunov, Halevi, Hoffstein, Laine, Lauter, Lokam, Micciancio, Moody, Morrison, Sahai, Vaikuntanathan,
@@ -163,7 +163,7 @@ def check_compatible(
     per-client control variates travel in plaintext and reveal the update), and server optimisers other
     than plain FedAvg: FedAdam/FedYogi/FedAdagrad are non-linear, and FedAvgM, linear as it is, keeps a
     momentum of past plaintext aggregates that would move coordinates pruned this round. See
-    :mod:`fedsafe.defenses.secure_agg` for the reasoning.
+    :mod:`fedsafe.defenses.secure_aggregation.protocol` for the reasoning.
     """
     name = (aggregator or "").strip().lower()
     if name not in HE_COMPATIBLE_AGGREGATORS:

@@ -5,33 +5,17 @@ encrypt their (pruned, pre-weighted) LoRA updates with CKKS; the server sums cip
 context only; a key holder decrypts the sum. Hooks: ``local_training`` sets up this party's keys (fresh keys in
 one process; a node's own key file in a Flower ClientApp), ``client_update`` encrypts each result before it is
 sent, ``aggregate`` gives the server the ciphertext sum and the key holder. Everything else lives in
-:mod:`fedsafe.defenses.secure_agg`.
+:mod:`fedsafe.defenses.secure_aggregation.protocol`.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
 
-from fedsafe.defenses.he_params import CKKSParams
 from fedsafe.errors import ConfigError
 from fedsafe.plugins import CHECKS_ROUND_SIZE, ENCRYPTED_UPDATES, Plugin, declared, register
-from fedsafe.schema import Strict
 
 
-class SecureAggConfig(Strict):
-    """CKKS secure aggregation with shared-mask LoRA pruning (FedShield-LLM, fixed); see fedsafe.defenses.secure_agg."""
-
-    enabled: bool = Field(False, description="clients encrypt their weighted updates; the server sums ciphertexts "
-                                             "with the public context only; a key holder decrypts")
-    ckks: CKKSParams = Field(default_factory=CKKSParams, description="CKKS parameters (N, moduli, scale); the "
-                                                                     "security level is reported at start")
-    prune_start: float = Field(0.2, ge=0, lt=1, description="pruning ratio in round 1 (magnitude of the global "
-                                                            "adapter, per LoRA tensor; 0 encrypts every value)")
-    prune_end: float = Field(0.5, ge=0, lt=1, description="pruning ratio in the last round (linear in between)")
-    min_clients: int = Field(2, ge=1, description="never decrypt a sum of fewer clients' updates (a sum of one is "
-                                                  "that client's update): a round with fewer kept ciphertexts "
-                                                  "leaves the global adapter unchanged; key holders refuse such "
-                                                  "a sum too. 1 turns the protection off")
+from fedsafe.defenses.secure_aggregation.config import SecureAggConfig
 
 
 @register
@@ -51,7 +35,7 @@ class SecureAggregation(Plugin):
 
     @classmethod
     def check(cls, config, setup) -> None:
-        from fedsafe.defenses.he_params import check_compatible
+        from fedsafe.defenses.secure_aggregation.params import check_compatible
 
         if setup.fl.lora_aggregation == "fedex":
             raise ConfigError("fl.lora_aggregation=fedex cannot be combined with secure_agg.enabled: FedEx-LoRA's "
@@ -75,7 +59,7 @@ class SecureAggregation(Plugin):
         self.he_client = None
 
     def local_training(self, trainer):
-        from fedsafe.defenses.secure_agg import KeyHolder, SecureAggClient
+        from fedsafe.defenses.secure_aggregation.protocol import KeyHolder, SecureAggClient
 
         c = self.config
         if self.ctx.he_client_context is not None:  # a ClientApp: this node's secret-key context
@@ -95,8 +79,8 @@ class SecureAggregation(Plugin):
         return self.he_client.encrypt_result(result, global_vec, rc)
 
     def aggregate(self, server) -> None:
-        from fedsafe.defenses.pruning import MaskSchedule
-        from fedsafe.defenses.secure_agg import SecureAggServer
+        from fedsafe.defenses.secure_aggregation.pruning import MaskSchedule
+        from fedsafe.defenses.secure_aggregation.protocol import SecureAggServer
 
         c = self.config
         schedule = MaskSchedule(self.ctx.flat.specs, c.prune_start, c.prune_end, self.ctx.fl.rounds)

@@ -63,7 +63,7 @@ def privacy_table_command(
 def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list[str] | None = None,
                progress: bool = True) -> tuple[dict, int]:
     """Rebuild the run's model and victims, attack round ``round_no`` (default: last saved); returns (results, t)."""
-    from fedsafe.attacks.privacy import Canary, build_attacker
+    from fedsafe.attacks.privacy_extraction.extraction import Canary, build_attacker
     from fedsafe.config import load_config
     from fedsafe.data import build_clients
     from fedsafe.errors import ConfigError
@@ -103,7 +103,7 @@ def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list
 
 
 def _print(results: dict, t: int) -> None:
-    from fedsafe.attacks.privacy import flatten_result
+    from fedsafe.attacks.privacy_extraction.extraction import flatten_result
 
     flats = {name: flatten_result(res) for name, res in results.items()}
     lower = any(f.get("zero_rougeL_lower_bound") for f in flats.values())
