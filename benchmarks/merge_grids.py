@@ -71,22 +71,27 @@ def read(dirs: list[Path], labels: dict[Path, str] | None = None) -> tuple[list[
 
 def read_sweep(path: Path, cell_name: str) -> tuple[list[dict], list[dict]]:
     """A posthoc_sweep run (its CSV and ``<stem>.outcomes.jsonl``): each defended variant V as the rows of
-    ``<cell_name>/attack_posthoc+V`` (Rule and over-refusal per prompt, the proxy per seed)."""
+    ``<cell_name>/attack_posthoc+V`` (Rule, over-refusal and borderline refusal per prompt, the proxy per seed)."""
     rows, outcomes = [], []
     for r in csv.DictReader(open(path, newline="")):
         help_ = r.get("help_posthoc")
         rows.append({"setting": cell_name, "scenario": f"attack_posthoc+{r['variant']}", "method": "",
                      "defense": "", "seed": int(r["seed"]), "rule": float(r["rule_posthoc"]),
                      "over_refusal": float(r["or_posthoc"]),
+                     "borderline_refusal": float(r["xs_posthoc"]) if r.get("xs_posthoc") not in ("", None) else None,
                      "helpfulness_proxy": float(help_) if help_ not in ("", None) else None})
     for line in open(path.with_name(path.stem + ".outcomes.jsonl")):
         rec = json.loads(line)
         if rec.get("role") != "posthoc":
             continue
-        outcomes.append({"setting": cell_name, "scenario": f"attack_posthoc+{rec['variant']}", "method": "",
-                         "defense": "", "seed": rec["seed"], "prompt_ids": list(range(len(rec["rule"]))),
-                         "rule": rec["rule"], "over_refusal": rec["over_refusal"],
-                         "over_refusal_prompt_ids": list(range(len(rec["over_refusal"])))})
+        out = {"setting": cell_name, "scenario": f"attack_posthoc+{rec['variant']}", "method": "",
+               "defense": "", "seed": rec["seed"], "prompt_ids": list(range(len(rec["rule"]))),
+               "rule": rec["rule"], "over_refusal": rec["over_refusal"],
+               "over_refusal_prompt_ids": list(range(len(rec["over_refusal"])))}
+        if rec.get("xstest_refusal"):  # the sweep's name for the config's borderline prompts
+            out["borderline_refusal"] = rec["xstest_refusal"]
+            out["borderline_refusal_prompt_ids"] = list(range(len(rec["xstest_refusal"])))
+        outcomes.append(out)
     return rows, outcomes
 
 
