@@ -428,6 +428,11 @@ def section_of(cfg, path: str | None):
     return node
 
 
+def active(cfg) -> list[tuple[type[Plugin], Any]]:
+    """The plug-ins ``cfg`` turns on, each with its section, in hook order."""
+    return _active(cfg)
+
+
 def _active(cfg) -> list[tuple[type[Plugin], Any]]:
     setup = Setup.from_config(cfg)
     out = []
