@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedsafe.evaluation import stealth
+from fedsafe.fl.update_ops import cosine_matrix
 
 
 def _record(rnd, weights, compare=None, cosine=True):
@@ -17,12 +18,12 @@ def _record(rnd, weights, compare=None, cosine=True):
     return {"type": "round", "round": rnd, "clients": clients, "malicious": malicious,
             "roles": ["benign", "benign", "unaligned", "benign"], "aggregator": "median",
             "client_weights": weights, "compare_weights": compare or {},
-            "cosine": stealth.cosine_matrix(x).tolist() if cosine else None}
+            "cosine": cosine_matrix(x).tolist() if cosine else None}
 
 
 def test_cosine_matrix_formula():
     x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
-    c = stealth.cosine_matrix(x)
+    c = cosine_matrix(x)
     assert c[0, 1].item() == pytest.approx(1 / math.sqrt(2))
     assert c[2].tolist() == [0.0, 0.0, 0.0]
 

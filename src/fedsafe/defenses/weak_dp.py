@@ -50,14 +50,15 @@ class WeakDPRule:
     def __call__(self, updates, num_samples, client_ids):
         import torch
 
+        from fedsafe.fl.update_ops import clip_rows
+
         self.round += 1
-        norms = updates.float().norm(dim=1)
-        scale = torch.clamp(self.max_norm / norms.clamp(min=1e-12), max=1.0)
-        res = self.inner(updates * scale.unsqueeze(1).to(updates.dtype), num_samples, client_ids)
+        clipped, norms = clip_rows(updates.float(), self.max_norm)
+        res = self.inner(clipped.to(updates.dtype), num_samples, client_ids)
         if self.noise_std > 0:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.round)
             res.update = res.update + self.noise_std * torch.randn(res.update.shape, generator=gen).to(res.update)
-        res.info = {**(res.info or {}), "weak_dp": {"norms": norms.tolist(), "clipped": (scale < 1).tolist(),
+        res.info = {**(res.info or {}), "weak_dp": {"norms": norms.tolist(), "clipped": (norms > self.max_norm).tolist(),
                                                     "max_norm": self.max_norm, "noise_std": self.noise_std}}
         return res
 

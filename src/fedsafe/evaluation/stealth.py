@@ -28,13 +28,6 @@ from pathlib import Path
 import torch
 
 
-def cosine_matrix(updates: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity of client updates ``[n, d] -> [n, n]`` (zero rows give 0)."""
-    x = updates.float()
-    norms = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    unit = x / norms
-    return unit @ unit.T
-
 
 def rule_weights(record: dict) -> dict[str, list[float]]:
     """The client weights of one round record per rule: the aggregator's own, then each compare rule's."""

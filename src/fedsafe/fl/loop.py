@@ -12,14 +12,10 @@ import torch
 
 from fedsafe.fl.lora_aggregation import RESIDUAL_FILE
 from fedsafe.fl.server import Server, sample_clients
+from fedsafe.fl.update_ops import cosine_matrix
 from fedsafe.rundir import RunDir, load_checkpoint_state, save_checkpoint
 
 
-def cosine_matrix(updates: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity of client updates ``[n, d] -> [n, n]``."""
-    from fedsafe.evaluation.stealth import cosine_matrix as _cos
-
-    return _cos(updates)
 
 
 def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int, clients_per_round: int,

@@ -276,7 +276,7 @@ def dp_privatise(update: torch.Tensor, clip_norm: float, noise_multiplier: float
     """One update through DP-FedAvg's mechanism on its own: clip to C, add N(0, (sigma C)^2) (McMahan et al. 2018)."""
     import torch
 
-    from fedsafe.defenses.differential_privacy.mechanism import clip_rows, gaussian_noise
+    from fedsafe.fl.update_ops import clip_rows, gaussian_noise
 
     clipped, _ = clip_rows(update[None].float(), clip_norm)
     gen = torch.Generator().manual_seed(seed)

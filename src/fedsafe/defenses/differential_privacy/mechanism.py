@@ -52,6 +52,7 @@ import torch
 
 from fedsafe.aggregators.base import AggregationResult, Aggregator
 from fedsafe.errors import ConfigError
+from fedsafe.fl.update_ops import clip_rows, gaussian_noise
 from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 log = logging.getLogger("fedsafe")
@@ -63,31 +64,6 @@ DP_ACCOUNTING_TESTED = ((0, 6), (0, 7))  # [low, high)
 # ------------------------------------------------------------------------------------------------
 # Clipping and noise
 # ------------------------------------------------------------------------------------------------
-
-def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale each row of ``x`` [n, d] to L2 norm <= ``clip_norm``; returns (clipped, original norms)."""
-    norms = x.norm(dim=1)
-    factors = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
-    return x * factors[:, None], norms
-
-
-def os_gaussian(numel: int) -> torch.Tensor:
-    """``numel`` standard normal samples (float64) from the OS's CSPRNG (``os.urandom``), by Box-Muller."""
-    pairs = (numel + 1) // 2
-    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53  # (0, 1]: log(u1) is finite
-    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # [0, 1)
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = 2.0 * math.pi * u2
-    return torch.from_numpy(np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:numel])
-
-
-def gaussian_noise(numel: int, std: float, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, std^2) noise [numel] (float32): from ``generator`` (seeded simulation) or, if None, from the OS."""
-    if generator is None:
-        return (os_gaussian(numel) * std).float()
-    return torch.randn(numel, generator=generator) * std
-
 
 def secret_generator() -> torch.Generator:
     """A torch generator seeded from the OS's randomness (for sampling that must not follow the public seed)."""
