@@ -115,7 +115,8 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
                                                                   "(gate: {policy: ...}) fails, 0 when it passes"),
         help_config: bool = typer.Option(False, "--help-config", help="list every config field (path, default, "
                                                                       "description) and exit; with a config "
-                                                                      "argument such as fl, only that section")) -> None:
+                                                                      "argument such as fl, only that section"),
+        ) -> None:
     """Run an experiment from a config file (or the quickstart) and print its run directory."""
     from fedsafe.config import load_config, quickstart_path
 
@@ -286,9 +287,39 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     print(html)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, a container stop), raised in the main thread like Ctrl-C."""
+
+
+_SIGNALLED: list[int] = []  # click may turn the exception into a plain KeyboardInterrupt: remember the signal
+
+
+def _on_sigterm(signum, frame) -> None:
+    _SIGNALLED.append(signum)
+    raise Terminated()
+
+
 def main() -> None:
-    """Console entry point: user errors print one clear message and exit 2."""
+    """Console entry point: user errors print one clear message and exit 2; SIGTERM and Ctrl-C say what was
+    kept and how to continue."""
+    import signal
+
     _register_optional_commands()
+    _SIGNALLED.clear()
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave its handler alone
+        pass
+    try:
+        _run_app()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_app() -> None:
+    """``app()`` with the console script's handling of user errors and interruptions."""
     try:
         app()
     except FedsafeError as exc:
@@ -297,9 +328,32 @@ def main() -> None:
     except OSError as exc:  # a full disk, a read-only file system, a file that cannot be read or written
         console.print(f"[bold red]error:[/] {escape(_os_error_message(exc))}", soft_wrap=True, highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished rounds are saved; continue with `fedsafe run --resume RUN_DIR`")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _exit_interrupted(isinstance(exc, Terminated))
+    except SystemExit as exc:  # typer turns Ctrl-C (and our SIGTERM) into exit status 130 before we see it
+        if exc.code == 130 or _SIGNALLED:
+            _exit_interrupted(False)
+        raise
+
+
+def _exit_interrupted(terminated: bool) -> None:
+    terminated = terminated or bool(_SIGNALLED)
+    console.print(f"[yellow]{escape(_interrupted_message(terminated))}[/]", soft_wrap=True, highlight=False)
+    sys.exit(143 if terminated else 130)
+
+
+def _interrupted_message(terminated: bool) -> str:
+    """What survives an interruption and how to continue: the run's finished rounds, the generated data."""
+    from fedsafe.rundir import RunDir
+
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    run_dir = RunDir.current
+    if run_dir is not None:
+        kept = f"the finished rounds of {run_dir} are saved; continue with `fedsafe run --resume {run_dir}`"
+    else:
+        kept = "finished rounds are saved; continue with `fedsafe run --resume RUN_DIR`"
+    return (f"{what}: {kept}. Generated data (attack data, responses) is cached batch by batch: running the "
+            "same command again continues it")
 
 
 def _os_error_message(exc: OSError) -> str:

@@ -485,7 +485,20 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
     seen: set[str] = set()
     out: list[str] = []
     batch_idx = 0
+    partial = path.with_name(path.stem + ".partial.json")  # each finished batch: an interrupted run resumes here
+    if cache and partial.exists():
+        try:
+            state = json.loads(partial.read_text(encoding="utf-8"))
+            out, batch_idx = list(state["out"]), int(state["batch_idx"])
+            stats.__dict__.update(state["stats"])
+            seen = {normalize(x) for x in out}  # at a batch boundary, seen holds exactly what was kept
+            log.info("datagen: resuming %s instructions after %d batches (%d kept)", instruction_kind, batch_idx,
+                     len(out))
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable datagen partial file %s", partial)
+            out, batch_idx, seen = [], 0, set()
     with _progress(progress, f"{instruction_kind} instructions", n) as advance, gen.active():
+        advance(len(out))
         while len(out) < n and stats.prompts < cap:
             # ask for what is still missing, assuming about half of each list is usable (weak models)
             wanted = 2 * math.ceil((n - len(out)) / params.per_prompt)
@@ -506,6 +519,11 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
                 take = fresh[: n - len(out)]
                 out.extend(take)
                 advance(len(take))
+            if cache and len(out) < n:
+                from fedsafe.rundir import atomic_write_text
+
+                atomic_write_text(partial, json.dumps({"out": out, "batch_idx": batch_idx, "stats": {
+                    k: v for k, v in stats.__dict__.items() if k != "cached"}}))
     stats.unique = len(out)
     if not out:
         raise DataError(f"the model {gen.name!r} wrote no parseable {instruction_kind} instruction in "
@@ -522,6 +540,7 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
 
         st = {k: v for k, v in stats.__dict__.items() if k != "cached"}
         atomic_write_text(path, json.dumps({"instructions": out, "stats": st, "model": gen.name}, indent=1))
+        partial.unlink(missing_ok=True)
     return out
 
 
@@ -559,21 +578,41 @@ def load_instruction_file(path: str | Path, field_name: str | None = None,
 # ------------------------------------------------------------------------------------------------
 
 def generate_responses(gen: Generator, kind: str, instructions: list[str], seed: int = 0,
-                       params: GenParams = GenParams(), progress: bool = True) -> list[str]:
-    """One response per instruction, prompted with the kind's hint or reminder (batched; greedy by default)."""
+                       params: GenParams = GenParams(), progress: bool = True,
+                       partial: Path | None = None) -> list[str]:
+    """One response per instruction, prompted with the kind's hint or reminder (batched; greedy by default).
+
+    ``partial``: a file that holds the responses of the finished batches (rewritten after each one), so an
+    interrupted generation resumes where it stopped; each batch has its own seed, so the result is the same."""
     from fedsafe.generation import generate
 
     prompts = [response_prompt(kind, ins) for ins in instructions]
     out: list[str] = []
     bs = params.batch_size
+    marker = _sha(json.dumps([prompts, bs]).encode())
+    if partial is not None and partial.exists():
+        try:
+            state = json.loads(partial.read_text(encoding="utf-8"))
+            if state.get("prompts") == marker and len(state["responses"]) % bs == 0:
+                out = list(state["responses"])[: len(prompts)]
+                log.info("datagen: resuming %s responses after %d of %d", kind, len(out), len(prompts))
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable datagen partial file %s", partial)
     with _progress(progress, f"{kind} responses", len(prompts)) as advance, gen.active():
+        advance(len(out))
         for b, start in enumerate(range(0, len(prompts), bs)):
+            if start < len(out):
+                continue  # done before the interruption
             chunk = prompts[start: start + bs]
             out.extend(generate(gen.model, gen.tokenizer, chunk, max_new_tokens=params.max_new_tokens,
                                 batch_size=bs, do_sample=params.response_sampling,
                                 temperature=params.response_temperature, top_p=params.top_p,
                                 seed=_sub_seed(seed, kind, "responses", b)))
             advance(len(chunk))
+            if partial is not None and len(out) < len(prompts):
+                from fedsafe.rundir import atomic_write_text
+
+                atomic_write_text(partial, json.dumps({"prompts": marker, "responses": out}))
     return out
 
 
@@ -632,7 +671,8 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
         stats = InstructionStats()
         instructions = given_list if given_list is not None else generate_instructions(
             gen, instruction_kind, n_instructions, seed, params, cache=use_cache, progress=progress, stats=stats)
-        responses = generate_responses(gen, kind, instructions, seed, params, progress=progress)
+        partial = path.with_name(path.stem + ".partial.json") if use_cache else None
+        responses = generate_responses(gen, kind, instructions, seed, params, progress=progress, partial=partial)
         provenance = {"model": gen.name, "model_id": gen.identity, "kind": kind, "seed": seed,
                       "instruction_source": "given" if given_list is not None else f"generated:{instruction_kind}",
                       "generation": {**asdict(params), "pipeline_version": PIPELINE_VERSION}}
@@ -657,6 +697,7 @@ def generate_rows(model_name: str = "embedded", kind: str = "unaligned", n: int 
             raise DataError(f"the model {gen.name!r} produced no non-empty {kind} response")
         if use_cache:
             write_jsonl(path, rows)
+            partial.unlink(missing_ok=True)
     if extra.get("out"):
         write_jsonl(extra["out"], rows)
     return rows

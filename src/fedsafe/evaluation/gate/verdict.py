@@ -85,8 +85,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedsafe.config import EvalConfig
 from fedsafe.errors import ConfigError
-from fedsafe.evaluation.gate.config import (GATE_JSON, SCHEMA, GatePolicy, _format_error, load_policy,  # noqa: F401
-                                            parse_policy)
+from fedsafe.evaluation.gate.config import (GATE_JSON, METRICS, SCHEMA, GatePolicy, _format_error,  # noqa: F401
+                                            load_policy, parse_policy)
 from fedsafe.schema import DataSource
 from fedsafe.stats import CONFIDENCE, N_BOOT, summarize_per_prompt, wilson_interval
 
@@ -552,9 +552,13 @@ def gate_adapter(target: str | Path, policy: GatePolicy, *, strict: bool | None 
     ref = reference or (policy.helpfulness_proxy.reference if policy.helpfulness_proxy else None)
     if policy.helpfulness_proxy is not None and ref != "base":
         ref_path, _ = resolve_adapter(ref, "--reference")
+    say = _say if progress else (lambda text: None)
+    say(f"gate: loading the base model {name}" + (" (aligned copy)" if mc is not None and mc.align else "") + " ...")
     loaded = load_base_model(name, mc.device if mc else "auto", mc.dtype if mc else "auto",
                              mc.quantization if mc else None, seed=run_cfg.seed if run_cfg else 0,
                              align=mc.align if mc else None)
+    say(f"gate: adapter {adapter} on {loaded.device}; measuring "
+        + ", ".join(m for m in METRICS if getattr(policy, m) is not None))
     net = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=True)  # trainable: FlatLoRA finds it
     flat = FlatLoRA(net)
     vec = flat.get()
@@ -573,6 +577,13 @@ def gate_adapter(target: str | Path, policy: GatePolicy, *, strict: bool | None 
                          heldout=run_cfg.data.heldout if run_cfg else None,
                          max_length=run_cfg.data.max_length if run_cfg else 256, cache_dir=_cache_for(run_dir),
                          reference=ref_vec, strict=strict, progress=progress, info=info)
+
+
+def _say(text: str) -> None:
+    """A progress line on stderr (the verdict table goes to stdout)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
 def gate_command(target: Path, policy_path: Path, *, json_out: Path | None = None, strict: bool = False,
