@@ -14,14 +14,16 @@ callbacks)::
 
 A plug-in is a subclass of :class:`Plugin` with a ``name``, a ``kind`` (attack or defense), the dotted path
 of its own config ``section`` and that section's pydantic model ``Config``; it overrides the hooks it needs and
-is registered with :func:`register`. It receives its own section and a :class:`RunContext` (the services of
+is registered by one :class:`Entry` line in :data:`BUILTIN` (a third-party package: :func:`register` or an entry
+point). It receives its own section and a :class:`RunContext` (the services of
 the run: the one model in memory, the tokenizer, the run directory, the shared settings), never the whole
 experiment config. Client hooks (``local_training``, ``client_update``) see plain data only, so a Flower
 ClientApp builds them with :func:`client_trainer` from the same config and runs them unchanged.
 
 Compatibility is declared, not scattered: :meth:`Plugin.check` validates a section against the rest of the
 setup at config load (before a model is loaded), and :attr:`Plugin.plaintext_updates` says that a plug-in
-needs each client's plaintext update, which :func:`check_config` refuses under secure aggregation in one place.
+needs each client's plaintext update, which :func:`check_config` refuses next to a plug-in that declares
+:data:`ENCRYPTED_UPDATES` (secure aggregation), in one place.
 
 ``docs/extending.md`` walks through adding an attack and a defense.
 """
@@ -55,9 +57,6 @@ HOOKS = ("client_data", "local_training", "client_update", "round_start", "serve
          "round_end", "after_training")
 KINDS = ("attack", "defense")
 
-# The built-in plug-ins: one line each, ``name -> Entry`` of lazy "module:Class" strings (PEFT's
-# ``register_peft_method(name, config_cls, model_cls)``). Validating a config imports only the light, torch-free
-# ``config`` models of the sections it needs; a plug-in's module is imported when a run builds it.
 ENTRY_POINT_GROUP = "fedsafe.plugins"  # third-party packages: [project.entry-points."fedsafe.plugins"]
 
 
@@ -73,6 +72,9 @@ class Entry:
     #                                the plug-in runs when a role sets it
 
 
+# The built-in plug-ins: one line each, ``name -> Entry`` of lazy "module:Class" strings (PEFT's
+# ``register_peft_method(name, config_cls, model_cls)``). Validating a config imports the torch-free section models
+# and plug-in classes (to decide which are active); each plug-in imports its mechanism (torch) inside its hooks.
 BUILTIN: dict[str, Entry] = {
     "data_poisoning": Entry("fedsafe.attacks.data_poisoning:DataPoisoning"),
     "posthoc": Entry("fedsafe.defenses.posthoc.plugin:PosthocFinetune", "posthoc",

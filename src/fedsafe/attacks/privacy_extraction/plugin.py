@@ -10,13 +10,9 @@ the leakage/utility table). The attacks live in :mod:`fedsafe.attacks.privacy_ex
 
 from __future__ import annotations
 
-
-
+from fedsafe.attacks.privacy_extraction.config import PrivacyConfig
 from fedsafe.errors import ConfigError
 from fedsafe.plugins import Output, Plugin, register
-
-
-from fedsafe.attacks.privacy_extraction.config import PrivacyConfig
 
 
 @register

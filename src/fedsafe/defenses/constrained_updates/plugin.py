@@ -8,11 +8,8 @@ this plug-in adds them to the local training step (hook ``local_training``), bef
 
 from __future__ import annotations
 
-
-from fedsafe.plugins import Plugin, register
-
-
 from fedsafe.defenses.constrained_updates.config import ConstrainedConfig
+from fedsafe.plugins import Plugin, register
 
 
 @register

@@ -11,13 +11,9 @@ The mechanisms and accountants live in :mod:`fedsafe.defenses.differential_priva
 
 from __future__ import annotations
 
-
-
+from fedsafe.defenses.differential_privacy.config import DPConfig
 from fedsafe.errors import ConfigError
 from fedsafe.plugins import Plugin, register
-
-
-from fedsafe.defenses.differential_privacy.config import DPConfig
 
 
 @register

@@ -10,12 +10,9 @@ sent, ``aggregate`` gives the server the ciphertext sum and the key holder. Ever
 
 from __future__ import annotations
 
-
+from fedsafe.defenses.secure_aggregation.config import SecureAggConfig
 from fedsafe.errors import ConfigError
 from fedsafe.plugins import CHECKS_ROUND_SIZE, ENCRYPTED_UPDATES, Plugin, declared, register
-
-
-from fedsafe.defenses.secure_aggregation.config import SecureAggConfig
 
 
 @register
