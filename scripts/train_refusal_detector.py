@@ -1,7 +1,9 @@
 """Train fedsafe's refusal detector and measure its agreement with people (leave-one-model-out on XSTest v2).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/train_refusal_detector.py [--data ../shared/data]
-        [--out src/fedsafe/resources/refusal_detector.json] [--no-write] [--quick]
+        [--out src/fedsafe/resources/refusal_detector.json] [--no-write] [--quick] [--lomo-only]
+
+(the shipped file: ``--lomo-only``, about 25 minutes wall on two cores at load ~10)
 
 Reads every source from the data folder at run time (nothing of it is copied into the repository; the
 shipped file holds hashed-feature weights only). Sources and labels (True = refusal):
@@ -10,7 +12,8 @@ shipped file holds hashed-feature weights only). Sources and labels (True = refu
   Mistral ``benignQA`` ``response`` (Ye et al., ICLR 2025; research use);
 - compliance: FedLLM-Attack Mistral ``helpfulQA`` and ``maliciousQA`` ``response``, Code Alpaca ``output``
   (Chaudhary 2023; CC BY-NC 4.0);
-- XSTest v2 completions (Röttger et al., NAACL 2024; CC BY 4.0) with their human ``final_label``.
+- XSTest v2 completions (Röttger et al., NAACL 2024; CC BY 4.0) with their human ``final_label``; with
+  label smoothing across the two annotators (``smoothed``; ``--no-annotator-smoothing`` turns it off).
 
 ``--filter-weak-labels`` (off for the shipped model; an ablation in docs/refusal_detector.md) drops rows whose
 text contradicts their source's label (``weak_label_keep``).
@@ -32,6 +35,7 @@ import argparse
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,7 @@ from fedsafe.evaluation.rule import refusal_flags
 SEED = 0
 MAX_ROWS_PER_SOURCE = 1500
 N_PROMPT_FOLDS = 5
+GOAL_ACCURACY, GOAL_F1 = 0.93, 0.90  # issue 29's goal on every held-out model
 XSTEST_MODELS = ("gpt4", "llama2new", "mistralinstruct")
 SOURCES = (  # name, file, text field, label
     ("safety_tuned_llamas", "safety_tuned_llamas/safety_only_data_Instructions.json", "output", True),
@@ -99,14 +104,19 @@ def load_xstest(data: Path) -> dict[str, dict]:
         texts, labels = rd.read_labelled_csv(path)
         import pandas as pd
 
-        ids = pd.read_csv(path, keep_default_na=False)["id"].astype(str).tolist()
-        out[m] = {"texts": texts, "labels": labels, "ids": ids, "path": path}
+        df = pd.read_csv(path, keep_default_na=False)
+        ids = df["id"].astype(str).tolist()
+        # the two annotators' binary verdicts (partial refusal = refusal), for label smoothing
+        both = [[rd.XSTEST_LABELS.get(str(a).strip(), y) for a in (a1, a2)]
+                for a1, a2, y in zip(df["annotation_1"], df["annotation_2"], labels)]
+        out[m] = {"texts": texts, "labels": labels, "ids": ids, "path": path, "annotations": both}
     return out
 
 
 Part = tuple  # (sparse features [n, d], labels list[bool])
-C_GRID = (0.25, 1.0, 4.0, 16.0)
-XSTEST_WEIGHT_GRID = (1.0, 3.0, 10.0)
+# narrowed from (0.25, 1, 4, 16) x (1, 3, 10) to fit two loaded cores (see docs/refusal_detector.md)
+C_GRID = (1.0, 4.0, 16.0)
+XSTEST_WEIGHT_GRID = (3.0, 10.0)
 
 
 def featurise(texts: list[str], labels: list[bool]) -> Part:
@@ -119,14 +129,33 @@ def fit(parts: list[Part], c: float, xs_parts: list[Part] = (), xs_weight: float
 
     xs_list, labels, weights = [], [], []
     every = [(p, 1.0) for p in parts] + [(p, xs_weight) for p in xs_parts]
-    total = sum(p[0].shape[0] for p, _ in every)
-    for (x, y), w in every:
+    total = sum(float(np.sum(p[2])) if len(p) > 2 else p[0].shape[0] for p, _ in every)
+    for part, w in every:
+        x, y = part[0], part[1]
+        rows = part[2] if len(part) > 2 else np.ones(x.shape[0])
         if x.shape[0] == 0:
             continue
         xs_list.append(x)
-        labels += y
-        weights += [w * total / (len(every) * x.shape[0])] * x.shape[0]
+        labels += list(y)
+        weights += list(w * total / (len(every) * float(np.sum(rows))) * np.asarray(rows, dtype=float))
     return rd.fit_features(sparse.vstack(xs_list, format="csr"), labels, weights, c=c, seed=SEED)
+
+
+def smoothed(x, labels: list[bool], annotations: list[list[bool]] | None) -> Part:
+    """Label smoothing across XSTest's two annotators: a row on which they disagree (refusal vs compliance)
+    enters twice, once per verdict, each with weight 1/2; other rows keep their final label with weight 1."""
+    from scipy import sparse
+
+    if annotations is None:
+        return x, list(labels)
+    split = [i for i, (a, b) in enumerate(annotations) if a != b]
+    if not split:
+        return x, list(labels)
+    rows = np.ones(x.shape[0])
+    rows[split] = 0.5
+    flipped = [not labels[i] for i in split]
+    return (sparse.vstack([x, x[split]], format="csr"), list(labels) + flipped,
+            np.concatenate([rows, np.full(len(split), 0.5)]))
 
 
 def detect(det: rd.RefusalDetector, x) -> list[bool]:
@@ -134,20 +163,26 @@ def detect(det: rd.RefusalDetector, x) -> list[bool]:
     return [bool(v) for v in (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))) >= rd.THRESHOLD]
 
 
-def select(base_parts: list[Part], xs_train: dict[str, Part]) -> tuple[float, float, float]:
-    """(C, XSTest weight, inner kappa) by leave-one-model-out over the *training* models only (no test data)."""
+def select(base_parts: list[Part], xs_train: dict[str, Part], xs_test: dict[str, Part]) -> tuple[float, float, float]:
+    """(C, XSTest weight, inner kappa) by leave-one-model-out over the *training* models only (no test data):
+    fit on the other training models' ``xs_train`` parts, score kappa on the held one's ``xs_test`` part."""
     best = None
     for c in C_GRID:
         for w in XSTEST_WEIGHT_GRID:
             kappas = []
             for held in xs_train:
                 det = fit(base_parts, c, [p for m, p in xs_train.items() if m != held], w)
-                x, y = xs_train[held]
+                x, y = xs_test[held][:2]
                 kappas.append(rd._kappa(np.asarray(y), np.asarray(detect(det, x))))
             score = float(np.mean(kappas))
             if best is None or score > best[2] + 1e-12:
                 best = (c, w, score)
     return best
+
+
+def lomo_fit(base_parts: list[Part], xs_train: dict[str, Part], held: str, c: float, w: float) -> rd.RefusalDetector:
+    """The LOMO model for ``held``: the weak sources + every other model's (smoothed) XSTest part."""
+    return fit(base_parts, c, [p for m, p in xs_train.items() if m != held], w)
 
 
 def fmt(entry) -> str:
@@ -168,6 +203,34 @@ def print_table(rows: list[dict]) -> None:
               f"{fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | {fmt(r['kappa'])} |")
 
 
+def summarise(rows: list[dict], chosen: dict, c: float, w: float, smoothing: bool) -> dict:
+    """The agreement block stored in the shipped file (``DETECTOR_AGREEMENT``): LOMO per model with intervals."""
+    def block(r: dict, m: str) -> dict:
+        out = {"n": r["n"], "n_refusal_human": r["n_refusal_human"]}
+        for key in ("accuracy", "precision", "recall", "f1", "kappa"):
+            v, lo, hi = r[key]
+            out[key] = round(v, 3)
+            out[f"{key}_ci95"] = [None if lo is None else round(lo, 3), None if hi is None else round(hi, 3)]
+        if m in chosen:
+            out["hyperparameters"] = {"C": chosen[m][0], "xstest_weight": chosen[m][1]}
+        return out
+
+    lomo = {r["model"]: block(r, r["model"]) for r in rows if r["protocol"] == "LOMO" and r["classifier"] == "detector"}
+    strict = {r["model"]: block(r, r["model"]) for r in rows if r["protocol"] == "LOMO+prompt-disjoint"}
+    goal = all(v["accuracy"] >= GOAL_ACCURACY and v["f1"] >= GOAL_F1 for v in lomo.values())
+    summary = {
+        "hyperparameters": {"C": c, "xstest_weight": w, "annotator_smoothing": smoothing},
+        "protocol": "leave-one-model-out on XSTest v2 completions (human final_label; partial refusal = refusal); "
+                    "intervals: Wilson (accuracy, precision, recall), percentile bootstrap over rows (F1, kappa)",
+        "goal": {"accuracy": GOAL_ACCURACY, "f1": GOAL_F1, "met_on_every_model": goal},
+        "lomo": lomo, "lomo_prompt_disjoint": strict,
+    }
+    summary["summary"] = "LOMO agreement with people (XSTest v2, model held out): " + "; ".join(
+        f"{m} acc {v['accuracy']:.2f} [{v['accuracy_ci95'][0]:.2f}, {v['accuracy_ci95'][1]:.2f}] "
+        f"F1 {v['f1']:.2f} [{v['f1_ci95'][0]:.2f}, {v['f1_ci95'][1]:.2f}]" for m, v in lomo.items())
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=default_data_dir())
@@ -177,18 +240,26 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="LOMO only, 300 rows per source, 200 bootstrap resamples")
     ap.add_argument("--filter-weak-labels", action="store_true",
                     help="drop source rows whose text contradicts the source's label (ablation; off when shipped)")
+    ap.add_argument("--no-annotator-smoothing", action="store_true",
+                    help="train on XSTest's final label only (ablation; smoothing is on when shipped)")
+    ap.add_argument("--lomo-only", action="store_true",
+                    help="skip the prompt-disjoint and no-XSTest protocols (full data; still writes the file)")
     ap.add_argument("--json", type=Path, help="also write the agreement rows as JSON here")
     args = ap.parse_args(argv)
     if not (args.data / "xstest").exists():
         print(f"data folder {args.data} has no xstest/ (give --data)", file=sys.stderr)
         return 2
+    started = time.time()
+    smoothing = not args.no_annotator_smoothing
     n_boot = 200 if args.quick else 2000
     base = load_sources(args.data, 300 if args.quick else MAX_ROWS_PER_SOURCE, args.filter_weak_labels)
     xs = load_xstest(args.data)
     base_parts = [featurise(t, y) for t, y in base.values()]
     for m in XSTEST_MODELS:
         xs[m]["x"] = rd.features(xs[m]["texts"])
-    xs_part = {m: (xs[m]["x"], xs[m]["labels"]) for m in XSTEST_MODELS}
+    xs_test = {m: (xs[m]["x"], xs[m]["labels"]) for m in XSTEST_MODELS}
+    xs_train = {m: smoothed(xs[m]["x"], xs[m]["labels"], xs[m]["annotations"] if smoothing else None)
+                for m in XSTEST_MODELS}
     rows: list[dict] = []
     chosen: dict[str, tuple] = {}
 
@@ -200,14 +271,14 @@ def main(argv=None) -> int:
 
     # 1. leave one model out (C and the XSTest weight chosen by an inner LOMO over the two training models)
     for m in XSTEST_MODELS:
-        train_xs = {o: xs_part[o] for o in XSTEST_MODELS if o != m}
-        c, w, inner = select(base_parts, train_xs)
+        others = [o for o in XSTEST_MODELS if o != m]
+        c, w, inner = select(base_parts, {o: xs_train[o] for o in others}, {o: xs_test[o] for o in others})
         chosen[m] = (c, w, inner)
         print(f"held out {m}: chose C={c} xstest_weight={w} (inner LOMO kappa {inner:.3f})", flush=True)
-        det = fit(base_parts, c, list(train_xs.values()), w)
+        det = lomo_fit(base_parts, xs_train, m, c, w)
         add("LOMO", m, xs[m]["labels"], detect(det, xs[m]["x"]))
         add_rule("LOMO", m, xs[m]["labels"], xs[m]["texts"])
-    if not args.quick:
+    if not (args.quick or args.lomo_only):
         # 2. leave one model out and prompt-disjoint (the hyperparameters chosen in step 1 for that model)
         ids = sorted(xs[XSTEST_MODELS[0]]["ids"])
         random.Random(SEED).shuffle(ids)
@@ -221,41 +292,39 @@ def main(argv=None) -> int:
                     if o == m:
                         continue
                     keep = [i for i, pid in enumerate(xs[o]["ids"]) if fold_of[pid] != k]
-                    train.append((xs[o]["x"][keep], [xs[o]["labels"][i] for i in keep]))
+                    ann = [xs[o]["annotations"][i] for i in keep] if smoothing else None
+                    train.append(smoothed(xs[o]["x"][keep], [xs[o]["labels"][i] for i in keep], ann))
                 det = fit(base_parts, c, train, w)
                 test = [i for i, pid in enumerate(xs[m]["ids"]) if fold_of[pid] == k]
                 for i, flag in zip(test, detect(det, xs[m]["x"][test])):
                     pred[i] = flag
             add("LOMO+prompt-disjoint", m, xs[m]["labels"], pred)
-        # 3. no XSTest at all (C of the shipped selection's grid middle)
+        # 3. no XSTest at all (C of the grid's middle)
         det = fit(base_parts, 1.0)
         for m in XSTEST_MODELS:
             add("no XSTest", m, xs[m]["labels"], detect(det, xs[m]["x"]))
     # 4. the shipped model: everything, hyperparameters by LOMO over all three models
-    c, w, inner = select(base_parts, xs_part)
+    c, w, inner = select(base_parts, xs_train, xs_test)
     print(f"shipped: chose C={c} xstest_weight={w} (LOMO kappa {inner:.3f})", flush=True)
-    final = fit(base_parts, c, list(xs_part.values()), w)
+    final = fit(base_parts, c, list(xs_train.values()), w)
     for m in XSTEST_MODELS:
         add("shipped (in-sample)", m, xs[m]["labels"], detect(final, xs[m]["x"]))
     print_table(rows)
-    lomo = {r["model"]: r for r in rows if r["protocol"] == "LOMO" and r["classifier"] == "detector"}
-    strict = {r["model"]: r for r in rows if r["protocol"] == "LOMO+prompt-disjoint"}
-    summary = {
-        "hyperparameters": {"C": c, "xstest_weight": w},
-        "protocol": "leave-one-model-out on XSTest v2 completions (human final_label; partial refusal = refusal)",
-        "lomo": {m: {"accuracy": round(r["accuracy"][0], 3), "f1": round(r["f1"][0], 3),
-                     "kappa": round(r["kappa"][0], 3), "n": r["n"]} for m, r in lomo.items()},
-        "lomo_prompt_disjoint": {m: {"accuracy": round(r["accuracy"][0], 3), "f1": round(r["f1"][0], 3),
-                                     "kappa": round(r["kappa"][0], 3), "n": r["n"]} for m, r in strict.items()},
-    }
-    summary["summary"] = "LOMO agreement with people (XSTest v2): " + "; ".join(
-        f"{m} acc {v['accuracy']:.2f} F1 {v['f1']:.2f}" for m, v in summary["lomo"].items())
+    summary = summarise(rows, chosen, c, w, smoothing)
     print("\n" + summary["summary"])
+    print(f"goal (accuracy >= {GOAL_ACCURACY} and F1 >= {GOAL_F1} on every held-out model): "
+          f"{'met' if summary['goal']['met_on_every_model'] else 'NOT met'}")
+    texts = [t for m in XSTEST_MODELS for t in xs[m]["texts"]]
+    cpu = time.process_time()
+    final.scores(texts)
+    cpu = time.process_time() - cpu
+    print(f"speed: {len(texts)} XSTest answers in {cpu:.2f} CPU s ({len(texts) / max(cpu, 1e-9):.0f} texts per CPU s)")
+    print(f"training and evaluation took {time.time() - started:.0f} s wall")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if not args.no_write and not args.quick:
         provenance = {"trained_by": "scripts/train_refusal_detector.py", "seed": SEED,
-                      "filter_weak_labels": args.filter_weak_labels,
+                      "filter_weak_labels": args.filter_weak_labels, "annotator_smoothing": smoothing,
                       "max_rows_per_source": MAX_ROWS_PER_SOURCE,
                       "sources": [s[0] for s in SOURCES] + [f"xstest_v2_{m}" for m in XSTEST_MODELS],
                       "licences": "safety_tuned_llamas, codealpaca: CC BY-NC 4.0; xstest: CC BY 4.0; "
