@@ -232,3 +232,46 @@ def test_pipeline_streams_round_client_eval_and_dp_records(tmp_path, test_seed):
     got = _event_scalars(run_dir / "tensorboard")
     assert set(got) == set(want)
     assert all(math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-30) for k, v in want.items())
+
+
+def test_tensorboard_hparams_panel_and_mlflow_artifacts_and_quiet_logs(tmp_path, caplog):
+    """Issue 34 item 7: TensorBoard gets an HPARAMS entry (config settings against the last run-level values);
+    MLflow gets the report, plots and adapters as artifacts, and its store's INFO lines stay out of the console."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir.create(tmp_path, "tb")
+    run.start_tracking(TrackingConfig(backend="tensorboard"), {"seed": 0, "fl": {"rounds": 2}})
+    for rec in RECORDS:
+        run.log(rec)
+    run.close_tracking()
+    hparam_tags = set()
+    for folder in {f.parent for f in (run.path / "tensorboard").rglob("events.out.tfevents.*")}:
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        try:
+            hparam_tags |= set(acc.PluginTagToContent("hparams"))
+        except KeyError:  # this event file has no hparams plug-in data
+            pass
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= hparam_tags
+
+    ml = RunDir.create(tmp_path, "ml")
+    for name in ("config.yaml", "report.md", "report.html", "results.csv"):
+        (ml.path / name).write_text("x\n")
+    (ml.path / "plots").mkdir()
+    (ml.path / "plots" / "loss.png").write_bytes(b"png")
+    (ml.path / "adapters" / "final").mkdir(parents=True)
+    (ml.path / "adapters" / "final" / "adapter_config.json").write_text("{}")
+    with caplog.at_level(logging.INFO):
+        ml.start_tracking(TrackingConfig(backend="mlflow", project="proj"), {"seed": 0})
+        ml.log(RECORDS[0])
+        run_id = ml.tracker.run_id
+        ml.close_tracking()
+    assert not [r for r in caplog.records if r.name.startswith(("alembic", "mlflow")) and r.levelno < logging.WARNING]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.md", "report.html", "results.csv", "plots", "adapters"} <= top
+    assert {a.path for a in client.list_artifacts(run_id, "adapters/final")} == {"adapters/final/adapter_config.json"}
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss.png"}

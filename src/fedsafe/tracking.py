@@ -108,14 +108,22 @@ class TensorBoardTracker(Tracker):
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
         self.writer.flush()
+        self.config = config
+        self.last: dict[str, float] = {}  # the latest value of each run-level scalar: the HPARAMS panel's metrics
 
     def log(self, record: dict) -> None:
         step, scalars = record_scalars(record)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
+            if not tag.startswith("client/"):
+                self.last[tag] = value
         self.writer.flush()  # records are few (one per client and round): make each visible at once
 
     def close(self) -> None:
+        """Write the HPARAMS panel (the config's scalar settings against the run's last values), then close."""
+        hparams = {k: v for k, v in _flat_config(self.config).items() if len(v) <= 100}
+        if hparams and self.last:
+            self.writer.add_hparams(hparams, {f"hparams/{k}": v for k, v in self.last.items()}, run_name="hparams")
         self.writer.close()
 
 
@@ -127,6 +135,8 @@ class MLflowTracker(Tracker):
     def __init__(self, run_dir: Path, config: dict, project: str, uri: str | None):
         from mlflow.tracking import MlflowClient
 
+        for noisy in ("mlflow", "alembic"):  # the SQLite store's migrations print INFO lines into the run's console
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         run_dir = Path(run_dir).resolve()
         self.run_dir = run_dir
         self.uri = uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
@@ -164,9 +174,16 @@ class MLflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def close(self) -> None:
-        for name in ("config.yaml", "env.json", "metrics.jsonl"):
+        """Upload the run's files as artifacts (config, metrics, results, report, plots, the final and post-hoc
+        adapters), then mark the run finished."""
+        for name in ("config.yaml", "env.json", "metrics.jsonl", "results.csv", "report.md", "report.html",
+                     "gate.json"):
             if (self.run_dir / name).exists():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        for folder, where in (("plots", "plots"), ("adapters/final", "adapters/final"),
+                              ("adapters/posthoc", "adapters/posthoc")):
+            if (self.run_dir / folder).is_dir():
+                self.client.log_artifacts(self.run_id, str(self.run_dir / folder), artifact_path=where)
         self.client.set_terminated(self.run_id)
 
 
