@@ -111,3 +111,12 @@ def test_info_is_short_and_json_is_the_full_dump(monkeypatch, capsys, tmp_path):
     data = json.loads(out)
     assert data["base_model"] == {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "local_path": str(model_dir)}
     assert data["embedded_cached"] is True and "installed" in data and "found" in data["data_dir"]
+
+
+def test_unknown_gate_policy_field_suggests_the_field():
+    from fedsafe.evaluation.gate.config import parse_policy
+
+    with pytest.raises(ConfigError, match=r"rule\.minimum: unknown field; did you mean rule\.min\?"):
+        parse_policy({"rule": {"minimum": 0}}, "policy.yaml")
+    with pytest.raises(ConfigError, match=r"over_refusal\.min_count: unknown field; did you mean over_refusal\.min_n\?"):
+        parse_policy({"over_refusal": {"max": 10, "min_count": 5}}, "policy.yaml")

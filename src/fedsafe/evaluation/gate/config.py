@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsafe.errors import ConfigError
+from fedsafe.errors import ConfigError, did_you_mean, field_paths
 from fedsafe.schema import DataSource
 
 # fewest outcomes a metric needs before the gate lets it decide (a policy sets min_n per metric): 8 prompts at
@@ -123,7 +123,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid gate policy ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        msg = ("unknown field" + did_you_mean(loc, field_paths(GatePolicy)) if e["type"] == "extra_forbidden"
+               else e["msg"].removeprefix("Value error, "))
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
