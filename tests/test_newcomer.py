@@ -118,5 +118,6 @@ def test_unknown_gate_policy_field_suggests_the_field():
 
     with pytest.raises(ConfigError, match=r"rule\.minimum: unknown field; did you mean rule\.min\?"):
         parse_policy({"rule": {"minimum": 0}}, "policy.yaml")
-    with pytest.raises(ConfigError, match=r"over_refusal\.min_count: unknown field; did you mean over_refusal\.min_n\?"):
+    with pytest.raises(ConfigError, match=r"over_refusal\.min_count: unknown field; "
+                                          r"did you mean over_refusal\.min_n\?"):
         parse_policy({"over_refusal": {"max": 10, "min_count": 5}}, "policy.yaml")

@@ -273,5 +273,6 @@ def test_tensorboard_hparams_panel_and_mlflow_artifacts_and_quiet_logs(tmp_path,
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"report.md", "report.html", "results.csv", "plots", "adapters"} <= top
-    assert {a.path for a in client.list_artifacts(run_id, "adapters/final")} == {"adapters/final/adapter_config.json"}
+    final = {a.path for a in client.list_artifacts(run_id, "adapters/final")}
+    assert final == {"adapters/final/adapter_config.json"}
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss.png"}
