@@ -324,6 +324,9 @@ def plot_loss(records: list[dict], path: Path, label: str | None = None, ax=None
         for role, per_round in sorted(by_role.items()):
             xs = sorted(per_round)
             ax.plot(xs, [sum(per_round[x]) / len(per_round[x]) for x in xs], "--", marker=".", label=role)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel("training loss")
     ax.set_title(f"Client training loss{f' ({label})' if label else ''}")
@@ -459,7 +462,11 @@ def plot_weights(records: list[dict], path: Path) -> Path | None:
         grid[ids.index(r["client_id"]), rounds.index(r["round"])] = r["aggregation_weight"]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(rounds) + 2), max(2.5, 0.3 * len(ids) + 1)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    # from 0 to the largest weight: equal weights (FedAvg's 0.5, 0.5) are one colour on a 0-0.5 bar, not a
+    # 0.46-0.54 range of rounding noise
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0,
+                   vmax=top if top > 0 else 1.0)
     ax.set_yticks(range(len(ids)), [f"{c}{' *' if mal[c] else ''}" for c in ids], fontsize=7)
     ax.set_xticks(range(len(rounds)), [str(r) for r in rounds], fontsize=7)
     ax.set_xlabel("round")
@@ -642,8 +649,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             p = None
         if p is not None:
             images.append((title, p))
-    if not is_grid:
-        images += [(f"Stealth: {p.stem}", p) for p in _stealth_plots(run_dir)]
+    if not is_grid and any(r.get("type") == "client" and r.get("malicious") for r in records):
+        # stealth compares attackers with benign clients: a run without attackers has nothing to show
+        images += [(f"Stealth: {p.stem.replace('_', ' ')}", p) for p in _stealth_plots(run_dir)]
     header, body = results_table(rows, groups=groups)
     title = f"fedsafe report: {run_dir.name}"
     md = [f"# {title}", "", "## Summary", "", *(summary or ["(no config found)"]), "", "## Results", ""]
