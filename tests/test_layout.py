@@ -30,7 +30,6 @@ CORE = ["config.py", "pipeline.py", "grid.py", "report.py", "results.py", "plugi
 # What remains, (file, name): the list may only shrink, as KNOWN_CYCLES
 KNOWN_NAMES = {
     ("grid.py", "posthoc"),  # defend_trained replays the post-hoc defense on a trained run (grid's second pipeline)
-    ("fl/loop.py", "secure_agg"),  # the ciphertext bytes a client sent, read from its result's extra
     ("engines/flower.py", "secure_agg"),  # deployment keys and key holders
     ("engines/flower_cli.py", "secure_agg"),
     ("engines/worker.py", "secure_agg"),

@@ -144,8 +144,9 @@ def _lora_record(server: Server, lora, rc, results, stats: dict) -> dict:
            "aggregation_error": stats.get("aggregation_error")}
     if "aggregation_error_factors" in stats:
         out["aggregation_error_factors"] = stats["aggregation_error_factors"]
-    cipher = [sum(len(c) for c in (r.extra.get("secure_agg") or {}).get("ciphertexts", []))
-              for r in results if isinstance(r.extra.get("secure_agg"), dict)]
+    # an encrypted update travels as a mapping with its "ciphertexts" in the result's extra (secure aggregation)
+    cipher = [sum(len(c) for c in payload["ciphertexts"]) for r in results for payload in r.extra.values()
+              if isinstance(payload, dict) and isinstance(payload.get("ciphertexts"), list)]
     if cipher:
         out["bytes_per_client"], out["bytes_kind"] = sum(cipher) / len(cipher), "ciphertext"
     elif lora is not None:
