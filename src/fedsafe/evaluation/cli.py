@@ -1,5 +1,6 @@
 """``fedsafe eval``: evaluate one adapter (or the base model) on harmful prompts and held-out answers;
-``fedsafe eval refusal-agreement``: how well the refusal detector and the Rule list agree with human labels."""
+``fedsafe eval refusal-agreement``: how well the refusal detector and the Rule list agree with human labels;
+``fedsafe eval export``: a run's safety evaluation as lm-evaluation-harness or inspect-ai tasks."""
 
 from __future__ import annotations
 
@@ -169,6 +170,29 @@ def refusal_agreement_command(
         json_out.write_text(json.dumps(rows, indent=2))
 
 
+def export_command(
+    run_dir: Path = typer.Argument(..., help="a run directory (holds config.yaml and outcomes.jsonl)"),
+    fmt: str = typer.Option(..., "--format", help="lm-eval (lm-evaluation-harness task YAML) | inspect (inspect-ai "
+                                                  "task file)"),
+    out: Path = typer.Option(..., "--out", help="folder to write the prompts, tasks and outcomes.jsonl into"),
+) -> None:
+    """Export the run's safety evaluation (its prompt sets, generation length and per-prompt outcomes) as
+    lm-evaluation-harness or inspect-ai tasks, to compare the run with those harnesses."""
+    from fedsafe.evaluation.export import export_eval
+
+    summary = export_eval(run_dir, fmt, out)
+    console.print(", ".join(f"{name}: {n} prompts" for name, n in summary["sets"].items()))
+    for f in summary["files"]:
+        print(f)
+    if fmt == "lm-eval":
+        console.print(f"run: lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER --include_path {out} "
+                      f"--tasks {','.join('fedsafe_' + n for n in summary['sets'])} --apply_chat_template "
+                      "--log_samples --output_path RESULTS")
+    else:
+        console.print(f"run: inspect eval {out / 'fedsafe_tasks.py'} --model hf/BASE")
+
+
 eval_app = typer.Typer(help="Evaluate an adapter (options below) or run a subcommand.", add_completion=False)
 eval_app.callback(invoke_without_command=True)(eval_command)
 eval_app.command(name="refusal-agreement")(refusal_agreement_command)
+eval_app.command(name="export")(export_command)
