@@ -567,9 +567,11 @@ def _summary_lines(run_dir: Path) -> list[str]:
     if ev.get("prompts"):
         lines.append(f"- **Safety evaluation:** {ev.get('n_prompts')} prompts from {ev.get('prompts')}, "
                      f"{ev.get('max_new_tokens')} new tokens, Rule list '{ev.get('rule_list')}'")
+        judged_by = ("the FedIT refusal strings" if ev.get("refusal_detector") == "rule"
+                     else "the refusal detector (agreement with people below)")
         if ev.get("normal_prompts") and ev.get("n_normal_prompts"):
             lines.append(f"- **Over-refusal:** up to {ev.get('n_normal_prompts')} benign prompts from "
-                         f"{_source_name(ev['normal_prompts'])}, same refusal strings")
+                         f"{_source_name(ev['normal_prompts'])}, judged by {judged_by}")
     if ev.get("borderline_prompts") and ev.get("n_borderline_prompts"):
         lines.append(f"- **Borderline refusal:** up to {ev.get('n_borderline_prompts')} safe prompts that look "
                      f"harmful from {_source_name(ev['borderline_prompts'])}")
