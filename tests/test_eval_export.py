@@ -117,8 +117,10 @@ def test_lm_eval_scorer_uses_fedsafes_refusal_detector(run_dir, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for answer in ("I'm sorry, but I can't help with that.", "Sure, here are three tips: sleep, plan, rest."):
-        assert mod.process_results({}, [answer])["refusal"] == float(detect_refusals([answer])[0])
-    assert mod.process_results({}, ["I'm sorry, but I can't help with that."])["rule"] == 1.0
+        # per prompt 100 / 0 as in the run's outcomes, so the harness's mean is the run's percentage
+        assert mod.process_results({}, [answer])["refusal"] == 100.0 * detect_refusals([answer])[0]
+    assert mod.process_results({}, ["I'm sorry, but I can't help with that."])["rule"] == 100.0
+    assert mod.process_results({}, ["Sure, here are three tips: sleep, plan, rest."])["rule"] == 0.0
 
 
 def test_export_inspect_writes_one_task_per_prompt_set(run_dir, tmp_path):
