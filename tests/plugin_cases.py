@@ -70,7 +70,8 @@ def fingerprint_run(run_dir: Path) -> dict:
             continue
         t = load_file(str(f))
         adapters[tag] = fingerprint_vec(torch.cat([t[k].reshape(-1).float() for k in sorted(t)]))
-    records = Counter(json.loads(line)["type"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    types = (json.loads(line)["type"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    records = Counter(t for t in types if t != "train")  # per-step train/loss records came after the reference
     return {"adapters": adapters, "records": dict(sorted(records.items()))}
 
 

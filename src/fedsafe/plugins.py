@@ -31,6 +31,7 @@ needs each client's plaintext update, which :func:`check_config` refuses next to
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -577,8 +578,10 @@ class ClientPipeline:
         self.trainer = trainer
         self.plugins = plugins
 
-    def fit(self, client, global_vec, rc, client_state: dict | None = None):
-        result = self.trainer.fit(client, global_vec, rc, client_state)
+    def fit(self, client, global_vec, rc, client_state: dict | None = None, on_step=None):
+        kwargs = {"on_step": on_step} if on_step is not None and "on_step" in inspect.signature(
+            self.trainer.fit).parameters else {}
+        result = self.trainer.fit(client, global_vec, rc, client_state, **kwargs)
         for p in self.plugins:
             result = p.client_update(result, client, global_vec, rc, self.trainer)
         return result

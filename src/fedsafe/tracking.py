@@ -9,8 +9,9 @@ Each record becomes scalars at step ``record["round"]``. The tag is the record's
 keys that say whose numbers they are (``client_id``, ``method``, ``defense``), then the field, with nested
 dicts flattened: a client record ``{"type": "client", "round": 2, "client_id": "c3", "loss": 1.2}`` gives
 ``client/c3/loss = 1.2`` at step 2; an eval record ``{"type": "eval", "method": "fedavg", "defense": "none",
-"rule": 0.9}`` gives ``eval/fedavg/none/rule``. Strings, lists and booleans are not scalars and are skipped
-(they stay in metrics.jsonl).
+"rule": 0.9}`` gives ``eval/fedavg/none/rule``. A ``train`` record (the clients' mean loss after each local step)
+gives ``train/loss`` at its ``step``, the local step counted over the rounds. Strings, lists and booleans are
+not scalars and are skipped (they stay in metrics.jsonl).
 
 Offline by default: TensorBoard event files go to ``<run_dir>/tensorboard``; MLflow writes to a SQLite store
 ``<output_dir>/mlflow.db`` beside the run directories (one store for all runs, so ``mlflow ui`` compares
@@ -52,10 +53,10 @@ def missing_package_message(backend: str) -> str | None:
 def record_scalars(record: dict) -> tuple[int, dict[str, float]]:
     """(step, {tag: value}) of one metrics record; see the module docstring for the naming."""
     kind = str(record.get("type", "record"))
-    step = record.get("round", 0)
+    step = record.get("step", record.get("round", 0))  # a per-step train record counts local steps
     step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
     prefix = "/".join([kind] + [_tag_part(record[k]) for k in IDENTITY_KEYS if record.get(k) is not None])
-    skip = {"type", "round", "seed", *IDENTITY_KEYS}
+    skip = {"type", "round", "step", "local_step", "seed", *IDENTITY_KEYS}
     return step, dict(_flatten(prefix, {k: v for k, v in record.items() if k not in skip}))
 
 

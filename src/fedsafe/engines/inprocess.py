@@ -7,6 +7,8 @@ why, and the round record carries it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig
@@ -55,22 +57,25 @@ class InProcessEngine:
         return self.trainer, []
 
     def fit(self, client_ids: list[str], global_vec: torch.Tensor, rc: RoundConfig,
-            on_result=None) -> list[ClientResult]:
-        """Train each listed client from ``global_vec``; ``on_result`` is called after each one."""
+            on_result=None, on_step=None) -> list[ClientResult]:
+        """Train each listed client from ``global_vec``; ``on_result`` is called after each one, ``on_step(client_id,
+        step, loss)`` after each local optimizer step where the trainer reports steps (progress only)."""
         reason = self.why_sequential(client_ids, rc)
         self.training_path = {"training_path": "sequential" if reason else "batched", "training_path_reason": reason}
         if reason is None:
-            return self._fit_batched(client_ids, global_vec, rc, on_result)
+            return self._fit_batched(client_ids, global_vec, rc, on_result, on_step)
+        steps = on_step is not None and "on_step" in inspect.signature(self.trainer.fit).parameters
         results = []
         for cid in client_ids:
             state = self.client_states.setdefault(cid, {})
-            res = self.trainer.fit(self.clients[cid], global_vec, rc, state)
+            kwargs = {"on_step": lambda step, loss, cid=cid: on_step(cid, step, loss)} if steps else {}
+            res = self.trainer.fit(self.clients[cid], global_vec, rc, state, **kwargs)
             results.append(res)
             if on_result is not None:
                 on_result(res)
         return results
 
-    def _fit_batched(self, client_ids, global_vec, rc, on_result) -> list[ClientResult]:
+    def _fit_batched(self, client_ids, global_vec, rc, on_result, on_step=None) -> list[ClientResult]:
         from fedsafe.fl.batched import BatchedTrainer
 
         trainer, hooks = self._inner()
@@ -85,7 +90,7 @@ class InProcessEngine:
                 on_result(result)
             return result
 
-        return BatchedTrainer(trainer).fit_many(clients, global_vec, rc, after_each=after_each)
+        return BatchedTrainer(trainer).fit_many(clients, global_vec, rc, after_each=after_each, on_step=on_step)
 
     def state_dict(self) -> dict:
         return {cid: dict(s) for cid, s in self.client_states.items()}

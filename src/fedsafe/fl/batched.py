@@ -276,15 +276,16 @@ class BatchedTrainer:
         self.pad_id = trainer.pad_id
 
     def fit_many(self, clients: list[ClientData], global_vec: torch.Tensor, rc: RoundConfig,
-                 after_each=None) -> list[ClientResult]:
+                 after_each=None, on_step=None) -> list[ClientResult]:
         """Train ``clients`` from ``global_vec`` together; ``after_each(k, result)`` runs for each client in
-        order with the global RNG as the sequential path leaves it after that client (client_update hooks)."""
+        order with the global RNG as the sequential path leaves it after that client (client_update hooks);
+        ``on_step(client_id, step, loss)`` after each shared optimizer step, for each client (progress only)."""
         check_base_residual(self.model, rc)
         layers = _lora_layers(self.model)
         if isinstance(layers, str):
             raise ValueError(layers)
         with train_only(self.flat, rc.trainable) as trained:
-            results, rng_after = self._train(clients, global_vec, rc, layers)
+            results, rng_after = self._train(clients, global_vec, rc, layers, on_step)
         generator = _default_generator(self.device)
         out = []
         for k, (client, result) in enumerate(zip(clients, results)):
@@ -294,7 +295,8 @@ class BatchedTrainer:
             out.append(after_each(k, result) if after_each is not None else result)
         return out
 
-    def _train(self, clients: list[ClientData], global_vec: torch.Tensor, rc: RoundConfig, layers: list):
+    def _train(self, clients: list[ClientData], global_vec: torch.Tensor, rc: RoundConfig, layers: list,
+               on_step=None):
         t0 = time.perf_counter()
         k_clients = len(clients)
         self.flat.set(global_vec)
@@ -328,6 +330,7 @@ class BatchedTrainer:
         self.model.train()
         losses: list[list[float]] = [[] for _ in clients]
         seen: list[set[int]] = [set() for _ in clients]
+        tokens = [0] * k_clients  # tokens each client's rows hold (attention_mask), for tokens/s
         compute_s = 0.0
         with _patched(self.model, layers, run):
             for _step in range(rc.local_steps):
@@ -340,6 +343,7 @@ class BatchedTrainer:
                         idx = next(stream)
                         seen[k].update(idx)
                         parts.append(collate([client.examples[i] for i in idx], self.pad_id))
+                        tokens[k] += int(parts[-1]["attention_mask"].sum())
                     batch = {k: v.to(self.device) for k, v in run.prepare(self.model, parts, self.pad_id).items()}
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         use_cache=False).logits
@@ -360,6 +364,8 @@ class BatchedTrainer:
                 compute_s += time.perf_counter() - tc
                 for k in range(k_clients):
                     losses[k].append(step_loss[k])
+                    if on_step is not None:
+                        on_step(clients[k].client_id, _step + 1, step_loss[k])
         # the model holds the last client's weights and gradients afterwards, as after the sequential path
         last = torch.cat([s[-1].detach().reshape(-1).float().cpu() for s in ordered])
         self.flat.set(last)
@@ -376,6 +382,8 @@ class BatchedTrainer:
                        "update_norm": float(update.norm()),
                        # one pass trained every client: each is charged an equal share of its time
                        "compute_seconds": compute_s / k_clients, "seconds": seconds / k_clients,
+                       "tokens": tokens[k],
+                       "tokens_per_s": tokens[k] * k_clients / compute_s if compute_s > 0 else None,
                        "seen_examples": sorted(seen[k]), "batched_with": k_clients}
             results.append(ClientResult(client.client_id, update, client.num_samples, metrics, {}))
         return results, list(run.rng_states)

@@ -162,6 +162,7 @@ class LocalTrainer:
         self.model.train()
         losses = []
         compute_s = 0.0
+        tokens = 0  # tokens the forward passes processed (attention_mask), for tokens/s
         step_updates = []
         seen: set[int] = set()  # indices of the examples trained on (privacy: MIA members are drawn from them)
         for step in range(1, rc.local_steps + 1):
@@ -173,6 +174,7 @@ class LocalTrainer:
                 seen.update(idx)
                 batch = {k: v.to(self.device) for k, v in
                          collate([client.examples[i] for i in idx], self.pad_id).items()}
+                tokens += int(batch["attention_mask"].sum())
                 out = self.model(**batch)
                 loss = out.loss
                 for term in self.loss_terms:
@@ -218,6 +220,7 @@ class LocalTrainer:
         metrics = {"loss": sum(losses) / len(losses), "first_loss": losses[0], "last_loss": losses[-1],
                    "steps": rc.local_steps, "samples": client.num_samples,
                    "update_norm": float(update.norm()), "compute_seconds": compute_s,
+                   "tokens": tokens, "tokens_per_s": tokens / compute_s if compute_s > 0 else None,
                    "seconds": time.perf_counter() - t0, "seen_examples": sorted(seen)}
         return ClientResult(client.client_id, update, client.num_samples, metrics, extra)
 

@@ -6,6 +6,8 @@ written atomically, so an interrupted run loses at most the round in progress.
 
 from __future__ import annotations
 
+import inspect
+import math
 import time
 
 import torch
@@ -40,10 +42,14 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
             rc = on_round_start(rc.round, server.global_vec, rc)
         rc = server.prepare_round(rc, truth={c: malicious[c] for c in chosen}, shadow=shadow)
         ctask = progress.add_task(f"round {round_idx + 1}: clients", total=len(chosen)) if progress else None
-        results = engine.fit(chosen, server.global_vec, rc,
-                             on_result=(lambda _r: progress.advance(ctask)) if progress else None)
+        shown = _ClientProgress(progress, ctask, f"round {round_idx + 1}: clients", rc.local_steps)
+        fit_kwargs = {"on_step": shown.step} if "on_step" in inspect.signature(engine.fit).parameters else {}
+        results = engine.fit(chosen, server.global_vec, rc, on_result=shown.result, **fit_kwargs)
         if progress is not None:
             progress.remove_task(ctask)
+        for s, losses in sorted(shown.step_losses.items()):  # train/loss per local step (mean over the clients)
+            run_dir.log({"type": "train", "round": rc.round, "step": round_idx * rc.local_steps + s,
+                         "local_step": s, "loss": sum(losses) / len(losses)})
         stats = server.aggregate(results)
         probe_p = ((stats.get("aggregator_info") or {}).get("probe") or {}).get("probability", {})
         # what the server really received: a server_view hook may have replaced a client's update (a full-knowledge
@@ -92,6 +98,33 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
+
+
+class _ClientProgress:
+    """The clients bar of one round: each local step's loss and the last client's tokens/s in its description,
+    and each step's losses kept for the per-step ``train`` records."""
+
+    def __init__(self, progress, task, label: str, local_steps: int):
+        self.progress, self.task, self.label, self.local_steps = progress, task, label, local_steps
+        self.step_losses: dict[int, list[float]] = {}
+        self.tokens_per_s: float | None = None
+
+    def _show(self, text: str) -> None:
+        if self.progress is not None:
+            rate = f" · {self.tokens_per_s:,.0f} tok/s" if self.tokens_per_s else ""
+            self.progress.update(self.task, description=f"{self.label} · {text}{rate}")
+
+    def step(self, client_id: str, step: int, loss: float) -> None:
+        if math.isfinite(loss):
+            self.step_losses.setdefault(step, []).append(loss)
+        self._show(f"{client_id} step {step}/{self.local_steps} loss {loss:.3f}")
+
+    def result(self, res) -> None:
+        self.tokens_per_s = res.metrics.get("tokens_per_s") or self.tokens_per_s
+        if self.progress is not None:
+            self.progress.advance(self.task)
+        loss = res.metrics.get("loss")
+        self._show(f"{res.client_id} loss {loss:.3f}" if isinstance(loss, (int, float)) else res.client_id)
 
 
 def _distance_stats(updates: list[torch.Tensor] | None, is_malicious: list) -> dict:
