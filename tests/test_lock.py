@@ -93,7 +93,8 @@ def test_env_json_and_info_record_the_lock():
     env = environment_info(seed=0)
     assert env["lock"]["sha256"] == hashlib.sha256(LOCK.read_bytes()).hexdigest()
     assert env["installed"]["torch"] == env["packages"]["torch"]
-    res = subprocess.run([sys.executable, "-m", "fedsafe.cli", "info"], capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-m", "fedsafe.cli", "info", "--json"], capture_output=True, text=True,
+                         cwd=ROOT)
     if res.returncode != 0:
         pytest.fail(res.stderr)
     assert json.loads(res.stdout)["lock"]["sha256"] == env["lock"]["sha256"]

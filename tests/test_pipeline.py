@@ -124,7 +124,7 @@ def test_cli_wrong_field_name_lists_fields(tmp_path):
 
 
 def test_info_prints_versions_and_device():
-    out = _cli("info")
+    out = _cli("info", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["packages"]["torch"] and "cuda_available" in info
