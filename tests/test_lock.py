@@ -91,6 +91,9 @@ def test_env_json_and_info_record_the_lock():
     from fedsafe.rundir import environment_info
 
     env = environment_info(seed=0)
+    from fedsafe.evaluation.refusal import detector_version
+
+    assert env["refusal_detector"] == detector_version()  # refusal metrics and drop_refusals depend on it
     assert env["lock"]["sha256"] == hashlib.sha256(LOCK.read_bytes()).hexdigest()
     assert env["installed"]["torch"] == env["packages"]["torch"]
     res = subprocess.run([sys.executable, "-m", "fedsafe.cli", "info", "--json"], capture_output=True, text=True,

@@ -242,6 +242,12 @@ def environment_info(seed: int | None = None, device: str | None = None) -> dict
             "lock": lock_info(installed), "installed": dict(sorted(installed.items())),
             "cuda_available": torch.cuda.is_available(), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count()}
+    try:  # refusal metrics and drop_refusals filters depend on it: a new detector changes both
+        from fedsafe.evaluation.refusal import detector_version
+
+        info["refusal_detector"] = detector_version()
+    except Exception as exc:  # a missing or damaged detector file must not stop a run that never uses it
+        info["refusal_detector"] = f"unavailable: {exc}"
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     if device is not None:
