@@ -175,3 +175,29 @@ def test_eval_prompt_sample_follows_the_seed(tmp_path):
     assert a[0] != b[0] and len(set(a[0])) == 8 and a[0] == sorted(a[0])
     assert all(p == f"placeholder request {i}" for i, p in zip(*a))  # ids are positions in the prompt set
     assert select_prompts(str(path), 80, sample=True, seed=1)[0] == list(range(50))
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
+                                          (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_interval_matches_newcombes_published_values(k, n, lo, hi):
+    # Newcombe, "Two-sided confidence intervals for the single proportion" (Stat. Med. 1998), Table II,
+    # method 3 (score interval without continuity correction)
+    got = wilson_interval(k, n)
+    assert got == (pytest.approx(lo, abs=5e-5), pytest.approx(hi, abs=5e-5))
+
+
+def test_wilson_interval_is_the_closed_form_score_interval():
+    # the formula fedsafe computed by hand before it called scipy: same values, every k/n and level
+    for n in (1, 2, 8, 28, 48, 100):
+        for k in range(n + 1):
+            for conf in (0.9, 0.95, 0.99):
+                z = sps.norm.ppf(0.5 + conf / 2)
+                p, den = k / n, 1 + z * z / n
+                mid = (p + z * z / (2 * n)) / den
+                half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+                lo, hi = wilson_interval(float(k), n, conf)
+                assert lo == pytest.approx(max(0.0, mid - half), abs=1e-12)
+                assert hi == pytest.approx(min(1.0, mid + half), abs=1e-12)
+    assert wilson_interval(0, 0) == (None, None)
+    with pytest.raises(ValueError, match="whole number"):
+        wilson_interval(2.5, 8)

@@ -104,18 +104,17 @@ def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) ->
 
     Wilson, "Probable inference, the law of succession, and statistical inference" (JASA 1927). Unlike a
     bootstrap over prompts it does not collapse to a point at 0/n or n/n, which matters for one adapter
-    scored on a few dozen prompts (a 0/28 over-refusal is not evidence of a 0% rate).
+    scored on a few dozen prompts (a 0/28 over-refusal is not evidence of a 0% rate). Computed by
+    ``scipy.stats.binomtest(...).proportion_ci(method="wilson")`` (no continuity correction).
     """
-    from scipy.stats import norm
+    from scipy.stats import binomtest
 
     if n <= 0:
         return None, None
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = successes / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+    if successes != int(successes) or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: successes must be a whole number in [0, n={n}], got {successes!r}")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def _clean(per_seed: PerSeed) -> dict[int, dict]:
