@@ -360,7 +360,7 @@ def test_probe_evasion_normal_data_slice_trains_one_model_that_evades_the_probe(
 
 
 def _node(cfg):
-    """What a Flower SuperNode builds for itself (engines/flower.py::_build_worker): its own model and client side
+    """What a Flower SuperNode builds for itself (engines/flower/trainer_cache.py::build): its own model and client side
     (plug-ins included) and its clients' data, sharing no Python object with any other node."""
     from fedsafe.data import build_clients
     from fedsafe.models import attach_lora, load_base_model
@@ -411,7 +411,8 @@ def test_collusion_through_flower_clientapps_that_build_their_own_side(tmp_path,
     from flwr.supercore.task_identity import TaskIdentity
     from test_flower import ScriptedGrid
 
-    from fedsafe.engines import flower as fe
+    from fedsafe.engines.flower import trainer_cache
+    from fedsafe.engines.flower.server import FlowerEngine
     from fedsafe.pipeline import run_experiment
     from fedsafe.rundir import RunDir
 
@@ -422,8 +423,8 @@ def test_collusion_through_flower_clientapps_that_build_their_own_side(tmp_path,
                       flower={"round_timeout_s": 120.0, "connect_timeout_s": 5.0})
     grid = ScriptedGrid(6)
     res = run_experiment(cfg, progress=False,
-                         engine_factory=lambda trainer, clients: fe.FlowerEngine(grid, cfg, clients, token="x"))
-    assert fe._BUILT_WORKERS  # the nodes built their own client sides
+                         engine_factory=lambda trainer, clients: FlowerEngine(grid, cfg, clients, token="x"))
+    assert trainer_cache.BUILT  # the nodes built their own client sides
     run = RunDir.open(res.run_dir)
     (rec,) = run.records("round")
     mal = [i for i, m in enumerate(rec["malicious"]) if m]
@@ -434,7 +435,7 @@ def test_collusion_through_flower_clientapps_that_build_their_own_side(tmp_path,
     phases = {r["attack_phase"] for r in run.records("client") if r["malicious"]}
     assert phases == {"attack_shared_update"}
     # Flower's simulation engine (ClientApps on the pipeline's own model): the same shared update
-    from fedsafe.engines.flower import run_flower_experiment
+    from fedsafe.engines.flower.simulation import run_flower_experiment
 
     (sim,) = RunDir.open(run_flower_experiment(cfg, progress=False).run_dir).records("round")
     assert sim["update_norms"] == pytest.approx(rec["update_norms"], rel=1e-5)
@@ -635,7 +636,14 @@ def test_f_parametrised_defense_cells_use_the_true_f_or_say_misset(grid_file):
     for name, cfg in settings:
         n = int(cfg.fl.clients_per_round)
         attackers = min(n, sum(r.clients for r in cfg.roles if r.is_malicious))
-        rule, params = cfg.aggregator.name.split("+")[-1], dict(cfg.aggregator.params or {})
+        chain = cfg.aggregator.name.split("+")
+        rule, params = chain[-1], dict(cfg.aggregator.params or {})
+        if "nnm" in chain[:-1]:  # NNM mixes over n - f neighbours: its own f (params.nnm.f, else the rule's f)
+            nnm_f = (params.get("nnm") or {}).get("f", params.get("f"))
+            checked += 1
+            assert nnm_f is not None and int(nnm_f) >= attackers or "misset" in name, (
+                f"{grid_file}: setting {name!r} runs NNM with f={nnm_f} against {attackers} attackers per round; "
+                "set aggregator.params.nnm.f to the true f or label the cell *_misset")
         if rule == "norm_clip":
             rule, params = str(params.get("aggregator") or "fedavg"), dict(params.get("params") or {})
         if rule in ("krum", "multikrum", "bulyan", "dnc"):

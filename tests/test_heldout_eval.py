@@ -100,6 +100,23 @@ def test_sections_of_plugins_that_do_not_run_are_not_training_data(tmp_path):
         check_heldout(cfg.model_copy(update={"posthoc": cfg.posthoc.model_copy(update={"enabled": True})}))
 
 
+
+def test_fltrust_root_data_is_training_data_for_the_heldout_check(tmp_path):
+    """FLTrust's server trains its update on fltrust.root every round (issue 33): over-refusal prompts drawn from
+    the root data are refused at run start, like any client's; a held-out split of the same file passes."""
+    from fedsafe.pipeline import check_heldout
+
+    f = tmp_path / "normal.json"
+    f.write_text(json.dumps(_rows(60)))
+    base = ["model.name=tiny", "eval.prompts=starter:heldout", "eval.n_normal_prompts=5", "aggregator.name=fltrust",
+            "roles.0.clients=3", "fl.clients_per_round=3"]
+    cfg = load_config(None, [*base, f"eval.normal_prompts={{path: '{f}'}}", f"fltrust.root=[{{path: '{f}'}}]"])
+    with pytest.raises(ConfigError, match=r"eval\.normal_prompts: 5 of 5 .* fltrust\.root\[0\]"):
+        check_heldout(cfg)
+    cfg = load_config(None, [*base, f"eval.normal_prompts={{path: '{f}', holdout: heldout}}",
+                             f"fltrust.root=[{{path: '{f}', holdout: train}}]"])
+    assert check_heldout(cfg) == {"eval.normal_prompts": 5}
+
 def _tiny_cfg(tmp_path, data_file, *extra):
     seed = int(os.environ.get("FEDSAFE_TEST_SEED", "0"))
     return load_config(None, [
