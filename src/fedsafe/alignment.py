@@ -66,12 +66,11 @@ def aligned_model_dir(base_name: str, align, progress: bool = True) -> Path:
 
 
 def _build(base_name: str, align, rows: list[dict], target: Path, progress: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedsafe.data.format import tokenize_rows
     from fedsafe.errors import ConfigError
     from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
     from fedsafe.models import attach_lora, load_base_model
+    from fedsafe.progress import progress_bar
 
     loaded = load_base_model(base_name, "auto", "float32")
     examples = tokenize_rows(loaded.tokenizer, rows, align.max_length)
@@ -83,9 +82,8 @@ def _build(base_name: str, align, rows: list[dict], target: Path, progress: bool
     rc = RoundConfig(round=1, lr=align.lr, local_steps=align.steps, batch_size=align.batch_size,
                      seed=align.seed, max_grad_norm=1.0)
     losses: list[float] = []
-    with Progress(TextColumn("[bold]aligning the base model once (cached)"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress, transient=False) as bar:
-        task = bar.add_task("align", total=align.steps)
+    with progress_bar(transient=False, disable=not progress) as bar:
+        task = bar.add_task("aligning the base model once (cached)", total=align.steps)
 
         def on_step(step: int, loss: float) -> None:
             losses.append(float(loss))

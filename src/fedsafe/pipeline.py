@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import fedsafe.plugins
 from fedsafe import aggregators
@@ -27,6 +26,7 @@ from fedsafe.fl.params import FlatLoRA
 from fedsafe.fl.server import Server
 from fedsafe.models import attach_lora, load_model
 from fedsafe.plugins import Output, RunContext, Setup
+from fedsafe.progress import progress_bar
 from fedsafe.rundir import RunDir, atomic_write_text, environment_info
 
 log = logging.getLogger("fedsafe")
@@ -65,11 +65,6 @@ class Session:
 
     def save_adapter(self, vec: torch.Tensor, tag) -> Path:
         return self.run_dir.save_adapter(self.peft_model, self.flat, vec, tag)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
 
 
 def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
@@ -306,7 +301,7 @@ def _train(session: Session, server: Server, engine, clients, plugins, result: R
             result.evals.append(_evaluate(session, server.global_vec, round_idx=round_no))
         plugins.round_end(round_no, record, server.global_vec)
 
-    with _progress() as prog:
+    with progress_bar(eta=True, console=console, transient=False) as prog:
         run_rounds(server, engine, clients, session.run_dir, rounds=cfg.fl.rounds,
                    clients_per_round=cfg.clients_per_round, save_adapter=session.save_adapter,
                    save_every_round=cfg.fl.save_every_round, progress=prog if progress else None,

@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import torch
 
 from fedsafe.errors import ConfigError, DataError
+from fedsafe.progress import progress_task
 
 log = logging.getLogger("fedsafe")
 
@@ -409,30 +410,6 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-@contextmanager
-def _progress(enabled: bool, description: str, total: int):
-    """A rich progress bar, or a no-op when disabled or another live display is running."""
-    if not enabled:
-        yield lambda advance=1, **kw: None
-        return
-    from rich.console import Console
-    from rich.errors import LiveError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-    try:
-        prog.start()
-    except LiveError:  # inside someone else's live display: no bar rather than a crash
-        yield lambda advance=1, **kw: None
-        return
-    task = prog.add_task(description, total=total)
-    try:
-        yield lambda advance=1, **kw: prog.update(task, advance=advance, **kw)
-    finally:
-        prog.stop()
-
-
 def _sub_seed(*parts: Any) -> int:
     return int(_sha("/".join(map(str, parts)).encode())[:8], 16)
 
@@ -497,7 +474,7 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable datagen partial file %s", partial)
             out, batch_idx, seen = [], 0, set()
-    with _progress(progress, f"{instruction_kind} instructions", n) as advance, gen.active():
+    with progress_task(f"{instruction_kind} instructions", n, enabled=progress) as advance, gen.active():
         advance(len(out))
         while len(out) < n and stats.prompts < cap:
             # ask for what is still missing, assuming about half of each list is usable (weak models)
@@ -598,7 +575,7 @@ def generate_responses(gen: Generator, kind: str, instructions: list[str], seed:
                 log.info("datagen: resuming %s responses after %d of %d", kind, len(out), len(prompts))
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable datagen partial file %s", partial)
-    with _progress(progress, f"{kind} responses", len(prompts)) as advance, gen.active():
+    with progress_task(f"{kind} responses", len(prompts), enabled=progress) as advance, gen.active():
         advance(len(out))
         for b, start in enumerate(range(0, len(prompts), bs)):
             if start < len(out):

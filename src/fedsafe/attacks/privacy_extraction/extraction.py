@@ -37,6 +37,7 @@ import torch
 
 from fedsafe.data.format import IGNORE_INDEX, TokenizedExample, collate, format_example
 from fedsafe.evaluation import leakage as lk
+from fedsafe.progress import track
 
 log = logging.getLogger("fedsafe")
 
@@ -113,7 +114,7 @@ def sample_sequences(model, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in prompts]
     batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
-    iterator = _progress(batches, description) if progress else batches
+    iterator = track(batches, description) if progress else batches
     try:
         for batch in iterator:
             length = max(len(prompts[i]) for i in batch)
@@ -189,17 +190,6 @@ def sequence_nll(model, examples: Sequence[TokenizedExample], pad_id: int, batch
         if was_training:
             model.train()
     return out
-
-
-def _progress(items, description):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as prog:
-        task = prog.add_task(description, total=len(items))
-        for item in items:
-            yield item
-            prog.advance(task)
 
 
 # ------------------------------------------------------------------------------------------------
