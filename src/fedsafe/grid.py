@@ -38,6 +38,7 @@ interrupted after a checkpoint continues from it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -80,6 +81,10 @@ class GridSpec(BaseModel):
         default_factory=dict, description="axis -> label -> overrides; settings are the product of the axes")
     settings: list[GridSetting] = Field(default_factory=list, description="extra explicit settings")
     share_training: bool = Field(True, description="settings differing only in posthoc share one training run")
+    reuse_updates: bool = Field(True, description="client trainings with the same inputs (global adapter, client "
+                                                  "data and seeds, round config, model) run once across the grid's "
+                                                  "runs and are read back from <grid>/cache/updates "
+                                                  "(fedsafe.fl.update_cache); --no-reuse turns it off")
     seeds: list[int] | None = Field(None, min_length=1, description="run every setting once per seed "
                                                                    "(default: the config's seeds, else its seed)")
 
@@ -287,6 +292,7 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
         atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     runs_root = grid_dir / "runs"
     cache_dir = grid_dir / "cache"
+    reuse = _Reuse(grid_dir, spec.reuse_updates)
     groups = plan_training(settings, spec.share_training)
     done = _read_settings(grid_dir) if resume is not None else {}
     combined = _Combined()
@@ -310,10 +316,13 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
                 partial = _interrupted_run(runs_root, trainer_cfg, {grid_dir / d for d, _ in done.values()})
                 if partial is not None:
                     console.print(f"continuing the interrupted run {partial.name}")
-                    trained = run_experiment(resume=partial, progress=progress, cache_dir=cache_dir).run_dir
+                    with reuse.run(trainer_name + suffix) as update_cache:
+                        trained = run_experiment(resume=partial, progress=progress, cache_dir=cache_dir,
+                                                 update_cache=update_cache).run_dir
                 else:
-                    trained = run_experiment(trainer_cfg, progress=progress, dir_name=trainer_name + suffix,
-                                             cache_dir=cache_dir).run_dir
+                    with reuse.run(trainer_name + suffix) as update_cache:
+                        trained = run_experiment(trainer_cfg, progress=progress, dir_name=trainer_name + suffix,
+                                                 cache_dir=cache_dir, update_cache=update_cache).run_dir
             # the undefended rows belong to a member without a defense when there is one
             owner = next((n for n, c in members if not c.posthoc.enabled), trainer_name)
             for name, cfg in members:
@@ -334,7 +343,54 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
             combined.write(grid_dir)
             _write_settings(grid_dir, setting_rows)
     write_report(grid_dir)
+    reuse.report()
     return grid_dir
+
+
+class _Reuse:
+    """The grid's update cache (``<grid>/cache/updates``) and its counts per training run, kept in
+    ``<grid>/reuse.json`` (a resumed grid adds its runs to the file)."""
+
+    def __init__(self, grid_dir: Path, enabled: bool):
+        from fedsafe.fl.update_cache import UpdateCache
+
+        self.path = grid_dir / "reuse.json"
+        self.cache = UpdateCache(grid_dir / "cache" / "updates") if enabled else None
+        self.runs: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                self.runs = dict(json.loads(self.path.read_text(encoding="utf-8")).get("runs") or {})
+            except (json.JSONDecodeError, AttributeError):
+                self.runs = {}
+
+    @contextlib.contextmanager
+    def run(self, name: str):
+        """Yield the cache for one training run and record what it reused (also when the run fails)."""
+        before = self.cache.counts() if self.cache is not None else None
+        try:
+            yield self.cache
+        finally:
+            if self.cache is not None:
+                after = self.cache.counts()
+                self.runs[name] = {k: after[k] - before[k] for k in after}
+                self._write()
+
+    def totals(self) -> dict:
+        keys = ("reused", "computed", "not_cached", "seconds_saved", "seconds_computed")
+        return {k: sum(r.get(k, 0) for r in self.runs.values()) for k in keys}
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, json.dumps({"enabled": True, "cache": "cache/updates", "totals": self.totals(),
+                                                 "runs": self.runs}, indent=2) + "\n")
+
+    def report(self) -> None:
+        """Print what the grid reused (one line; reuse.json has it per run)."""
+        if self.cache is None:
+            console.print("client updates: not shared (reuse_updates off)")
+            return
+        t = self.totals()
+        console.print(f"client updates: {t['reused']} reused, {t['computed']} computed, {t['not_cached']} not "
+                      f"cacheable; {t['seconds_saved']:.0f} s of training saved ({self.path.name})")
 
 
 class _Combined:
@@ -466,12 +522,17 @@ def grid_command(grid_file: Path = typer.Argument(..., help="grid YAML: a base e
                  resume: Optional[Path] = typer.Option(None, "--resume", help="continue this grid directory: "
                                                                              "finished (setting, seed) pairs "
                                                                              "are not rerun"),
+                 no_reuse: bool = typer.Option(False, "--no-reuse", help="train every client update in every "
+                                                                        "run (no <grid>/cache/updates; the grid "
+                                                                        "file's reuse_updates: false)"),
                  dry_run: bool = typer.Option(False, "--dry-run", help="list the settings and exit"),
                  no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Run a matrix of settings (shared training where possible) and print one combined table."""
     spec, settings = load_grid(grid_file, set_)
     settings = select_settings(settings, only)
     seed_list = parse_seeds(seeds) if seeds is not None else None
+    if no_reuse:
+        spec = spec.model_copy(update={"reuse_updates": False})
     if dry_run:
         for name, cfg in resolve_seeds(spec, settings, seed_list)[0]:
             print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}\tdefense={defense_label(cfg)}"

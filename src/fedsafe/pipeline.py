@@ -69,12 +69,14 @@ class Session:
 
 def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | None = None,
                    progress: bool = True, engine_factory=None, he_server_context: bytes | None = None,
-                   dir_name: str | None = None, cache_dir: str | Path | None = None) -> RunResult:
+                   dir_name: str | None = None, cache_dir: str | Path | None = None,
+                   update_cache=None) -> RunResult:
     """Run (or resume) one experiment and return where its outputs are.
 
     ``dir_name`` names a new run directory (default ``cfg.name``; a grid adds the seed); ``cache_dir``
     holds the evaluation generations (default ``<run>/cache``; a grid shares one so that identical
-    evaluations, such as the base model's, run once).
+    evaluations, such as the base model's, run once). ``update_cache`` (a :class:`fedsafe.fl.update_cache.UpdateCache`,
+    a grid passes one) shares client trainings with the same inputs across runs.
 
     ``engine_factory(trainer, clients)`` builds the engine that runs local training (default: in-process;
     :mod:`fedsafe.engines.flower` passes one that sends the same work to Flower ClientApps).
@@ -89,7 +91,9 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume: str | Path | Non
     plugins = fedsafe.plugins.build(cfg, ctx)                                # 3. the attacks and defenses
     clients = plugins.client_data(_build_clients(session, ctx))              # 4. client data (canaries, ...)
     ctx.clients = clients
-    ctx.trainer = plugins.local_training(LocalTrainer(session.peft_model, session.tokenizer))  # 5. local step
+    local = LocalTrainer(session.peft_model, session.tokenizer)
+    local.update_cache = update_cache  # None: every training runs (a grid shares them across its runs)
+    ctx.trainer = plugins.local_training(local)                              # 5. local step
     server = _build_server(cfg, session, len(clients))                      # 6. server and rule
     ctx.server = server
     server.aggregator = plugins.server_view(server.aggregator)               #    the server's view before the rule

@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig
+from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 
 class InProcessEngine:
@@ -75,6 +75,11 @@ class InProcessEngine:
                 on_result(res)
         return results
 
+    @property
+    def update_cache(self):
+        """The local trainer's :class:`fedsafe.fl.update_cache.UpdateCache` (a grid's), or None."""
+        return getattr(self.trainer, "update_cache", None)
+
     def _fit_batched(self, client_ids, global_vec, rc, on_result, on_step=None) -> list[ClientResult]:
         from fedsafe.fl.batched import BatchedTrainer
 
@@ -82,6 +87,9 @@ class InProcessEngine:
         clients = [self.clients[cid] for cid in client_ids]
         for cid in client_ids:
             self.client_states.setdefault(cid, {})
+        cache = getattr(trainer, "update_cache", None)
+        if cache is not None and cache.is_open:
+            return self._fit_batched_cached(cache, trainer, hooks, clients, global_vec, rc, on_result, on_step)
 
         def after_each(k: int, result: ClientResult) -> ClientResult:
             for p in hooks:  # as ClientPipeline.fit does after each client's training
@@ -91,6 +99,57 @@ class InProcessEngine:
             return result
 
         return BatchedTrainer(trainer).fit_many(clients, global_vec, rc, after_each=after_each, on_step=on_step)
+
+    def _fit_batched_cached(self, cache, trainer, hooks, clients, global_vec, rc, on_result, on_step):
+        """The batched round through the update cache: stored clients are read, only the others train (one batched
+        pass, or the sequential trainer for a single one); the client_update hooks then run client by client in
+        order with the global RNG each client's training left, as without the cache. Each step's losses reach
+        ``on_step`` after the pass, client by client within a step, the order the batched pass reports them in."""
+        from fedsafe.fl.batched import BatchedTrainer
+        from fedsafe.fl.update_cache import default_generator, restore_rng, update_key
+
+        keys = [update_key(trainer, c, global_vec, rc, "batched") for c in clients]
+        done: dict[int, tuple] = {}  # k -> (result, step losses, RNG state after its training)
+        for k, (c, (key, _fields)) in enumerate(zip(clients, keys)):
+            found = cache.get(key, c.client_id)
+            if found is not None:
+                done[k] = found
+        missing = [k for k in range(len(clients)) if k not in done]
+        if len(missing) >= 2:
+            losses: dict[str, list[float]] = {clients[k].client_id: [] for k in missing}
+
+            def after_each(j: int, result: ClientResult) -> ClientResult:  # the RNG as that client's training left it
+                k = missing[j]
+                rng = default_generator(trainer.device).get_state()
+                cache.put(keys[k][0], keys[k][1], result, losses[clients[k].client_id], rng)
+                done[k] = (result, losses[clients[k].client_id], rng)
+                return result
+
+            BatchedTrainer(trainer).fit_many([clients[k] for k in missing], global_vec, rc, after_each=after_each,
+                                             on_step=lambda cid, step, loss: losses[cid].append(loss))
+        elif missing:  # one client: the sequential trainer (through the cache, which stores it)
+            k = missing[0]
+            step_losses: list[float] = []
+            result = trainer.fit(clients[k], global_vec, rc, self.client_states[clients[k].client_id],
+                                 on_step=lambda step, loss: step_losses.append(loss))
+            done[k] = (result, step_losses, default_generator(trainer.device).get_state())
+        for k in missing:
+            done[k][0].metrics["update_cache"] = "miss"
+        if on_step is not None:
+            for step in range(1, rc.local_steps + 1):
+                for k, c in enumerate(clients):
+                    if step <= len(done[k][1]):
+                        on_step(c.client_id, step, done[k][1][step - 1])
+        out = []
+        for k, c in enumerate(clients):
+            result, _losses, rng = done[k]
+            restore_rng(trainer.device, derive_seed(rc.seed, rc.round, c.client_id), rng)
+            for p in hooks:  # as ClientPipeline.fit does after each client's training
+                result = p.client_update(result, c, global_vec, rc, trainer)
+            if on_result is not None:
+                on_result(result)
+            out.append(result)
+        return out
 
     def state_dict(self) -> dict:
         return {cid: dict(s) for cid, s in self.client_states.items()}

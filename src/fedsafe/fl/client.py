@@ -105,6 +105,9 @@ LossTerm = Callable[[torch.nn.Module, dict, object], torch.Tensor]
 class LocalTrainer:
     """Trains any client on the one in-memory PEFT model by swapping its flat LoRA vector."""
 
+    #: a :class:`fedsafe.fl.update_cache.UpdateCache` (a grid sets one): trainings with the same inputs run once
+    update_cache = None
+
     def __init__(self, model: torch.nn.Module, tokenizer, loss_terms: list[LossTerm] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -120,6 +123,12 @@ class LocalTrainer:
         ``on_step(step, loss)`` runs after each optimizer step (1-based), with the model holding that step's
         weights; it may evaluate the model (train mode is restored after it) but must not change the weights.
         """
+        if self.update_cache is not None:  # a grid's runs share trainings keyed by their inputs (fl.update_cache)
+            return self.update_cache.fit(self, client, global_vec, rc, client_state, on_step, self._fit)
+        return self._fit(client, global_vec, rc, client_state, on_step)
+
+    def _fit(self, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
+             client_state: dict | None = None, on_step: Callable[[int, float], None] | None = None) -> ClientResult:
         check_base_residual(self.model, rc)
         with train_only(self.flat, rc.trainable) as trained:
             result = self._train(client, global_vec, rc, client_state, on_step)

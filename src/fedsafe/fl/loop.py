@@ -6,6 +6,7 @@ written atomically, so an interrupted run loses at most the round in progress.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -40,17 +41,19 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
         rc = server.round_config(round_idx, total_samples)
         if on_round_start is not None:
             rc = on_round_start(rc.round, server.global_vec, rc)
-        rc = server.prepare_round(rc, truth={c: malicious[c] for c in chosen}, shadow=shadow)
-        ctask = progress.add_task(f"round {round_idx + 1}: clients", total=len(chosen)) if progress else None
-        shown = _ClientProgress(progress, ctask, f"round {round_idx + 1}: clients", rc.local_steps)
-        fit_kwargs = {"on_step": shown.step} if "on_step" in inspect.signature(engine.fit).parameters else {}
-        results = engine.fit(chosen, server.global_vec, rc, on_result=shown.result, **fit_kwargs)
-        if progress is not None:
-            progress.remove_task(ctask)
-        for s, losses in sorted(shown.step_losses.items()):  # train/loss per local step (mean over the clients)
-            run_dir.log({"type": "train", "round": rc.round, "step": round_idx * rc.local_steps + s,
-                         "local_step": s, "loss": sum(losses) / len(losses)})
-        stats = server.aggregate(results)
+        # a grid's update cache answers for the round's trainings (shadows, clients, the rule's own) and only them
+        with _update_cache_open(engine):
+            rc = server.prepare_round(rc, truth={c: malicious[c] for c in chosen}, shadow=shadow)
+            ctask = progress.add_task(f"round {round_idx + 1}: clients", total=len(chosen)) if progress else None
+            shown = _ClientProgress(progress, ctask, f"round {round_idx + 1}: clients", rc.local_steps)
+            fit_kwargs = {"on_step": shown.step} if "on_step" in inspect.signature(engine.fit).parameters else {}
+            results = engine.fit(chosen, server.global_vec, rc, on_result=shown.result, **fit_kwargs)
+            if progress is not None:
+                progress.remove_task(ctask)
+            for s, losses in sorted(shown.step_losses.items()):  # train/loss per local step (mean over clients)
+                run_dir.log({"type": "train", "round": rc.round, "step": round_idx * rc.local_steps + s,
+                             "local_step": s, "loss": sum(losses) / len(losses)})
+            stats = server.aggregate(results)
         probe_p = ((stats.get("aggregator_info") or {}).get("probe") or {}).get("probability", {})
         # what the server really received: a server_view hook may have replaced a client's update (a full-knowledge
         # adaptive attack crafts the malicious ones there); the stealth statistics below describe those updates
@@ -98,6 +101,12 @@ def run_rounds(server: Server, engine, clients, run_dir: RunDir, *, rounds: int,
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
+
+
+def _update_cache_open(engine):
+    """The engine's update cache (fedsafe.fl.update_cache) opened for one round, or a no-op without one."""
+    cache = getattr(engine, "update_cache", None)
+    return cache.opened() if cache is not None else contextlib.nullcontext()
 
 
 class _ClientProgress:
