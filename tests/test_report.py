@@ -280,3 +280,103 @@ def test_report_summary_shows_lora_aggregation_error_and_bytes():
     (line,) = _lora_aggregation_lines(recs, "ffa")
     assert "ffa" in line and "33.1, -" in line and "1.50 MB per round (plaintext)" in line
     assert _lora_aggregation_lines([{"type": "round", "round": 1}], "factors") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# report.html (a Jinja2 template): the same page the hand-assembled HTML gave
+# ------------------------------------------------------------------------------------------------
+
+class _Page:
+    """report.html as parser events: headings in order, tables as cell text, images, links."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+
+        page = self
+        self.headings, self.tables, self.images, self.links, self.bold = [], [], [], [], []
+
+        class P(HTMLParser):
+            stack: list = []
+
+            def handle_starttag(self, tag, attrs):
+                attrs = dict(attrs)
+                if tag == "table":
+                    page.tables.append([])
+                elif tag == "tr":
+                    page.tables[-1].append([])
+                elif tag == "img":
+                    page.images.append((attrs["alt"], attrs["src"]))
+                elif tag == "a":
+                    page.links.append(attrs["href"])
+                self.stack.append(tag)
+
+            def handle_endtag(self, tag):
+                self.stack.pop()
+
+            def handle_data(self, data):
+                top = self.stack[-1] if self.stack else None
+                if top in ("h1", "h2", "h3"):
+                    page.headings.append((top, data))
+                elif top in ("td", "th"):
+                    page.tables[-1][-1].append(data)
+                elif top == "b":
+                    page.bold.append(data)
+
+        P(convert_charrefs=True).feed(text)
+
+
+def test_report_html_has_the_sections_tables_and_inlined_plots(tmp_path):
+    from fedsafe.report import comparison_rows, comparisons_table, read_outcomes, summarize
+
+    d = _seeded_dir(tmp_path)
+    groups = summarize(read_results(d), read_outcomes(d))
+    header, body = results_table(read_results(d), groups=groups)
+    cmp_header, cmp_body = comparisons_table(comparison_rows(groups))
+    page = _Page(write_report(d)[1].read_text(encoding="utf-8"))
+    assert [h for level, h in page.headings if level == "h2"] == ["Summary", "Results", "Comparisons", "Plots"]
+    assert page.headings[0] == ("h1", f"fedsafe report: {d.name}")
+    assert page.tables[0] == [header, *body]  # the results table, cell for cell
+    assert page.tables[1] == [cmp_header, *cmp_body]
+    captions = [h for level, h in page.headings if level == "h3"]
+    assert captions == [alt for alt, _ in page.images] and "Results" in captions
+    assert all(src.startswith("data:image/png;base64,") and len(src) > 1000 for _, src in page.images)
+
+
+def test_report_html_escapes_values_and_renders_summary_marks(tmp_path):
+    import base64
+
+    from fedsafe.report import _html
+
+    png = tmp_path / "p.png"
+    png.write_bytes(b"\x89PNG not really")
+    text = _html("fedsafe report: a<b", ["- **Run:** x & y", "- setting `s` -> [runs/s](runs/s/report.md)"],
+                 ["Scenario", "<th>"], [["<script>alert(1)</script>", "'q' \"q\""]], [1], [("Stealth: <cos>", png)],
+                 comparisons=None,
+                 sections=[("Release gate", ["**PASS**: every metric", "", "| Metric | Verdict |", "|---|---|",
+                                             "| Rule | <ok> |"])])
+    assert "<script>" not in text and "<th><th>" not in text  # every value is text, never markup
+    page = _Page(text)
+    assert page.headings[0] == ("h1", "fedsafe report: a<b")
+    assert page.tables == [[["Scenario", "<th>"], ["<script>alert(1)</script>", "'q' \"q\""]],
+                           [["Metric", "Verdict"], ["Rule", "<ok>"]]]  # a plug-in's markdown table as a table
+    assert page.bold == ["Run:", "PASS"] and page.links == ["runs/s/report.md"] and "<code>s</code>" in text
+    assert [h for level, h in page.headings if level == "h2"] == ["Summary", "Results", "Release gate", "Plots"]
+    assert page.images == [("Stealth: <cos>", "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode())]
+    empty = _Page(_html("t", [], [], [], [], []))
+    assert not empty.tables and not empty.images
+    assert "No evaluation results yet." in _html("t", [], [], [], [], [])
+
+
+def test_the_report_template_ships_with_the_package():
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    import fedsafe
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fedsafe"]
+    templates = Path(fedsafe.__file__).parent / "templates"
+    shipped = [p.relative_to(templates.parent).as_posix() for p in templates.iterdir()]
+    assert "templates/report.html.j2" in shipped
+    assert all(any(fnmatch(f, g) for g in globs) for f in shipped), (shipped, globs)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import logging
@@ -292,12 +291,6 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
-
-
-def _html_table(header: list[str], body: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,37 +726,32 @@ def _rel(p: Path, root: Path) -> str:
         return p.as_posix()
 
 
-def _md_inline(text: str) -> str:
+def _md_inline(text: str):
+    """The summary's markdown inline marks (**bold**, `code`, [text](url)) as HTML, everything else escaped."""
     import re
 
-    text = html.escape(text)
+    from markupsafe import Markup, escape
+
+    text = str(escape(text))
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
     text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-    return re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', text)
+    return Markup(re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', text))
 
 
 def _html(title, summary, header, body, rows, images, comparisons=None, sections=()) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-             "td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}img{max-width:100%}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><h2>Summary</h2><ul>"]
-    parts += [f"<li>{_md_inline(s.removeprefix('- '))}</li>" for s in summary]
-    parts.append("</ul><h2>Results</h2>")
-    parts.append(_html_table(header, body) if rows else "<p>No evaluation results yet.</p>")
-    parts.append(f"<p><small>{html.escape(metrics_note())} {html.escape(INTERVALS_NOTE)}</small></p>")
-    if comparisons is not None:
-        parts.append("<h2>Comparisons</h2>" + _html_table(*comparisons)
-                     + f"<p><small>{html.escape(COMPARISONS_NOTE)}</small></p>")
+    """report.html from the Jinja2 template ``fedsafe/templates/report.html.j2`` (values autoescaped)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["inline"] = _md_inline
+    plugin_sections = []
     for heading, lines in sections:  # a plug-in's section: its first line, then its table
         table = [ln for ln in lines if ln.startswith("|") and not ln.startswith("|---")]
-        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
-        parts.append(f"<h2>{html.escape(heading)}</h2><p>{_md_inline(lines[0])}</p>"
-                     + (_html_table(cells[0], cells[1:]) if cells else ""))
-    parts.append("<h2>Plots</h2>")
-    for caption, p in images:
-        data = base64.b64encode(p.read_bytes()).decode()
-        parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
-                     f"src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
-    return "".join(parts)
+        plugin_sections.append({"heading": heading, "lead": lines[0],
+                                "cells": [[c.strip() for c in ln.strip("|").split("|")] for ln in table]})
+    return env.get_template("report.html.j2").render(
+        title=title, summary=[s.removeprefix("- ") for s in summary], header=header, body=body,
+        has_results=bool(rows), metrics_note=metrics_note(), intervals_note=INTERVALS_NOTE,
+        comparisons=comparisons, comparisons_note=COMPARISONS_NOTE, sections=plugin_sections,
+        images=[(caption, base64.b64encode(p.read_bytes()).decode()) for caption, p in images])
