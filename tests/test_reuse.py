@@ -265,6 +265,8 @@ def test_grid_reuses_round_one_and_h_and_equals_the_grid_without_it(tmp_path):
     assert (dp["reused"], dp["computed"]) == (0, 6)
     assert (mm["reused"], mm["computed"]) == (3, 3)
     assert reuse["totals"]["reused"] == 3 and reuse["totals"]["seconds_saved"] > 0
+    entries = list((grids["reuse"] / "cache" / "updates").glob("*/*.safetensors"))
+    assert len(entries) == 9 and reuse["cache_bytes"] >= sum(p.stat().st_size for p in entries)
     assert not (grids["no_reuse"] / "reuse.json").exists()
     assert not (grids["no_reuse"] / "cache" / "updates").exists()
 

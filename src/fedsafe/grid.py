@@ -380,7 +380,8 @@ class _Reuse:
         return {k: sum(r.get(k, 0) for r in self.runs.values()) for k in keys}
 
     def _write(self) -> None:
-        atomic_write_text(self.path, json.dumps({"enabled": True, "cache": "cache/updates", "totals": self.totals(),
+        atomic_write_text(self.path, json.dumps({"enabled": True, "cache": "cache/updates",
+                                                 "cache_bytes": self.cache.size_bytes(), "totals": self.totals(),
                                                  "runs": self.runs}, indent=2) + "\n")
 
     def report(self) -> None:
@@ -390,7 +391,8 @@ class _Reuse:
             return
         t = self.totals()
         console.print(f"client updates: {t['reused']} reused, {t['computed']} computed, {t['not_cached']} not "
-                      f"cacheable; {t['seconds_saved']:.0f} s of training saved ({self.path.name})")
+                      f"cacheable; {t['seconds_saved']:.0f} s of training saved; cache/updates holds "
+                      f"{self.cache.size_bytes() / 2**20:.0f} MiB ({self.path.name})")
 
 
 class _Combined:

@@ -156,6 +156,10 @@ class UpdateCache:
         return {"reused": self.hits, "computed": self.misses, "not_cached": self.not_cached,
                 "seconds_saved": self.seconds_saved, "seconds_computed": self.seconds_computed}
 
+    def size_bytes(self) -> int:
+        """Bytes the stored entries take (one update vector each: a grid's cache grows with its distinct trainings)."""
+        return sum(p.stat().st_size for p in self.root.glob("*/*") if p.is_file()) if self.root.exists() else 0
+
     def _paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]
         return d / f"{key}.safetensors", d / f"{key}.json"
