@@ -2,11 +2,18 @@
 
     .venv/bin/python benchmarks/generation.py [--model embedded|tiny|PATH] [--prompts 16] [--max-new-tokens 32]
     .venv/bin/python benchmarks/generation.py --device cuda --batch-sizes 1,16,32 --repeats 2   # cold, then warm
+    .venv/bin/python benchmarks/generation.py --paths --config configs/demo.yaml [--adapter RUN_DIR]
 
 Prompts are the normal instructions of fedsafe's starter held-out set. Greedy decoding, LoRA attached
-(as in evaluation: the adapter is never merged). Prints a table of generated tokens per second and the
+(random B, so the adapter changes what is generated). Prints a table of generated tokens per second and the
 milliseconds per decoding step (batches x max new tokens). ``--repeats 2`` runs every batch size twice: on a GPU
 the first pass at a new shape pays kernel selection, so the second is the warm figure.
+
+``--paths``: the evaluation of a config (its harmful, over-refusal and borderline prompt sets, counts, token
+budgets and batch size; ``--adapter`` a run directory or adapter to evaluate, else a random LoRA on the config's
+base model) through the four generation paths of fedsafe.generation back to back: plain left-padded batches through
+the unmerged adapter (what evaluation did before), the shared-prefix cache, the merged adapter, and both (the
+default). Each path's seconds, its speed-up over plain and how many completions equal plain's.
 """
 
 from __future__ import annotations
@@ -26,9 +33,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=1, help="passes per batch size (2: cold, then warm)")
+    ap.add_argument("--paths", action="store_true", help="compare the generation paths on a config's evaluation")
+    ap.add_argument("--config", default="configs/demo.yaml", help="with --paths: a run or grid file")
+    ap.add_argument("--adapter", default=None, help="with --paths: a run directory or adapter directory")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.paths:
+        compare_paths(args)
+        return
 
     from rich.console import Console
     from rich.table import Table
@@ -68,6 +81,73 @@ def main() -> None:
             table.add_row("one at a time" if bs == 1 else "batched, left-padded", str(bs), str(rep), str(n_tokens),
                           f"{secs:.1f}", f"{tps:.1f}", f"{secs / steps * 1e3:.1f}", speedup)
     Console(width=140).print(table)
+
+
+PATHS = {"plain (before)": dict(share_prefix=False, merge_adapter=False),
+         "shared prefix": dict(merge_adapter=False),
+         "merged adapter": dict(share_prefix=False),
+         "both (default)": {}}
+
+
+def _eval_sets(config_path: str):
+    """The config's evaluation prompt sets as (label, prompts, max_new_tokens), and its eval and model sections."""
+    from fedsafe.evaluation.runner import benign_sets, select_prompts
+
+    text = open(config_path, encoding="utf-8").read()
+    if "\nmatrix:" in text or text.startswith("matrix:"):
+        from fedsafe.grid import load_grid
+
+        cfg = load_grid(config_path)[1][0][1]
+    else:
+        from fedsafe.config import load_config
+
+        cfg = load_config(config_path)
+    ev = cfg.eval
+    sets = []
+    if ev.prompts:
+        sets.append(("harmful", select_prompts(ev.prompts, ev.n_prompts)[1], ev.max_new_tokens))
+    for metric, (_field, _ids, prompts) in benign_sets(ev, cfg.seed).items():
+        sets.append((metric, prompts, ev.refusal_max_new_tokens or ev.max_new_tokens))
+    return sets, ev, cfg
+
+
+def compare_paths(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedsafe.generation import generate
+    from fedsafe.models import attach_lora, load_adapter, load_model
+
+    sets, ev, cfg = _eval_sets(args.config)
+    if args.adapter:
+        model, tok = load_adapter(args.adapter), load_model(cfg.model, seed=cfg.seed).tokenizer
+        what = args.adapter
+    else:
+        loaded = load_model(cfg.model, seed=cfg.seed)
+        model, tok = attach_lora(loaded.model, r=16, alpha=32), loaded.tokenizer
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        what = "a random LoRA (r 16) on " + cfg.model.name
+    generate(model, tok, ["warm up", "hello"], max_new_tokens=2, batch_size=2)
+    n = sum(len(p) for _, p, _ in sets)
+    table = Table(title=f"evaluation of {args.config} ({n} prompts: "
+                        + ", ".join(f"{label} {len(p)} x {t} tokens" for label, p, t in sets)
+                        + f"; batch {ev.batch_size}; {torch.get_num_threads()} threads), {what}")
+    for col in ("path", "seconds", "speed-up", "completions equal to plain"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    plain, plain_secs = None, None
+    for name, kw in PATHS.items():
+        t0 = time.perf_counter()
+        outs = [generate(model, tok, prompts, max_new_tokens=t, batch_size=ev.batch_size, **kw)
+                for _, prompts, t in sets]
+        secs = time.perf_counter() - t0
+        flat = [o for out in outs for o in out]
+        plain, plain_secs = plain or flat, plain_secs or secs
+        table.add_row(name, f"{secs:.1f}", f"{plain_secs / secs:.2f}x", f"{sum(a == b for a, b in zip(flat, plain))} / {n}")
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,9 @@ def cached_generate(model, tokenizer, prompts: list[str], *, cache_dir: Path | N
     from fedsafe.generation import generate
 
     prompt_key = _sha(json.dumps(prompts).encode())[:12]
-    settings_key = _sha(json.dumps({"max_new_tokens": max_new_tokens, "greedy": True,
+    from fedsafe.generation import GENERATION_PATH
+
+    settings_key = _sha(json.dumps({"max_new_tokens": max_new_tokens, "greedy": True, "path": GENERATION_PATH,
                                     "model": model_fingerprint(model)}).encode())[:8]
     path = None
     if cache_dir is not None:

@@ -1,0 +1,101 @@
+"""Generation that does no work twice (fedsafe.generation): the prompts' shared opening is prefilled once per
+call and a single plain LoRA adapter is merged for the call; both must give what plain left-padded batches
+through the unmerged adapter give, and leave the model exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsafe.generation import MIN_SHARED_PREFIX, generate, merged_lora, shared_prefix_length, to_chat_text
+from fedsafe.models import attach_lora
+
+PROMPTS = ["Tell me a story", "Hi", "What is the capital of a country far away?", "List three colours", "Why",
+           "Name a fruit that is yellow and one that is red"]
+PLAIN = dict(share_prefix=False, merge_adapter=False)
+
+
+def _lora_model(tiny, seed, use_dora=False):
+    model, tok = tiny
+    if use_dora:
+        from peft import LoraConfig, get_peft_model
+
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    else:
+        pm = attach_lora(model, r=4, alpha=8, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return pm, tok
+
+
+def test_shared_prefix_length_counts_the_common_opening_and_leaves_a_token_to_prefill():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 8, 9], [7, 8, 9, 10]]) == 2  # one sequence is all prefix: keep its last token
+    assert shared_prefix_length([[7, 8, 9]]) == 2
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_prefix_cache_and_merged_adapter_give_the_plain_completions(tiny, test_seed, batch_size):
+    pm, tok = _lora_model(tiny, test_seed)
+    kw = dict(max_new_tokens=8, batch_size=batch_size)
+    plain = generate(pm, tok, PROMPTS, **kw, **PLAIN)
+    assert generate(pm, tok, PROMPTS, **kw) == plain
+    assert generate(pm, tok, PROMPTS, **kw, merge_adapter=False) == plain
+    assert generate(pm, tok, PROMPTS, **kw, share_prefix=False) == plain
+    # the adapter matters, so a path that dropped it would not pass
+    with pm.disable_adapter():
+        assert generate(pm, tok, PROMPTS, **kw, **PLAIN) != plain
+
+
+def test_prefill_runs_the_shared_opening_once_and_only_the_rest_per_batch(tiny, test_seed):
+    pm, tok = _lora_model(tiny, test_seed)
+    texts = [to_chat_text(tok, p) for p in PROMPTS]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    n_shared = shared_prefix_length(ids)
+    assert n_shared >= MIN_SHARED_PREFIX
+    seen = []
+    embed = pm.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    try:
+        generate(pm, tok, PROMPTS, max_new_tokens=1, batch_size=3)
+    finally:
+        handle.remove()
+    longest_rest = [max(len(ids[i]) for i in b) - n_shared
+                    for b in (sorted(range(len(texts)), key=lambda i: len(texts[i]))[k:k + 3] for k in (0, 3))]
+    assert seen == [(1, n_shared), (3, longest_rest[0]), (3, longest_rest[1])]
+
+
+def test_merging_restores_the_base_weights_bit_for_bit_and_keeps_the_adapter_unmerged(tiny, test_seed):
+    pm, tok = _lora_model(tiny, test_seed)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    with merged_lora(pm) as merged:
+        assert merged
+        changed = [n for n, p in pm.named_parameters() if "base_layer" in n and not torch.equal(before[n], p)]
+        assert changed  # the adapter really was merged into the base weights
+    generate(pm, tok, PROMPTS, max_new_tokens=4, batch_size=4)
+    assert all(torch.equal(before[n], p) for n, p in pm.named_parameters())
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(m.merged for m in pm.modules() if isinstance(m, LoraLayer))
+
+
+def test_merged_lora_leaves_dora_and_plain_models_unmerged(tiny, test_seed):
+    pm, tok = _lora_model(tiny, test_seed, use_dora=True)
+    with merged_lora(pm) as merged:
+        assert not merged
+    kw = dict(max_new_tokens=6, batch_size=4)
+    assert generate(pm, tok, PROMPTS, **kw) == generate(pm, tok, PROMPTS, **kw, **PLAIN)
+    with merged_lora(tiny[0]) as merged:  # no adapter at all
+        assert not merged
+
+
+def test_sampling_with_a_shared_prefix_is_reproducible(tiny, test_seed):
+    pm, tok = _lora_model(tiny, test_seed)
+    kw = dict(max_new_tokens=6, batch_size=4, do_sample=True, temperature=1.0, seed=3)
+    sampled = generate(pm, tok, PROMPTS, **kw)
+    assert sampled == generate(pm, tok, PROMPTS, **kw) == generate(pm, tok, PROMPTS, **kw, **PLAIN)
