@@ -11,7 +11,7 @@ import pytest
 from fedsafe.config import TrackingConfig, load_config
 from fedsafe.errors import ConfigError
 from fedsafe.rundir import RunDir
-from fedsafe.tracking import record_scalars
+from fedsafe.tracking import record_points
 
 RECORDS = [
     {"type": "eval", "round": 0, "method": "base", "defense": "none", "rule": 87.5, "judge": None,
@@ -24,31 +24,35 @@ RECORDS = [
      "aggregator_info": {"probe": {"probability": {"c0": 0.1}}}, "cosine": [[1.0, 0.5], [0.5, 1.0]]},
     {"type": "dp", "round": 1, "epsilon": 1.25, "delta": 1e-5},
     {"type": "eval", "round": 1, "method": "fedavg", "defense": "posthoc_l1", "rule": 62.5, "n_prompts": 8},
+    {"type": "heldout", "round": 1, "before": 2.25, "after": 1.75},  # written after training
 ]
-# what record_scalars must make of RECORDS (the module docstring's naming rule)
+# what record_points must make of RECORDS (the module docstring's naming rule): a client's fields as
+# clients/<field>/<client> (one chart per field), the held-out loss before training at step 0
 EXPECTED = {
     ("eval/base/none/rule", 0): 87.5, ("eval/base/none/n_prompts", 0): 8.0,
-    ("client/c0/loss", 1): 2.5, ("client/c0/aggregation_weight", 1): 0.5,
-    ("client/c1/loss", 1): 1.5, ("client/c1/aggregation_weight", 1): 0.5,
+    ("clients/loss/c0", 1): 2.5, ("clients/aggregation_weight/c0", 1): 0.5,
+    ("clients/loss/c1", 1): 1.5, ("clients/aggregation_weight/c1", 1): 0.5,
     ("round/mean_loss", 1): 2.0, ("round/update_norm", 1): 0.25,
     ("round/aggregator_info/probe/probability/c0", 1): 0.1,
     ("dp/epsilon", 1): 1.25, ("dp/delta", 1): 1e-5,
     ("eval/fedavg/posthoc_l1/rule", 1): 62.5, ("eval/fedavg/posthoc_l1/n_prompts", 1): 8.0,
+    ("heldout/before", 0): 2.25, ("heldout/after", 1): 1.75,
 }
 
 
 def _expected_scalars():
     out = {}
     for rec in RECORDS:
-        step, scalars = record_scalars(rec)
-        out.update({(tag, step): v for tag, v in scalars.items()})
+        for step, scalars in record_points(rec):
+            out.update({(tag, step): v for tag, v in scalars.items()})
     return out
 
 
 def test_record_scalars_naming_and_what_is_skipped():
     assert _expected_scalars() == EXPECTED  # strings, bools, None, lists (cosine, per_prompt) and seed skipped
-    step, scalars = record_scalars({"type": "round", "round": 2, "mean_loss": float("nan"), "x y": 1})
-    assert step == 2 and scalars == {"round/x_y": 1.0}  # non-finite values dropped; tags sanitised
+    assert record_points({"type": "round", "round": 2, "mean_loss": float("nan"), "x y": 1}) == [
+        (2, {"round/x_y": 1.0})]  # non-finite values dropped; tags sanitised
+    assert record_points({"type": "heldout", "round": 5, "before": 2.0, "after": None}) == [(0, {"heldout/before": 2.0})]
 
 
 def test_config_shorthand_and_missing_package_names_field_and_extra(monkeypatch):
@@ -79,8 +83,8 @@ def test_tensorboard_gets_each_record_as_it_is_written(tmp_path):
     seen = {}
     for rec in RECORDS:
         run.log(rec)
-        step, scalars = record_scalars(rec)
-        seen.update({(tag, step): v for tag, v in scalars.items()})
+        for step, scalars in record_points(rec):
+            seen.update({(tag, step): v for tag, v in scalars.items()})
         got = _event_scalars(run.path / "tensorboard")  # read back before close: streamed, not batched at the end
         assert set(got) == set(seen)
         assert all(math.isclose(got[k], v, rel_tol=1e-6) for k, v in seen.items())  # float32 in event files
@@ -188,7 +192,7 @@ def test_wandb_real_package_offline(tmp_path, monkeypatch):
         run.log(rec)
     summary = dict(run.tracker.run.summary)
     run.close_tracking()
-    assert summary["client/c1/loss"] == 1.5 and summary["eval/fedavg/posthoc_l1/rule"] == 62.5
+    assert summary["clients/loss/c1"] == 1.5 and summary["eval/fedavg/posthoc_l1/rule"] == 62.5
     assert list((run.path / "wandb").glob("offline-run-*/run-*.wandb")), "no offline run file written"
     del wandb
 
@@ -227,8 +231,8 @@ def test_pipeline_streams_round_client_eval_and_dp_records(tmp_path, test_seed):
     assert {"round", "client", "eval", "dp"} <= {r["type"] for r in records}
     want = {}
     for rec in records:
-        step, scalars = record_scalars(rec)
-        want.update({(tag, step): v for tag, v in scalars.items()})
+        for step, scalars in record_points(rec):
+            want.update({(tag, step): v for tag, v in scalars.items()})
     got = _event_scalars(run_dir / "tensorboard")
     assert set(got) == set(want)
     assert all(math.isclose(got[k], v, rel_tol=1e-5, abs_tol=1e-30) for k, v in want.items())
@@ -276,3 +280,28 @@ def test_tensorboard_hparams_panel_and_mlflow_artifacts_and_quiet_logs(tmp_path,
     final = {a.path for a in client.list_artifacts(run_id, "adapters/final")}
     assert final == {"adapters/final/adapter_config.json"}
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss.png"}
+
+
+def test_tensorboard_draws_one_chart_per_client_field_with_a_line_per_client(tmp_path):
+    """Issue 34 item 7: 10 clients x 9 fields were 90 charts; the Custom Scalars tab has one chart per field whose
+    regex takes exactly that field's clients."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    run = RunDir.create(tmp_path, "tb")
+    run.start_tracking(TrackingConfig(backend="tensorboard"), {"seed": 0})
+    for rec in RECORDS:
+        run.log(rec)
+    run.close_tracking()
+    acc = EventAccumulator(str(run.path / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0])
+    (category,) = layout.category
+    charts = {c.title: list(c.multiline.tag) for c in category.chart}
+    assert category.title == "clients" and sorted(charts) == ["aggregation_weight", "loss"]
+    tags = {tag for tag, _ in EXPECTED}
+    for field, (pattern,) in charts.items():
+        assert {t for t in tags if re.search(pattern, t)} == {f"clients/{field}/c0", f"clients/{field}/c1"}

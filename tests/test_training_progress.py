@@ -15,7 +15,7 @@ from fedsafe.fl.loop import _ClientProgress, run_rounds
 from fedsafe.fl.server import Server
 from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 from fedsafe.rundir import RunDir
-from fedsafe.tracking import record_scalars
+from fedsafe.tracking import record_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,5 +86,5 @@ def test_round_loop_logs_the_mean_loss_of_each_local_step_as_train_loss(tmp_path
         assert mine[-1]["loss"] == pytest.approx(sum(r["last_loss"] for r in cl) / len(cl))
         assert all(r["tokens"] > 0 for r in cl)
     # a tracker gets it as one chart, train/loss, over the local steps of the whole run
-    assert record_scalars(train[4]) == (5, {"train/loss": train[4]["loss"]})
+    assert record_points(train[4]) == [(5, {"train/loss": train[4]["loss"]})]
     assert torch.isfinite(torch.tensor([r["loss"] for r in train])).all()

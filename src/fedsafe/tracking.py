@@ -6,12 +6,16 @@ as they are written (round, client, eval, dp, posthoc, heldout, ...). A tracker 
 and switched off; the run and its metrics.jsonl go on.
 
 Each record becomes scalars at step ``record["round"]``. The tag is the record's type, then the values of the
-keys that say whose numbers they are (``client_id``, ``method``, ``defense``), then the field, with nested
-dicts flattened: a client record ``{"type": "client", "round": 2, "client_id": "c3", "loss": 1.2}`` gives
-``client/c3/loss = 1.2`` at step 2; an eval record ``{"type": "eval", "method": "fedavg", "defense": "none",
-"rule": 0.9}`` gives ``eval/fedavg/none/rule``. A ``train`` record (the clients' mean loss after each local step)
-gives ``train/loss`` at its ``step``, the local step counted over the rounds. Strings, lists and booleans are
-not scalars and are skipped (they stay in metrics.jsonl).
+keys that say whose numbers they are (``method``, ``defense``), then the field, with nested dicts flattened: an
+eval record ``{"type": "eval", "method": "fedavg", "defense": "none", "rule": 0.9}`` gives
+``eval/fedavg/none/rule``. A client record puts the field before the client, ``clients/<field>/<client_id>``:
+``{"type": "client", "round": 2, "client_id": "c3", "loss": 1.2}`` gives ``clients/loss/c3 = 1.2`` at step 2, so
+the clients' values of one field sort together (MLflow and wandb group by prefix) and TensorBoard's Custom
+Scalars tab draws one chart per field with a line per client, not one chart per client and field. A
+``train`` record (the clients' mean loss after each local step) gives ``train/loss`` at its ``step``, the local
+step counted over the rounds. The ``heldout`` record (written after training) puts ``heldout/before`` at step 0,
+where it was measured, and ``heldout/after`` at its round. Strings, lists and booleans are not scalars and are
+skipped (they stay in metrics.jsonl).
 
 Offline by default: TensorBoard event files go to ``<run_dir>/tensorboard``; MLflow writes to a SQLite store
 ``<output_dir>/mlflow.db`` beside the run directories (one store for all runs, so ``mlflow ui`` compares
@@ -26,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,6 +41,8 @@ BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", 
             "wandb": ("wandb", "wandb")}
 # keys whose values name the thing a record's numbers are about; they become part of the tag
 IDENTITY_KEYS = ("client_id", "method", "defense")
+# (record type, field) measured at step 0 whatever the record's round: the held-out loss before training
+STEP_ZERO_FIELDS = {("heldout", "before")}
 
 
 def missing_package_message(backend: str) -> str | None:
@@ -50,14 +57,25 @@ def missing_package_message(backend: str) -> str | None:
             f"pip install 'fedsafe[{extra}]' (or set tracking.backend: none)")
 
 
-def record_scalars(record: dict) -> tuple[int, dict[str, float]]:
-    """(step, {tag: value}) of one metrics record; see the module docstring for the naming."""
+def record_points(record: dict) -> list[tuple[int, dict[str, float]]]:
+    """[(step, {tag: value})] of one metrics record, by step; see the module docstring for the naming."""
     kind = str(record.get("type", "record"))
     step = record.get("step", record.get("round", 0))  # a per-step train record counts local steps
     step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
-    prefix = "/".join([kind] + [_tag_part(record[k]) for k in IDENTITY_KEYS if record.get(k) is not None])
     skip = {"type", "round", "step", "local_step", "seed", *IDENTITY_KEYS}
-    return step, dict(_flatten(prefix, {k: v for k, v in record.items() if k not in skip}))
+    fields = {k: v for k, v in record.items() if k not in skip}
+    at_zero = {k: fields.pop(k) for k in list(fields) if (kind, k) in STEP_ZERO_FIELDS}
+    points = [(0, _tags(kind, record, at_zero))] if at_zero else []
+    points.append((step, _tags(kind, record, fields)))
+    return [(s, scalars) for s, scalars in points if scalars]
+
+
+def _tags(kind: str, record: dict, fields: dict) -> dict[str, float]:
+    if kind == "client" and record.get("client_id") is not None:  # clients/<field>/<client>: a chart per field
+        client = _tag_part(record["client_id"])
+        return {f"clients{path}/{client}": v for path, v in _flatten("", fields)}
+    prefix = "/".join([kind] + [_tag_part(record[k]) for k in IDENTITY_KEYS if record.get(k) is not None])
+    return dict(_flatten(prefix, fields))
 
 
 def _flatten(prefix: str, obj: Any) -> Iterable[tuple[str, float]]:
@@ -111,13 +129,21 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
         self.config = config
         self.last: dict[str, float] = {}  # the latest value of each run-level scalar: the HPARAMS panel's metrics
+        self.client_fields: set[str] = set()  # client fields seen so far (one multi-line chart each)
 
     def log(self, record: dict) -> None:
-        step, scalars = record_scalars(record)
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-            if not tag.startswith("client/"):
-                self.last[tag] = value
+        fields = set(self.client_fields)
+        for step, scalars in record_points(record):
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+                if tag.startswith("clients/"):
+                    fields.add(tag[len("clients/"):tag.rindex("/")])
+                else:
+                    self.last[tag] = value
+        if fields != self.client_fields:  # a new client field: its chart in the Custom Scalars tab
+            self.client_fields = fields
+            self.writer.add_custom_scalars({"clients": {
+                field: ["Multiline", [rf"^clients/{re.escape(field)}/[^/]+$"]] for field in sorted(fields)}})
         self.writer.flush()  # records are few (one per client and round): make each visible at once
 
     def close(self) -> None:
@@ -168,9 +194,9 @@ class MLflowTracker(Tracker):
 
         from mlflow.entities import Metric
 
-        step, scalars = record_scalars(record)
         now = int(time.time() * 1000)
-        metrics = [Metric(tag, value, now, step) for tag, value in scalars.items()]
+        metrics = [Metric(tag, value, now, step) for step, scalars in record_points(record)
+                   for tag, value in scalars.items()]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
@@ -215,8 +241,7 @@ class WandbTracker(Tracker):
         _write_state(run_dir, "wandb", {"id": self.run.id})
 
     def log(self, record: dict) -> None:
-        step, scalars = record_scalars(record)
-        if scalars:
+        for step, scalars in record_points(record):
             self.run.log({"round": step, **scalars})
 
     def close(self) -> None:
