@@ -279,3 +279,45 @@ def test_grid_reuses_round_one_and_h_and_equals_the_grid_without_it(tmp_path):
     assert any(not torch.equal(with_cache["minmax"][k], with_cache["data_poisoning"][k])
                for k in with_cache["minmax"])
     assert _client_records(grids["reuse"]) == _client_records(grids["no_reuse"])
+
+
+def test_resume_after_crash_mid_round_reads_the_stored_clients(tmp_path, monkeypatch, test_seed):
+    """A run killed between two clients of round 2 and resumed with the same cache directory (as a resumed grid
+    does) reads round 2's first client back, trains the second, and ends at the adapter of an uninterrupted run
+    without the cache, bit for bit."""
+    from safetensors.torch import load_file
+
+    from fedsafe.config import load_config
+    from fedsafe.pipeline import run_experiment
+
+    def cfg(out):
+        return load_config(None, [
+            "model.name=tiny", f"seed={test_seed}", f"output_dir={out}", "name=t", "fl.rounds=3", "fl.local_steps=2",
+            "fl.batch_size=2", "data.samples_per_client=6", "data.max_length=96", "roles.0.clients=3",
+            "fl.clients_per_round=2", "fl.lr=0.01", "fl.batched_clients=off", "data.heldout=[{path: 'starter:heldout'}]",
+            "data.heldout_max=4", "eval.n_prompts=2", "eval.max_new_tokens=2", "eval.n_normal_prompts=0",
+            "eval.helpfulness_proxy=false"])
+
+    def final(run_dir):
+        return load_file(str(run_dir / "adapters" / "final" / "adapter_model.safetensors"))
+
+    expected = final(run_experiment(cfg(tmp_path / "plain"), progress=False).run_dir)
+    calls = {"n": 0}
+    real = LocalTrainer._fit
+
+    def crash_at_fourth(self, *args, **kwargs):  # round 1: trainings 1-2; round 2: 3 is stored, 4 is killed
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalTrainer, "_fit", crash_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg(tmp_path / "b"), progress=False, update_cache=UpdateCache(tmp_path / "updates"))
+    monkeypatch.setattr(LocalTrainer, "_fit", real)
+    (interrupted,) = (tmp_path / "b").iterdir()
+    cache = UpdateCache(tmp_path / "updates")
+    resumed = run_experiment(resume=interrupted, progress=False, update_cache=cache)
+    assert cache.counts()["reused"] == 1 and cache.counts()["computed"] == 3  # round 2: 1 read, 1 trained; round 3
+    got = final(resumed.run_dir)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
