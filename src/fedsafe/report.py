@@ -328,6 +328,45 @@ def plot_loss(records: list[dict], path: Path, label: str | None = None, ax=None
     return _save(fig, path)
 
 
+def heldout_points(records: list[dict]) -> list[tuple[int, float]]:
+    """(round, held-out loss) where a run recorded it: ``before`` at round 0, ``after`` at the record's round."""
+    points: dict[int, float] = {}
+    for r in records:
+        if r.get("type") != "heldout":
+            continue
+        if r.get("before") is not None:
+            points[0] = float(r["before"])
+        if r.get("after") is not None:
+            points[int(r.get("round", 0))] = float(r["after"])
+    return sorted(points.items())
+
+
+def plot_heldout(series: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
+    """Held-out loss (``data.heldout``, lower is better) before training (round 0) and after, one line per run;
+    None when no run measured it."""
+    series = {label: pts for label, pts in series.items() if pts}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, pts in sorted(series.items()):
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        ax.plot(xs, ys, "-o", ms=4, label=label)
+        if len(series) == 1:
+            for x, y in pts:
+                ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0: before training)")
+    ax.set_ylabel("held-out loss ↓")
+    ax.set_title("Held-out loss before and after training")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def safety_series(records: list[dict], setting: str | None = None) -> dict[tuple, dict[int, tuple[float, dict | None]]]:
     """Rule per evaluated round of one run: (setting, scenario, method, defense) -> round -> (Rule, per-prompt).
 
@@ -531,6 +570,13 @@ def _stealth_plots(run_dir: Path) -> list[Path]:
         return []
 
 
+def _stealth_title(path: Path) -> str:
+    """A reader's title for a stealth plot (its file stem only where the analysis names none)."""
+    from fedsafe.evaluation.stealth import PLOT_TITLES
+
+    return PLOT_TITLES.get(path.stem) or f"Stealth: {path.stem.replace('_', ' ')}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Summary
 # ------------------------------------------------------------------------------------------------
@@ -633,8 +679,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         write_summary(run_dir, groups)
         write_comparisons(run_dir, diffs)
     trajectories = collect_safety(_grid_runs(run_dir) if is_grid else [run_dir])
+    heldout = ({run.name: heldout_points(_records(run)) for run in _grid_runs(run_dir)} if is_grid
+               else {"held-out": heldout_points(records)})
     for title, maker in (("Results", lambda: plot_results(groups, plots_dir / "results.png")),
                          ("Training loss", lambda: plot_loss(records, plots_dir / "loss.png")),
+                         ("Held-out loss", lambda: plot_heldout(heldout, plots_dir / "heldout_loss.png")),
                          ("Safety over rounds", lambda: plot_safety(trajectories, plots_dir / "safety.png")),
                          ("Aggregation weights", lambda: plot_weights(records, plots_dir / "weights.png"))):
         try:
@@ -646,7 +695,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             images.append((title, p))
     if not is_grid and any(r.get("type") == "client" and r.get("malicious") for r in records):
         # stealth compares attackers with benign clients: a run without attackers has nothing to show
-        images += [(f"Stealth: {p.stem.replace('_', ' ')}", p) for p in _stealth_plots(run_dir)]
+        images += [(_stealth_title(p), p) for p in _stealth_plots(run_dir)]
     header, body = results_table(rows, groups=groups)
     title = f"fedsafe report: {run_dir.name}"
     md = [f"# {title}", "", "## Summary", "", *(summary or ["(no config found)"]), "", "## Results", ""]

@@ -205,6 +205,13 @@ def plot_malicious_weight(records: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# the report's title for each plot file plot_stealth writes (by file stem)
+PLOT_TITLES = {"stealth_similarity": "Stealth: how similar the clients' updates are (last round)",
+               "stealth_weights": "Stealth: the weight each rule gives each client",
+               "stealth_malicious_weight": "Stealth: aggregation weight given to malicious clients",
+               "probe_scores": "Probe scores per client and round"}
+
+
 def plot_stealth(run_dir: str | Path) -> list[Path]:
     """Draw the three stealth plots from ``RUN_DIR/metrics.jsonl`` into ``RUN_DIR/plots/``; return the paths."""
     run_dir = Path(run_dir)
