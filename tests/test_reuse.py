@@ -321,3 +321,17 @@ def test_resume_after_crash_mid_round_reads_the_stored_clients(tmp_path, monkeyp
     assert cache.counts()["reused"] == 1 and cache.counts()["computed"] == 3  # round 2: 1 read, 1 trained; round 3
     got = final(resumed.run_dir)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_batched_round_with_a_fedex_residual_is_not_cached(test_seed, tmp_path, monkeypatch):
+    """The batched round checks what the key does not hold, as the sequential trainer does: with a FedEx residual
+    in the base weights (round >= 2 of fl.lora_aggregation=fedex) nothing is read or stored."""
+    import fedsafe.fl.lora_aggregation as lora_aggregation
+
+    trainer, clients, start, rc = _setup(test_seed, dropout=0.0, n_clients=2)
+    monkeypatch.setattr(lora_aggregation, "residual_round", lambda model: 1)
+    trainer.update_cache = cache = UpdateCache(tmp_path)
+    with cache.opened():
+        InProcessEngine(trainer, clients, "auto").fit(["c0", "c1"], start, replace(rc, base_residual_round=1))
+    assert (cache.counts()["computed"], cache.counts()["not_cached"]) == (0, 2)
+    assert not list(tmp_path.glob("*/*"))

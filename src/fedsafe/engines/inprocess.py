@@ -89,7 +89,11 @@ class InProcessEngine:
             self.client_states.setdefault(cid, {})
         cache = getattr(trainer, "update_cache", None)
         if cache is not None and cache.is_open:
-            return self._fit_batched_cached(cache, trainer, hooks, clients, global_vec, rc, on_result, on_step)
+            from fedsafe.fl.update_cache import why_not_cached
+
+            if why_not_cached(trainer, rc) is None:  # e.g. a FedEx residual in the base weights: trained, not keyed
+                return self._fit_batched_cached(cache, trainer, hooks, clients, global_vec, rc, on_result, on_step)
+            cache.not_cached += len(clients)
 
         def after_each(k: int, result: ClientResult) -> ClientResult:
             for p in hooks:  # as ClientPipeline.fit does after each client's training
