@@ -294,7 +294,8 @@ def test_resume_after_crash_mid_round_reads_the_stored_clients(tmp_path, monkeyp
         return load_config(None, [
             "model.name=tiny", f"seed={test_seed}", f"output_dir={out}", "name=t", "fl.rounds=3", "fl.local_steps=2",
             "fl.batch_size=2", "data.samples_per_client=6", "data.max_length=96", "roles.0.clients=3",
-            "fl.clients_per_round=2", "fl.lr=0.01", "fl.batched_clients=off", "data.heldout=[{path: 'starter:heldout'}]",
+            "fl.clients_per_round=2", "fl.lr=0.01", "fl.batched_clients=off",
+            "data.heldout=[{path: 'starter:heldout'}]",
             "data.heldout_max=4", "eval.n_prompts=2", "eval.max_new_tokens=2", "eval.n_normal_prompts=0",
             "eval.helpfulness_proxy=false"])
 

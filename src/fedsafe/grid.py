@@ -31,7 +31,11 @@ one row per (setting, seed); ``summary.csv`` and the report give each setting's 
 and 95% interval over seeds and prompts, and paired differences (see :mod:`fedsafe.stats`). Seeds run
 in turn, all settings of seed 0 first. Shared work: settings that share training share it per seed,
 generated attack data is cached by its seed, and evaluations share one generation cache
-(``<grid>/cache``), so the base model's round-0 evaluation runs once. ``fedsafe grid GRID.yaml --resume
+(``<grid>/cache``), so the base model's round-0 evaluation runs once. Client trainings with the same
+inputs (global adapter, client rows and seeds, round config, model: :mod:`fedsafe.fl.update_cache`) run
+once across the grid's runs, e.g. round 1's benign clients under every attack and rule of a seed, and the
+attackers' honest update h under every attack that only transforms it; ``<grid>/reuse.json`` and the last
+lines printed say how many were reused (``reuse_updates: false`` or ``--no-reuse`` turns it off). ``fedsafe grid GRID.yaml --resume
 GRID_DIR`` continues an interrupted grid: a finished (setting, seed) is not rerun, and a training run
 interrupted after a checkpoint continues from it.
 """
