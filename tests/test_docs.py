@@ -69,3 +69,13 @@ def test_a_broken_link_or_reference_fails_the_build(tmp_path, page, needles):
     done = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
     log = done.stdout + done.stderr
     assert done.returncode != 0 and all(needle in log for needle in needles), log[-3000:]
+
+
+def test_no_page_quotes_a_test_count_that_rots():
+    """The suite's size changes with every commit: the docs say how to count it, never a number."""
+    import re
+
+    pattern = re.compile(r"\b\d+ passed\b|\b\d+ tests?(?::| pass| ran| in \d)")  # "649 tests: 644 passed ..."
+    quoted = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+              for m in pattern.finditer(p.read_text(encoding="utf-8"))]
+    assert not quoted, quoted
