@@ -7,14 +7,14 @@ loopback deployments start a SuperLink and one SuperNode per client as separate 
 TLS and SuperNode authentication (``--insecure``: plain text). Flower 1.41 starts a fresh ClientApp process
 for every message:
 
-- ``deployment``: each SuperNode has a warm worker (:mod:`fedsafe.engines.worker`) that keeps the model
+- ``deployment``: each SuperNode has a warm worker (:mod:`fedsafe.engines.flower.worker`) that keeps the model
   loaded; the per-message ClientApp process only forwards the message to it;
 - ``deployment-noworker``: every ClientApp process imports torch and builds the model and data itself;
 - ``deployment-flowerpoll``: as ``deployment`` but with Flower's own SuperNode waits (3 s after an empty pull,
-  0.5 s for a reply) instead of fedsafe's 0.2 s cap (:mod:`fedsafe.engines.supernode`).
+  0.5 s for a reply) instead of fedsafe's 0.2 s cap (:mod:`fedsafe.engines.flower.supernode`).
 
 In-process and simulation have no worker to switch: they train on the pipeline's own model, loaded once.
-``--trace`` records timestamps (:mod:`fedsafe.engines.flower_trace`) and prints where a deployed train
+``--trace`` records timestamps (:mod:`fedsafe.engines.flower.trace`) and prints where a deployed train
 message's time goes, averaged over the rounds after the first.
 
     python benchmarks/engine_overhead.py                    # tiny model, then the embedded model
@@ -62,12 +62,12 @@ def run_engine(engine: str, overrides: list[str], secure: bool = True) -> tuple[
 
         run_dir = run_experiment(cfg, progress=False).run_dir
     elif engine == "simulation":
-        from fedsafe.engines.flower import run_flower_experiment
+        from fedsafe.engines.flower.simulation import run_flower_experiment
 
         run_dir = run_flower_experiment(cfg, progress=False).run_dir
     elif engine in ("deployment", "deployment-noworker", "deployment-flowerpoll"):
         from fedsafe.config import dump_config
-        from fedsafe.engines.flower_deploy import SUPERNODE_POLL_S, LocalFederation, write_app
+        from fedsafe.engines.flower.deploy import SUPERNODE_POLL_S, LocalFederation, write_app
 
         warm = engine != "deployment-noworker"
         poll_s = 0.0 if engine == "deployment-flowerpoll" else SUPERNODE_POLL_S
@@ -97,7 +97,7 @@ def summarize(model: str, engine: str, run_dir: Path, total_s: float) -> dict:
 
 def print_breakdown(model: str, engine: str, trace_path: Path) -> None:
     """Mean seconds per phase of a deployed train message (rounds after the first) from a trace file."""
-    from fedsafe.engines.flower_trace import breakdown, read
+    from fedsafe.engines.flower.trace import breakdown, read
 
     if not trace_path.exists():
         return

@@ -16,7 +16,9 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fedsafe.config import ExperimentConfig, FLConfig  # noqa: E402
-from fedsafe.engines import flower as fe  # noqa: E402
+from fedsafe.engines.flower import client_app, codec, trainer_cache  # noqa: E402
+from fedsafe.engines.flower.node import node_client_id, node_keys  # noqa: E402
+from fedsafe.engines.flower.server import FlowerEngine, server_keys  # noqa: E402
 from fedsafe.errors import FedsafeError  # noqa: E402
 from fedsafe.fl.client import ClientResult, RoundConfig  # noqa: E402
 
@@ -66,7 +68,8 @@ def test_round_config_and_result_survive_the_codec():
     if hasattr(rc, "step_feature_mask"):
         rc.step_feature_mask = torch.tensor([True, False, True, False, False, True, True])
     vec = torch.randn(7)
-    got_vec, got_rc, cid, cfg_yaml, token = fe.decode_train(fe.encode_train(vec, rc, "client_02", "seed: 1", "tk"))
+    content = codec.encode_train(vec, rc, "client_02", "seed: 1", "tk")
+    got_vec, got_rc, cid, cfg_yaml, token = codec.decode_train(content)
     assert (cid, cfg_yaml, token) == ("client_02", "seed: 1", "tk")
     torch.testing.assert_close(got_vec, vec)
     for f in rc.__dataclass_fields__:
@@ -80,7 +83,7 @@ def test_round_config_and_result_survive_the_codec():
                         "scale": 2.0, "info": {"k": [1, 2]}, "none": None,
                         "secure_agg": {"format": "ckks-v1", "ciphertexts": [b"c0", b"c1"], "length": 7,
                                        "nested": {"weight": 0.5, "empty": {}}}})
-    back = fe.decode_result(fe.encode_result(res))
+    back = codec.decode_result(codec.encode_result(res))
     torch.testing.assert_close(back.update, res.update)
     assert (back.client_id, back.num_samples, back.metrics) == (res.client_id, 8, res.metrics)
     assert back.extra.keys() == res.extra.keys() and back.extra["chunks"] == [b"a", b"bc"]
@@ -88,14 +91,14 @@ def test_round_config_and_result_survive_the_codec():
     assert back.extra["none"] is None and torch.equal(back.extra["delta_c"], torch.ones(7))
     assert back.extra["secure_agg"] == res.extra["secure_agg"]  # HE ciphertexts travel as bytes
     with pytest.raises(FedsafeError, match="extra"):
-        fe.encode_result(ClientResult("c", torch.zeros(2), 1, {}, {"bad": object()}))
+        codec.encode_result(ClientResult("c", torch.zeros(2), 1, {}, {"bad": object()}))
 
 
 def test_node_client_id_from_node_config():
-    assert fe.node_client_id({"partition-id": 2, "num-partitions": 4}, 4) == "client_02"
-    assert fe.node_client_id({"client-id": "client_07"}, 4) == "client_07"
+    assert node_client_id({"partition-id": 2, "num-partitions": 4}, 4) == "client_02"
+    assert node_client_id({"client-id": "client_07"}, 4) == "client_07"
     with pytest.raises(FedsafeError, match="partition-id=5"):
-        fe.node_client_id({"partition-id": 5}, 4)
+        node_client_id({"partition-id": 5}, 4)
 
 
 # --- failures and invalid updates through a scripted Grid --------------------------------------------
@@ -130,25 +133,25 @@ class ScriptedGrid:
         for mid in list(message_ids):
             msg = self.inbox.pop(mid, None)
             node = None if msg is None else msg.metadata.dst_node_id
-            train = msg is not None and msg.metadata.message_type == fe.TRAIN
+            train = msg is not None and msg.metadata.message_type == codec.TRAIN
             if msg is None or (train and node in self.dead):
                 continue
-            decrypt = msg.metadata.message_type == fe.DECRYPT
+            decrypt = msg.metadata.message_type == codec.DECRYPT
             if (train and node in self.raising) or (decrypt and node in self.decrypt_raising):
                 out.append(Message(Error(code=3, reason="ClientApp raised"), reply_to=msg))
                 continue
             ctx = self.contexts.setdefault(node, Context(run_id=1, node_id=node, node_config=self.nodes[node],
                                                          state=RecordDict(), run_config={}))
-            handler = {fe.TRAIN: fe.handle_train, fe.QUERY: fe.handle_query,
-                       fe.DECRYPT: fe.handle_decrypt}[msg.metadata.message_type]
+            handler = {codec.TRAIN: client_app.handle_train, codec.QUERY: client_app.handle_query,
+                       codec.DECRYPT: client_app.handle_decrypt}[msg.metadata.message_type]
             try:
                 reply = handler(msg, ctx)
             except FedsafeError as exc:  # what Flower does with a ClientApp exception
                 out.append(Message(Error(code=3, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
                 continue
-            if node in self.tamper and msg.metadata.message_type == fe.TRAIN:
+            if node in self.tamper and msg.metadata.message_type == codec.TRAIN:
                 content = reply.content
-                content["update"] = fe.ArrayRecord({"vec": fe._to_array(self.tamper[node](
+                content["update"] = codec.ArrayRecord({"vec": codec.to_array(self.tamper[node](
                     torch.from_numpy(content["update"]["vec"].numpy().copy())))})
                 reply = Message(content, reply_to=msg)
             out.append(reply)
@@ -159,13 +162,13 @@ def _run_with_grid(cfg, grid):
     from fedsafe.pipeline import run_experiment
 
     def factory(trainer, clients):
-        fe.register_local("scripted", trainer, clients)
-        return fe.FlowerEngine(grid, cfg, clients, token="scripted")
+        trainer_cache.register_local("scripted", trainer, clients)
+        return FlowerEngine(grid, cfg, clients, token="scripted")
 
     try:
         return run_experiment(cfg, progress=False, engine_factory=factory)
     finally:
-        fe.unregister_local("scripted")
+        trainer_cache.unregister_local("scripted")
 
 
 def test_failed_clients_and_invalid_updates_are_logged_and_the_run_goes_on(tmp_path, data_file, task_identity,
@@ -209,7 +212,7 @@ def test_below_min_results_the_round_leaves_the_adapter_unchanged(tmp_path, data
 # --- simulation equals in-process --------------------------------------------------------------------
 
 def test_flower_simulation_equals_inprocess(tmp_path, data_file):
-    from fedsafe.engines.flower import run_flower_experiment
+    from fedsafe.engines.flower.simulation import run_flower_experiment
     from fedsafe.pipeline import run_experiment
     from fedsafe.rundir import RunDir
 
@@ -239,7 +242,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_loopback_deployment_two_rounds(tmp_path, data_file):
-    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.deploy import LocalFederation, write_app
     from fedsafe.rundir import RunDir
 
     cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
@@ -260,7 +263,7 @@ def test_loopback_deployment_two_rounds(tmp_path, data_file):
 def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
     import psutil
 
-    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.deploy import LocalFederation, write_app
     from fedsafe.rundir import RunDir
 
     cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
@@ -304,7 +307,7 @@ def test_killing_a_supernode_mid_round_keeps_the_run_going(tmp_path, data_file):
 def test_loopback_warm_worker_killed_mid_run_the_run_completes(tmp_path, data_file):
     """TLS + node auth + warm workers (LocalFederation's defaults): node 0's worker is killed after round 1; the
     next train message's handler restarts it, no client fails, and the run equals the in-process one."""
-    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.deploy import LocalFederation, write_app
     from fedsafe.pipeline import run_experiment
     from fedsafe.rundir import RunDir
 
@@ -340,7 +343,7 @@ def test_loopback_warm_worker_killed_mid_run_the_run_completes(tmp_path, data_fi
 
 def test_loopback_unregistered_supernode_is_refused_and_the_run_completes(tmp_path, data_file):
     """A SuperNode with a valid TLS CA but a key the SuperLink never registered cannot join; the run goes on."""
-    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.deploy import LocalFederation, write_app
     from fedsafe.rundir import RunDir
 
     cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
@@ -369,7 +372,7 @@ def test_loopback_unregistered_supernode_is_refused_and_the_run_completes(tmp_pa
 def test_secure_aggregation_ciphertexts_travel_through_flower(tmp_path, data_file):
     """CKKS-encrypted updates (bytes in ClientResult.extra) through Flower simulation == plaintext in-process."""
     pytest.importorskip("tenseal")
-    from fedsafe.engines.flower import run_flower_experiment
+    from fedsafe.engines.flower.simulation import run_flower_experiment
     from fedsafe.pipeline import run_experiment
     from fedsafe.rundir import RunDir
 
@@ -440,15 +443,15 @@ def test_server_and_supernodes_refuse_wrong_key_files(tmp_path, data_file, he_ke
     from fedsafe.errors import ConfigError
 
     cfg = _cfg(tmp_path, data_file, secure_agg=_HE)
-    assert fe.server_keys(cfg, str(he_keys.server)).key_id == he_keys.key_id
-    assert fe.server_keys(_cfg(tmp_path, data_file), str(he_keys.server)) is None  # HE off: no keys needed
+    assert server_keys(cfg, str(he_keys.server)).key_id == he_keys.key_id
+    assert server_keys(_cfg(tmp_path, data_file), str(he_keys.server)) is None  # HE off: no keys needed
     with pytest.raises(FedsafeError, match="needs the server's public CKKS context"):
-        fe.server_keys(cfg, None)
+        server_keys(cfg, None)
     with pytest.raises(ConfigError, match="holds the secret key"):
-        fe.server_keys(cfg, str(he_keys.clients))
+        server_keys(cfg, str(he_keys.clients))
     other = write_key_files(CKKSParams(), tmp_path / "other")
-    query = Message(RecordDict({"fedsafe": fe._meta(dump_config(cfg), "t", he_keys.key_id)}), dst_node_id=1000,
-                    message_type=fe.QUERY)
+    query = Message(RecordDict({"fedsafe": codec.run_meta(dump_config(cfg), "t", he_keys.key_id)}), dst_node_id=1000,
+                    message_type=codec.QUERY)
 
     def node(**node_config):
         return Context(run_id=1, node_id=1000, node_config={"partition-id": 1, **node_config}, state=RecordDict(),
@@ -459,16 +462,16 @@ def test_server_and_supernodes_refuse_wrong_key_files(tmp_path, data_file, he_ke
                                  ({"he-context": str(he_keys.server)}, "public context"),
                                  ({"he-context": str(other.clients)}, "key set")]:
         with pytest.raises(FedsafeError, match=message):  # at connect: the node is never sampled
-            fe.handle_query(query, node(**node_config))
-    assert fe.handle_query(query, node(**{"he-context": str(he_keys.clients)})).content["fedsafe"]["client_id"] \
-        == "client_01"
+            client_app.handle_query(query, node(**node_config))
+    reply = client_app.handle_query(query, node(**{"he-context": str(he_keys.clients)}))
+    assert reply.content["fedsafe"]["client_id"] == "client_01"
     # the server's file and the config say N=8192; keys made for other CKKS parameters are refused
     wide = write_key_files(CKKSParams(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 40, 40, 60)),
                            tmp_path / "wide")
     with pytest.raises(ConfigError, match=r"secure_agg\.ckks is N=8192"):
-        fe.node_keys({"he-context": str(wide.clients)}, cfg, he_keys.key_id)
+        node_keys({"he-context": str(wide.clients)}, cfg, he_keys.key_id)
     with pytest.raises(ConfigError, match=r"secure_agg\.ckks is N=8192"):
-        fe.server_keys(cfg, str(wide.server))
+        server_keys(cfg, str(wide.server))
 
 
 def test_deployed_secure_aggregation_decrypts_on_a_supernode(tmp_path, data_file, he_keys, task_identity, caplog):
@@ -480,11 +483,11 @@ def test_deployed_secure_aggregation_decrypts_on_a_supernode(tmp_path, data_file
     cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
                secure_agg=_HE, fl={"lr": 0.02, "lr_schedule": "constant"},
                flower={"round_timeout_s": 120.0, "connect_timeout_s": 5.0, "decrypt_timeout_s": 60.0})
-    server = fe.server_keys(cfg, str(he_keys.server))
+    server = server_keys(cfg, str(he_keys.server))
 
     def deploy(grid):  # an unregistered token: every SuperNode builds its own model, data and key holder
         return run_experiment(cfg, progress=False, he_server_context=server.context,
-                              engine_factory=lambda trainer, clients: fe.FlowerEngine(grid, cfg, clients, token="he",
+                              engine_factory=lambda trainer, clients: FlowerEngine(grid, cfg, clients, token="he",
                                                                                       he_key_id=server.key_id))
 
     grid = ScriptedGrid(2, node_config={"he-context": str(he_keys.clients)}, decrypt_raising={1000})
@@ -492,7 +495,7 @@ def test_deployed_secure_aggregation_decrypts_on_a_supernode(tmp_path, data_file
         deployed = deploy(grid)
     _assert_same_he_rounds(deployed.run_dir, run_experiment(cfg, progress=False).run_dir)
     # node 1000 (client_00 answered first) fails to decrypt every round; node 1001 takes over
-    decrypts = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == fe.DECRYPT]
+    decrypts = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == codec.DECRYPT]
     assert decrypts == [1000, 1001, 1000, 1001]
     assert "SuperNode 1000 (client client_00) could not decrypt" in caplog.text
     # when no key holder can decrypt, the run stops with the reasons (finished rounds are checkpointed)
@@ -515,7 +518,7 @@ def test_loopback_deployment_with_secure_aggregation(tmp_path, data_file, he_key
     One round (pruned 30%): the scripted-grid test above runs the same handlers over two rounds in one process;
     each extra deployed round costs ~40 s of ClientApp process start-ups on 2 cores.
     """
-    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.deploy import LocalFederation, write_app
     from fedsafe.pipeline import run_experiment
 
     cfg = _cfg(tmp_path, data_file, roles=[{"name": "benign", "clients": 2, "data": [{"path": str(data_file)}]}],
@@ -549,10 +552,10 @@ def test_deployed_client_rebuilds_its_partition_or_trains_on_its_own_file(tmp_pa
                         "response-field": "answer"}
     # an unregistered token: every SuperNode builds its own model and data from the config in the message
     flower_run = run_experiment(cfg, progress=False,
-                                engine_factory=lambda trainer, clients: fe.FlowerEngine(grid, cfg, clients, token="x"))
+                                engine_factory=lambda trainer, clients: FlowerEngine(grid, cfg, clients, token="x"))
     plain = run_experiment(cfg, progress=False)
     by_client = {r["client_id"]: r for r in RunDir.open(flower_run.run_dir).records("client")}
     by_client_plain = {r["client_id"]: r for r in RunDir.open(plain.run_dir).records("client")}
     assert by_client["client_00"]["loss"] == pytest.approx(by_client_plain["client_00"]["loss"], rel=1e-6)
     assert by_client["client_01"]["samples"] == 5 != by_client_plain["client_01"]["samples"]
-    assert fe._BUILT_WORKERS  # the nodes really built their own workers
+    assert trainer_cache.BUILT  # the nodes really built their own workers

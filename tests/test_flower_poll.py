@@ -1,4 +1,4 @@
-"""fedsafe.engines.supernode: Flower's SuperNode with its hard-coded waits capped (issue 22)."""
+"""fedsafe.engines.flower.supernode: Flower's SuperNode with its hard-coded waits capped (issue 22)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedsafe.engines import supernode  # noqa: E402
-from fedsafe.engines.flower_deploy import SUPERNODE_POLL_S, supernode_command  # noqa: E402
+from fedsafe.engines.flower import supernode  # noqa: E402
+from fedsafe.engines.flower.deploy import SUPERNODE_POLL_S, supernode_command  # noqa: E402
 from fedsafe.errors import FedsafeError  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def test_the_supernode_loop_sleeps_at_most_the_cap_after_patching():
     # in a fresh interpreter: the patch changes a Flower module for the rest of the process
     code = textwrap.dedent("""
         import time
-        from fedsafe.engines import supernode
+        from fedsafe.engines.flower import supernode
         from flwr.supernode import start_client_internal as loop
         assert loop.time is time, "Flower's loop no longer sleeps through `time`"
         slept = []
@@ -62,7 +62,7 @@ def test_unknown_flower_version_runs_flowers_own_timing(monkeypatch):
 
 def test_supernode_command_uses_the_launcher_unless_poll_is_zero():
     capped = supernode_command("127.0.0.1:9092", 9094, partition_id=0)
-    assert capped[:3] == [sys.executable, "-m", "fedsafe.engines.supernode"]
+    assert capped[:3] == [sys.executable, "-m", "fedsafe.engines.flower.supernode"]
     assert capped[3:6] == ["--poll", str(SUPERNODE_POLL_S), "--"]
     assert "--superlink" in capped[6:]
     plain = supernode_command("127.0.0.1:9092", 9094, partition_id=0, poll_s=0)
@@ -72,7 +72,7 @@ def test_supernode_command_uses_the_launcher_unless_poll_is_zero():
 
 
 def test_launcher_rejects_a_negative_poll():
-    proc = subprocess.run([sys.executable, "-m", "fedsafe.engines.supernode", "--poll", "-1", "--", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "fedsafe.engines.flower.supernode", "--poll", "-1", "--", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--poll" in proc.stderr
 

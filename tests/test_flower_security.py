@@ -19,7 +19,7 @@ pytest.importorskip("flwr")
 from typer.testing import CliRunner  # noqa: E402
 
 from fedsafe.config import ExperimentConfig, dump_config  # noqa: E402
-from fedsafe.engines.flower_deploy import RUN_DIR_PATTERN  # noqa: E402
+from fedsafe.engines.flower.deploy import RUN_DIR_PATTERN  # noqa: E402
 from fedsafe.errors import FedsafeError  # noqa: E402
 
 INTRUDER_HOST = "127.0.0.2"  # the Fleet listener's address: all an intruder on the network can reach (loopback)
@@ -96,8 +96,8 @@ def test_intruder_holding_the_ca_cannot_register_list_or_submit_and_registered_n
     from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
-    from fedsafe.engines.flower_deploy import _start, flower_env, free_port, stop_group, write_connection
-    from fedsafe.engines.worker import stop_worker
+    from fedsafe.engines.flower.deploy import _start, flower_env, free_port, stop_group, write_connection
+    from fedsafe.engines.flower.worker import stop_worker
     from fedsafe.rundir import RunDir
 
     env = flower_env(tmp_path / "operator_home")
@@ -204,7 +204,7 @@ def _call(app, path: str, port: int) -> int:
 
 
 def test_fleet_listener_serves_only_the_fleet_api():
-    from fedsafe.engines.superlink import fleet_only
+    from fedsafe.engines.flower.superlink import fleet_only
 
     async def flower_app(scope, receive, send):  # stands in for Flower's app: answers everything
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -223,8 +223,8 @@ def test_fleet_listener_serves_only_the_fleet_api():
 
 
 def test_superlink_keeps_control_on_loopback_unless_told_and_refuses_foreign_keys(tmp_path, monkeypatch):
-    from fedsafe.engines import flower_cli
-    from fedsafe.engines.flower_deploy import write_certs
+    from fedsafe.engines.flower import cli as flower_cli
+    from fedsafe.engines.flower.deploy import write_certs
 
     certs = write_certs(tmp_path / "certs", 1)
     started = []
@@ -261,7 +261,7 @@ def test_superlink_keeps_control_on_loopback_unless_told_and_refuses_foreign_key
 
 
 def test_superlink_launcher_refuses_a_non_loopback_control_host():
-    from fedsafe.engines.superlink import is_loopback, main
+    from fedsafe.engines.flower.superlink import is_loopback, main
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("example.org")
@@ -275,7 +275,7 @@ def test_superlink_launcher_refuses_a_non_loopback_control_host():
 def test_certs_keep_the_ca_signing_key_and_node_keys_out_of_the_superlink_directory(tmp_path):
     from cryptography import x509
 
-    from fedsafe.engines.flower_deploy import write_certs
+    from fedsafe.engines.flower.deploy import write_certs
 
     certs = write_certs(tmp_path / "certs", num_nodes=2)
     superlink_dir = certs.server_cert.parent  # what `fedsafe flower superlink --certs` reads
@@ -295,8 +295,8 @@ def test_certs_keep_the_ca_signing_key_and_node_keys_out_of_the_superlink_direct
 def test_local_removes_its_keys_and_work_directory_on_every_exit(tmp_path, data_file, monkeypatch, failure):
     """`fedsafe flower local` with secure_agg writes the clients' secret CKKS context and node keys into its work
     directory; a run that is interrupted or fails leaves none of it behind (processes are not started here)."""
-    from fedsafe.engines import flower_deploy
-    from fedsafe.engines.flower_cli import flower_app
+    from fedsafe.engines.flower import deploy as flower_deploy
+    from fedsafe.engines.flower.cli import flower_app
 
     made = []
     real_post_init = flower_deploy.LocalFederation.__post_init__

@@ -1,6 +1,6 @@
-"""The SuperNode's warm worker (engines/worker.py), the thin ClientApp, TLS test certificates and the trace.
+"""The SuperNode's warm worker (engines/flower/worker.py), the thin ClientApp, TLS certificates and the trace.
 
-The worker tests drive the real ClientApp handlers of ``fedsafe.engines.flower_app`` through a scripted Grid in
+The worker tests drive the real ClientApp handlers of ``fedsafe.engines.flower.app`` through a scripted Grid in
 this process; the worker is a real separate process reached over its private socket. Full deployments
 (SuperLink, SuperNodes) with workers are in test_flower.py.
 """
@@ -21,9 +21,12 @@ pytest.importorskip("flwr")
 from flwr.app import Error, Message  # noqa: E402
 from test_flower import ScriptedGrid, _adapter, _cfg, data_file, task_identity  # noqa: E402,F401
 
-from fedsafe.engines import flower as fe  # noqa: E402
-from fedsafe.engines import worker as wk  # noqa: E402
+from fedsafe.engines.flower import codec, trainer_cache  # noqa: E402
+from fedsafe.engines.flower import worker as wk  # noqa: E402
+from fedsafe.engines.flower.node import WORKER_DIR, query_reply  # noqa: E402
+from fedsafe.engines.flower.server import FlowerEngine  # noqa: E402
 from fedsafe.errors import FedsafeError  # noqa: E402
+from fedsafe.fl.client import RoundConfig  # noqa: E402
 
 
 class WorkerGrid(ScriptedGrid):
@@ -32,14 +35,14 @@ class WorkerGrid(ScriptedGrid):
     def __init__(self, num_nodes, worker_dirs, after_train=None):
         super().__init__(num_nodes, node_config=None)
         for i, node in enumerate(sorted(self.nodes)):
-            self.nodes[node] = {**self.nodes[node], wk.WORKER_DIR: str(worker_dirs[i])}
+            self.nodes[node] = {**self.nodes[node], WORKER_DIR: str(worker_dirs[i])}
         self.after_train = after_train
         self.trained = 0
 
     def pull_messages(self, message_ids):
         from flwr.app import Context, RecordDict
 
-        from fedsafe.engines import flower_app
+        from fedsafe.engines.flower import app as flower_app
 
         out = []
         for mid in list(message_ids):
@@ -49,13 +52,13 @@ class WorkerGrid(ScriptedGrid):
             node = msg.metadata.dst_node_id
             ctx = self.contexts.setdefault(node, Context(run_id=1, node_id=node, node_config=self.nodes[node],
                                                          state=RecordDict(), run_config={}))
-            handler = {fe.TRAIN: flower_app.train, fe.QUERY: flower_app.query,
-                       fe.DECRYPT: flower_app.decrypt}[msg.metadata.message_type]
+            handler = {codec.TRAIN: flower_app.train, codec.QUERY: flower_app.query,
+                       codec.DECRYPT: flower_app.decrypt}[msg.metadata.message_type]
             try:
                 out.append(handler(msg, ctx))
             except FedsafeError as exc:  # what Flower does with a ClientApp exception
                 out.append(Message(Error(code=3, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-            if msg.metadata.message_type == fe.TRAIN:
+            if msg.metadata.message_type == codec.TRAIN:
                 self.trained += 1
                 if self.after_train is not None:
                     self.after_train(self.trained)
@@ -99,10 +102,10 @@ def test_run_through_warm_workers_equals_inprocess_and_survives_a_killed_worker(
             os.kill(pids["first"], signal.SIGKILL)
             _wait_dead(pids["first"])
 
-    fe._BUILT_WORKERS.clear()
+    trainer_cache.BUILT.clear()
     grid = WorkerGrid(2, worker_dirs, after_train=kill_after_round_1)
     with caplog.at_level(logging.INFO, logger="fedsafe"):
-        deployed = run_experiment(cfg, progress=False, engine_factory=lambda trainer, clients: fe.FlowerEngine(
+        deployed = run_experiment(cfg, progress=False, engine_factory=lambda trainer, clients: FlowerEngine(
             grid, cfg, clients, token="not-local"))
     reference = run_experiment(cfg, progress=False)
 
@@ -116,7 +119,7 @@ def test_run_through_warm_workers_equals_inprocess_and_survives_a_killed_worker(
     assert restarted is not None and restarted != pids["first"]  # node 0 got a new worker ...
     assert wk.worker_pid(worker_dirs[1]) == pids["other"]  # ... node 1 kept its warm one for all rounds
     assert caplog.text.count("is not running: starting it") == 3  # both at the first message, node 0 once more
-    assert not fe._BUILT_WORKERS  # nothing was built in this process: the workers trained
+    assert not trainer_cache.BUILT  # nothing was built in this process: the workers trained
     for d in worker_dirs:
         assert stat.S_IMODE(os.stat(d / wk.SOCKET_NAME).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
@@ -131,17 +134,17 @@ def test_pinned_worker_refuses_another_model_with_a_reason(tmp_path, data_file, 
     path.write_text(dump_config(pinned_cfg))
     wk.write_settings(worker_dirs[0], path, os.getpid())
     run_cfg = _cfg(tmp_path, data_file, fl={"rounds": 1})
-    node_config = {"partition-id": 0, wk.WORKER_DIR: str(worker_dirs[0])}
-    content = fe.encode_train(torch.zeros(3), fe.RoundConfig(round=1, lr=1e-3, local_steps=1, batch_size=2, seed=1),
+    node_config = {"partition-id": 0, WORKER_DIR: str(worker_dirs[0])}
+    content = codec.encode_train(torch.zeros(3), RoundConfig(round=1, lr=1e-3, local_steps=1, batch_size=2, seed=1),
                               "client_00", dump_config(run_cfg), "tok")
     with pytest.raises(FedsafeError, match="warm worker holds model 'tiny'.*restart the SuperNode"):
-        wk.query_reply(content, node_config)  # at connect: this node is never sampled
+        query_reply(content, node_config)  # at connect: this node is never sampled
 
     from flwr.app import Context, RecordDict
 
-    from fedsafe.engines import flower_app
+    from fedsafe.engines.flower import app as flower_app
 
-    msg = Message(content, dst_node_id=1, message_type=fe.TRAIN)
+    msg = Message(content, dst_node_id=1, message_type=codec.TRAIN)
     msg.metadata.__dict__["_message_id"] = "m1"
     ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
     with pytest.raises(FedsafeError, match="warm worker refused the train message: .*holds model 'tiny'"):
@@ -154,24 +157,24 @@ def test_no_worker_dir_trains_in_the_clientapp_process_with_a_log_line(tmp_path,
     from flwr.app import Context, RecordDict
 
     from fedsafe.config import dump_config
-    from fedsafe.engines import flower_app
+    from fedsafe.engines.flower import app as flower_app
 
-    fe._BUILT_WORKERS.clear()
+    trainer_cache.BUILT.clear()
     cfg = _cfg(tmp_path, data_file, fl={"rounds": 1})
     node_config = {"partition-id": 0}
-    built = fe._worker_for("tok", dump_config(cfg), node_config)  # what a ClientApp process builds for itself
+    built = trainer_cache.trainer_for("tok", dump_config(cfg), node_config)  # what a ClientApp process builds
     start = built.trainer.flat.get().clone()
-    content = fe.encode_train(start, fe.RoundConfig(round=1, lr=1e-3, local_steps=1, batch_size=2, seed=1),
+    content = codec.encode_train(start, RoundConfig(round=1, lr=1e-3, local_steps=1, batch_size=2, seed=1),
                               "client_00", dump_config(cfg), "tok")
-    msg = Message(content, dst_node_id=1, message_type=fe.TRAIN)
+    msg = Message(content, dst_node_id=1, message_type=codec.TRAIN)
     msg.metadata.__dict__["_message_id"] = "m1"
     ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
     with caplog.at_level(logging.INFO, logger="fedsafe"):
         reply = flower_app.train(msg, ctx)
     assert "no warm worker on this SuperNode" in caplog.text
-    res = fe.decode_result(reply.content)
+    res = codec.decode_result(reply.content)
     assert res.client_id == "client_00" and res.update.shape == start.shape and float(res.update.norm()) > 0
-    assert list(fe._BUILT_WORKERS.values()) == [built]  # trained on the model built in this process
+    assert list(trainer_cache.BUILT.values()) == [built]  # trained on the model built in this process
 
 
 def test_worker_directory_must_be_private(tmp_path):
@@ -193,10 +196,10 @@ def test_thin_clientapp_and_query_import_no_torch(tmp_path, data_file):
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(dump_config(_cfg(tmp_path, data_file)))
-    code = ("import sys, fedsafe.engines.flower_app as app\n"
+    code = ("import sys, fedsafe.engines.flower.app as app\n"
             "assert 'torch' not in sys.modules\n"
             "from flwr.app import ConfigRecord, RecordDict\n"
-            "from fedsafe.engines.worker import query_reply\n"
+            "from fedsafe.engines.flower.node import query_reply\n"
             f"cfg = open({str(cfg_path)!r}).read()\n"
             "reply = query_reply(RecordDict({'fedsafe': ConfigRecord({'config': cfg, 'token': 't'})}), "
             "{'partition-id': 1})\n"
@@ -212,7 +215,7 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    from fedsafe.engines.flower_deploy import write_certs
+    from fedsafe.engines.flower.deploy import write_certs
 
     certs = write_certs(tmp_path / "certs", num_nodes=2, hosts=["link.example.org", "10.0.0.5"])
     ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
@@ -233,8 +236,8 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
 def test_tls_is_the_default_and_plain_text_needs_insecure(tmp_path):
     from typer.testing import CliRunner
 
-    from fedsafe.engines.flower_cli import flower_app
-    from fedsafe.engines.flower_deploy import superlink_command, supernode_command, write_certs
+    from fedsafe.engines.flower.cli import flower_app
+    from fedsafe.engines.flower.deploy import superlink_command, supernode_command, write_certs
 
     certs = write_certs(tmp_path / "c", 1)
     link = superlink_command(9999, certs=certs)
@@ -249,7 +252,7 @@ def test_tls_is_the_default_and_plain_text_needs_insecure(tmp_path):
 
 
 def test_trace_breakdown_joins_server_clientapp_and_worker_events():
-    from fedsafe.engines.flower_trace import breakdown
+    from fedsafe.engines.flower.trace import breakdown
 
     events = [{"t": 0.0, "pid": 1, "event": "server_push", "mid": "a", "round": 2},
               {"t": 0.5, "pid": 7, "event": "proc_start", "at": 0.4},

@@ -235,10 +235,10 @@ def test_linear_modes_load_with_secure_aggregation_and_dp():
 
 
 def test_round_config_fields_travel_to_flower_clientapps():
-    from fedsafe.engines import flower as fe
+    from fedsafe.engines.flower import codec
 
     rc = RoundConfig(round=4, lr=1e-3, local_steps=2, batch_size=2, trainable="A", base_residual_round=3)
-    _, got, *_ = fe.decode_train(fe.encode_train(torch.zeros(3), rc, "client_00", "seed: 0", "tk"))
+    _, got, *_ = codec.decode_train(codec.encode_train(torch.zeros(3), rc, "client_00", "seed: 0", "tk"))
     assert (got.trainable, got.base_residual_round) == ("A", 3)
 
 
@@ -253,7 +253,7 @@ def _tiny_run_cfg(tmp_path, name, *extra):
 def test_fedex_in_flower_simulation_equals_inprocess(tmp_path):
     from safetensors.torch import load_file
 
-    from fedsafe.engines.flower import run_flower_experiment
+    from fedsafe.engines.flower.simulation import run_flower_experiment
     from fedsafe.pipeline import run_experiment
 
     cfg = _tiny_run_cfg(tmp_path, "fx", "fl.lora_aggregation=fedex")

@@ -454,7 +454,7 @@ def test_tiny_fl_rounds_with_pruning_he_on_matches_plaintext(tiny, test_seed):
 def test_encrypted_result_survives_a_flower_message(keys):
     """The HE path crosses the plain client/server boundary: a Flower message carries the ciphertext bytes."""
     pytest.importorskip("flwr")
-    from fedsafe.engines.flower import decode_result, encode_result
+    from fedsafe.engines.flower.codec import decode_result, encode_result
     from fedsafe.fl.client import ClientResult, RoundConfig
 
     d = 5000
@@ -561,7 +561,7 @@ def test_flower_keys_command_writes_the_key_set(tmp_path):
     from typer.testing import CliRunner
 
     from fedsafe.defenses.secure_aggregation.keys import read_key_file
-    from fedsafe.engines.flower_cli import flower_app
+    from fedsafe.engines.flower.cli import flower_app
 
     out = tmp_path / "keys"
     result = CliRunner().invoke(flower_app, ["keys", "--out", str(out), "--set", "secure_agg.enabled=true",
@@ -693,7 +693,8 @@ def test_flower_key_holder_refuses_a_sum_of_fewer_than_its_minimum(key_files, ta
     from fedsafe.config import dump_config, load_config
     from fedsafe.defenses.secure_aggregation.keys import read_key_file
     from fedsafe.defenses.secure_aggregation.protocol import DecryptRefused
-    from fedsafe.engines import flower as fe
+    from fedsafe.engines.flower import client_app, codec
+    from fedsafe.engines.flower.server import FlowerEngine, round_min_results
 
     keys = read_key_file(key_files.clients, "clients", CKKSParams())
     server_ctx = read_key_file(key_files.server, "server", CKKSParams()).context
@@ -705,11 +706,11 @@ def test_flower_key_holder_refuses_a_sum_of_fewer_than_its_minimum(key_files, ta
     def ask(aggregate, min_clients_config, **node_config):
         cfg = load_config(None, ["secure_agg.enabled=true", f"secure_agg.min_clients={min_clients_config}",
                                  "fl.clients_per_round=2"])
-        content = fe.encode_decrypt(aggregate, mask, 1, dump_config(cfg), "deployed", key_files.key_id)
-        message = Message(content, dst_node_id=1000, message_type=fe.DECRYPT)
+        content = codec.encode_decrypt(aggregate, mask, 1, dump_config(cfg), "deployed", key_files.key_id)
+        message = Message(content, dst_node_id=1000, message_type=codec.DECRYPT)
         context = Context(run_id=1, node_id=1000, state=RecordDict(), run_config={},
                           node_config={"partition-id": 0, "he-context": str(key_files.clients), **node_config})
-        reply = fe.handle_decrypt(message, context)
+        reply = client_app.handle_decrypt(message, context)
         return torch.from_numpy(reply.content["delta"]["vec"].numpy().copy())
 
     single = aggregate_encrypted(server_ctx, enc[:1])
@@ -723,7 +724,7 @@ def test_flower_key_holder_refuses_a_sum_of_fewer_than_its_minimum(key_files, ta
 
     # the engine side: a refusing node ends the attempt (the round is skipped), no other node is asked
     cfg = load_config(None, ["secure_agg.enabled=true", "roles.0.clients=3"])
-    engine = fe.FlowerEngine(None, cfg, [], token="t")
+    engine = FlowerEngine(None, cfg, [], token="t")
     engine.node_of = {"client_00": 1000, "client_01": 1001}
     asked = []
 
@@ -738,4 +739,4 @@ def test_flower_key_holder_refuses_a_sum_of_fewer_than_its_minimum(key_files, ta
     # and a Flower round with fewer replies than the sum needs is skipped before anything is summed
     assert engine.min_results == 2 and "secure_agg.min_clients=2" in engine._min_results_why
     krum = load_config(None, ["roles.0.clients=6", "fl.clients_per_round=6", "aggregator.name=krum"])
-    assert fe.round_min_results(krum) == (5, "flower.min_results=1; aggregator krum needs 5")
+    assert round_min_results(krum) == (5, "flower.min_results=1; aggregator krum needs 5")

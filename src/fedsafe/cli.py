@@ -154,7 +154,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="experiment YAML (def
             _gate_exit(grid_run_dirs(grid_dir))
         return
     if engine == "flower":
-        from fedsafe.engines.flower import run_flower_experiment
+        from fedsafe.engines.flower.simulation import run_flower_experiment
 
         result = run_flower_experiment(cfg, resume=resume, progress=not no_progress)
     elif engine == "inprocess":
@@ -386,7 +386,7 @@ def _register_optional_commands() -> None:
                                ("fedsafe.evaluation.cli", "eval_app", "eval"),
                                ("fedsafe.grid", "grid_command", "grid"),
                                ("fedsafe.attacks.privacy_extraction.cli", "attack_app", "attack"),
-                               ("fedsafe.engines.flower_cli", "flower_app", "flower")):
+                               ("fedsafe.engines.flower.cli", "flower_app", "flower")):
         try:
             obj = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError):

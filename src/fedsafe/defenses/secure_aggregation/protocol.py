@@ -48,7 +48,7 @@ file (its ClientApp builds the same client side with :func:`fedsafe.plugins.clie
 gets the public file (the plug-in's server side then holds no key), and the Flower engine becomes the
 key holder through :meth:`SecureAggServer.use_remote_key_holder`: it sends
 :meth:`EncryptedAggregate.to_wire` and the round's mask to a key-holding SuperNode, which answers with
-:func:`decrypt_aggregate`, the function the in-process key holder calls (see :mod:`fedsafe.engines.flower`).
+:func:`decrypt_aggregate`, the function the in-process key holder calls (see :mod:`fedsafe.engines.flower.client_app`).
 
 What composes with HE (the server only ever computes sum_k c_k, optionally times one plaintext scalar):
   * FedAvg (weighted by sample counts) and FedProx (a client-side proximal term; the server still averages);

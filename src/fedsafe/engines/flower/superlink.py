@@ -1,4 +1,4 @@
-"""``python -m fedsafe.engines.superlink --control-host H --control-port P -- <flower-superlink arguments>``.
+"""``python -m fedsafe.engines.flower.superlink --control-host H --control-port P -- <flower-superlink arguments>``.
 
 Flower 1.41's SuperLink serves three HTTP APIs from one FastAPI app on one ``--host``/``--port``
 (``flwr/superlink/cli/flower_superlink.py``, ``flwr/superlink/main.py``):
@@ -104,7 +104,7 @@ def _flwr_version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.superlink",
+    parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.flower.superlink",
                                      description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--control-host", default="127.0.0.1", help="address of the Control and Runtime APIs")
     parser.add_argument("--control-port", type=int, required=True, help="port of the Control and Runtime APIs")

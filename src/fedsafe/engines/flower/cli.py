@@ -45,7 +45,7 @@ def certs_command(out: Path = typer.Option(..., "--out", "-o", help="directory f
                                                                    "at (repeatable; localhost and 127.0.0.1 are "
                                                                    "always included)")) -> None:
     """Make a test CA, a SuperLink TLS certificate and SuperNode key pairs (trials; production: your own CA)."""
-    from fedsafe.engines.flower_deploy import write_certs
+    from fedsafe.engines.flower.deploy import write_certs
 
     certs = write_certs(out, nodes, host)
     typer.echo(f"wrote {out}:\n"
@@ -104,7 +104,7 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
                                                           "the server machine)")) -> None:
     """Write a Flower app (pyproject.toml + module) that runs CONFIG with fedsafe on a SuperLink."""
     from fedsafe.config import load_config
-    from fedsafe.engines.flower_deploy import write_app
+    from fedsafe.engines.flower.deploy import write_app
 
     cfg = load_config(config, set_)
     check_deployable(cfg)
@@ -126,7 +126,7 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
 
 def superlink_certs(certs: Path):
     """The SuperLink's TLS files in ``certs`` (or its ``superlink/``); refuses a directory holding other secrets."""
-    from fedsafe.engines.flower_deploy import Certs
+    from fedsafe.engines.flower.deploy import Certs
 
     if (certs / "superlink" / "server.pem").exists():  # the output directory of `fedsafe flower certs`
         certs = certs / "superlink"
@@ -166,8 +166,8 @@ def superlink_command(host: str = typer.Option("0.0.0.0", help="address of the F
                                                     "(trusted networks only)")) -> None:
     """Start a SuperLink: the Fleet API on --host:--port, the Control and Runtime APIs on 127.0.0.1:--control-port;
     TLS and SuperNode authentication with --certs, plain text only with --insecure."""
-    from fedsafe.engines.flower_deploy import flower_env, superlink_command as cmd
-    from fedsafe.engines.superlink import is_loopback
+    from fedsafe.engines.flower.deploy import flower_env, superlink_command as cmd
+    from fedsafe.engines.flower.superlink import is_loopback
 
     _tls_choice(insecure, certs is not None, "--certs")
     if port == control_port:
@@ -198,7 +198,7 @@ def register_command(public_key: Path = typer.Argument(..., help="a SuperNode's 
                                                             help="the CA of the SuperLink's certificate (ca.crt)"),
                      name: Optional[str] = typer.Option(None, help="a name for the node")) -> None:
     """Let the SuperNode holding this key join (``flwr supernode register`` on a SuperLink with node auth)."""
-    from fedsafe.engines.flower_deploy import flower_env, register_node, write_connection
+    from fedsafe.engines.flower.deploy import flower_env, register_node, write_connection
 
     with tempfile.TemporaryDirectory(prefix="fedsafe-flwr-") as home:
         write_connection(home, superlink, root_certificates=root_certificates)
@@ -239,7 +239,7 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
                                                  "0 keeps Flower's own timing; raise it for hundreds of nodes")
                       ) -> None:
     """Start a SuperNode that holds one fedsafe client, with a warm worker that keeps the model loaded."""
-    from fedsafe.engines.flower_deploy import flower_env, supernode_command as cmd, with_worker
+    from fedsafe.engines.flower.deploy import flower_env, supernode_command as cmd, with_worker
 
     _tls_choice(insecure, root_certificates is not None, "--root-certificates")
     if he_context is not None:  # a wrong file fails here, not in the first round
@@ -250,7 +250,7 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
         raise typer.BadParameter("--config preloads the warm worker's model: it needs --worker")
     wdir = None
     if worker:
-        from fedsafe.engines.worker import private_dir
+        from fedsafe.engines.flower.worker import private_dir
 
         wdir = private_dir(worker_dir)
         typer.echo(f"warm worker: {wdir} (log {wdir / 'worker.log'})", err=True)
@@ -274,7 +274,7 @@ def submit_command(app_dir: Path = typer.Argument(..., help="app written by `fed
                    insecure: bool = typer.Option(False, "--insecure", help="plain text (trusted networks only)")
                    ) -> None:
     """``flwr run`` the app on a SuperLink and stream its logs."""
-    from fedsafe.engines.flower_deploy import flower_env, flwr_run_command, write_connection
+    from fedsafe.engines.flower.deploy import flower_env, flwr_run_command, write_connection
 
     _tls_choice(insecure, root_certificates is not None, "--root-certificates")
     with tempfile.TemporaryDirectory(prefix="fedsafe-flwr-") as home:
@@ -295,7 +295,7 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
                                              "hard-coded waits (0: Flower's own 3 s / 0.5 s)")) -> None:
     """Run CONFIG as a deployment on this machine: a SuperLink and one SuperNode per client on 127.0.0.1."""
     from fedsafe.config import dump_config, load_config
-    from fedsafe.engines.flower_deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.deploy import LocalFederation, write_app
 
     cfg = load_config(config, set_)
     check_deployable(cfg)

@@ -6,7 +6,7 @@ round. ``fedsafe flower supernode`` therefore also starts this worker next to th
 
 - the worker imports torch/transformers once, optionally loads the base model at start (``--config``), and
   builds the run's trainer and its client's data on the first message of a run; later rounds reuse them;
-- the ClientApp (:mod:`fedsafe.engines.flower_app`) is a thin handler: it forwards the message content, the
+- the ClientApp (:mod:`fedsafe.engines.flower.app`) is a thin handler: it forwards the message content, the
   node config and the node's ``Context.state`` over a local socket and returns the worker's reply. Flower
   still does all transport, scheduling, retries and node management; the worker is not an FL runtime;
 - client state that persists across rounds (SCAFFOLD's ``c_i``) travels with each message and stays in
@@ -22,11 +22,12 @@ handling a message is restarted and asked once more. A worker started with ``--c
 and refuses runs of another model (at connect and per message) with a reason naming both; a message whose
 config does not match the hash it was sent under, or a worker of other fedsafe code, is refused / restarted.
 
-This module imports only the standard library and Flower's records at import time: the thin handler, the
-``query`` message and the launcher must not pay for torch.
+This module imports only the standard library and Flower's records at import time (and
+:mod:`fedsafe.engines.flower.node`, which is as light): the thin handler and the launcher must not pay for torch.
+The worker process imports the client side with a model (:mod:`fedsafe.engines.flower.client_app`) when it starts.
 
-    python -m fedsafe.engines.worker serve --dir DIR            # the worker (normally started for you)
-    python -m fedsafe.engines.worker launch --dir DIR [--config C] -- flower-supernode ...   # worker + SuperNode
+    python -m fedsafe.engines.flower.worker serve --dir DIR     # the worker (normally started for you)
+    python -m fedsafe.engines.flower.worker launch --dir DIR [--config C] -- flower-supernode ...  # + SuperNode
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -51,108 +51,19 @@ import time
 import traceback
 from pathlib import Path
 
-from fedsafe.engines import flower_trace as _trace
+from fedsafe.engines.flower import trace as _trace
+from fedsafe.engines.flower.node import (SETTINGS_NAME, WORKER_DIR, config_hash, model_key, parse_config,
+                                         pinned_refusal, read_settings)
 from fedsafe.errors import FedsafeError
 
 log = logging.getLogger("fedsafe")
 
-WORKER_DIR = "worker-dir"  # node config key: the directory of this SuperNode's warm worker
-HE_CONTEXT = "he-context"  # node config / run config key: path of a key file of `fedsafe flower keys`
 SOCKET_NAME = "worker.sock"
 PID_NAME = "worker.pid"
-SETTINGS_NAME = "worker.json"  # owner (SuperNode) pid, preload config, pinned model
 LOG_NAME = "worker.log"
 PROTOCOL = 1
 START_TIMEOUT_S = float(os.environ.get("FEDSAFE_WORKER_START_TIMEOUT_S", "600"))
 _FRAME = struct.Struct("!Q")
-_TINY = "tiny"  # fedsafe.models.TINY_NAME (not imported: it imports torch)
-
-
-# ------------------------------------------------------------------------------------------------
-# Node-side helpers that need no model (the query message, key checks)
-# ------------------------------------------------------------------------------------------------
-
-def node_client_id(node_config, num_clients: int) -> str:
-    """Which client a SuperNode holds: node config ``client-id`` or ``partition-id`` (index)."""
-    if "client-id" in node_config:
-        return str(node_config["client-id"])
-    if "partition-id" in node_config:
-        idx = int(node_config["partition-id"])
-        if not 0 <= idx < num_clients:
-            raise FedsafeError(f"node config partition-id={idx} is outside the config's {num_clients} clients")
-        return f"client_{idx:02d}"
-    raise FedsafeError("the SuperNode needs --node-config 'partition-id=N' or 'client-id=\"client_NN\"'")
-
-
-def node_keys(node_config, cfg, he_key_id: str | None) -> bytes:
-    """This SuperNode's secret-key CKKS context (node config ``he-context``), checked against the run.
-
-    The file must be the clients' file of ``fedsafe flower keys``, made with the config's ``secure_agg.ckks``
-    and, when the server names its key id, from the same key set as the server's public context.
-    """
-    from fedsafe.defenses.secure_aggregation.keys import CLIENTS, read_key_file
-
-    path = node_config.get(HE_CONTEXT)
-    if not path:
-        raise FedsafeError("secure_agg.enabled but this SuperNode holds no CKKS keys: start it with --node-config "
-                           f"\"{HE_CONTEXT}='/path/clients.ctx'\" (the clients' file of `fedsafe flower keys`)")
-    keys = read_key_file(str(path), CLIENTS, cfg.secure_agg.ckks, who=f"node config {HE_CONTEXT}")
-    if he_key_id is not None and keys.key_id != he_key_id:
-        raise FedsafeError(f"node config {HE_CONTEXT} {path} belongs to key set {keys.key_id}, the server's public "
-                           f"context to key set {he_key_id}: give every SuperNode the clients.ctx written together "
-                           "with the server's server.ctx")
-    return keys.context
-
-
-def model_key(cfg) -> str:
-    """What identifies a loaded base model: name, device, dtype, quantization (and the seed of ``tiny``)."""
-    m = cfg.model
-    ident = {"name": m.name, "device": m.device, "dtype": m.dtype, "quantization": m.quantization,
-             "align": m.align.model_dump(mode="json") if getattr(m, "align", None) is not None else None}
-    if m.name == _TINY:  # the tiny test model is randomly initialised from the experiment seed
-        ident["seed"] = cfg.seed
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def config_hash(config_yaml: str, node_config, he_key_id: str | None) -> str:
-    """The identity of one run's client-side build on one node (the key of its cached trainer and data)."""
-    return hashlib.sha256((config_yaml + json.dumps(dict(node_config), sort_keys=True, default=str)
-                           + str(he_key_id)).encode()).hexdigest()
-
-
-def _parse_config(config_yaml: str):
-    import yaml
-
-    from fedsafe.config import ExperimentConfig
-
-    return ExperimentConfig.model_validate(yaml.safe_load(config_yaml))
-
-
-def pinned_refusal(settings: dict, cfg) -> str | None:
-    """Why a worker pinned to one model (``--config`` at start) refuses a run of ``cfg``; None if it does not."""
-    pinned = settings.get("model_key")
-    if pinned and pinned != model_key(cfg):
-        return (f"this SuperNode's warm worker holds model {settings.get('model_name')!r} (key {pinned}, from "
-                f"`fedsafe flower supernode --config {settings.get('config')}`), the run asks for "
-                f"{cfg.model.name!r} (key {model_key(cfg)}): restart the SuperNode with this run's config or "
-                "without --config")
-    return None
-
-
-def query_reply(content, node_config):
-    """Which client this SuperNode holds, after the checks a node can do at connect (keys, pinned model)."""
-    from flwr.app import ConfigRecord, RecordDict
-
-    meta = content["fedsafe"]
-    cfg = _parse_config(meta["config"])
-    if cfg.secure_agg.enabled:  # refuse at connect, so a node without the right keys is never sampled
-        node_keys(node_config, cfg, meta.get("he_key_id"))
-    if node_config.get(WORKER_DIR):
-        why = pinned_refusal(read_settings(Path(str(node_config[WORKER_DIR]))), cfg)
-        if why:
-            raise FedsafeError(why)
-    cid = node_client_id(node_config, cfg.num_clients)
-    return RecordDict({"fedsafe": ConfigRecord({"client_id": cid})})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,11 +127,6 @@ def check_private_dir(path: Path) -> None:
                            "(only this user may reach the warm worker)")
 
 
-def read_settings(wdir: Path) -> dict:
-    try:
-        return json.loads((wdir / SETTINGS_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def code_stamp() -> str:
@@ -229,7 +135,7 @@ def code_stamp() -> str:
 
     here = Path(__file__).parent
     parts = [fedsafe.__version__, str(PROTOCOL), sys.executable]
-    for name in ("worker.py", "flower.py"):
+    for name in ("worker.py", "node.py", "codec.py", "client_app.py", "trainer_cache.py"):
         with contextlib.suppress(OSError):
             parts.append(str((here / name).stat().st_mtime_ns))
     return "|".join(parts)
@@ -288,7 +194,7 @@ def worker_pid(wdir: Path) -> int | None:
         return None
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            is_worker = b"fedsafe.engines.worker" in f.read()
+            is_worker = b"fedsafe.engines.flower.worker" in f.read()
     except OSError:
         return None
     return pid if is_worker and pid_alive(pid) else None
@@ -317,7 +223,7 @@ class WarmWorker:
 
     def load(self) -> None:
         """Import the heavy modules and, with a preload config, load the base model now."""
-        from fedsafe.engines import flower as fe  # torch, transformers' config, fedsafe
+        from fedsafe.engines.flower import client_app, trainer_cache  # noqa: F401 (torch, transformers, fedsafe)
         import fedsafe.data  # noqa: F401
         import fedsafe.models  # noqa: F401
         import fedsafe.pipeline  # noqa: F401
@@ -333,9 +239,9 @@ class WarmWorker:
 
             cfg = load_config(config)
             t0 = time.perf_counter()
-            fe._PRELOADED[model_key(cfg)] = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype,
-                                                            cfg.model.quantization, seed=cfg.seed,
-                                                            align=cfg.model.align)
+            trainer_cache.PRELOADED[model_key(cfg)] = load_base_model(
+                cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed,
+                align=cfg.model.align)
             log.info("warm worker: loaded %s in %.1f s", cfg.model.name, time.perf_counter() - t0)
 
     def handle(self, req: dict) -> dict:
@@ -343,7 +249,7 @@ class WarmWorker:
             return {"ok": False, "restart": True,
                     "reason": f"the warm worker runs other fedsafe code ({self.stamp} != {req.get('stamp')})"}
         op = req.get("op")
-        from fedsafe.engines import flower as fe
+        from fedsafe.engines.flower import client_app
 
         content = plain_to_records(req["content"])
         meta = content["fedsafe"]
@@ -352,16 +258,16 @@ class WarmWorker:
         if req.get("config_hash") != expect:
             return {"ok": False, "reason": "the message's experiment config does not match the config hash the "
                                            f"ClientApp sent ({req.get('config_hash')} != {expect})"}
-        why = pinned_refusal(self.settings, _parse_config(meta["config"]))
+        why = pinned_refusal(self.settings, parse_config(meta["config"]))
         if why:
             return {"ok": False, "reason": why}
         if op == "train":
             state = plain_to_records(req["state"])
-            reply = fe.train_reply(content, node_config, state, req.get("mid"))
+            reply = client_app.train_reply(content, node_config, state, req.get("mid"))
             return {"ok": True, "content": records_to_plain(reply), "state": records_to_plain(state),
                     "config_hash": expect}
         if op == "decrypt":
-            reply = fe.decrypt_reply(content, node_config)
+            reply = client_app.decrypt_reply(content, node_config)
             return {"ok": True, "content": records_to_plain(reply), "config_hash": expect}
         return {"ok": False, "reason": f"unknown warm worker request {op!r}"}
 
@@ -438,7 +344,7 @@ def start_worker(wdir: Path) -> subprocess.Popen:
     """Start the worker of ``wdir`` in its own session (it outlives this ClientApp process, not its SuperNode)."""
     logf = open(wdir / LOG_NAME, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "fedsafe.engines.worker", "serve", "--dir", str(wdir)],
+        return subprocess.Popen([sys.executable, "-m", "fedsafe.engines.flower.worker", "serve", "--dir", str(wdir)],
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True, env=_worker_env())
     finally:
@@ -578,7 +484,7 @@ def launch(supernode_args: list[str], wdir: Path, config: str | Path | None = No
     stop_worker(wdir, signal.SIGKILL)  # a worker of an earlier SuperNode in this directory
     write_settings(wdir, config, os.getpid(), threads)
     logf = open(wdir / LOG_NAME, "ab")
-    subprocess.Popen([sys.executable, "-m", "fedsafe.engines.worker", "serve", "--dir", str(wdir)],
+    subprocess.Popen([sys.executable, "-m", "fedsafe.engines.flower.worker", "serve", "--dir", str(wdir)],
                      stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=_worker_env(env),
                      close_fds=True)
     logf.close()
@@ -586,7 +492,8 @@ def launch(supernode_args: list[str], wdir: Path, config: str | Path | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.flower.worker",
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_serve = sub.add_parser("serve", help="run the worker of DIR")
     p_serve.add_argument("--dir", required=True, type=Path)

@@ -17,14 +17,14 @@ with ``instruction-field`` / ``response-field`` / ``role``); with ``secure_agg.e
 (set by ``fedsafe flower supernode``): the private directory of the node's warm worker.
 
 Flower starts a new process for every message, so the ClientApp here is a thin handler: ``train`` and
-``decrypt`` go to the SuperNode's warm worker (:mod:`fedsafe.engines.worker`), which keeps the model loaded
+``decrypt`` go to the SuperNode's warm worker (:mod:`fedsafe.engines.flower.worker`), which keeps the model loaded
 across rounds; ``query`` needs no model and is answered here. Neither torch nor transformers is imported at
 module level; only without a worker does a message build the model in this process (with a log line).
 """
 
 from __future__ import annotations
 
-from fedsafe.engines import flower_trace as _trace
+from fedsafe.engines.flower import trace as _trace
 
 _trace.mark("proc_start", at=_trace.process_start_time())
 _trace.mark("app_import_start")
@@ -38,7 +38,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsafe.engines.worker import WORKER_DIR, forward, query_reply  # noqa: E402  (no torch: see below)
+from fedsafe.engines.flower.node import HE_CONTEXT, WORKER_DIR, query_reply  # noqa: E402  (no torch: see below)
+from fedsafe.engines.flower.worker import forward  # noqa: E402
 
 _trace.mark("app_import_end")
 
@@ -62,7 +63,7 @@ def train(message: Message, context: Context) -> Message:
         if reply is not None:
             return reply
     _in_this_process("train", context)
-    from fedsafe.engines.flower import handle_train
+    from fedsafe.engines.flower.client_app import handle_train
 
     return handle_train(message, context)
 
@@ -80,7 +81,7 @@ def decrypt(message: Message, context: Context) -> Message:
         reply = forward("decrypt", message, context)
         if reply is not None:
             return reply
-    from fedsafe.engines.flower import handle_decrypt
+    from fedsafe.engines.flower.client_app import handle_decrypt
 
     return handle_decrypt(message, context)
 
@@ -92,7 +93,7 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the fedsafe pipeline with local training on the SuperNodes."""
     from fedsafe.config import load_config
-    from fedsafe.engines.flower import HE_CONTEXT, FlowerEngine, server_keys
+    from fedsafe.engines.flower.server import FlowerEngine, server_keys
     from fedsafe.pipeline import run_experiment
     from fedsafe.rundir import RunDir
 

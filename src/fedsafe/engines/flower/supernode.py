@@ -1,4 +1,4 @@
-"""``python -m fedsafe.engines.supernode --poll S -- <flower-supernode arguments>``: Flower's SuperNode, polling faster.
+"""Flower's SuperNode, polling faster: ``python -m fedsafe.engines.flower.supernode --poll S -- ARGS``.
 
 Flower 1.41's SuperNode loop (``flwr/supernode/start_client_internal.py``) has three hard-coded waits and no
 setting for them: 3 s after a pull that found no message (line 263), and 0.5 s between checks for the ClientApp's
@@ -69,7 +69,7 @@ def cap_supernode_waits(poll_s: float) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.supernode",
+    parser = argparse.ArgumentParser(prog="python -m fedsafe.engines.flower.supernode",
                                      description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_S,
                         help="cap in seconds on the SuperNode's waits (0: Flower's own 3 s / 0.5 s)")
