@@ -72,8 +72,8 @@ def test_progress_task_advances_and_stays_quiet_when_disabled_or_nested(spy):
 
 
 def test_one_progress_setup_in_the_package():
-    # every bar is built by fedsafe.progress (generation.py's own helper is the lead's to switch over)
+    # every bar is built by fedsafe.progress
     pattern = re.compile(r"\bProgress\(")
     builders = sorted(p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")
                       if pattern.search(p.read_text(encoding="utf-8")))
-    assert set(builders) <= {"progress.py", "generation.py"}, builders
+    assert set(builders) <= {"progress.py"}, builders

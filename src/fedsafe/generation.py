@@ -220,12 +220,6 @@ def _generate(model, tokenizer, prompts, adapters, *, max_new_tokens, batch_size
 
 def _progress(items, description):
     """Yield ``items`` (batches of prompts) under a bar that counts prompts, not batches, with an ETA."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from fedsafe.progress import track
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True) as prog:
-        task = prog.add_task(description, total=sum(len(item) for item in items))
-        for item in items:
-            yield item
-            prog.advance(task, len(item))
+    return track(items, description, size=len, unit="prompts", eta=True)
