@@ -104,7 +104,9 @@ def test_generation_bar_counts_prompts_not_batches(monkeypatch):
             seen["steps"].append(advance)
             return super().advance(task_id, advance)
 
-    monkeypatch.setattr(rich.progress, "Progress", Recording)
+    import fedsafe.progress
+
+    monkeypatch.setattr(fedsafe.progress, "Progress", Recording)  # every bar is built there
     batches = [[0, 1, 2], [3, 4, 5], [6]]
     assert list(generation._progress(batches, "answers")) == batches
     assert seen == {"total": 7, "steps": [3, 3, 1]}
