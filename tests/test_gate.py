@@ -244,7 +244,8 @@ def tiny_run(tmp_path_factory):
     from fedsafe.config import dump_config, load_config
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.models import attach_lora, load_base_model
-    from fedsafe.rundir import RunDir, atomic_write_text
+    from fedsafe.io import atomic_write_text
+    from fedsafe.rundir import RunDir
 
     tmp = tmp_path_factory.mktemp("gate")
     prompts = tmp / "prompts.jsonl"

@@ -186,7 +186,7 @@ def set_card_base_model(adapter_dir: Path, base_id: str | None) -> None:
 
 def refresh_card(adapter_dir: Path) -> None:
     """Rewrite an adapter's card with the run's facts as they are now (metrics written after it was saved)."""
-    from fedsafe.rundir import atomic_write_text
+    from fedsafe.io import atomic_write_text
 
     adapter_dir = Path(adapter_dir)
     meta = card_metadata(adapter_dir).get("fedsafe") or {}

@@ -24,10 +24,11 @@ from fedsafe.fl.client import LocalTrainer
 from fedsafe.fl.loop import load_checkpoint, run_rounds
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.fl.server import Server
+from fedsafe.io import atomic_write_text
 from fedsafe.models import attach_lora, load_model
 from fedsafe.plugins import Output, RunContext, Setup
 from fedsafe.progress import progress_bar
-from fedsafe.rundir import RunDir, atomic_write_text, environment_info
+from fedsafe.rundir import RunDir, environment_info
 
 log = logging.getLogger("fedsafe")
 console = Console(stderr=True)

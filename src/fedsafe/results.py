@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from fedsafe.rundir import atomic_write_text
+from fedsafe.io import atomic_write_text
 
 # the metric table: the columns of results.csv, their kinds and headers
 RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "refusal", "over_refusal", "borderline_refusal",

@@ -266,7 +266,7 @@ def _read_state(run_dir: Path) -> dict:
 
 
 def _write_state(run_dir: Path, backend: str, state: dict) -> None:
-    from fedsafe.rundir import atomic_write_text
+    from fedsafe.io import atomic_write_text
 
     data = _read_state(run_dir)
     data[backend] = state

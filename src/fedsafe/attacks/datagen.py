@@ -403,7 +403,7 @@ def _read_jsonl(path: Path) -> list[dict] | None:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Write rows as JSONL atomically."""
-    from fedsafe.rundir import atomic_write_text
+    from fedsafe.io import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -497,7 +497,7 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
                 out.extend(take)
                 advance(len(take))
             if cache and len(out) < n:
-                from fedsafe.rundir import atomic_write_text
+                from fedsafe.io import atomic_write_text
 
                 atomic_write_text(partial, json.dumps({"out": out, "batch_idx": batch_idx, "stats": {
                     k: v for k, v in stats.__dict__.items() if k != "cached"}}))
@@ -513,7 +513,7 @@ def generate_instructions(gen: Generator, instruction_kind: str, n: int, seed: i
     log.info("datagen: %d unique %s instructions from %d list prompts (%.2f unique per prompt, %d parsed)",
              len(out), instruction_kind, stats.prompts, stats.yield_per_prompt, stats.parsed)
     if cache:
-        from fedsafe.rundir import atomic_write_text
+        from fedsafe.io import atomic_write_text
 
         st = {k: v for k, v in stats.__dict__.items() if k != "cached"}
         atomic_write_text(path, json.dumps({"instructions": out, "stats": st, "model": gen.name}, indent=1))
@@ -587,7 +587,7 @@ def generate_responses(gen: Generator, kind: str, instructions: list[str], seed:
                                 seed=_sub_seed(seed, kind, "responses", b)))
             advance(len(chunk))
             if partial is not None and len(out) < len(prompts):
-                from fedsafe.rundir import atomic_write_text
+                from fedsafe.io import atomic_write_text
 
                 atomic_write_text(partial, json.dumps({"prompts": marker, "responses": out}))
     return out

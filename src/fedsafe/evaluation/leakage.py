@@ -387,7 +387,7 @@ def write_leakage_utility(run_dirs, out_dir, leakage_key: str = "zero_rougeL",
     import io
     from pathlib import Path
 
-    from fedsafe.rundir import atomic_write_text
+    from fedsafe.io import atomic_write_text
 
     out = Path(out_dir)
     rows = leakage_utility_rows(run_dirs)

@@ -103,7 +103,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        from fedsafe.rundir import default_file_mode
+        from fedsafe.io import default_file_mode
 
         os.chmod(tmp, default_file_mode())  # mkstemp made it 0600; every run-directory file has one mode
         os.replace(tmp, path)

@@ -513,7 +513,7 @@ class LoRAAggregation:
 
         from safetensors.torch import save as save_bytes
 
-        from fedsafe.rundir import atomic_write_bytes
+        from fedsafe.io import atomic_write_bytes
 
         data = save_bytes({k: v.contiguous() for k, v in self.residual.items()},
                           metadata={"round": str(self.residual_round), "format": "fedex_residual"})

@@ -190,7 +190,7 @@ class UpdateCache:
         """Store one training's result (atomically: tensors first, the JSON that marks the entry complete last)."""
         from safetensors.torch import save_file
 
-        from fedsafe.rundir import atomic_write_text
+        from fedsafe.io import atomic_write_text
 
         self.misses += 1
         self.seconds_computed += float(result.metrics.get("seconds") or 0.0)

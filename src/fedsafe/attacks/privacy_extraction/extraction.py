@@ -607,7 +607,7 @@ class PrivacyAttacker:
     def _write(self, t: int, results: dict) -> None:
         if self.run_dir is None:
             return
-        from fedsafe.rundir import atomic_write_text
+        from fedsafe.io import atomic_write_text
 
         p = self.pcfg
         payload = {"round": t, "k": p.k, "alpha": p.alpha, "variants": results}

@@ -262,7 +262,7 @@ class ServerViewAttack(Plugin):
                                  dp=payload.get("dp"))
 
     def _save(self, round_no, global_vec, views, sampled) -> None:
-        from fedsafe.rundir import atomic_torch_save
+        from fedsafe.io import atomic_torch_save
 
         payload = {"round": round_no, "global_vec": global_vec, "sampled": sampled, "dp": self.dp,
                    "views": [{"view": v[0], "client_id": v[1], "update": v[2], "reference": v[3]} for v in views

@@ -95,7 +95,7 @@ def write_server_view_table(run_dirs, out_dir) -> dict:
     import csv
     import io
 
-    from fedsafe.rundir import atomic_write_text
+    from fedsafe.io import atomic_write_text
 
     out = Path(out_dir)
     rows = server_view_rows(run_dirs)

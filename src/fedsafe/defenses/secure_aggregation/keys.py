@@ -74,7 +74,7 @@ def _header(role: str, key_id: str, params: CKKSParams, body: bytes) -> bytes:
 def write_key_files(params: CKKSParams, out_dir: str | Path, *, overwrite: bool = False) -> KeySet:
     """Make one CKKS key set; write ``clients.ctx`` (secret key, mode 0600) and ``server.ctx`` (public) atomically."""
     from fedsafe.defenses.secure_aggregation.protocol import KeyHolder
-    from fedsafe.rundir import atomic_write_bytes
+    from fedsafe.io import atomic_write_bytes
 
     out = Path(out_dir).expanduser().resolve()
     clients_path, server_path = out / CLIENTS_FILE, out / SERVER_FILE

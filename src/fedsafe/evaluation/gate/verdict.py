@@ -605,7 +605,7 @@ def gate_command(target: Path, policy_path: Path, *, json_out: Path | None = Non
             console.width = 120  # CI logs: one line per metric
     print_verdict(verdict, console)
     if json_out is not None:
-        from fedsafe.rundir import atomic_write_text
+        from fedsafe.io import atomic_write_text
 
         atomic_write_text(Path(json_out), verdict.to_json() + "\n")
     return 0 if verdict.passed else 1
