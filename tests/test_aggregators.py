@@ -444,6 +444,29 @@ def test_norm_clip_clips_then_aggregates():
     assert inner.update.item() == pytest.approx(1.0)  # median of the clipped values 1.5, 1, -1.5
 
 
+def test_norm_clip_clips_with_the_shared_row_clip_and_matches_its_old_formula(monkeypatch):
+    """norm_clip's factors are update_ops.clip_factors (DP's row clip), and its output on the same input equals
+    the formula it had as its own copy, s_i = min(1, max_norm / max(||x_i||, 1e-12)), bit for bit: in front of
+    FedAvg (factors folded into the weights) and in front of another rule (the clipped matrix)."""
+    import fedsafe.aggregators.norm_clip as norm_clip_module
+    from fedsafe.fl import update_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 300, generator=g) * torch.tensor([1e-3, 0.01, 0.5, 1.0, 3.0, 1e3, 0.0])[:, None]
+    num_samples = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0])
+    ids = [f"c{i}" for i in range(7)]
+    old_scale = (1.0 / x.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+    weights = num_samples / num_samples.sum()
+    calls = []
+    monkeypatch.setattr(norm_clip_module, "clip_factors",
+                        lambda u, c: calls.append(c) or update_ops.clip_factors(u, c))
+    mean = aggregators.get("norm_clip", max_norm=1.0)(x, num_samples, ids)
+    assert torch.equal(mean.update, (weights * old_scale) @ x)
+    median = aggregators.get("norm_clip+median", norm_clip={"max_norm": 1.0})(x, num_samples, ids)
+    assert torch.equal(median.update, aggregators.get("median")(x * old_scale[:, None], num_samples, ids).update)
+    assert calls == [1.0, 1.0] and mean.info["clipped"] == (old_scale < 1).tolist()
+
+
 # --- invariants ------------------------------------------------------------------------------------
 
 RULES = [("fedavg", {}), ("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum", {"f": 2}),

@@ -10,17 +10,17 @@ updates go to the inner rule (FedAvg by default). It is a pre-aggregation step
 
 ``client_weights`` are the inner rule's; ``info`` adds each client's norm and whether it was clipped.
 
-Without a copy: in front of FedAvg (a weighted mean) the clipping factors fold into the mean's weights,
-Delta = sum_i (w_i s_i) delta_i, so the [n, d] matrix of clipped updates is never built (issue 32); other inner
-rules receive the clipped matrix.
+The factors s_i = min(1, max_norm / ||delta_i||) are :func:`fedsafe.fl.update_ops.clip_factors`, the one row
+clipping DP and weak DP use too. Without a copy: in front of FedAvg (a weighted mean) they fold into the mean's
+weights, Delta = sum_i (w_i s_i) delta_i, so the [n, d] matrix of clipped updates is never built (issue 32); other
+inner rules receive the clipped matrix.
 """
 
 from __future__ import annotations
 
-import torch
-
 from fedsafe.aggregators.base import AggregationResult
 from fedsafe.aggregators.wrappers import Wrapper
+from fedsafe.fl.update_ops import clip_factors
 
 
 class NormClip(Wrapper):
@@ -43,8 +43,7 @@ class NormClip(Wrapper):
         self.max_norm = float(max_norm)
 
     def pre(self, updates, num_samples, client_ids):
-        norms = updates.norm(dim=1)
-        scale = (self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+        scale, norms = clip_factors(updates, self.max_norm)
         return updates * scale[:, None], None, {"norms": norms.tolist(), "clipped": (scale < 1).tolist()}
 
     def aggregate(self, updates, num_samples, client_ids) -> AggregationResult:
@@ -52,8 +51,7 @@ class NormClip(Wrapper):
 
         if type(self.inner) is not FedAvg:
             return super().aggregate(updates, num_samples, client_ids)
-        norms = updates.norm(dim=1)
-        scale = (self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+        scale, norms = clip_factors(updates, self.max_norm)
         weights = self.inner.weights(num_samples)
         return AggregationResult((weights * scale) @ updates, weights,
                                  {"norms": norms.tolist(), "clipped": (scale < 1).tolist()})

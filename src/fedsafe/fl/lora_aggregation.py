@@ -297,6 +297,7 @@ def rule_target(rule, updates: torch.Tensor, num_samples: torch.Tensor, client_i
     import torch
 
     from fedsafe.aggregators.norm_clip import NormClip
+    from fedsafe.fl.update_ops import clip_rows
 
     u = updates.float().cpu()
     scale = float(u.abs().max()) if u.numel() else 1.0
@@ -305,8 +306,7 @@ def rule_target(rule, updates: torch.Tensor, num_samples: torch.Tensor, client_i
     while r is not None and len(layers) < 16:  # wrappers (adaptive attack, recorder, probe, norm_clip)
         layers.append(r)
         if isinstance(r, NormClip) or type(r).__name__ == "WeakDPRule":  # the inner rule combines clipped rows
-            norms = u.norm(dim=1)
-            u = u * (r.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)[:, None]
+            u = clip_rows(u, r.max_norm)[0]
         r = r.__dict__.get("inner")  # the wrapper's own inner rule (not one its __getattr__ delegates to)
     w = torch.as_tensor(client_weights, dtype=torch.float32).cpu().reshape(-1)
     if w.shape == (u.shape[0],) and _close(out, w @ u, scale):

@@ -11,10 +11,16 @@ import numpy as np
 import torch
 
 
+def clip_factors(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row factors min(1, clip_norm / ||x_i||) that clip each row of ``x`` [n, d] to L2 norm <= ``clip_norm``,
+    and the rows' norms; nothing of size [n, d] is built (a weighted mean folds the factors into its weights)."""
+    norms = x.norm(dim=1)
+    return (clip_norm / (norms + 1e-12)).clamp(max=1.0), norms
+
+
 def clip_rows(x: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each row of ``x`` [n, d] to L2 norm <= ``clip_norm``; returns (clipped, original norms)."""
-    norms = x.norm(dim=1)
-    factors = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
+    factors, norms = clip_factors(x, clip_norm)
     return x * factors[:, None], norms
 
 
