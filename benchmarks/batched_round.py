@@ -23,7 +23,8 @@ from rich.table import Table
 from fedsafe.data.format import tokenize_rows
 from fedsafe.data.sources import load_rows
 from fedsafe.fl.batched import BatchedTrainer, why_sequential
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.models import attach_lora, load_base_model
 from fedsafe.schema import DataSource
 

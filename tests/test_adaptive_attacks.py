@@ -133,7 +133,7 @@ def test_full_knowledge_view_crafts_from_the_rounds_benign_updates(test_seed):
     from types import SimpleNamespace
 
     from fedsafe.attacks.adaptive.plugin import AdaptiveAttack, FullKnowledgeView
-    from fedsafe.fl.client import ClientData
+    from fedsafe.data.client_data import ClientData
 
     benign, centre, gen = _benign(m=7, d=2000, seed=test_seed, spread=1.0)
     h = centre + 6 * torch.randn(centre.shape, generator=gen)
@@ -304,7 +304,8 @@ def _probe_and_clients(test_seed):
     from fedsafe.aggregators.base import RoundContext
     from fedsafe.data.format import tokenize_rows
     from fedsafe.defenses.safe_fedllm_probe.shadow import ShadowTrainer
-    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import LocalTrainer, RoundConfig
     from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 
     tok = byte_tokenizer()

@@ -181,7 +181,7 @@ def test_defense_mix_errors():
 
 def test_defense_levels_2_and_3_use_the_pipeline(monkeypatch, tmp_path, tiny):
     """Level 2 names an external model; level 3 generates with the aggregated model (adapter on)."""
-    from fedsafe.attacks import datagen
+    from fedsafe.data import datagen
     from fedsafe.defenses.posthoc.config import PosthocConfig
     from fedsafe.defenses.posthoc.finetune import defense_rows
 

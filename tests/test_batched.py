@@ -13,7 +13,8 @@ import torch
 from fedsafe.data.format import TokenizedExample
 from fedsafe.engines.inprocess import InProcessEngine
 from fedsafe.fl.batched import BatchedTrainer, clip_per_adapter, why_sequential
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 from fedsafe.plugins import ClientPipeline, Plugin, PluginSet
 

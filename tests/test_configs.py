@@ -103,7 +103,7 @@ def test_a_policy_file_says_so_in_its_first_line(path):
 
 
 def test_the_quickstart_needs_no_downloaded_data_and_scores_rows_it_never_trains_on():
-    from fedsafe.data.sources import STARTER_SPLITS
+    from fedsafe.data.records import STARTER_SPLITS
     from fedsafe.evaluation.runner import benign_sets, load_prompts
     from fedsafe.pipeline import check_heldout
 

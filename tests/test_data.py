@@ -7,7 +7,8 @@ import pytest
 from fedsafe.config import DataSource
 from fedsafe.data.format import IGNORE_INDEX, collate, format_example
 from fedsafe.data.partition import dirichlet_partition, iid_partition
-from fedsafe.data.sources import load_rows, read_records
+from fedsafe.data.records import read_records
+from fedsafe.data.sources import load_rows
 from fedsafe.errors import DataError
 from fedsafe.models import byte_tokenizer
 

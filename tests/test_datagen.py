@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsafe.attacks import datagen
-from fedsafe.attacks.datagen import (ALIGNED_REMINDER, INSTRUCTION_PROMPTS, UNALIGNED_HINT, GenParams,
+from fedsafe.data import datagen
+from fedsafe.data.datagen import (ALIGNED_REMINDER, INSTRUCTION_PROMPTS, UNALIGNED_HINT, GenParams,
                                      InstructionStats, dedupe, generate_instructions, generate_rows,
                                      normalize, parse_numbered_list, response_prompt)
 from fedsafe.errors import ConfigError, DataError
@@ -364,7 +364,7 @@ def test_rule_filter_keeps_rows_that_fit_their_kind(loaded, monkeypatch):
 
 def test_instructions_from_a_starter_split_filtered_by_category(loaded, monkeypatch, tmp_path):
     from fedsafe.config import DataSource
-    from fedsafe.data.sources import raw_records
+    from fedsafe.data.records import raw_records
 
     seen = []
 

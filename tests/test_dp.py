@@ -393,7 +393,8 @@ def test_dp_sgd_per_sample_gradients_are_exact_and_clipped():
 
 
 def test_local_dp_sgd_fit_reports_epsilon_and_noise_changes_the_update():
-    from fedsafe.fl.client import ClientData, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import RoundConfig
 
     peft, tok = _tiny_peft()
     client = ClientData("c0", "benign", _examples(tok, 8))
@@ -421,7 +422,8 @@ def test_local_dp_sgd_fit_reports_epsilon_and_noise_changes_the_update():
 def test_local_dp_sgd_draws_poisson_batches(monkeypatch):
     """Each step includes every example independently with q = b/n and divides by the expected size b (what the
     accountant's Poisson subsampled Gaussian assumes); the old fixed-size shuffled batches always had b."""
-    from fedsafe.fl.client import ClientData, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import RoundConfig
 
     peft, tok = _tiny_peft()
     trainer = dp.DPLocalTrainer(peft, tok, clip_norm=1.0, noise_multiplier=1.0)
@@ -586,7 +588,8 @@ def test_dp_sgd_refuses_batch_level_loss_terms():
 def test_trainer_runs_loss_terms_from_config():
     from fedsafe.config import ExperimentConfig
     from fedsafe.pipeline import build_trainer  # the local_training hooks of the constrained and DP plug-ins
-    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import LocalTrainer, RoundConfig
 
     peft, tok = _tiny_peft()
     cfg = ExperimentConfig.model_validate({"constrained": {"l2_mu": 0.5, "kl_beta": 0.1}})

@@ -232,7 +232,7 @@ def _fake_generate(calls):
 
 def test_load_benign_prompts_starter_xstest_and_field_mapping(shared_data, tmp_path):
     from fedsafe.config import DataSource
-    from fedsafe.data.sources import raw_records
+    from fedsafe.data.records import raw_records
     from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
     from fedsafe.evaluation.runner import load_benign_prompts
 

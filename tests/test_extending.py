@@ -9,7 +9,8 @@ import torch
 from fedsafe import aggregators
 from fedsafe.config import load_config
 from fedsafe.errors import ConfigError
-from fedsafe.fl.client import ClientData, ClientResult, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, RoundConfig
 
 RC = RoundConfig(round=1, lr=0.01, local_steps=1, batch_size=1)
 

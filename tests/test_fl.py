@@ -8,7 +8,8 @@ import torch
 
 from fedsafe.config import FLConfig
 from fedsafe.data.format import TokenizedExample, tokenize_rows
-from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.fl.server import Server, ServerOptimizer, round_lr, sample_clients
 from fedsafe.models import attach_lora

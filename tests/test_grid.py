@@ -276,7 +276,7 @@ def test_run_with_seeds_is_a_grid_of_one_setting(tmp_path):
 
 
 def test_partitions_and_attack_data_follow_the_experiment_seed(monkeypatch):
-    from fedsafe.attacks import datagen
+    from fedsafe.data import datagen
     from fedsafe.config import ExperimentConfig
     from fedsafe.data import build_clients
     from fedsafe.models import byte_tokenizer

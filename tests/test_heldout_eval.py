@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedsafe.config import load_config
-from fedsafe.data.holdout import check_disjoint, in_split, is_heldout, normalise_instruction, overlap
+from fedsafe.data.holdout import check_disjoint, overlap
+from fedsafe.data.split import in_split, is_heldout, normalise_instruction
 from fedsafe.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

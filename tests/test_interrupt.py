@@ -8,7 +8,7 @@ import sys
 import pytest
 import typer
 
-from fedsafe.attacks import datagen
+from fedsafe.data import datagen
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from fedsafe.config import FLConfig, load_config
 from fedsafe.data.format import tokenize_rows
 from fedsafe.engines.inprocess import InProcessEngine
 from fedsafe.errors import ConfigError
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.fl.lora_aggregation import (LoRAAggregation, lora_pairs, products, relative_errors,
                                          trainable_factors)
 from fedsafe.fl.loop import run_rounds

@@ -183,7 +183,8 @@ def memorised(test_seed):
     from conftest import TEST_THREADS
 
     from fedsafe.data.format import collate
-    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import LocalTrainer, RoundConfig
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 
@@ -353,7 +354,8 @@ def test_kv_cached_sampler_matches_full_recomputation(memorised):
 # --- membership inference draws its members from the examples the victims trained on ----------------
 
 def test_local_trainer_reports_the_examples_it_trained_on(tiny):
-    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import LocalTrainer, RoundConfig
     from fedsafe.models import attach_lora
 
     model, tok = tiny

@@ -13,7 +13,8 @@ from fedsafe.aggregators.base import AggregationResult, Aggregator, RoundContext
 from fedsafe.aggregators.probe import ProbeAggregator, roc_auc
 from fedsafe.data.format import tokenize_rows
 from fedsafe.errors import ConfigError
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.models import attach_lora
 
@@ -475,7 +476,7 @@ def test_shadow_realism_options(setup, tmp_path, monkeypatch):
     source, and a ``generate: {model: global}`` source is regenerated from the current global adapter."""
     import json
 
-    from fedsafe.attacks import datagen
+    from fedsafe.data import datagen
     from fedsafe.config import ExperimentConfig
     from fedsafe.defenses.safe_fedllm_probe.shadow import build_shadow
     from fedsafe.errors import DataError

@@ -19,7 +19,8 @@ import yaml
 from fedsafe.data.format import TokenizedExample
 from fedsafe.engines.inprocess import InProcessEngine
 from fedsafe.fl import batched as batched_module
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.fl.update_cache import ROUND_FIELDS, UpdateCache, update_key
 from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 

@@ -13,7 +13,8 @@ import torch
 from fedsafe.attacks.server_view import reconstruction as R
 from fedsafe.attacks.server_view.update_mia import update_membership_inference
 from fedsafe.data.format import TokenizedExample
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
 

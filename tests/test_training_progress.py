@@ -10,7 +10,8 @@ from fedsafe.aggregators import get as get_rule
 from fedsafe.config import FLConfig
 from fedsafe.data.format import tokenize_rows
 from fedsafe.engines.inprocess import InProcessEngine
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.fl.loop import _ClientProgress, run_rounds
 from fedsafe.fl.server import Server
 from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama

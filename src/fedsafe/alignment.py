@@ -68,7 +68,8 @@ def aligned_model_dir(base_name: str, align, progress: bool = True) -> Path:
 def _build(base_name: str, align, rows: list[dict], target: Path, progress: bool) -> None:
     from fedsafe.data.format import tokenize_rows
     from fedsafe.errors import ConfigError
-    from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import LocalTrainer, RoundConfig
     from fedsafe.models import attach_lora, load_base_model
     from fedsafe.progress import progress_bar
 

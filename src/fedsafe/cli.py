@@ -382,7 +382,7 @@ def _register_optional_commands() -> None:
     """Mount sub-commands whose modules exist (generate, eval, grid, attack)."""
     import importlib
 
-    for module, attr, name in (("fedsafe.attacks.datagen", "generate_app", "generate"),
+    for module, attr, name in (("fedsafe.data.datagen", "generate_app", "generate"),
                                ("fedsafe.evaluation.cli", "eval_app", "eval"),
                                ("fedsafe.grid", "grid_command", "grid"),
                                ("fedsafe.attacks.privacy_extraction.cli", "attack_app", "attack"),

@@ -167,7 +167,7 @@ _LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".gz", ".yaml", ".yml"
 def looks_local(path: str) -> bool:
     """Whether a path-like config value means a local file (so it must exist), not ``starter:*`` or a hub id.
 
-    The rule (the one :func:`fedsafe.data.sources.raw_records` applies): a value that starts with ``.``, ``/``
+    The rule (the one :func:`fedsafe.data.records.raw_records` applies): a value that starts with ``.``, ``/``
     or ``~``, or ends in a file suffix (.json, .jsonl, .csv, .parquet, .gz, .yaml, ...), is a local file; a
     value with a ``:`` (``starter:train``, a URL) or a bare ``owner/name`` is not.
     """
@@ -183,7 +183,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     eval.normal_prompts, eval.borderline_prompts and every other local file path (MT-Bench, judge template,
     probing prompts). A missing file, an unreadable format or a missing column is a :class:`DataError` naming
     the field and the path. Hub ids cannot be checked offline and are left to the run; generated data too."""
-    from fedsafe.data.sources import STARTER_SPLITS, load_rows
+    from fedsafe.data.records import STARTER_SPLITS
+    from fedsafe.data.sources import load_rows
     from fedsafe.errors import DataError
     from fedsafe.evaluation.runner import load_benign_prompts, load_prompts
 

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from fedsafe.config import (AggregatorConfig, DataConfig, EvalConfig, ExperimentConfig, FLConfig, LoRAConfig,
                                 RoleConfig)
-    from fedsafe.fl.client import ClientData
+    from fedsafe.data.client_data import ClientData
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.fl.server import Server
     from fedsafe.rundir import RunDir

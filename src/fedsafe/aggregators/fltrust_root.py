@@ -87,7 +87,8 @@ class FLTrustRoot(Plugin):
 
         from fedsafe.data import load_pool
         from fedsafe.data.format import tokenize_rows
-        from fedsafe.fl.client import ClientData, derive_seed
+        from fedsafe.data.client_data import ClientData
+        from fedsafe.fl.client import derive_seed
 
         ctx, cfg = self.ctx, self.config
         seed = cfg.seed if cfg.seed is not None else ctx.seed

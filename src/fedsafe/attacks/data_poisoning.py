@@ -3,7 +3,7 @@
 Ye et al., "Emerging Safety Attack and Defense in Federated Instruction Tuning of Large Language Models"
 (ICLR 2025). The attack is a role whose data is unaligned: ``roles: [{name: malicious, data: [...]}]``, from a
 public dataset or written by fedsafe's generation pipeline (``{generate: {kind: unaligned, ...}}``,
-:mod:`fedsafe.attacks.datagen`), so the data itself is where the attack lives. Hook ``client_data`` records who
+:mod:`fedsafe.data.datagen`), so the data itself is where the attack lives. Hook ``client_data`` records who
 the attackers are and what they hold (``attack_clients.json`` in the run directory: client, role, examples and
 the data sources with their generation settings), which the stealth analysis and the report read as ground truth.
 Model-poisoning attacks that change the update itself build on this role (``roles[i].attack``,

@@ -23,7 +23,7 @@ def load_pool(sources: list[DataSource], seed: int, generator_cache: dict | None
 
 def build_clients(cfg: ExperimentConfig, tokenizer, generator_cache: dict | None = None):
     """Build every client's tokenised data from the roles in ``cfg`` (ids client_00, client_01, ...)."""
-    from fedsafe.fl.client import ClientData
+    from fedsafe.data.client_data import ClientData
 
     clients: list[ClientData] = []
     next_id = 0

@@ -1,54 +1,19 @@
-"""A held-out split by instruction text, and the check that evaluation prompts were never trained on.
+"""The check that evaluation prompts were never trained on.
 
 Over-refusal measured on rows drawn from the data the models trained on says little about everyday use (a
-model that learned "refuse anything unusual" still answers its own training instructions). fedsafe's split is
-a pure function of the instruction: an instruction is *held out* when the first 8 bytes of the SHA-256 of its
-normalised text (lower case, whitespace collapsed, surrounding punctuation dropped), read as an integer, fall
-below ``percent`` % of 2**64. So
-
-- the split needs no state and no seed, and is the same on every machine and in every file: an instruction
-  that appears in two sources (or twice in one) lands on the same side in both;
-- a data source with ``holdout: train`` and an evaluation set with ``holdout: heldout`` over the same file are
-  disjoint by construction, which :func:`check_disjoint` verifies at run start against *every* instruction any
-  client, the post-hoc step, the probe or the validation guard trains on.
+model that learned "refuse anything unusual" still answers its own training instructions). fedsafe's split
+(:mod:`fedsafe.data.split`, a pure function of the instruction) makes a data source with ``holdout: train`` and
+an evaluation set with ``holdout: heldout`` over the same file disjoint by construction, which
+:func:`check_disjoint` verifies at run start against *every* instruction any client, the post-hoc step, the
+probe or the validation guard trains on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable
 
-_SPACE = re.compile(r"\s+")
-_EDGE = " \t\n\"'`.,;:!?()[]{}"
-
-
-def normalise_instruction(text: str) -> str:
-    """The text the split and the overlap check compare: lower case, single spaces, no surrounding punctuation."""
-    return _SPACE.sub(" ", str(text).lower()).strip(_EDGE)
-
-
-def is_heldout(instruction: str, percent: float = 20.0) -> bool:
-    """True when ``instruction`` falls in the held-out ``percent`` % of fedsafe's split."""
-    digest = hashlib.sha256(normalise_instruction(instruction).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < percent / 100.0 * 2**64
-
-
-def in_split(instruction: str, split: str | None, percent: float = 20.0) -> bool:
-    """Whether ``instruction`` belongs to ``split`` ('train', 'heldout' or None = everything)."""
-    if split is None:
-        return True
-    return is_heldout(instruction, percent) == (split == "heldout")
-
-
-def excluded_instructions(sources) -> set[str]:
-    """The normalised instructions of ``sources`` (a data source's ``exclude`` list)."""
-    from fedsafe.data.sources import load_rows
-
-    out: set[str] = set()
-    for src in sources or ():
-        out |= {normalise_instruction(r["instruction"]) for r in load_rows(src.model_copy(update={"max_rows": None}))}
-    return out
+from fedsafe.data.sources import excluded_instructions  # noqa: F401 (the evaluation runner reads it here)
+from fedsafe.data.split import in_split, normalise_instruction  # noqa: F401 (in_split: the evaluation runner)
 
 
 def overlap(train_instructions: Iterable[str], prompts: Iterable[str]) -> list[str]:

@@ -2,131 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import random
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from fedsafe.config import DataSource
+# STARTER_SPLITS is not used here: the evaluation runner reads it (and raw_records) from this module
+from fedsafe.data.records import STARTER_SPLITS, load_dataset, raw_records  # noqa: F401
+from fedsafe.data.split import in_split, normalise_instruction
 from fedsafe.errors import DataError
 
 Row = dict[str, Any]  # {"instruction": str, "response": str, "category": str | None}
-
-STARTER_SPLITS = {"starter:train": "starter_train.jsonl", "starter:heldout": "starter_heldout.jsonl"}
-
-
-def read_records(path: Path) -> list[dict]:
-    """Read a JSON list, JSONL (optionally .gz), CSV or Parquet file into a list of dicts (a prompt list may
-    also hold plain strings); any other record, such as the numbers of a JSON list of numbers, is an error
-    naming the file."""
-    records = _read_records(path)
-    for i, rec in enumerate(records):
-        if not isinstance(rec, (dict, str)):
-            raise DataError(f"{path}: record {i + 1} is {str(rec)[:40]} ({type(rec).__name__}), not an object "
-                            "with fields (expected a list of {\"instruction\": ..., \"response\": ...} records)")
-    return records
-
-
-def _read_records(path: Path) -> list:
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"data file {path} is a directory")
-    name = path.name.lower()
-    opener = gzip.open if name.endswith(".gz") else open
-    stem = name[:-3] if name.endswith(".gz") else name
-    try:
-        if stem.endswith(".jsonl"):
-            with opener(path, "rt", encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if stem.endswith(".json"):
-            with opener(path, "rt", encoding="utf-8") as f:
-                data = json.load(f)
-            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{path}: expected a JSON list of records")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-            return data
-        if stem.endswith(".csv"):
-            with opener(path, "rt", encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f))
-        if stem.endswith(".parquet"):
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict(orient="records")
-    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile, csv.Error) as exc:
-        raise DataError(f"{path}: could not parse ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except Exception as exc:  # pandas / pyarrow on a damaged Parquet file
-        if not stem.endswith(".parquet"):
-            raise
-        raise DataError(f"{path}: could not parse ({type(exc).__name__}: {str(exc)[:200]})") from None
-    raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .csv or .parquet)")
-
-
-_DATASETS_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def _load_dataset(source: DataSource, seed: int = 0):
-    """``datasets.load_dataset`` for a hub id, a builder (json, csv, parquet) with ``data_files``, or a local
-    file read as a stream: with ``streaming`` an iterable of records shuffled in a buffer, else the split."""
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
-        raise DataError("loading hub datasets needs the `datasets` package") from exc
-    path, data_files = source.path, source.data_files
-    local = Path(path).expanduser()
-    if data_files is None and local.is_file():  # a local file streamed through datasets' own reader
-        suffix = "".join(local.suffixes[-2:-1]) if local.suffix == ".gz" else local.suffix
-        if suffix.lower() not in _DATASETS_BUILDERS:
-            raise DataError(f"{local}: unsupported file type (use .json, .jsonl, .csv or .parquet)")
-        path, data_files = _DATASETS_BUILDERS[suffix.lower()], str(local)
-    kwargs: dict[str, Any] = {"data_dir": source.subset} if source.subset and "/" in source.subset else {}
-    name = None if kwargs else source.subset
-    if data_files is not None:
-        kwargs["data_files"] = data_files
-    if source.streaming:
-        kwargs["streaming"] = True
-    what = f"dataset {source.path!r} (split={source.split!r}" + (f", data_files={data_files!r}" if data_files else "")
-    try:
-        ds = datasets.load_dataset(path, name, split=source.split, **kwargs)
-    except Exception as exc:  # network errors, missing ids, missing splits or files
-        raise DataError(f"could not load {what}): {exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Without hub access, download it "
-                        "elsewhere and give a local file path.") from exc
-    if source.streaming:
-        # a buffer of a few times the rows asked for: a random sample near the stream's start, never the whole set
-        return ds.shuffle(seed=seed, buffer_size=max(1000, 10 * (source.max_rows or 0)))
-    return ds
-
-
-def _hub_records(source: DataSource) -> list[dict]:
-    return [dict(r) for r in _load_dataset(source)]
-
-
-def raw_records(source: DataSource) -> list[dict]:
-    """The unparsed records of a file-, starter- or hub-backed source (the whole split; see streaming)."""
-    assert source.path is not None
-    if source.path in STARTER_SPLITS:
-        path = Path(str(resources.files("fedsafe.resources") / STARTER_SPLITS[source.path]))
-        return read_records(path)
-    p = Path(source.path).expanduser()
-    if source.data_files is not None:
-        return _hub_records(source)
-    if p.exists():
-        return read_records(p)
-    looks_local = source.path.startswith((".", "/", "~")) or Path(source.path).suffix in (
-        ".json", ".jsonl", ".csv", ".parquet", ".gz")
-    if looks_local:
-        raise DataError(f"data file not found: {p}")
-    return _hub_records(source)
 
 
 def _parser(source: DataSource):
@@ -147,12 +32,8 @@ def _keep(rows, source: DataSource, excluded: set[str] | None) -> list[Row]:
     if source.categories is not None:
         rows = [r for r in rows if r.get("category") in source.categories]
     if source.holdout is not None:
-        from fedsafe.data.holdout import in_split
-
         rows = [r for r in rows if in_split(r["instruction"], source.holdout, source.holdout_percent)]
     if excluded is not None:
-        from fedsafe.data.holdout import normalise_instruction
-
         rows = [r for r in rows if normalise_instruction(r["instruction"]) not in excluded]
     return list(rows)
 
@@ -161,7 +42,7 @@ def _streamed_rows(source: DataSource, seed: int, excluded: set[str] | None) -> 
     """Read chunks of the stream until ``max_rows`` rows pass the filters (or the stream ends)."""
     from itertools import islice
 
-    parse, records = _parser(source), iter(_load_dataset(source, seed))
+    parse, records = _parser(source), iter(load_dataset(source, seed))
     want = source.max_rows or 0
     rows: list[Row] = []
     while len(rows) < want:
@@ -172,12 +53,18 @@ def _streamed_rows(source: DataSource, seed: int, excluded: set[str] | None) -> 
     return rows[:want]
 
 
+def excluded_instructions(sources) -> set[str]:
+    """The normalised instructions of ``sources`` (a data source's ``exclude`` list)."""
+    out: set[str] = set()
+    for src in sources or ():
+        out |= {normalise_instruction(r["instruction"]) for r in load_rows(src.model_copy(update={"max_rows": None}))}
+    return out
+
+
 def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = None) -> list[Row]:
     """Load one source as normalised rows (instruction, response, category; system when the data has one)."""
     excluded = None
     if source.exclude:
-        from fedsafe.data.holdout import excluded_instructions
-
         excluded = excluded_instructions(source.exclude)
     if source.generate is not None:
         rows = _keep(_generated_rows(source, seed, generator_cache), source, excluded)
@@ -292,7 +179,7 @@ def map_fields(records: list[dict], source: DataSource) -> list[Row]:
 
 
 def _generated_rows(source: DataSource, seed: int, cache: dict | None) -> list[Row]:
-    from fedsafe.attacks import datagen
+    from fedsafe.data import datagen
 
     spec = dict(source.generate or {})
     kind = spec.pop("kind", None)

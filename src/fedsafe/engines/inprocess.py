@@ -11,7 +11,8 @@ import inspect
 
 import torch
 
-from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig, derive_seed
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 
 class InProcessEngine:

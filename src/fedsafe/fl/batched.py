@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from fedsafe.data.format import IGNORE_INDEX, collate
-from fedsafe.fl.client import (ClientData, ClientResult, LocalTrainer, RoundConfig, _batch_stream,
-                               check_base_residual, derive_seed, train_only)
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import (ClientResult, LocalTrainer, RoundConfig, _batch_stream, check_base_residual, derive_seed,
+                               train_only)
 
 BATCHED_CLIENTS = ("auto", "off")  # fl.batched_clients
 

@@ -36,23 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedsafe.data.format import TokenizedExample, collate
+from fedsafe.data.client_data import ClientData
+from fedsafe.data.format import collate
 from fedsafe.errors import FedsafeError
 from fedsafe.fl.params import FlatLoRA
-
-
-@dataclass
-class ClientData:
-    """A client's identity, simulated role and tokenised local data."""
-
-    client_id: str
-    role: str
-    examples: list[TokenizedExample]
-    malicious: bool = False
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.examples)
 
 
 @dataclass

@@ -51,7 +51,8 @@ from pathlib import Path
 
 import torch
 
-from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig, derive_seed
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 log = logging.getLogger("fedsafe")
 

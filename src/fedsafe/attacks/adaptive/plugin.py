@@ -35,7 +35,8 @@ import torch
 
 from fedsafe.attacks.adaptive.base import AttackConfig, check_engine, craft, parse_attack
 from fedsafe.errors import ConfigError
-from fedsafe.fl.client import ClientData, ClientResult, RoundConfig, derive_seed
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, RoundConfig, derive_seed
 from fedsafe.plugins import Plugin, register
 
 log = logging.getLogger("fedsafe")

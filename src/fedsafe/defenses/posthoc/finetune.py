@@ -38,7 +38,8 @@ from fedsafe.data import load_pool
 from fedsafe.data.mix import mix_rows as mix_defense_rows  # noqa: F401  (re-exported: the defense's mix)
 from fedsafe.data.format import mean_loss, tokenize_rows
 from fedsafe.errors import ConfigError
-from fedsafe.fl.client import ClientData, LocalTrainer, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import LocalTrainer, RoundConfig
 
 log = logging.getLogger("fedsafe")
 
@@ -89,7 +90,7 @@ def defense_data(cfg: PosthocConfig, seed: int, ctx=None) -> tuple[list[dict], l
         aligned = load_pool(cfg.aligned, seed) if cfg.aligned else []
         normal = load_pool(cfg.normal, seed + 1) if cfg.normal else []
     else:
-        from fedsafe.attacks import datagen
+        from fedsafe.data import datagen
 
         if cfg.level == 3:
             if ctx is None:
@@ -252,7 +253,7 @@ def posthoc_defense(pc: PosthocConfig, ctx, global_vec: torch.Tensor) -> torch.T
     """
     ctx.flat.set(global_vec)  # level 3 generates with the aggregated model
     rows, validation = defense_data(pc, ctx.seed + 4242, ctx)
-    from fedsafe.attacks.datagen import write_jsonl
+    from fedsafe.data.datagen import write_jsonl
 
     write_jsonl(ctx.run_dir.path / "posthoc_data.jsonl", rows)  # what the defense trained on, with provenance
     if validation:

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from fedsafe.errors import ConfigError, FedsafeError
-from fedsafe.fl.client import ClientData, ClientResult, LocalTrainer, RoundConfig, derive_seed
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 log = logging.getLogger("fedsafe")
 LIVE_GENERATORS = ("global", "aggregated")  # generate.model values regenerated with the current global adapter

@@ -120,7 +120,8 @@ from fedsafe.errors import ConfigError, FedsafeError, UpdateRejected
 if TYPE_CHECKING:  # tenseal is imported lazily: only runs with secure_agg.enabled need it
     import tenseal as ts
 
-    from fedsafe.fl.client import ClientData, ClientResult, RoundConfig
+    from fedsafe.data.client_data import ClientData
+    from fedsafe.fl.client import ClientResult, RoundConfig
 
 __all__ = [
     "CKKSParams",

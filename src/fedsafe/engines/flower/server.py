@@ -20,7 +20,8 @@ from fedsafe.engines.flower import trace as _trace
 from fedsafe.engines.flower.codec import DECRYPT, QUERY, TRAIN, decode_result, encode_decrypt, encode_train, run_meta
 from fedsafe.engines.flower.node import HE_CONTEXT
 from fedsafe.errors import FedsafeError
-from fedsafe.fl.client import ClientData, ClientResult, RoundConfig
+from fedsafe.data.client_data import ClientData
+from fedsafe.fl.client import ClientResult, RoundConfig
 
 log = logging.getLogger("fedsafe")
 

@@ -13,7 +13,7 @@ import threading
 
 from fedsafe.engines.flower.node import config_hash, model_key, node_client_id, node_keys, parse_config
 from fedsafe.errors import FedsafeError
-from fedsafe.fl.client import ClientData
+from fedsafe.data.client_data import ClientData
 
 
 @dataclasses.dataclass

@@ -527,7 +527,7 @@ def load_instruction_file(path: str | Path, field_name: str | None = None,
     ``instruction``, ``prompt``, ``goal`` or ``question``; ``categories`` keeps only records whose
     ``category`` is listed (e.g. the starter set's ``aligned`` rows, whose instructions are harmful requests)."""
     from fedsafe.config import DataSource
-    from fedsafe.data.sources import STARTER_SPLITS, raw_records, read_records
+    from fedsafe.data.records import STARTER_SPLITS, raw_records, read_records
 
     if str(path) in STARTER_SPLITS:
         records = raw_records(DataSource(path=str(path)))
