@@ -26,12 +26,6 @@ CORE = ["config.py", "pipeline.py", "grid.py", "report.py", "results.py", "plugi
 # What remains, (file, name): the list may only shrink, as KNOWN_CYCLES
 KNOWN_NAMES = {
     ("grid.py", "posthoc"),  # defend_trained replays the post-hoc defense on a trained run (grid's second pipeline)
-    # deployment keys and key holders (the same uses as engines/flower.py, flower_cli.py and worker.py had)
-    ("engines/flower/cli.py", "secure_agg"),
-    ("engines/flower/client_app.py", "secure_agg"),
-    ("engines/flower/node.py", "secure_agg"),
-    ("engines/flower/server.py", "secure_agg"),
-    ("engines/flower/trainer_cache.py", "secure_agg"),
 }
 
 

@@ -740,3 +740,25 @@ def test_flower_key_holder_refuses_a_sum_of_fewer_than_its_minimum(key_files, ta
     assert engine.min_results == 2 and "secure_agg.min_clients=2" in engine._min_results_why
     krum = load_config(None, ["roles.0.clients=6", "fl.clients_per_round=6", "aggregator.name=krum"])
     assert round_min_results(krum) == (5, "flower.min_results=1; aggregator krum needs 5")
+
+
+def test_deployment_keys_come_from_the_plugin_hook_not_the_section_name(monkeypatch):
+    """The Flower engine learns the key parameters and the key holders' minimum through Plugin.deployment_keys:
+    secure aggregation declares its section's ckks and min_clients (enabled or not, for `fedsafe flower keys`),
+    and a round's minimum follows whatever the hook returns."""
+    from fedsafe.config import load_config
+    from fedsafe.defenses.secure_aggregation.plugin import SecureAggregation
+    from fedsafe.engines.flower.node import encrypted_keys
+    from fedsafe.engines.flower.server import round_min_results
+    from fedsafe.plugins import DeploymentKeys, deployment_keys
+
+    off = load_config(None, [])
+    on = load_config(None, ["secure_agg.enabled=true", "secure_agg.min_clients=3", "roles.0.clients=4",
+                            "fl.clients_per_round=4"])
+    assert deployment_keys(off) == DeploymentKeys("secure_agg", off.secure_agg.ckks, 2, enabled=False)
+    assert encrypted_keys(off) is None and encrypted_keys(on).min_clients == 3
+    assert deployment_keys(on).params == on.secure_agg.ckks
+    assert round_min_results(on) == (3, "flower.min_results=1; secure_agg.min_clients=3")
+    monkeypatch.setattr(SecureAggregation, "deployment_keys",
+                        classmethod(lambda cls, config: DeploymentKeys("renamed", config.ckks, 4)))
+    assert round_min_results(on) == (4, "flower.min_results=1; renamed.min_clients=4")

@@ -140,6 +140,18 @@ class Setup:
                    clients_per_round=cfg.clients_per_round)
 
 
+@dataclass(frozen=True)
+class DeploymentKeys:
+    """What a Flower deployment needs from a plug-in whose clients encrypt their updates under a key set that
+    ``fedsafe flower keys`` writes (:meth:`Plugin.deployment_keys`): the key parameters the key files must match,
+    the smallest sum a key holder decrypts, the config section (for messages) and whether it is on."""
+
+    section: str
+    params: Any  # the key files' parameters (CKKS for secure aggregation), compared when a key file is read
+    min_clients: int
+    enabled: bool = False
+
+
 class Engine(Protocol):
     """What runs the clients' local training (:class:`fedsafe.engines.inprocess.InProcessEngine`, the Flower
     engine): ``fit(client_ids, global_vec, rc, on_result=None) -> list[ClientResult]``."""
@@ -212,6 +224,12 @@ class Plugin:
     def declares(cls, config) -> set[str]:
         """Properties other plug-ins may check (e.g. ``server_clipping`` for client-level DP)."""
         return set()
+
+    @classmethod
+    def deployment_keys(cls, config) -> DeploymentKeys | None:
+        """The key set a Flower deployment distributes for this section (clients encrypt, a key-holding SuperNode
+        decrypts the sum), or None: the Flower engine reads keys only through this (default: none)."""
+        return None
 
     def changes_local_training(self) -> str | None:
         """Why this plug-in changes the clients' local training step, or None. While any active plug-in says so,
@@ -455,6 +473,25 @@ def inactive_sections(cfg) -> list[str]:
     """Config sections of registered plug-ins that do not run in ``cfg`` (their data is never trained on)."""
     active = {cls.section for cls, _ in _active(cfg)}
     return sorted({e.section for e in entries().values() if e.section and e.section not in active})
+
+
+def deployment_keys(cfg) -> DeploymentKeys | None:
+    """The deployment key set of the plug-in of ``cfg`` that has one (:meth:`Plugin.deployment_keys`), enabled or
+    not (``fedsafe flower keys`` makes keys for a config before it is switched on), else None."""
+    setup = Setup.from_config(cfg)
+    for name, entry in entries().items():
+        if entry.role_field is not None:
+            continue  # role-field plug-ins have no section (and stay unimported)
+        cls = plugin_class(name)
+        if cls.deployment_keys.__func__ is Plugin.deployment_keys.__func__:
+            continue
+        config = section_of(cfg, cls.section)
+        if config is None and cls.Config is not None:
+            config = cls.Config()
+        keys = cls.deployment_keys(config)
+        if keys is not None:
+            return DeploymentKeys(keys.section, keys.params, keys.min_clients, cls.is_active(config, setup))
+    return None
 
 
 # Properties a plug-in may declare (Plugin.declares) that other plug-ins and the core check

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fedsafe.defenses.secure_aggregation.config import SecureAggConfig
 from fedsafe.errors import ConfigError
-from fedsafe.plugins import CHECKS_ROUND_SIZE, ENCRYPTED_UPDATES, Plugin, declared, register
+from fedsafe.plugins import CHECKS_ROUND_SIZE, ENCRYPTED_UPDATES, DeploymentKeys, Plugin, declared, register
 
 
 @register
@@ -29,6 +29,12 @@ class SecureAggregation(Plugin):
     def declares(cls, config) -> set[str]:
         """The server sees sums only; FedAvg is the one rule, with min_clients as the round-size need."""
         return {ENCRYPTED_UPDATES, CHECKS_ROUND_SIZE}
+
+    @classmethod
+    def deployment_keys(cls, config) -> DeploymentKeys:
+        """A Flower deployment's CKKS key set (``fedsafe flower keys``): SuperNodes hold the secret key, the ServerApp
+        the public one; a key holder decrypts no sum of fewer than ``min_clients`` clients."""
+        return DeploymentKeys(cls.section, config.ckks, config.min_clients)
 
     @classmethod
     def check(cls, config, setup) -> None:

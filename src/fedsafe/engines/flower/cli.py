@@ -72,13 +72,18 @@ def keys_command(out: Path = typer.Option(..., "--out", "-o", help="directory fo
     from fedsafe.config import load_config
     from fedsafe.defenses.secure_aggregation.keys import context_summary, write_key_files
 
+    from fedsafe.plugins import deployment_keys
+
     cfg = load_config(config, set_)
-    if not cfg.secure_agg.enabled:
-        typer.echo("note: this config has secure_agg.enabled=false; set it to true for the run that uses these keys",
-                   err=True)
-    keys = write_key_files(cfg.secure_agg.ckks, out, overwrite=force)
-    typer.echo(f"key set {keys.key_id} (CKKS {context_summary(cfg.secure_agg.ckks)}, "
-               f"{cfg.secure_agg.ckks.security_label()}):\n"
+    spec = deployment_keys(cfg)  # the key parameters of the plug-in that encrypts updates (secure_agg.ckks)
+    if spec is None:
+        raise typer.BadParameter("no registered plug-in of this config uses deployment keys")
+    if not spec.enabled:
+        typer.echo(f"note: this config has {spec.section}.enabled=false; set it to true for the run that uses these "
+                   "keys", err=True)
+    keys = write_key_files(spec.params, out, overwrite=force)
+    typer.echo(f"key set {keys.key_id} (CKKS {context_summary(spec.params)}, "
+               f"{spec.params.security_label()}):\n"
                f"  {keys.clients}  SECRET (mode 0600): copy to every SuperNode only, "
                f"`fedsafe flower supernode ... --he-context {keys.clients.name}`\n"
                f"  {keys.server}  public: for the server, `fedsafe flower app ... --he-context {keys.server}`")
@@ -106,18 +111,22 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
     from fedsafe.config import load_config
     from fedsafe.engines.flower.deploy import write_app
 
+    from fedsafe.engines.flower.node import encrypted_keys
+
     cfg = load_config(config, set_)
     check_deployable(cfg)
-    if not cfg.secure_agg.enabled:
+    spec = encrypted_keys(cfg)
+    if spec is None:
         if he_context is not None:
-            typer.echo("note: --he-context is ignored: the config has secure_agg.enabled=false", err=True)
+            typer.echo("note: --he-context is ignored: no plug-in of the config encrypts updates (secure_agg)",
+                       err=True)
     elif he_context is None:
-        typer.echo("note: secure_agg.enabled: pass --he-context server.ctx here or to `fedsafe flower submit`",
+        typer.echo(f"note: {spec.section}.enabled: pass --he-context server.ctx here or to `fedsafe flower submit`",
                    err=True)
     elif he_context.exists():  # refuse the secret file here already, on the author's machine
         from fedsafe.defenses.secure_aggregation.keys import SERVER, read_key_file
 
-        read_key_file(he_context, SERVER, cfg.secure_agg.ckks, who="--he-context")
+        read_key_file(he_context, SERVER, spec.params, who="--he-context")
     path = write_app(app_dir, cfg, he_context)
     typer.echo(f"wrote {path / 'pyproject.toml'} ({cfg.num_clients} clients: start one SuperNode per client with "
                f"partition-id 0..{cfg.num_clients - 1}); submit with `fedsafe flower submit {path} "
@@ -296,6 +305,7 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
     """Run CONFIG as a deployment on this machine: a SuperLink and one SuperNode per client on 127.0.0.1."""
     from fedsafe.config import dump_config, load_config
     from fedsafe.engines.flower.deploy import LocalFederation, write_app
+    from fedsafe.engines.flower.node import encrypted_keys
 
     cfg = load_config(config, set_)
     check_deployable(cfg)
@@ -313,10 +323,11 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
             fed.worker_config = fed.workdir / "experiment.yaml"
             fed.worker_config.write_text(dump_config(cfg))
         server_ctx = None
-        if cfg.secure_agg.enabled:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
+        spec = encrypted_keys(cfg)
+        if spec is not None:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
             from fedsafe.defenses.secure_aggregation.keys import write_key_files
 
-            keys = write_key_files(cfg.secure_agg.ckks, fed.workdir / "keys")
+            keys = write_key_files(spec.params, fed.workdir / "keys")
             fed.he_context, server_ctx = keys.clients, keys.server
         with fed:
             try:

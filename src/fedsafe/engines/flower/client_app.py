@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedsafe.engines.flower import trace as _trace
 from fedsafe.engines.flower import trainer_cache
 from fedsafe.engines.flower.codec import decode_train, decode_values, encode_result, encode_values, to_array
-from fedsafe.engines.flower.node import HE_MIN_CLIENTS, node_client_id, node_keys, parse_config, query_reply
+from fedsafe.engines.flower.node import (HE_MIN_CLIENTS, encrypted_keys, node_client_id, node_keys, parse_config,
+                                         query_reply)
 from fedsafe.errors import FedsafeError
 
 
@@ -29,8 +30,8 @@ def _secret_context(token: str, config_yaml: str, node_config, he_key_id: str | 
             raise FedsafeError("asked to decrypt, but this run's clients do not use secure aggregation")
         return party.context
     cfg = parse_config(config_yaml)
-    if not cfg.secure_agg.enabled:
-        raise FedsafeError("asked to decrypt, but the experiment config has secure_agg.enabled=false")
+    if encrypted_keys(cfg) is None:
+        raise FedsafeError("asked to decrypt, but no plug-in of the experiment config encrypts updates")
     return node_keys(node_config, cfg, he_key_id)
 
 
@@ -45,8 +46,9 @@ def handle_query(message: Message, context: Context) -> Message:
 
 def key_holder_min_clients(token: str, config_yaml: str, node_config) -> int:
     """The smallest sum this key holder decrypts: the simulation's own setting, or on a SuperNode the larger of
-    the config's ``secure_agg.min_clients`` and the node's own ``he-min-clients`` (default 2; the config comes
-    from the server, so it may raise the minimum but never lower it)."""
+    the config's minimum (``secure_agg.min_clients``, through :func:`encrypted_keys`) and the node's own
+    ``he-min-clients`` (default 2; the config comes from the server, so it may raise the minimum but never lower
+    it)."""
     from fedsafe.defenses.secure_aggregation.protocol import MIN_CLIENTS, client_party
 
     worker = trainer_cache.LOCAL.get(token)
@@ -60,7 +62,8 @@ def key_holder_min_clients(token: str, config_yaml: str, node_config) -> int:
             from exc
     if floor < 1:
         raise FedsafeError(f"node config {HE_MIN_CLIENTS}={floor} must be >= 1")
-    return max(cfg.secure_agg.min_clients, floor)
+    keys = encrypted_keys(cfg)
+    return max(keys.min_clients if keys is not None else MIN_CLIENTS, floor)
 
 
 def handle_decrypt(message: Message, context: Context) -> Message:

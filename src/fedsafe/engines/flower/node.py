@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from fedsafe.errors import FedsafeError
+from fedsafe.plugins import DeploymentKeys, deployment_keys
 
 WORKER_DIR = "worker-dir"  # node config key: the directory of this SuperNode's warm worker
 HE_CONTEXT = "he-context"  # node config / run config key: path of a key file of `fedsafe flower keys`
@@ -33,19 +34,29 @@ def node_client_id(node_config, num_clients: int) -> str:
     raise FedsafeError("the SuperNode needs --node-config 'partition-id=N' or 'client-id=\"client_NN\"'")
 
 
+def encrypted_keys(cfg) -> DeploymentKeys | None:
+    """The key set of ``cfg``'s plug-in that encrypts updates when it is on (:meth:`Plugin.deployment_keys`),
+    else None: the deployment reads no plug-in's section by name."""
+    keys = deployment_keys(cfg)
+    return keys if keys is not None and keys.enabled else None
+
+
 def node_keys(node_config, cfg, he_key_id: str | None) -> bytes:
     """This SuperNode's secret-key CKKS context (node config ``he-context``), checked against the run.
 
-    The file must be the clients' file of ``fedsafe flower keys``, made with the config's ``secure_agg.ckks``
-    and, when the server names its key id, from the same key set as the server's public context.
+    The file must be the clients' file of ``fedsafe flower keys``, made with the config's key parameters
+    (:func:`encrypted_keys`) and, when the server names its key id, from the same key set as the server's public
+    context.
     """
     from fedsafe.defenses.secure_aggregation.keys import CLIENTS, read_key_file
 
+    spec = deployment_keys(cfg)
     path = node_config.get(HE_CONTEXT)
     if not path:
-        raise FedsafeError("secure_agg.enabled but this SuperNode holds no CKKS keys: start it with --node-config "
-                           f"\"{HE_CONTEXT}='/path/clients.ctx'\" (the clients' file of `fedsafe flower keys`)")
-    keys = read_key_file(str(path), CLIENTS, cfg.secure_agg.ckks, who=f"node config {HE_CONTEXT}")
+        raise FedsafeError(f"{spec.section}.enabled but this SuperNode holds no CKKS keys: start it with "
+                           f"--node-config \"{HE_CONTEXT}='/path/clients.ctx'\" (the clients' file of "
+                           "`fedsafe flower keys`)")
+    keys = read_key_file(str(path), CLIENTS, spec.params, who=f"node config {HE_CONTEXT}")
     if he_key_id is not None and keys.key_id != he_key_id:
         raise FedsafeError(f"node config {HE_CONTEXT} {path} belongs to key set {keys.key_id}, the server's public "
                            f"context to key set {he_key_id}: give every SuperNode the clients.ctx written together "
@@ -104,7 +115,7 @@ def query_reply(content, node_config):
 
     meta = content["fedsafe"]
     cfg = parse_config(meta["config"])
-    if cfg.secure_agg.enabled:  # refuse at connect, so a node without the right keys is never sampled
+    if encrypted_keys(cfg) is not None:  # refuse at connect, so a node without the right keys is never sampled
         node_keys(node_config, cfg, meta.get("he_key_id"))
     if node_config.get(WORKER_DIR):
         why = pinned_refusal(read_settings(Path(str(node_config[WORKER_DIR]))), cfg)

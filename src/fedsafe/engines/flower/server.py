@@ -18,7 +18,7 @@ from flwr.app import Message, RecordDict
 from fedsafe.config import ExperimentConfig, dump_config
 from fedsafe.engines.flower import trace as _trace
 from fedsafe.engines.flower.codec import DECRYPT, QUERY, TRAIN, decode_result, encode_decrypt, encode_train, run_meta
-from fedsafe.engines.flower.node import HE_CONTEXT
+from fedsafe.engines.flower.node import HE_CONTEXT, encrypted_keys
 from fedsafe.errors import FedsafeError
 from fedsafe.data.client_data import ClientData
 from fedsafe.fl.client import ClientResult, RoundConfig
@@ -260,8 +260,9 @@ def round_min_results(cfg: ExperimentConfig) -> tuple[int, str]:
     from fedsafe.aggregators import min_clients
 
     need, why = cfg.flower.min_results, [f"flower.min_results={cfg.flower.min_results}"]
-    if cfg.secure_agg.enabled:
-        rule_need, rule_why = cfg.secure_agg.min_clients, f"secure_agg.min_clients={cfg.secure_agg.min_clients}"
+    keys = encrypted_keys(cfg)
+    if keys is not None:
+        rule_need, rule_why = keys.min_clients, f"{keys.section}.min_clients={keys.min_clients}"
     else:
         rule_need = min_clients(cfg.aggregator.name, cfg.aggregator.params)
         rule_why = f"aggregator {cfg.aggregator.name} needs {rule_need}"
@@ -271,17 +272,17 @@ def round_min_results(cfg: ExperimentConfig) -> tuple[int, str]:
 
 
 def server_keys(cfg: ExperimentConfig, path: str | None):
-    """The ServerApp's public CKKS key file (run config ``he-context``) when ``secure_agg`` is on, else None."""
+    """The ServerApp's public CKKS key file (run config ``he-context``) when a plug-in encrypts updates
+    (:func:`fedsafe.engines.flower.node.encrypted_keys`, i.e. ``secure_agg.enabled``), else None."""
     from fedsafe.defenses.secure_aggregation.keys import SERVER, read_key_file
 
-    if not cfg.secure_agg.enabled:
+    keys = encrypted_keys(cfg)
+    if keys is None:
         if path:
-            log.warning("run config %s=%s is ignored: secure_agg.enabled is false", HE_CONTEXT, path)
+            log.warning("run config %s=%s is ignored: no plug-in of this config encrypts updates", HE_CONTEXT, path)
         return None
     if not path:
-        raise FedsafeError(f"secure_agg.enabled in a Flower deployment needs the server's public CKKS context: "
+        raise FedsafeError(f"{keys.section}.enabled in a Flower deployment needs the server's public CKKS context: "
                            "`fedsafe flower keys --out DIR --config CONFIG`, then `fedsafe flower app ... "
                            f"--he-context DIR/server.ctx` (or `fedsafe flower submit ... --he-context ...`)")
-    return read_key_file(path, SERVER, cfg.secure_agg.ckks, who=f"run config {HE_CONTEXT}")
-
-
+    return read_key_file(path, SERVER, keys.params, who=f"run config {HE_CONTEXT}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from fedsafe.engines.flower.node import config_hash, model_key, node_client_id, node_keys, parse_config
+from fedsafe.engines.flower.node import (config_hash, encrypted_keys, model_key, node_client_id, node_keys,
+                                         parse_config)
 from fedsafe.errors import FedsafeError
 from fedsafe.data.client_data import ClientData
 
@@ -49,7 +50,7 @@ def build(config_yaml: str, node_config, he_key_id: str | None = None) -> NodeTr
 
     cfg = parse_config(config_yaml)
     # the keys first: a node without them fails before the model load
-    client_context = node_keys(node_config, cfg, he_key_id) if cfg.secure_agg.enabled else None
+    client_context = node_keys(node_config, cfg, he_key_id) if encrypted_keys(cfg) else None
     loaded = PRELOADED.pop(model_key(cfg), None)  # a warm worker's base model, loaded before the run
     if loaded is None:
         loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
