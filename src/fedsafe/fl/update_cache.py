@@ -20,7 +20,9 @@ The key covers (:func:`update_key`):
 - the model: :func:`fedsafe.evaluation.runner.model_fingerprint` of the base model, the LoRA config, the flat
   adapter layout, the pad id, the device type and parameter dtype, and the torch/transformers/peft versions;
 - the training path (batched or sequential) on an accelerator, where the batched pass's grouped GEMM rounds
-  differently; on CPU the two paths give the same bits (fedsafe.fl.batched), so they share entries.
+  differently; on CPU the two paths give the same bits (fedsafe.fl.batched; tests/test_reuse.py checks a grid
+  with and without the cache end to end), so they share entries. On an accelerator a batched entry equals a
+  retraining within the batched path's tolerance only: the other clients of a pass change its GEMM shapes.
 
 Not cached (trained every time): a trainer other than the plain LocalTrainer (DP-SGD replaces it), loss terms
 (constrained updates), SCAFFOLD (client state), step-level reports (the probe's level=step) and FedEx residuals
