@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,9 +190,9 @@ class UpdateCache:
     def put(self, key: str, fields: dict, result: ClientResult, step_losses: list[float],
             rng_state: torch.Tensor) -> None:
         """Store one training's result (atomically: tensors first, the JSON that marks the entry complete last)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from fedsafe.io import atomic_write_text
+        from fedsafe.io import atomic_write_bytes, atomic_write_text
 
         self.misses += 1
         self.seconds_computed += float(result.metrics.get("seconds") or 0.0)
@@ -201,10 +200,8 @@ class UpdateCache:
             return
         tensors_path, meta_path = self._paths(key)
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tensors_path.with_name(f".{tensors_path.name}.{os.getpid()}.tmp")
-        save_file({"update": result.update.detach().to("cpu").contiguous(),
-                   "rng_state": rng_state.detach().to("cpu").contiguous()}, str(tmp))
-        os.replace(tmp, tensors_path)
+        atomic_write_bytes(tensors_path, save({"update": result.update.detach().to("cpu").contiguous(),
+                                               "rng_state": rng_state.detach().to("cpu").contiguous()}))
         meta = {"key": key, "fields": fields, "num_samples": result.num_samples,
                 "metrics": {k: v for k, v in result.metrics.items() if k != "update_cache"},
                 "step_losses": step_losses, "written": time.time()}
