@@ -155,3 +155,39 @@ def test_the_run_ends_with_a_safety_table_with_wilson_intervals():
     assert "75.0 [55.1, 88.0]" in text  # 18/24
     assert "Rule % (harmful) ↑, n=24" in text and "over-refusal % (everyday) ↓, n=28" in text
     assert "borderline" not in text  # not measured by any model
+
+
+def _training_sources_key(cfg: ExperimentConfig) -> str:
+    """What the run-start held-out check depends on: the training data sources and the benign evaluation sets."""
+    import json
+
+    from fedsafe.data.holdout import _EVAL_ONLY, _data_sources
+    from fedsafe.plugins import inactive_sections
+
+    skip = (*_EVAL_ONLY, *inactive_sections(cfg))
+    dump = cfg.model_dump(mode="json")
+    sources = [(w, s) for w, s in _data_sources(dump)
+               if not any(w == e or w.startswith((e + ".", e + "[")) for e in skip)]
+    ev = cfg.eval
+    benign = [ev.model_dump(mode="json").get(k) for k in ("normal_prompts", "n_normal_prompts", "borderline_prompts",
+                                                          "n_borderline_prompts", "prompts")]
+    return json.dumps([sources, benign, cfg.seed], sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("path", [QUICKSTART] + [p for p in shipped_configs() if kind(p) in ("run", "grid")],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_shipped_setting_passes_the_run_start_heldout_check(path, shared_data):
+    """A shipped config that stops at its first step helps nobody: every setting's over-refusal and borderline
+    prompts must be disjoint from everything it trains on (clients, post-hoc, the probe's shadows, FLTrust's root,
+    the aligned base). configs/adaptive_small.yaml's probe cells once stopped here: one XSTest safe prompt is also
+    an HH-RLHF harmless-base request the probe's malicious shadows trained on."""
+    from fedsafe.pipeline import check_heldout
+
+    settings = load_grid(path)[1] if kind(path) == "grid" else [(path.stem, load_config(path))]
+    seen = set()
+    for name, cfg in settings:
+        key = _training_sources_key(cfg)
+        if key in seen:
+            continue
+        seen.add(key)
+        check_heldout(cfg)  # raises a ConfigError naming the eval field and the training source
