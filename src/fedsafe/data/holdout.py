@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedsafe.data.sources import excluded_instructions  # noqa: F401 (the evaluation runner reads it here)
-from fedsafe.data.split import in_split, normalise_instruction  # noqa: F401 (in_split: the evaluation runner)
+from fedsafe.data.split import in_split, normalise_instruction  # noqa: F401 (re-exported for callers)
 
 
 def overlap(train_instructions: Iterable[str], prompts: Iterable[str]) -> list[str]:

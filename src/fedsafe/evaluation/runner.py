@@ -18,7 +18,7 @@ import torch
 from fedsafe.config import DataSource, EvalConfig
 from fedsafe.errors import ConfigError, DataError
 from fedsafe.evaluation.rule import rule_score
-from fedsafe.rundir import atomic_write_text
+from fedsafe.io import atomic_write_text
 
 log = logging.getLogger("fedsafe")
 
@@ -37,7 +37,7 @@ def load_prompts(source: str, n: int | None = None) -> list[str]:
     ``starter:*`` keeps only its harmful requests (rows whose category is a safety category).
     The first ``n`` prompts are returned, in file order.
     """
-    from fedsafe.data.sources import STARTER_SPLITS, raw_records
+    from fedsafe.data.records import STARTER_SPLITS, raw_records
 
     if source in STARTER_SPLITS:
         from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
@@ -94,7 +94,7 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
     ``category_field`` / ``categories`` filter the rows (XSTest: ``category_field: label, categories: [safe]``).
     All prompts are returned in file order (``max_rows`` caps them).
     """
-    from fedsafe.data.sources import STARTER_SPLITS, raw_records
+    from fedsafe.data.records import STARTER_SPLITS, raw_records
     from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
 
     src = source if isinstance(source, DataSource) else DataSource(path=source)
@@ -132,10 +132,11 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
             text = str(rec[key]).strip()
         prompts.append(text)
     if src.holdout is not None:
-        from fedsafe.data.holdout import in_split
+        from fedsafe.data.split import in_split
 
         prompts = [p for p in prompts if in_split(p, src.holdout, src.holdout_percent)]
-    from fedsafe.data.holdout import excluded_instructions, normalise_instruction
+    from fedsafe.data.sources import excluded_instructions
+    from fedsafe.data.split import normalise_instruction
 
     seen: set[str] = excluded_instructions(src.exclude)  # excluded instructions count as seen  # a prompt set scores each distinct prompt once (instruction files repeat some)
     prompts = [p for p in prompts if not (normalise_instruction(p) in seen or seen.add(normalise_instruction(p)))]
