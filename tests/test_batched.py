@@ -12,7 +12,7 @@ import torch
 
 from fedsafe.data.format import TokenizedExample
 from fedsafe.engines.inprocess import InProcessEngine
-from fedsafe.fl.batched import BatchedTrainer, clip_per_adapter, why_sequential
+from fedsafe.fl.batched import CPU_REASON, BatchedTrainer, clip_per_adapter, why_sequential
 from fedsafe.data.client_data import ClientData
 from fedsafe.fl.client import LocalTrainer, RoundConfig
 from fedsafe.models import attach_lora, byte_tokenizer, tiny_llama
@@ -174,13 +174,21 @@ def test_batched_engine_falls_back_and_says_why(test_seed):
     trainer, clients, start = _setup(test_seed)
     rc = RoundConfig(round=1, lr=0.01, local_steps=1, batch_size=4, seed=test_seed)
     ids = [c.client_id for c in clients]
-    engine = InProcessEngine(trainer, clients, "auto",
+    engine = InProcessEngine(trainer, clients, "on",
                              PluginSet([_ChangesTraining(None, None)]).sequential_training())
     engine.fit(ids, start, rc)
     assert engine.training_path["training_path"] == "sequential"
     assert engine.training_path["training_path_reason"].startswith("test_changes_training: its local_training hook")
     assert InProcessEngine(trainer, clients, "off").why_sequential(ids, rc) == "fl.batched_clients=off"
-    assert InProcessEngine(trainer, clients, "auto").why_sequential(ids, rc) is None
+    assert InProcessEngine(trainer, clients, "on").why_sequential(ids, rc) is None
+    # auto: batched on an accelerator only; on a CPU the round record says why it ran one at a time
+    assert InProcessEngine(trainer, clients, "auto").why_sequential(ids, rc) == CPU_REASON
+    if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+        trainer.model.to("cuda")
+        try:
+            assert InProcessEngine(trainer, clients, "auto").why_sequential(ids, rc) is None
+        finally:
+            trainer.model.to("cpu")
     assert "scaffold" in why_sequential(trainer, replace(rc, algorithm="scaffold"), 3)
     assert "level=step" in why_sequential(trainer, replace(rc, step_feature_mask=torch.ones(3, dtype=bool)), 3)
     assert why_sequential(trainer, rc, 1) == "fewer than 2 clients this round"
@@ -193,8 +201,8 @@ def test_batched_engine_falls_back_and_says_why(test_seed):
     assert "loss terms" in why_sequential(with_terms, rc, 3)
     from fedsafe.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="fl.batched_clients must be one of auto, off, got 'on'"):
-        InProcessEngine(trainer, clients, "on")
+    with pytest.raises(ConfigError, match="fl.batched_clients must be one of auto, on, off, got 'fast'"):
+        InProcessEngine(trainer, clients, "fast")
 
 
 def test_batched_engine_runs_client_update_hooks_as_sequential(test_seed):
@@ -205,26 +213,28 @@ def test_batched_engine_runs_client_update_hooks_as_sequential(test_seed):
     ids = [c.client_id for c in clients]
     pipeline = ClientPipeline(trainer, [_ScalesUpdate(None, None)])
     out = {}
-    for mode in ("off", "auto"):
+    for mode in ("off", "on"):
         engine = InProcessEngine(pipeline, clients, mode)
         seen = []
         torch.manual_seed(7 if mode == "off" else 8)
         out[mode] = engine.fit(ids, start, rc, on_result=lambda r: seen.append(r.client_id))
         assert seen == ids
-        assert engine.training_path["training_path"] == ("batched" if mode == "auto" else "sequential")
-    for s, b in zip(out["off"], out["auto"]):
+        assert engine.training_path["training_path"] == ("batched" if mode == "on" else "sequential")
+    for s, b in zip(out["off"], out["on"]):
         assert b.metrics["factor"] == s.metrics["factor"]
         assert _rel(b.update, s.update) < RTOL
 
 
 def test_batched_clients_config_field():
-    """fl.batched_clients is auto | off (YAML's bare off is a boolean: it means off); anything else names the field."""
+    """fl.batched_clients is auto | on | off (YAML's bare off / on are booleans: they mean off / on); anything else
+    names the field."""
     from fedsafe.config import load_config
     from fedsafe.errors import ConfigError
 
     assert load_config(None, ["model.name=tiny"]).fl.batched_clients == "auto"
     assert load_config(None, ["model.name=tiny", "fl.batched_clients=off"]).fl.batched_clients == "off"
-    with pytest.raises(ConfigError, match="fl.batched_clients: Input should be 'auto' or 'off'"):
+    assert load_config(None, ["model.name=tiny", "fl.batched_clients=on"]).fl.batched_clients == "on"
+    with pytest.raises(ConfigError, match="fl.batched_clients: Input should be 'auto', 'on' or 'off'"):
         load_config(None, ["model.name=tiny", "fl.batched_clients=fast"])
 
 
@@ -254,13 +264,13 @@ def test_batched_run_equals_sequential_run_and_records_the_path(tmp_path):
     """A whole tiny run (2 rounds of 3 clients, plugin_cases' plain case): the same final adapter batched and one
     at a time, each round record saying which path ran; a plug-in that changes local training (constrained
     updates' loss terms) falls back, and the record says why."""
-    batched, rec_b = _run(tmp_path, "batched", [])
+    batched, rec_b = _run(tmp_path, "batched", ["fl.batched_clients=on"])
     sequential, rec_s = _run(tmp_path, "sequential", ["fl.batched_clients=off"])
     assert _rel(batched, sequential) < RTOL
     assert [r["training_path"] for r in rec_b] == ["batched", "batched"]
     assert [(r["training_path"], r["training_path_reason"]) for r in rec_s] == [
         ("sequential", "fl.batched_clients=off")] * 2
-    _vec, rec_c = _run(tmp_path, "constrained", ["constrained.l2_mu=1000"])
+    _vec, rec_c = _run(tmp_path, "constrained", ["constrained.l2_mu=1000", "fl.batched_clients=on"])
     assert [r["training_path"] for r in rec_c] == ["sequential", "sequential"]
     assert rec_c[0]["training_path_reason"].startswith("constrained_updates: its local_training hook")
 

@@ -170,7 +170,7 @@ def test_batched_round_trains_only_the_misses(test_seed, tmp_path, monkeypatch):
     trainer, clients, start, rc = _setup(test_seed, n_clients=5)
     ids = [c.client_id for c in clients]
     torch.manual_seed(3)
-    plain = InProcessEngine(trainer, clients, "auto").fit(ids, start, rc)
+    plain = InProcessEngine(trainer, clients, "on").fit(ids, start, rc)
     plain_rng = torch.get_rng_state()
 
     passes = []
@@ -178,7 +178,7 @@ def test_batched_round_trains_only_the_misses(test_seed, tmp_path, monkeypatch):
     monkeypatch.setattr(batched_module.BatchedTrainer, "fit_many", lambda self, cs, *a, **kw: passes.append(
         [c.client_id for c in cs]) or real(self, cs, *a, **kw))
     trainer.update_cache = cache = UpdateCache(tmp_path)
-    engine = InProcessEngine(trainer, clients, "auto")
+    engine = InProcessEngine(trainer, clients, "on")
     with cache.opened():
         engine.fit(["c1", "c3"], start, rc)  # stores c1 and c3 (a batched pass of 2)
         steps = []
@@ -334,6 +334,6 @@ def test_batched_round_with_a_fedex_residual_is_not_cached(test_seed, tmp_path, 
     monkeypatch.setattr(lora_aggregation, "residual_round", lambda model: 1)
     trainer.update_cache = cache = UpdateCache(tmp_path)
     with cache.opened():
-        InProcessEngine(trainer, clients, "auto").fit(["c0", "c1"], start, replace(rc, base_residual_round=1))
+        InProcessEngine(trainer, clients, "on").fit(["c0", "c1"], start, replace(rc, base_residual_round=1))
     assert (cache.counts()["computed"], cache.counts()["not_cached"]) == (0, 2)
     assert not list(tmp_path.glob("*/*"))

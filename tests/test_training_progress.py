@@ -32,7 +32,7 @@ def _setup(n=(4, 3)):
     return trainer, clients
 
 
-@pytest.mark.parametrize("path", ["off", "auto"])  # one client at a time; the batched pass
+@pytest.mark.parametrize("path", ["off", "on"])  # one client at a time; the batched pass
 def test_each_local_step_reports_its_loss_and_each_client_its_tokens(path):
     trainer, clients = _setup()
     rc = RoundConfig(round=1, lr=0.01, local_steps=3, batch_size=8, seed=0)  # batch >= rows: every row, every step

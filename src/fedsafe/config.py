@@ -164,17 +164,19 @@ class FLConfig(_Strict):
                                "and B separately, inexact), ffa (FFA-LoRA: A frozen, only B trained and sent), "
                                "rolora (RoLoRA: B in odd rounds, A in even rounds), fedex (FedEx-LoRA: average "
                                "plus a dense residual on the base weights, saved next to the adapter)")
-    batched_clients: Literal["auto", "off"] = Field(
+    batched_clients: Literal["auto", "on", "off"] = Field(
         "auto", description="in-process engine: train the clients of a round as LoRA adapters of one batched "
                             "forward/backward pass (fedsafe.fl.batched; same adapters as one at a time, to float "
-                            "rounding); auto falls back to one at a time when a plug-in or setting changes local "
-                            "training (the round record says why), off always trains one at a time")
+                            "rounding). auto: batched on an accelerator, one at a time on a CPU (where the batched "
+                            "pass measured slower); on: batched wherever it applies; both fall back to one at a "
+                            "time when a plug-in or setting changes local training (the round record says why); "
+                            "off always trains one at a time")
 
     @field_validator("batched_clients", mode="before")
     @classmethod
     def _batched_clients(cls, v):
         # YAML 1.1 reads a bare off / on as a boolean: `batched_clients: off` means "off"
-        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
     @property
     def resolved_server_lr(self) -> float:

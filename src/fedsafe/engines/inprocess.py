@@ -29,7 +29,7 @@ class InProcessEngine:
         self.plan_batching(batched_clients, sequential_plugins)
 
     def plan_batching(self, batched_clients: str, sequential_plugins: dict[str, str] | None = None) -> None:
-        """``fl.batched_clients`` (auto | off) and the plug-ins that change local training (name -> why)."""
+        """``fl.batched_clients`` (auto | on | off) and the plug-ins that change local training (name -> why)."""
         from fedsafe.errors import ConfigError
         from fedsafe.fl.batched import BATCHED_CLIENTS
 
@@ -47,7 +47,14 @@ class InProcessEngine:
             return "fl.batched_clients=off"
         if self.sequential_plugins:
             return "; ".join(f"{name}: {why}" for name, why in self.sequential_plugins.items())
-        return why_sequential(self._inner()[0], rc, len(client_ids))
+        trainer = self._inner()[0]
+        if self.batched_clients == "auto":
+            from fedsafe.fl.batched import CPU_REASON
+
+            param = next(iter(trainer.model.parameters()), None)
+            if param is None or param.device.type == "cpu":
+                return CPU_REASON
+        return why_sequential(trainer, rc, len(client_ids))
 
     def _inner(self):
         """The local trainer and the client_update hooks that follow it (fedsafe.plugins.ClientPipeline)."""

@@ -39,7 +39,11 @@ from fedsafe.data.client_data import ClientData
 from fedsafe.fl.client import (ClientResult, LocalTrainer, RoundConfig, _batch_stream, check_base_residual, derive_seed,
                                train_only)
 
-BATCHED_CLIENTS = ("auto", "off")  # fl.batched_clients
+BATCHED_CLIENTS = ("auto", "on", "off")  # fl.batched_clients
+# why auto trains one at a time on a CPU (the round record carries it)
+CPU_REASON = ("fl.batched_clients=auto on a CPU: one at a time (the batched pass keeps each client's attention and "
+              "LoRA on its own slice to stay bit-identical, and took 1.58x the sequential time for 5 clients x 4 "
+              "steps on 2 cores, benchmarks/batched_round.py; fl.batched_clients=on forces it)")
 
 
 def why_sequential(trainer, rc: RoundConfig, n_clients: int) -> str | None:
