@@ -19,6 +19,7 @@ default). Each path's seconds, its speed-up over plain and how many completions 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import time
 
 import torch
@@ -93,15 +94,16 @@ def _eval_sets(config_path: str):
     """The config's evaluation prompt sets as (label, prompts, max_new_tokens), and its eval and model sections."""
     from fedsafe.evaluation.runner import benign_sets, select_prompts
 
-    text = open(config_path, encoding="utf-8").read()
-    if "\nmatrix:" in text or text.startswith("matrix:"):
-        from fedsafe.grid import load_grid
+    from fedsafe.cli import refuse_grid_file
+    from fedsafe.config import load_config
+    from fedsafe.errors import FedsafeError
+    from fedsafe.grid import load_grid
 
-        cfg = load_grid(config_path)[1][0][1]
-    else:
-        from fedsafe.config import load_config
-
+    try:
+        refuse_grid_file(Path(config_path))  # raises for a grid file (the rule `fedsafe run` applies)
         cfg = load_config(config_path)
+    except FedsafeError:
+        cfg = load_grid(config_path)[1][0][1]
     ev = cfg.eval
     sets = []
     if ev.prompts:
