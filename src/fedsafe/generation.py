@@ -3,8 +3,9 @@
 Two savings on top of plain batched ``generate`` (both on by default, both exact in what they compute):
 
 - **Shared prefix.** Chat prompts all open with the same tokens (the template's system turn and the user header:
-  24 of the 40 tokens of an average XSTest safe prompt with SmolLM2's template). Their keys and values are computed once per call and
-  every batch continues from a copy of that cache, so the prefill runs only over what differs. Each row is laid
+  24 of the 40 tokens of an average XSTest safe prompt with SmolLM2's template). Their keys and values are
+  computed once per call and every batch continues from a copy of that cache, so the prefill runs only over what
+  differs. Each row is laid
   out as [prefix, left padding, rest of the prompt]; the padding is masked and positions count real tokens only,
   so a row sees exactly what it sees alone. (The idea of prefix caching in vLLM/SGLang's radix attention,
   here within one call.)
