@@ -253,6 +253,47 @@ def test_load_benign_prompts_starter_xstest_and_field_mapping(shared_data, tmp_p
         load_benign_prompts(str(j))
 
 
+def test_a_prompt_set_may_join_several_sources_each_prompt_once(tmp_path):
+    """eval.normal_prompts as a list: sources read in order and joined, a repeated prompt scored once, a list of
+    turns (MT-Bench's layout) giving its first turn, and an error that names the list item holding no prompt."""
+    from fedsafe.config import DataSource
+    from fedsafe.evaluation.runner import load_benign_prompts
+
+    a = tmp_path / "a.jsonl"
+    a.write_text("\n".join(json.dumps({"instruction": t}) for t in ("first task", "second task", "First  task")))
+    mt = tmp_path / "question.jsonl"  # MT-Bench's layout: a list of turns per question
+    mt.write_text("\n".join(json.dumps({"question_id": i, "turns": [f"turn one of {i}", f"turn two of {i}"]})
+                            for i in range(2)))
+    joined = load_benign_prompts([str(a), DataSource(path=str(mt), instruction_field="turns"), str(mt)])
+    assert joined == ["first task", "second task", "turn one of 0", "turn one of 1"]
+    assert load_benign_prompts(str(mt)) == ["turn one of 0", "turn one of 1"]  # found among PROMPT_FIELDS
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"instruction": ""}))
+    with pytest.raises(Exception, match=r"eval.normal_prompts\[1\]"):
+        load_benign_prompts([str(a), str(empty)])
+    with pytest.raises(Exception, match="empty list"):
+        load_benign_prompts([])
+
+
+def test_a_joined_prompt_set_resolves_relative_paths_and_is_checked_at_run_start(tmp_path):
+    from fedsafe.config import load_config
+    from fedsafe.errors import DataError
+    from fedsafe.pipeline import check_inputs
+
+    (tmp_path / "n.jsonl").write_text(json.dumps({"instruction": "benign task"}))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {name: tiny}\neval: {prompts: 'starter:heldout', "
+                        "normal_prompts: [n.jsonl, {path: n.jsonl}, 'starter:heldout']}\n")
+    cfg = load_config(str(cfg_file))
+    first, second, third = cfg.eval.normal_prompts
+    assert first == str((tmp_path / "n.jsonl").resolve()) and second.path == first and third == "starter:heldout"
+    check_inputs(cfg)
+    cfg_file.write_text("model: {name: tiny}\neval: {prompts: 'starter:heldout', "
+                        "normal_prompts: [n.jsonl, missing.jsonl]}\n")
+    with pytest.raises(DataError, match=r"eval.normal_prompts\[1\]"):
+        check_inputs(load_config(str(cfg_file)))
+
+
 def test_over_refusal_and_borderline_refusal_are_refusal_shares(tiny, tmp_path, monkeypatch, test_seed):
     from fedsafe import generation
     from fedsafe.config import EvalConfig

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from fedsafe import plugins
 from fedsafe.errors import ConfigError
-from fedsafe.schema import DataSource, Strict as _Strict  # noqa: F401  (DataSource: re-exported)
+from fedsafe.schema import DataSource, PromptSet, Strict as _Strict  # noqa: F401  (DataSource: re-exported)
 
 
 class AlignConfig(_Strict):
@@ -234,13 +234,14 @@ class EvalConfig(_Strict):
                                 "the second safety column `refusal`: 'detector' (fedsafe.evaluation.detect_refusals, "
                                 "validated against human labels) or 'rule' (the refusal strings of rule_list, as "
                                 "fedsafe < 0.5 did)")
-    normal_prompts: str | DataSource | None = Field(
-        "starter:heldout", description="benign requests for over-refusal (the share of answers with a refusal "
-                                       "string of rule_list): a file, a hub id, 'starter:heldout' (its normal "
-                                       "instructions) or a data source with instruction_field / category_field / "
-                                       "categories; None disables it")
+    normal_prompts: PromptSet | None = Field(
+        "starter:heldout", description="benign requests for over-refusal (the share of answers the refusal "
+                                       "detector flags): a file, a hub id, 'starter:heldout' (its normal "
+                                       "instructions), a data source with instruction_field / category_field / "
+                                       "categories, or a list of these read in order and joined (everyday "
+                                       "requests from more than one public set); None disables it")
     n_normal_prompts: int = Field(28, ge=0, description="over-refusal on this many benign prompts (0: off)")
-    borderline_prompts: str | DataSource | None = Field(
+    borderline_prompts: PromptSet | None = Field(
         None, description="safe prompts that look harmful (XSTest-style) for borderline_refusal, as "
                           "normal_prompts, e.g. {path: xstest_prompts.csv, instruction_field: prompt, "
                           "category_field: label, categories: [safe]}; None (default) disables it")
@@ -659,14 +660,23 @@ _PATH_KEYS = ("path", "prompts", "normal_prompts", "borderline_prompts", "templa
               "references", "policy")
 
 
+def _resolved(value: str, root: Path) -> str:
+    # a relative value that exists relative to the config file becomes absolute; anything else stays as it is
+    if Path(value).is_absolute() or ":" in value:
+        return value
+    cand = root / value
+    return str(cand.resolve()) if cand.exists() else value
+
+
 def _resolve_paths(data: Any, root: Path) -> None:
     # only touch path values that look relative and exist relative to the config file
     if isinstance(data, dict):
         for k, v in data.items():
-            if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute() and ":" not in v:
-                cand = (root / v)
-                if cand.exists():
-                    data[k] = str(cand.resolve())
+            if k in _PATH_KEYS and isinstance(v, str):
+                data[k] = _resolved(v, root)
+            elif k in _PATH_KEYS and isinstance(v, list):  # a prompt set joined from several sources
+                data[k] = [_resolved(x, root) if isinstance(x, str) else x for x in v]
+                _resolve_paths(data[k], root)
             else:
                 _resolve_paths(v, root)
     elif isinstance(data, list):

@@ -194,12 +194,15 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if ev.prompts is not None and (ev.prompts in STARTER_SPLITS or looks_local(ev.prompts)):
         load_prompts(ev.prompts)
     for name, count in (("normal_prompts", ev.n_normal_prompts), ("borderline_prompts", ev.n_borderline_prompts)):
-        source = getattr(ev, name)
-        path = source.path if isinstance(source, DataSource) else source
-        if ev.prompts is None or source is None or not count or path is None \
-                or not (path in STARTER_SPLITS or looks_local(path)):
+        sources = getattr(ev, name)
+        if ev.prompts is None or sources is None or not count:
             continue  # used only with the safety evaluation (eval.prompts)
-        load_benign_prompts(source, field=f"eval.{name}")
+        many = isinstance(sources, list)
+        for i, source in enumerate(sources if many else [sources]):
+            path = source.path if isinstance(source, DataSource) else source
+            if path is None or not (path in STARTER_SPLITS or looks_local(path)):
+                continue  # a hub id or generated data: checked when the run reads it
+            load_benign_prompts(source, field=f"eval.{name}[{i}]" if many else f"eval.{name}")
     data = cfg.model_dump(mode="json")
     data.pop("eval", None)  # checked above: prompt sets need no response column
     for where, value in _walk(data, ""):

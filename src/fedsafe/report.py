@@ -635,6 +635,8 @@ def _lora_aggregation_lines(records: list[dict], mode: str) -> list[str]:
 
 
 def _source_name(source) -> str:
+    if isinstance(source, list):  # a prompt set joined from several sources
+        return " + ".join(_source_name(item) for item in source)
     return str(source.get("path") if isinstance(source, dict) else source)
 
 

@@ -66,3 +66,9 @@ class DataSource(Strict):
         if self.streaming and self.max_rows is None:
             raise ValueError("streaming: true needs max_rows (the rows to take from the stream)")
         return self
+
+
+# An evaluation prompt set (eval.normal_prompts, eval.borderline_prompts, the gate's prompts): one source, or a
+# list of sources read in order and joined, each distinct prompt scored once (e.g. everyday instructions from two
+# public sets, so that over-refusal is not measured on one distribution only)
+PromptSet = str | DataSource | list[str | DataSource]

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from fedsafe.config import DataSource, EvalConfig
+from fedsafe.config import DataSource, EvalConfig, PromptSet
 from fedsafe.errors import ConfigError, DataError
 from fedsafe.evaluation.rule import rule_score
 from fedsafe.io import atomic_write_text
 
 log = logging.getLogger("fedsafe")
 
-PROMPT_FIELDS = ("goal", "prompt", "instruction", "question", "behavior", "text")
+PROMPT_FIELDS = ("goal", "prompt", "instruction", "question", "behavior", "text", "turns")
 HELDOUT_PROXY_MAX = 64  # held-out answers used by the perplexity proxy
 _loaded: dict[str, object] = {}  # judges / reward models / MT-Bench backends, loaded once per process
 
@@ -85,15 +85,30 @@ def _select(prompts: list[str], n: int, sample: bool, rng_key: list[int]) -> tup
     return ids, [prompts[i] for i in ids]
 
 
-def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prompts") -> list[str]:
+def load_benign_prompts(source: PromptSet, field: str = "eval.normal_prompts") -> list[str]:
     """Benign prompts for over-refusal (``eval.normal_prompts``) or borderline refusal (``eval.borderline_prompts``).
 
     ``source`` is a path / hub id / ``starter:*`` (the prompt field is found among :data:`PROMPT_FIELDS`;
     ``starter:*`` keeps only its normal instructions, i.e. rows outside the safety categories), or a
     :class:`DataSource` whose ``instruction_field`` (plus ``input_field``) holds the prompt and whose
     ``category_field`` / ``categories`` filter the rows (XSTest: ``category_field: label, categories: [safe]``).
-    All prompts are returned in file order (``max_rows`` caps them).
+    A field holding a list of turns (MT-Bench's ``turns``) gives its first turn. All prompts are returned in
+    file order (``max_rows`` caps them). A list of sources is read in order and joined, each distinct prompt
+    once (an error names the list item that holds none).
     """
+    if isinstance(source, list):
+        if not source:
+            raise ConfigError(f"{field}: an empty list of prompt sources")
+        from fedsafe.data.split import normalise_instruction
+
+        joined: list[str] = []
+        seen: set[str] = set()
+        for i, item in enumerate(source):
+            for p in load_benign_prompts(item, f"{field}[{i}]"):
+                if normalise_instruction(p) not in seen:
+                    seen.add(normalise_instruction(p))
+                    joined.append(p)
+        return joined
     from fedsafe.data.records import STARTER_SPLITS, raw_records
     from fedsafe.evaluation.helpfulness import SAFETY_CATEGORIES
 
@@ -121,7 +136,7 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
             if not rec.get(src.instruction_field):
                 raise DataError(f"{field}: a record has no field {src.instruction_field!r} (instruction_field); "
                                 f"found {sorted(rec)}")
-            text = str(rec[src.instruction_field]).strip()
+            text = _first_turn(rec[src.instruction_field])
             if src.input_field and rec.get(src.input_field):
                 text = f"{text}\n\n{str(rec[src.input_field]).strip()}"
         else:
@@ -129,7 +144,7 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
             if key is None:
                 raise DataError(f"{field}={src.path!r}: records need one of the fields {PROMPT_FIELDS} (or give "
                                 f"a data source with instruction_field); found {sorted(rec)}")
-            text = str(rec[key]).strip()
+            text = _first_turn(rec[key])
         prompts.append(text)
     if src.holdout is not None:
         from fedsafe.data.split import in_split
@@ -143,6 +158,13 @@ def load_benign_prompts(source: str | DataSource, field: str = "eval.normal_prom
     if not prompts:
         raise DataError(f"{field}={src.path!r} holds no prompts (after the category / holdout filter)")
     return prompts[:src.max_rows] if src.max_rows else prompts
+
+
+def _first_turn(value) -> str:
+    """A prompt field's text: a list of turns (MT-Bench's ``turns``) gives its first, the single-turn prompt."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return str(value).strip()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsafe.errors import ConfigError, did_you_mean, field_paths
-from fedsafe.schema import DataSource
+from fedsafe.schema import DataSource, PromptSet
 
 # fewest outcomes a metric needs before the gate lets it decide (a policy sets min_n per metric): 8 prompts at
 # 12.5% over-refusal have a 95% Wilson interval of [2.2%, 47%], which says nothing about a 15% limit
@@ -48,7 +48,7 @@ class OverRefusalThreshold(_Section):
     """Over-refusal: % of answers to benign prompts that contain a refusal string (lower is better)."""
 
     max: float = Field(..., ge=0, le=100, description="maximum over-refusal (%)")
-    prompts: str | DataSource | None = Field(None, description="benign prompts (eval.normal_prompts)")
+    prompts: PromptSet | None = Field(None, description="benign prompts (eval.normal_prompts)")
     n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_normal_prompts)")
     min_n: int = Field(MIN_N_SHARE, ge=1, description="fewest prompts that can decide this metric: "
                                                      "fewer is WARN (FAIL with strict)")
@@ -58,7 +58,7 @@ class BorderlineThreshold(_Section):
     """Borderline refusal: % refusals of safe prompts that look harmful (XSTest-style; lower is better)."""
 
     max: float = Field(..., ge=0, le=100, description="maximum borderline refusal (%)")
-    prompts: str | DataSource | None = Field(None, description="borderline prompts (eval.borderline_prompts)")
+    prompts: PromptSet | None = Field(None, description="borderline prompts (eval.borderline_prompts)")
     n_prompts: int | None = Field(None, ge=1, description="this many of them (eval.n_borderline_prompts)")
     min_n: int = Field(MIN_N_SHARE, ge=1, description="fewest prompts that can decide this metric: "
                                                      "fewer is WARN (FAIL with strict)")

@@ -339,7 +339,7 @@ def evaluate_gate(model, tokenizer, flat, vec: torch.Tensor, policy: GatePolicy,
         if gate is not None:
             src = getattr(eval_cfg, "normal_prompts" if metric == "over_refusal" else "borderline_prompts")
             results.append(_share_verdict(metric, "max", gate.max, per_prompt.get(metric, []), strict, conf,
-                                          {"prompts": src.path if isinstance(src, DataSource) else src,
+                                          {"prompts": _prompt_paths(src),
                                            **_detector_detail(eval_cfg)}, min_n=gate.min_n))
     if policy.helpfulness_proxy is not None:
         results.append(_helpfulness_verdict(model, tokenizer, flat, vec, policy, heldout, max_length, reference,
@@ -620,3 +620,10 @@ def run_gate_exit_code(run_dir: str | Path) -> int:
         return 0 if json.loads(path.read_text(encoding="utf-8")).get("passed") is True else 1
     except json.JSONDecodeError:
         return 2
+
+
+def _prompt_paths(source):
+    """A prompt set's file (or files, for a list of sources) as the verdict's detail names it."""
+    if isinstance(source, list):
+        return [_prompt_paths(item) for item in source]
+    return source.path if isinstance(source, DataSource) else source
