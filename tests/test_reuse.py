@@ -160,7 +160,7 @@ def test_not_cached_when_training_is_changed(test_seed, tmp_path):
         trainer.loss_terms.append(lambda model, batch, out: out.loss * 0.0)
         trainer.fit(clients[0], start, rc, {})
     assert cache.counts() == {"reused": 0, "computed": 0, "not_cached": 2, "seconds_saved": 0.0,
-                              "seconds_computed": 0.0}
+                              "seconds_computed": 0.0, "evicted": 0, "evicted_bytes": 0}
     assert not list(tmp_path.glob("*/*.json"))
 
 

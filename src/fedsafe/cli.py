@@ -1,4 +1,4 @@
-"""The ``fedsafe`` command line: run, info, report, gate, eval, generate, grid."""
+"""The ``fedsafe`` command line: run, info, report, gate, eval, generate, grid, cache."""
 
 from __future__ import annotations
 
@@ -379,12 +379,13 @@ def _os_error_message(exc: OSError) -> str:
 
 
 def _register_optional_commands() -> None:
-    """Mount sub-commands whose modules exist (generate, eval, grid, attack)."""
+    """Mount sub-commands whose modules exist (generate, eval, grid, cache, attack)."""
     import importlib
 
     for module, attr, name in (("fedsafe.data.datagen", "generate_app", "generate"),
                                ("fedsafe.evaluation.cli", "eval_app", "eval"),
                                ("fedsafe.grid", "grid_command", "grid"),
+                               ("fedsafe.cache_cli", "cache_app", "cache"),
                                ("fedsafe.attacks.privacy_extraction.cli", "attack_app", "attack"),
                                ("fedsafe.engines.flower.cli", "flower_app", "flower")):
         try:

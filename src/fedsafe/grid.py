@@ -35,7 +35,9 @@ generated attack data is cached by its seed, and evaluations share one generatio
 inputs (global adapter, client rows and seeds, round config, model: :mod:`fedsafe.fl.update_cache`) run
 once across the grid's runs, e.g. round 1's benign clients under every attack and rule of a seed, and the
 attackers' honest update h under every attack that only transforms it; ``<grid>/reuse.json`` and the last
-lines printed say how many were reused (``reuse_updates: false`` or ``--no-reuse`` turns it off). ``fedsafe grid GRID.yaml --resume
+lines printed say how many were reused (``reuse_updates: false`` or ``--no-reuse`` turns it off); the cache keeps
+at most 4 GiB, least recently used entries evicted first (``update_cache_limit``, ``--update-cache-limit`` or
+``$FEDSAFE_UPDATE_CACHE_LIMIT``; ``fedsafe cache info`` / ``clear --updates``). ``fedsafe grid GRID.yaml --resume
 GRID_DIR`` continues an interrupted grid: a finished (setting, seed) is not rerun, and a training run
 interrupted after a checkpoint continues from it.
 """
@@ -89,6 +91,9 @@ class GridSpec(BaseModel):
                                                   "data and seeds, round config, model) run once across the grid's "
                                                   "runs and are read back from <grid>/cache/updates "
                                                   "(fedsafe.fl.update_cache); --no-reuse turns it off")
+    update_cache_limit: str | None = Field(None, description="the most <grid>/cache/updates may take, least recently "
+                                                             "used entries evicted first: 4GiB, 500MB, none (default: "
+                                                             "$FEDSAFE_UPDATE_CACHE_LIMIT, else 4GiB)")
     seeds: list[int] | None = Field(None, min_length=1, description="run every setting once per seed "
                                                                    "(default: the config's seeds, else its seed)")
 
@@ -287,6 +292,9 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
     for _name, cfg in settings:  # every input of every setting, before the grid directory exists
         check_inputs(cfg)
         check_heldout(cfg)
+    from fedsafe.fl.update_cache import resolve_limit
+
+    cache_limit = resolve_limit(spec.update_cache_limit) if spec.reuse_updates else None
     if resume is not None:
         grid_dir = Path(resume)
         if not (grid_dir / "grid.yaml").exists():
@@ -296,7 +304,7 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
         atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     runs_root = grid_dir / "runs"
     cache_dir = grid_dir / "cache"
-    reuse = _Reuse(grid_dir, spec.reuse_updates)
+    reuse = _Reuse(grid_dir, spec.reuse_updates, cache_limit)
     groups = plan_training(settings, spec.share_training)
     done = _read_settings(grid_dir) if resume is not None else {}
     combined = _Combined()
@@ -355,11 +363,11 @@ class _Reuse:
     """The grid's update cache (``<grid>/cache/updates``) and its counts per training run, kept in
     ``<grid>/reuse.json`` (a resumed grid adds its runs to the file)."""
 
-    def __init__(self, grid_dir: Path, enabled: bool):
+    def __init__(self, grid_dir: Path, enabled: bool, limit_bytes: int | None = None):
         from fedsafe.fl.update_cache import UpdateCache
 
         self.path = grid_dir / "reuse.json"
-        self.cache = UpdateCache(grid_dir / "cache" / "updates") if enabled else None
+        self.cache = UpdateCache(grid_dir / "cache" / "updates", limit_bytes) if enabled else None
         self.runs: dict[str, dict] = {}
         if self.path.exists():
             try:
@@ -372,7 +380,9 @@ class _Reuse:
         """Yield the cache for one training run and record what it reused (also when the run fails)."""
         before = self.cache.counts() if self.cache is not None else None
         try:
-            yield self.cache
+            # the run's entries are never evicted while it runs (least recently used ones of earlier runs are)
+            with self.cache.in_use() if self.cache is not None else contextlib.nullcontext():
+                yield self.cache
         finally:
             if self.cache is not None:
                 after = self.cache.counts()
@@ -380,12 +390,13 @@ class _Reuse:
                 self._write()
 
     def totals(self) -> dict:
-        keys = ("reused", "computed", "not_cached", "seconds_saved", "seconds_computed")
+        keys = ("reused", "computed", "not_cached", "seconds_saved", "seconds_computed", "evicted", "evicted_bytes")
         return {k: sum(r.get(k, 0) for r in self.runs.values()) for k in keys}
 
     def _write(self) -> None:
         atomic_write_text(self.path, json.dumps({"enabled": True, "cache": "cache/updates",
-                                                 "cache_bytes": self.cache.size_bytes(), "totals": self.totals(),
+                                                 "cache_bytes": self.cache.size_bytes(),
+                                                 "cache_limit_bytes": self.cache.limit_bytes, "totals": self.totals(),
                                                  "runs": self.runs}, indent=2) + "\n")
 
     def report(self) -> None:
@@ -393,10 +404,14 @@ class _Reuse:
         if self.cache is None:
             console.print("client updates: not shared (reuse_updates off)")
             return
+        from fedsafe.fl.update_cache import format_size
+
         t = self.totals()
         console.print(f"client updates: {t['reused']} reused, {t['computed']} computed, {t['not_cached']} not "
                       f"cacheable; {t['seconds_saved']:.0f} s of training saved; cache/updates holds "
-                      f"{self.cache.size_bytes() / 2**20:.0f} MiB ({self.path.name})")
+                      f"{self.cache.size_bytes() / 2**20:.0f} MiB (limit {format_size(self.cache.limit_bytes)}, "
+                      f"{t['evicted']} least recently used entries evicted, {t['evicted_bytes'] / 2**20:.0f} MiB; "
+                      f"{self.path.name}; `fedsafe cache info`)")
 
 
 class _Combined:
@@ -531,6 +546,11 @@ def grid_command(grid_file: Path = typer.Argument(..., help="grid YAML: a base e
                  no_reuse: bool = typer.Option(False, "--no-reuse", help="train every client update in every "
                                                                         "run (no <grid>/cache/updates; the grid "
                                                                         "file's reuse_updates: false)"),
+                 update_cache_limit: Optional[str] = typer.Option(None, "--update-cache-limit", metavar="SIZE",
+                                                                  help="the most <grid>/cache/updates may take "
+                                                                       "(4GiB, 500MB, none), least recently used "
+                                                                       "entries evicted first (default: "
+                                                                       "$FEDSAFE_UPDATE_CACHE_LIMIT, else 4GiB)"),
                  dry_run: bool = typer.Option(False, "--dry-run", help="list the settings and exit"),
                  no_progress: bool = typer.Option(False, "--no-progress", help="hide progress bars")) -> None:
     """Run a matrix of settings (shared training where possible) and print one combined table."""
@@ -539,6 +559,8 @@ def grid_command(grid_file: Path = typer.Argument(..., help="grid YAML: a base e
     seed_list = parse_seeds(seeds) if seeds is not None else None
     if no_reuse:
         spec = spec.model_copy(update={"reuse_updates": False})
+    if update_cache_limit is not None:
+        spec = spec.model_copy(update={"update_cache_limit": update_cache_limit})
     if dry_run:
         for name, cfg in resolve_seeds(spec, settings, seed_list)[0]:
             print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}\tdefense={defense_label(cfg)}"

@@ -39,6 +39,16 @@ evaluation set the adapter they use. Entries are ``<dir>/<key[:2]>/<key>.safeten
 The cache answers only inside :meth:`UpdateCache.opened` (the round loop opens it for the round's training,
 shadow trainings and aggregation), never for post-hoc fine-tuning or alignment, whose ``on_step`` may evaluate
 the model at each step.
+
+Size: the cache keeps at most ``limit_bytes`` (default :data:`DEFAULT_LIMIT_BYTES`, 4 GiB; the environment
+variable ``FEDSAFE_UPDATE_CACHE_LIMIT`` or a grid's ``update_cache_limit`` / ``--update-cache-limit`` change it,
+``none`` lifts it) and evicts the least recently used entries beyond it: a hit touches its JSON's mtime, which is
+an entry's last use. An entry read or written inside :meth:`UpdateCache.in_use` (a grid holds it for each training
+run; :meth:`~UpdateCache.opened` enters it for a round) is never evicted before the block ends, so the run in
+progress may take the cache past its limit until it finishes. Eviction removes the JSON first, so an entry half
+removed by a crash is a miss (and is evicted or rewritten later); a stored entry that cannot be read is removed
+and trained again. While a block is open the process holds a shared ``flock`` on ``<dir>/.lock``;
+:meth:`UpdateCache.clear` (``fedsafe cache clear --updates``) takes it exclusively and refuses a cache in use.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +65,7 @@ from pathlib import Path
 import torch
 
 from fedsafe.data.client_data import ClientData
+from fedsafe.errors import ConfigError, FedsafeError
 from fedsafe.fl.client import ClientResult, LocalTrainer, RoundConfig, derive_seed
 
 log = logging.getLogger("fedsafe")
@@ -61,6 +74,70 @@ KEY_VERSION = 1
 #: the RoundConfig fields the local training loop reads (the others: server-side or excluded above)
 ROUND_FIELDS = ("round", "seed", "lr", "local_steps", "batch_size", "grad_accum", "optimizer", "weight_decay",
                 "max_grad_norm", "algorithm", "prox_mu", "trainable")
+
+#: the size limit of an update cache when neither a grid nor the environment sets one (about 200 entries of
+#: SmolLM2-135M's default LoRA adapter, ~20 MiB each)
+DEFAULT_LIMIT_BYTES = 4 * 2**30
+#: the environment variable that sets the limit (a size such as 4GiB, 500MB, 10G, or none)
+LIMIT_ENV = "FEDSAFE_UPDATE_CACHE_LIMIT"
+#: temp files of atomic writes older than this are left by a killed process and are removed
+STALE_TEMP_S = 3600
+_ENTRY_FILE = re.compile(r"^([0-9a-f]{64})\.(json|safetensors)$")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+_NO_LIMIT = ("none", "unlimited", "off")
+
+
+class CacheInUse(FedsafeError):
+    """An update cache is held by a running grid or run, so it cannot be cleared now."""
+
+
+def parse_size(text: str | int | None, what: str = "size") -> int | None:
+    """Bytes of ``text``: ``4GiB``, ``500MB``, ``10G`` (K/M/G/T alone are binary, as ``du -h`` prints them) or a
+    plain number of bytes; None for ``none``/``unlimited``/``off`` (no limit). ``what`` names the setting in errors."""
+    if text is None or isinstance(text, int):
+        if isinstance(text, int) and text < 0:
+            raise ConfigError(f"{what}={text}: a size cannot be negative")
+        return text
+    raw = str(text).strip().lower().replace(" ", "")
+    if raw in _NO_LIMIT:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", raw)
+    if match is None or match.group(2) not in _UNITS:
+        raise ConfigError(f"{what}={text!r}: give a size such as 4GiB, 500MB, 10G or a number of bytes, "
+                          f"or none for no limit")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_size(size_bytes: int | None) -> str:
+    """``1.5 GiB``-style text of a byte count (``no limit`` for None)."""
+    if size_bytes is None:
+        return "no limit"
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= factor:
+            return f"{size_bytes / factor:.1f} {unit}"
+    return f"{size_bytes} B"
+
+
+def resolve_limit(setting: str | int | None = None) -> int | None:
+    """The update cache's size limit: ``setting`` (a grid's ``update_cache_limit``) when given, else
+    ``$FEDSAFE_UPDATE_CACHE_LIMIT``, else :data:`DEFAULT_LIMIT_BYTES`; None means no limit."""
+    if setting is not None:
+        return parse_size(setting, "update_cache_limit")
+    env = os.environ.get(LIMIT_ENV)
+    if env is not None and env.strip():
+        return parse_size(env, LIMIT_ENV)
+    return DEFAULT_LIMIT_BYTES
+
+
+_last_use_ns = 0
+
+
+def _use_time_ns() -> int:
+    """A strictly increasing timestamp (ns) for an entry's last use, so LRU order holds within a clock tick."""
+    global _last_use_ns
+    _last_use_ns = max(time.time_ns(), _last_use_ns + 1)
+    return _last_use_ns
 
 
 def why_not_cached(trainer, rc: RoundConfig) -> str | None:
@@ -134,40 +211,222 @@ def default_generator(device: torch.device):
 
 
 class UpdateCache:
-    """Stored local updates under ``root`` (``<grid>/cache/updates``), with counts of what was reused."""
+    """Stored local updates under ``root`` (``<grid>/cache/updates``), with counts of what was reused and evicted.
 
-    def __init__(self, root: str | Path):
+    ``limit_bytes``: the most the entries may take (least recently used evicted first; None: no limit); by
+    default :func:`resolve_limit` (``$FEDSAFE_UPDATE_CACHE_LIMIT``, else 4 GiB)."""
+
+    def __init__(self, root: str | Path, limit_bytes: int | None | str = "default"):
         self.root = Path(root)
+        self.limit_bytes = resolve_limit() if limit_bytes == "default" else parse_size(limit_bytes, "limit_bytes")
         self.is_open = False
         self.hits = 0
         self.misses = 0
         self.not_cached = 0  # trainings the cache does not key (why_not_cached)
         self.seconds_saved = 0.0  # the recorded training seconds of the hits
         self.seconds_computed = 0.0  # the training seconds of the misses
+        self.evicted = 0  # entries removed to stay under the limit
+        self.evicted_bytes = 0
+        self._index: dict[str, list[int]] | None = None  # key -> [size_bytes, last use ns], scanned lazily
+        self._use_depth = 0
+        self._in_use: set[str] = set()  # keys read or written since the outermost in_use block began
+        self._evicted_before = (0, 0)  # (entries, bytes) evicted when the outermost in_use block began
+        self._lock_file = None
+
+    @contextmanager
+    def in_use(self):
+        """Keep every entry read or written inside the block from eviction until the outermost block ends (a grid
+        holds one per training run), and hold the directory's shared lock so that ``clear`` leaves it alone."""
+        if self._use_depth == 0:
+            self._index = None  # another process (a clear, a resumed grid) may have changed the directory
+            self._lock(shared=True)
+            self._evicted_before = (self.evicted, self.evicted_bytes)
+        self._use_depth += 1
+        try:
+            yield self
+        finally:
+            self._use_depth -= 1
+            if self._use_depth == 0:
+                self._in_use.clear()
+                try:
+                    self._evict()
+                finally:
+                    self._unlock()
+                n, size = self.evicted - self._evicted_before[0], self.evicted_bytes - self._evicted_before[1]
+                if n:
+                    log.info("update cache: evicted %d least recently used entries (%s) to stay under its %s "
+                             "limit; %s holds %s", n, format_size(size), format_size(self.limit_bytes), self.root,
+                             format_size(self._total()))
 
     @contextmanager
     def opened(self):
-        """Answer lookups inside the block only (the round loop's training and aggregation)."""
+        """Answer lookups inside the block only (the round loop's training and aggregation); its entries are in use."""
         was, self.is_open = self.is_open, True
         try:
-            yield self
+            with self.in_use():
+                yield self
         finally:
             self.is_open = was
 
     def counts(self) -> dict:
         return {"reused": self.hits, "computed": self.misses, "not_cached": self.not_cached,
-                "seconds_saved": self.seconds_saved, "seconds_computed": self.seconds_computed}
+                "seconds_saved": self.seconds_saved, "seconds_computed": self.seconds_computed,
+                "evicted": self.evicted, "evicted_bytes": self.evicted_bytes}
 
     def size_bytes(self) -> int:
         """Bytes the stored entries take (one update vector each: a grid's cache grows with its distinct trainings)."""
-        return sum(p.stat().st_size for p in self.root.glob("*/*") if p.is_file()) if self.root.exists() else 0
+        self._index = None
+        return self._total()
 
+    def info(self) -> dict:
+        """What the cache holds: path, entries, size_bytes, limit_bytes, the oldest and newest last use (unix s)."""
+        entries = self._entries(refresh=True)
+        uses = [used for _size, used in entries.values()]
+        return {"path": str(self.root), "entries": len(entries), "size_bytes": self._total(),
+                "limit_bytes": self.limit_bytes, "oldest_use": min(uses) / 1e9 if uses else None,
+                "newest_use": max(uses) / 1e9 if uses else None}
+
+    def clear(self, keep_bytes: int = 0) -> tuple[int, int]:
+        """Remove the least recently used entries until at most ``keep_bytes`` are left (0: every entry, every
+        partial write); returns (entries, bytes) removed. Raises :class:`CacheInUse` while a run holds the cache."""
+        if not self.root.is_dir():
+            return 0, 0
+        self._lock(shared=False)
+        try:
+            self._index = None
+            before = (self.evicted, self.evicted_bytes)
+            self._evict(keep_bytes)
+            if keep_bytes == 0:  # nobody writes now (the lock): partial writes and emptied folders go too
+                for sub in self._subdirs():
+                    for leftover in sub.iterdir():
+                        if leftover.name.startswith("."):
+                            leftover.unlink(missing_ok=True)
+                    try:
+                        sub.rmdir()
+                    except OSError:  # a file that is not ours: leave the folder
+                        pass
+            return self.evicted - before[0], self.evicted_bytes - before[1]
+        finally:
+            self._unlock()
+
+    # --- the entries on disk -----------------------------------------------------------------------------------
     def _paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]
         return d / f"{key}.safetensors", d / f"{key}.json"
 
+    def _subdirs(self) -> list[Path]:
+        try:
+            return [d for d in self.root.iterdir() if d.is_dir() and len(d.name) == 2]
+        except FileNotFoundError:
+            return []
+
+    def _entries(self, refresh: bool = False) -> dict[str, list[int]]:
+        """key -> [size_bytes, last use ns] of every entry file on disk (a half-removed entry counts until evicted)."""
+        if self._index is not None and not refresh:
+            return self._index
+        index: dict[str, list[int]] = {}
+        now = time.time()
+        for sub in self._subdirs():
+            for path in sub.iterdir():
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                if path.name.startswith("."):  # an atomic write's temp file; stale ones were left by a kill
+                    if now - st.st_mtime > STALE_TEMP_S:
+                        path.unlink(missing_ok=True)
+                    continue
+                match = _ENTRY_FILE.match(path.name)
+                if match is None:
+                    continue
+                entry = index.setdefault(match.group(1), [0, 0])
+                entry[0] += st.st_size
+                entry[1] = max(entry[1], st.st_mtime_ns)  # the JSON is written last and touched on each hit
+        self._index = index
+        return index
+
+    def _total(self) -> int:
+        return sum(size for size, _used in self._entries().values())
+
+    def _note_use(self, key: str, touch: bool) -> None:
+        """Record a read or write of ``key``: its last use is now (the JSON's mtime), and it is in use."""
+        if self._use_depth:
+            self._in_use.add(key)
+        used = _use_time_ns()
+        if touch:
+            try:
+                os.utime(self._paths(key)[1], ns=(used, used))
+            except OSError:  # removed meanwhile (a clear between two runs): the entry is gone, nothing to touch
+                return
+        if self._index is not None:
+            tensors_path, meta_path = self._paths(key)
+            try:
+                size = tensors_path.stat().st_size + meta_path.stat().st_size
+            except OSError:
+                return
+            self._index[key] = [size, used]
+
+    def _remove(self, key: str) -> int:
+        """Delete one entry, the JSON (what marks it complete) first; returns the bytes freed."""
+        freed = 0
+        for path in reversed(self._paths(key)):
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._index is not None:
+            self._index.pop(key, None)
+        return freed
+
+    def _evict(self, limit: int | None = None) -> None:
+        """Remove least recently used entries, never one in use, until the entries take at most ``limit`` bytes
+        (default: ``limit_bytes``)."""
+        limit = self.limit_bytes if limit is None else limit
+        if limit is None:
+            return
+        entries = self._entries()
+        total = sum(size for size, _used in entries.values())
+        if total <= limit:
+            return
+        for key, (size, _used) in sorted(entries.items(), key=lambda kv: (kv[1][1], kv[0])):
+            if total <= limit:
+                break
+            if key in self._in_use:
+                continue
+            freed = self._remove(key)
+            total -= size  # the indexed size: an entry another process removed meanwhile frees it too
+            if freed:
+                self.evicted += 1
+                self.evicted_bytes += freed
+
+    def _lock(self, shared: bool) -> None:
+        """The directory's lock: shared while a run uses the cache, exclusive (and refused, not awaited) to clear."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX: no cross-process protection
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+b")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise CacheInUse(f"{self.root} is in use by a running grid or run; clear it after that finishes") from None
+        except BaseException:
+            handle.close()
+            raise
+        self._lock_file = handle
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the flock
+            self._lock_file = None
+
+    # --- one training's result ---------------------------------------------------------------------------------
     def get(self, key: str, client_id: str) -> tuple[ClientResult, list[float], torch.Tensor] | None:
-        """(result, step losses, RNG state after training) of a stored training, or None."""
+        """(result, step losses, RNG state after training) of a stored training, or None. An entry that cannot
+        be read (cut short, damaged, another key's) is removed, so the training runs again and rewrites it."""
         from safetensors.torch import load_file
 
         tensors_path, meta_path = self._paths(key)
@@ -175,21 +434,29 @@ class UpdateCache:
             return None
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("key") != key:
+                raise ValueError(f"it holds the key {meta.get('key')}")
             tensors = load_file(str(tensors_path))
             update, rng = tensors["update"], tensors["rng_state"]
-        except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as exc:  # safetensors raises its own too
-            log.warning("update cache: ignoring the unreadable entry %s (%s)", meta_path, exc)
+            stored_metrics, num_samples, losses = dict(meta["metrics"]), int(meta["num_samples"]), meta["step_losses"]
+            seconds = float(stored_metrics.get("seconds") or 0.0)
+        except FileNotFoundError:  # evicted by another process between the check and the read
             return None
-        if meta.get("key") != key:
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError; any failure is a miss
+            log.warning("update cache: ignoring and removing the unreadable entry %s (%s); it is trained again",
+                        meta_path, exc)
+            self._remove(key)
             return None
-        metrics = {**meta["metrics"], "update_cache": "hit"}
+        metrics = {**stored_metrics, "update_cache": "hit"}
         self.hits += 1
-        self.seconds_saved += float(meta["metrics"].get("seconds") or 0.0)
-        return ClientResult(client_id, update, int(meta["num_samples"]), metrics, {}), meta["step_losses"], rng
+        self.seconds_saved += seconds
+        self._note_use(key, touch=True)
+        return ClientResult(client_id, update, num_samples, metrics, {}), losses, rng
 
     def put(self, key: str, fields: dict, result: ClientResult, step_losses: list[float],
             rng_state: torch.Tensor) -> None:
-        """Store one training's result (atomically: tensors first, the JSON that marks the entry complete last)."""
+        """Store one training's result (atomically: tensors first, the JSON that marks the entry complete last),
+        then evict least recently used entries beyond the limit."""
         from safetensors.torch import save
 
         from fedsafe.io import atomic_write_bytes, atomic_write_text
@@ -198,6 +465,8 @@ class UpdateCache:
         self.seconds_computed += float(result.metrics.get("seconds") or 0.0)
         if result.extra:  # nothing the cache keys returns extras today; never store half a result
             return
+        if self._use_depth:
+            self._in_use.add(key)  # before writing: an eviction never takes an entry being written
         tensors_path, meta_path = self._paths(key)
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(tensors_path, save({"update": result.update.detach().to("cpu").contiguous(),
@@ -206,6 +475,9 @@ class UpdateCache:
                 "metrics": {k: v for k, v in result.metrics.items() if k != "update_cache"},
                 "step_losses": step_losses, "written": time.time()}
         atomic_write_text(meta_path, json.dumps(meta))
+        self._entries()
+        self._note_use(key, touch=True)
+        self._evict()
 
     # --- the two places that train -------------------------------------------------------------------------
     def fit(self, trainer: LocalTrainer, client: ClientData, global_vec: torch.Tensor, rc: RoundConfig,
