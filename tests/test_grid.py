@@ -4,10 +4,13 @@ import csv
 import json
 
 import pytest
+import torch
 import yaml
 
+import fedsafe.plugins as plugins
 from fedsafe.errors import ConfigError
 from fedsafe.grid import load_grid, plan_training
+from fedsafe.schema import Strict
 
 
 def _data(tmp_path):
@@ -319,3 +322,70 @@ def test_grid_checks_every_setting_before_its_directory_exists(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.normal_prompts: 3 of 3 prompts .* roles\[0\]\.data\[0\]"):
         run_grid(spec, settings, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+class _HalveConfig(Strict):
+    """Section of the test's after-training defense."""
+
+    enabled: bool = False
+    factor: float = 0.5
+
+
+class _Halve(plugins.Plugin):
+    """A defense that only scales the final adapter: declared after-training-only, so the grid shares training."""
+
+    name = "test_halve"
+    section = "test_halve"
+    Config = _HalveConfig
+    after_training_only = True
+
+    @classmethod
+    def defense_label(cls, config):
+        return f"halved_{config.factor}"
+
+    def after_training(self, final_vec):
+        return [plugins.Output("halved", final_vec * self.config.factor, defense=self.defense_label(self.config))]
+
+
+@pytest.fixture
+def halve():
+    plugins.register(_Halve)
+    yield _Halve
+    plugins._REGISTRY.pop(_Halve.name, None)
+    plugins._CLASSES.pop(_Halve.name, None)
+
+
+def test_grid_replays_any_after_training_defense_through_its_hooks(tmp_path, halve):
+    """The grid knows no defense by name: a (third-party) plug-in declaring ``after_training_only`` makes its
+    settings share one training, and a second level replays its after_training hook on the trained run's final
+    adapter (fedsafe.pipeline.defend_trained); each defended row names the scenario it defends."""
+    from safetensors.torch import load_file
+
+    from fedsafe.grid import run_grid
+    from fedsafe.report import read_results
+
+    _data(tmp_path)
+    path = _grid(tmp_path, {"defense": {"none": {}, "half": {"test_halve.enabled": True},
+                                        "quarter": {"test_halve.enabled": True, "test_halve.factor": 0.25}}})
+    spec, settings = load_grid(path)
+    plan = plan_training(settings)
+    assert [(t, [n for n, _ in members]) for t, members in plan] == [("half", ["none", "half", "quarter"])]
+    grid_dir = run_grid(spec, settings, progress=False)
+    with open(grid_dir / "settings.csv", newline="") as f:
+        where = {r["setting"]: grid_dir / r["run_dir"] for r in csv.DictReader(f)}
+    assert where["none"] == where["half"] != where["quarter"]
+
+    def adapter(run, tag):
+        t = load_file(str(run / "adapters" / tag / "adapter_model.safetensors"))
+        return {k: t[k] for k in sorted(t)}
+
+    final, quarter = adapter(where["half"], "final"), adapter(where["quarter"], "halved")
+    assert not (where["quarter"] / "adapters" / "final").exists()  # nothing was trained again
+    assert set(quarter) == set(final) and all(torch.equal(quarter[k], final[k] * 0.25) for k in final)
+    assert all(torch.equal(adapter(where["half"], "halved")[k], final[k] * 0.5) for k in final)
+    shared = [json.loads(x) for x in (where["quarter"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trained_run"] for r in shared if r["type"] == "shared_training"] == [str(where["half"])]
+    rows = read_results(grid_dir)
+    assert [(r["setting"], r["scenario"], r["defense"], r["defends"]) for r in rows] == [
+        ("none", "no_attack", "none", ""), ("half", "no_attack_posthoc", "halved_0.5", "no_attack"),
+        ("quarter", "no_attack_posthoc", "halved_0.25", "no_attack")]

@@ -24,9 +24,7 @@ KNOWN_CYCLES = [
 # Core modules that may not name a plug-in (a registered name or section) as a string or an attribute
 CORE = ["config.py", "pipeline.py", "grid.py", "report.py", "results.py", "plugins.py", "fl", "engines"]
 # What remains, (file, name): the list may only shrink, as KNOWN_CYCLES
-KNOWN_NAMES = {
-    ("grid.py", "posthoc"),  # defend_trained replays the post-hoc defense on a trained run (grid's second pipeline)
-}
+KNOWN_NAMES: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

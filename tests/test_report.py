@@ -40,8 +40,8 @@ def test_results_csv_columns_and_empty_cells(tmp_path):
         body = list(reader)
     assert header == RESULT_COLUMNS == ["setting", "scenario", "method", "defense", "seed", "rule", "refusal",
                                         "over_refusal", "borderline_refusal", "judge", "rm", "mt1", "helpfulness_proxy",
-                                        "n_prompts", "n_normal_prompts", "n_borderline_prompts"]
-    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "", "", "", "7.5", "48", "", ""]
+                                        "n_prompts", "n_normal_prompts", "n_borderline_prompts", "defends"]
+    assert body[0] == ["", "attack", "fedavg", "none", "", "25", "", "", "", "", "", "", "7.5", "48", "", "", ""]
     rows = read_results(run)
     assert [r["scenario"] for r in rows] == ["attack", "attack_posthoc"]
     assert rows[1]["rule"] == pytest.approx(93.75) and rows[1]["judge"] is None
@@ -380,3 +380,36 @@ def test_the_report_template_ships_with_the_package():
     shipped = [p.relative_to(templates.parent).as_posix() for p in templates.iterdir()]
     assert "templates/report.html.j2" in shipped
     assert all(any(fnmatch(f, g) for g in globs) for f in shipped), (shipped, globs)
+
+
+def test_a_defended_row_is_told_by_its_defends_field_not_its_scenario_name(tmp_path):
+    """A post-training defense's row names the scenario it defends (``defends``, written by the pipeline): the
+    report pairs it with that scenario and draws its step from that series, whatever the defended scenario is
+    called; a row written before the field existed still pairs by the old ``<scenario>_posthoc`` name."""
+    from fedsafe.report import collect_safety, default_comparisons, safety_lines, summarize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(ExperimentConfig(name="s")))
+    common = {"setting": "s", "method": "fedavg", "seed": 0, "n_prompts": 4}
+    append_results(run, [{**common, "scenario": "no_attack", "defense": "none", "rule": 90.0},
+                         {**common, "scenario": "ours", "defense": "none", "rule": 20.0},
+                         {**common, "scenario": "ours_guarded", "defense": "guard_v1", "defends": "ours",
+                          "rule": 80.0},
+                         {**common, "scenario": "attack", "defense": "none", "rule": 30.0},
+                         {**common, "scenario": "attack_posthoc", "defense": "posthoc_l1", "rule": 70.0}])
+    rows = read_results(run)
+    assert [r["defends"] for r in rows] == ["", "", "ours", "", ""]
+    pairs = {(ref["scenario"], g["scenario"]) for ref, g in default_comparisons(summarize(rows))}
+    assert ("ours", "ours_guarded") in pairs and ("attack", "attack_posthoc") in pairs
+    assert not {p for p in pairs if p[1] == "ours_guarded" and p[0] != "ours"}
+    header, body = results_table(rows)
+    assert [b[0] for b in body] == ["no_attack", "ours", "ours_guarded", "attack", "attack_posthoc"]
+    recs = [{"type": "eval", "round": rnd, "setting": "s", "scenario": "ours", "method": "fedavg",
+             "defense": "none", "rule": rule} for rnd, rule in ((1, 50.0), (2, 20.0))]
+    recs.append({"type": "eval", "round": 2, "setting": "s", "scenario": "ours_guarded", "method": "fedavg",
+                 "defense": "guard_v1", "defends": "ours", "rule": 80.0})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    lines = {label: (xs, [e.mean for e in est], dashed) for label, xs, est, dashed in
+             safety_lines(collect_safety([run]))}
+    assert lines == {"ours": ([1, 2], [50.0, 20.0], False), "ours_guarded": ([2, 3], [20.0, 80.0], True)}

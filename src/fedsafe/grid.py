@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+import fedsafe.plugins
 from fedsafe.config import ExperimentConfig, _resolve_paths, apply_override, dump_config, load_config
 from fedsafe.defenses.presets import EXPLICIT, editable_dump, leaf_keys
 from fedsafe.errors import ConfigError
@@ -175,65 +176,40 @@ def _merge_overrides(parts: list[dict]) -> dict:
 
 
 def training_key(cfg: ExperimentConfig) -> str:
-    """What determines a federated training run: everything except the name and the post-hoc defense."""
+    """What determines a federated training run: everything except the name, the output directory and the
+    sections of plug-ins that act only after training (the post-hoc defense; ``Plugin.after_training_only``)."""
     data = cfg.model_dump(mode="json")
     data.pop("name", None)
-    data.pop("posthoc", None)
     data.pop("output_dir", None)
+    for section in fedsafe.plugins.after_training_only_sections():
+        *parents, leaf = section.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return json.dumps(data, sort_keys=True)
 
 
-def defense_label(cfg: ExperimentConfig) -> str:
-    """The ``defense`` value a setting's defended row carries in results.csv."""
-    return f"posthoc_l{cfg.posthoc.level}" if cfg.posthoc.enabled else "none"
-
-
-def defend_trained(cfg: ExperimentConfig, trained_run: Path, progress: bool = True, dir_name: str | None = None,
-                   cache_dir: Path | None = None) -> Path:
-    """Apply ``cfg.posthoc`` to the final adapter of an already trained run, evaluate, and report."""
-    from safetensors.torch import load_file
-
-    from fedsafe.defenses.posthoc.finetune import posthoc_defense
-    from fedsafe.fl.params import FlatLoRA
-    from fedsafe.models import attach_lora, load_base_model
-    from fedsafe.pipeline import Session, _evaluate, _run_context, _write_report
-    from fedsafe.rundir import environment_info
-
-    run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
-    atomic_write_text(run_dir.config_path, dump_config(cfg))
-    run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))
-    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed,
-                             align=cfg.model.align)
-    run_dir.write_json("env.json", environment_info(cfg.seed, str(loaded.device)))
-    peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
-                             cfg.lora.target_modules, seed=cfg.seed)
-    flat = FlatLoRA(peft_model)
-    session = Session(cfg, run_dir, peft_model, loaded.tokenizer, flat, flat.get(), cache_dir)
-    final_vec = flat.from_state_dict(load_file(str(Path(trained_run) / "adapters" / "final" / "adapter_model.safetensors")))
-    run_dir.log({"type": "shared_training", "round": cfg.fl.rounds, "trained_run": str(trained_run)})
-    console.print(f"[bold]{cfg.name}:[/] defending the final adapter of {trained_run}")
-    defended = posthoc_defense(cfg.posthoc, _run_context(session), final_vec)
-    session.save_adapter(defended, "posthoc")
-    if cfg.eval.prompts:
-        _evaluate(session, defended, round_idx=cfg.fl.rounds, defense=defense_label(cfg))
-    _write_report(run_dir)
-    run_dir.close_tracking()
-    return run_dir.path
+def _defended(cfg: ExperimentConfig) -> bool:
+    """Whether a plug-in of ``cfg`` defends the trained model after training (the grid's defended settings)."""
+    return bool(fedsafe.plugins.after_training_defenses(cfg))
 
 
 def plan_training(settings: list[tuple[str, ExperimentConfig]], share: bool = True
                   ) -> list[tuple[str, list[tuple[str, ExperimentConfig]]]]:
     """Group settings into training runs: [(trainer setting, members)].
 
-    Settings that differ only in ``posthoc`` share one run; its trainer is the first member with a
-    defense (whose run also yields the undefended row), so no group trains twice.
+    Settings that differ only in after-training sections (``posthoc``: :func:`training_key`) share one run; its
+    trainer is the first member with such a defense (whose run also yields the undefended row), so no group
+    trains twice.
     """
     groups: dict[str, list[tuple[str, ExperimentConfig]]] = {}
     for name, cfg in settings:
         groups.setdefault(training_key(cfg) if share else name, []).append((name, cfg))
     plan = []
     for members in groups.values():
-        trainer = next((n for n, c in members if c.posthoc.enabled), members[0][0])
+        trainer = next((n for n, c in members if _defended(c)), members[0][0])
         plan.append((trainer, members))
     return plan
 
@@ -283,7 +259,7 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
     With ``resume`` (an existing grid directory) the (setting, seed) pairs listed in its settings.csv
     are not rerun, and an interrupted training run with a checkpoint continues from it.
     """
-    from fedsafe.pipeline import run_experiment
+    from fedsafe.pipeline import defend_trained, run_experiment
     from fedsafe.report import write_report
 
     settings, per_seed_dirs = resolve_seeds(spec, settings, seeds)
@@ -336,19 +312,19 @@ def run_grid(spec: GridSpec, settings: list[tuple[str, ExperimentConfig]], progr
                         trained = run_experiment(trainer_cfg, progress=progress, dir_name=trainer_name + suffix,
                                                  cache_dir=cache_dir, update_cache=update_cache).run_dir
             # the undefended rows belong to a member without a defense when there is one
-            owner = next((n for n, c in members if not c.posthoc.enabled), trainer_name)
+            owner = next((n for n, c in members if not _defended(c)), trainer_name)
             for name, cfg in members:
                 if name == trainer_name:
                     where, how = trained, "trained"
                     keep = (lambda r: True) if owner == trainer_name else (lambda r: r["defense"] != "none")
-                elif not cfg.posthoc.enabled:
+                elif not _defended(cfg):
                     where, how, keep = trained, f"shares training with {trainer_name}", (lambda r: r["defense"] == "none")
                 elif (name, seed) in done:
                     where, how, keep = grid_dir / done[(name, seed)][0], done[(name, seed)][1], (lambda r: True)
                 else:
                     cfg = _seed_cfg(cfg, seed, runs_root)
                     where = defend_trained(cfg, trained, progress=progress, dir_name=name + suffix,
-                                           cache_dir=cache_dir)
+                                           cache_dir=cache_dir).run_dir
                     how, keep = f"defends the model trained by {trainer_name}", (lambda r: True)
                 combined.claim(Path(where), name, keep)
                 setting_rows.append((name, seed, str(Path(where).relative_to(grid_dir)), how))
@@ -563,7 +539,8 @@ def grid_command(grid_file: Path = typer.Argument(..., help="grid YAML: a base e
         spec = spec.model_copy(update={"update_cache_limit": update_cache_limit})
     if dry_run:
         for name, cfg in resolve_seeds(spec, settings, seed_list)[0]:
-            print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}\tdefense={defense_label(cfg)}"
+            print(f"{name}\taggregator={cfg.aggregator.name}\tattack={cfg.has_attack}"
+                  f"\tdefense={fedsafe.plugins.defense_label(cfg)}"
                   f"\tseeds={','.join(map(str, cfg.seeds))}")
         return
     grid_dir = run_grid(spec, settings, progress=not no_progress, seeds=seed_list, resume=resume)

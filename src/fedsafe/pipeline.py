@@ -333,22 +333,64 @@ def _finish(session: Session, result: RunResult, final_vec: torch.Tensor, output
     cfg, run_dir = session.cfg, session.run_dir
     if cfg.eval.prompts:
         result.evals.append(_evaluate(session, final_vec, round_idx=cfg.fl.rounds))
-    for out in outputs:  # post-hoc, personalized, ... adapters
-        path = session.save_adapter(out.vec, out.tag)
-        if out.defense is not None:  # a defended model of the run (the post-hoc defense's)
-            result.posthoc_adapter = path
-        if out.defense is not None and cfg.eval.prompts:
-            result.evals.append(_evaluate(session, out.vec, round_idx=cfg.fl.rounds, defense=out.defense))
+    _save_outputs(session, result, outputs)
     session.flat.set(final_vec)
     _write_report(run_dir)
     run_dir.close_tracking()
     _print_summary(result, cfg)
 
 
+def _save_outputs(session: Session, result: RunResult, outputs: list[Output]) -> None:
+    """Save the after-training plug-ins' adapters; evaluate each defended one (an Output with a ``defense``)."""
+    cfg = session.cfg
+    for out in outputs:  # post-hoc, personalized, ... adapters
+        path = session.save_adapter(out.vec, out.tag)
+        if out.defense is not None:  # a defended model of the run (the post-hoc defense's)
+            result.posthoc_adapter = path
+        if out.defense is not None and cfg.eval.prompts:
+            result.evals.append(_evaluate(session, out.vec, round_idx=cfg.fl.rounds, defense=out.defense))
+
+
+def defend_trained(cfg: ExperimentConfig, trained_run: str | Path, progress: bool = True,
+                   dir_name: str | None = None, cache_dir: str | Path | None = None) -> RunResult:
+    """Steps 8 and 9 of :func:`run_experiment` on the final adapter of a run that ``cfg`` shares its training with
+    (it differs only in sections of plug-ins that act only after training, :attr:`Plugin.after_training_only`):
+    those plug-ins' ``after_training`` hooks run on that adapter in a new run directory, and their defended
+    models are saved, evaluated and reported as in a full run. A grid runs its defense levels this way."""
+    from safetensors.torch import load_file
+
+    if not fedsafe.plugins.after_training_defenses(cfg):
+        raise ValueError(f"{cfg.name}: no active plug-in acts only after training: nothing to replay")
+    run_dir = RunDir.create(cfg.output_dir, dir_name or cfg.name)
+    atomic_write_text(run_dir.config_path, dump_config(cfg))
+    run_dir.start_tracking(cfg.tracking, cfg.model_dump(mode="json"))
+    session = _load_model(cfg, run_dir, cache_dir)
+    ctx = _run_context(session, progress=progress)
+    built = fedsafe.plugins.build(cfg, ctx)
+    plugins = fedsafe.plugins.PluginSet([p for p in built if p.after_training_only])
+    final_path = Path(trained_run) / "adapters" / "final" / "adapter_model.safetensors"
+    final_vec = session.flat.from_state_dict(load_file(str(final_path)))
+    run_dir.log({"type": "shared_training", "round": cfg.fl.rounds, "trained_run": str(trained_run)})
+    console.print(f"[bold]{cfg.name}:[/] defending the final adapter of {trained_run}")
+    result = RunResult(run_dir.path, final_adapter=final_path)
+    outputs = plugins.after_training(final_vec)                              # 8. after training (replayed)
+    _save_outputs(session, result, outputs)                                  # 9. evaluation and report
+    session.flat.set(final_vec)
+    _write_report(run_dir)
+    run_dir.close_tracking()
+    return result
+
+
 def scenario_label(cfg: ExperimentConfig, defense: str) -> str:
-    """results.csv scenario: no_attack / attack / attack_posthoc (or the configured label)."""
-    base = cfg.scenario or ("attack" if cfg.has_attack else "no_attack")
+    """results.csv scenario: no_attack / attack / attack_posthoc (or the configured label); a defended model's
+    row also names the scenario it defends in its ``defends`` field, which is what the report reads."""
+    base = trained_scenario(cfg)
     return base if defense == "none" else f"{base}_posthoc"
+
+
+def trained_scenario(cfg: ExperimentConfig) -> str:
+    """The scenario of the trained (undefended) model: the configured label, else attack / no_attack."""
+    return cfg.scenario or ("attack" if cfg.has_attack else "no_attack")
 
 
 def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str | None = None,
@@ -367,6 +409,7 @@ def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str |
     method = method or cfg.aggregator.name
     row = {"setting": cfg.name, "scenario": scenario_label(cfg, defense) if method != "base" else "base",
            "method": method, "defense": defense, "seed": cfg.seed,
+           "defends": trained_scenario(cfg) if defense != "none" and method != "base" else None,
            **{k: scores.get(k) for k in SCORE_KEYS}}
     per_prompt = scores.get("per_prompt")
     session.run_dir.log({"type": "eval", "round": round_idx, **row, "seconds": time.perf_counter() - t0,

@@ -205,6 +205,10 @@ class Plugin:
     Config: ClassVar[type[BaseModel] | None] = None
     order: ClassVar[int] = 50  # hooks of lower order run first (e.g. loss terms before DP-SGD replaces the trainer)
     plaintext_updates: ClassVar[str | None] = None  # why it needs plaintext individual updates (refused under HE)
+    # it acts only on the final adapter (after_training), so its section leaves the training untouched: runs that
+    # differ only in such sections share one training, and fedsafe.pipeline.defend_trained replays its
+    # after_training hook on a trained run's final adapter (a grid's defense levels)
+    after_training_only: ClassVar[bool] = False
 
     def __init__(self, config, ctx: RunContext):
         self.config = config
@@ -224,6 +228,12 @@ class Plugin:
     def declares(cls, config) -> set[str]:
         """Properties other plug-ins may check (e.g. ``server_clipping`` for client-level DP)."""
         return set()
+
+    @classmethod
+    def defense_label(cls, config) -> str | None:
+        """The results.csv ``defense`` value of the defended model its ``after_training`` hook returns (the
+        :class:`Output`'s ``defense``), or None: it makes no defended model (default)."""
+        return None
 
     @classmethod
     def deployment_keys(cls, config) -> DeploymentKeys | None:
@@ -492,6 +502,29 @@ def deployment_keys(cfg) -> DeploymentKeys | None:
         if keys is not None:
             return DeploymentKeys(keys.section, keys.params, keys.min_clients, cls.is_active(config, setup))
     return None
+
+
+def after_training_only_sections() -> list[str]:
+    """The config sections of the registered plug-ins that act only after training
+    (:attr:`Plugin.after_training_only`), on or off: what two runs may differ in and still share one training."""
+    out = []
+    for name, entry in entries().items():
+        if entry.role_field is None and entry.section is not None and plugin_class(name).after_training_only:
+            out.append(entry.section)
+    return out
+
+
+def after_training_defenses(cfg) -> list[tuple[type[Plugin], Any]]:
+    """The active plug-ins of ``cfg`` that act only after training (each with its section), in hook order: a
+    trained run's final adapter is all they need (:func:`fedsafe.pipeline.defend_trained`)."""
+    return [(cls, config) for cls, config in _active(cfg) if cls.after_training_only]
+
+
+def defense_label(cfg) -> str:
+    """The ``defense`` value of ``cfg``'s defended row in results.csv: the labels its after-training-only plug-ins
+    declare (:meth:`Plugin.defense_label`), joined by ``+``, or ``none``."""
+    labels = [label for cls, config in after_training_defenses(cfg) if (label := cls.defense_label(config))]
+    return "+".join(labels) or "none"
 
 
 # Properties a plug-in may declare (Plugin.declares) that other plug-ins and the core check

@@ -30,7 +30,8 @@ import yaml
 from fedsafe import plugins
 from fedsafe.results import (COUNT_COLUMNS, KEY_COLUMNS, METRIC_HEADERS, PER_PROMPT_METRICS,  # noqa: F401
                              PERCENT_METRICS, RESULT_COLUMNS, _read_jsonl, append_outcomes, append_results,
-                             read_outcomes, read_results, write_outcomes, write_results)  # (grid.py reads them here)
+                             defended_scenario, read_outcomes, read_results, write_outcomes,
+                             write_results)  # (grid.py reads them here)
 from fedsafe.results import format_cell as _cell
 from fedsafe.results import pyplot as _pyplot
 from fedsafe.results import save_figure as _save
@@ -74,7 +75,8 @@ def summarize(rows: list[dict], outcomes: list[dict] | None = None) -> list[dict
             else:
                 estimates[m] = summarize_per_seed([seeds[s].get(m) for s in seeds])
         prompts = [seeds[s].get("n_prompts") for s in seeds if seeds[s].get("n_prompts")]
-        groups.append({**dict(zip(KEY_COLUMNS, key)), "seeds": sorted(s for s in seeds if s is not None),
+        groups.append({**dict(zip(KEY_COLUMNS, key)), "defends": defended_scenario(next(iter(seeds.values()))),
+                       "seeds": sorted(s for s in seeds if s is not None),
                        "n_seeds": len(seeds), "n_prompts": max(prompts) if prompts else None,
                        "metrics": estimates, "per_prompt": {s: per_prompt.get((key, s), {}) for s in seeds},
                        "per_seed": {s: seeds[s] for s in seeds}})
@@ -122,9 +124,10 @@ def write_summary(run_dir: str | Path, groups: list[dict]) -> Path:
 
 
 def _label(g: dict, with_setting: bool = False, with_method: bool = False) -> str:
-    """A reader's name for a row: scenario (+ defense unless the scenario says it), method, setting."""
+    """A reader's name for a row: scenario (+ defense unless the scenario differs from the one it defends),
+    method, setting."""
     label = g["scenario"]
-    if g["defense"] != "none" and not label.endswith("_posthoc"):
+    if g["defense"] != "none" and defended_scenario(g) == label:
         label += f" + {g['defense']}"
     if with_method:
         label += f" ({g['method']})"
@@ -154,7 +157,7 @@ def default_comparisons(groups: list[dict]) -> list[tuple[dict, dict]]:
             if ref is not None:
                 pairs.append((ref, g))
         elif g["defense"] != "none":
-            base = g["scenario"].removesuffix("_posthoc")
+            base = defended_scenario(g)
             ref = _closest(g, [c for c in groups if c["scenario"] == base and c["defense"] == "none"
                                and c["method"] == g["method"]])
             if ref is not None:
@@ -367,8 +370,12 @@ def plot_heldout(series: dict[str, list[tuple[int, float]]], path: Path) -> Path
     return _save(fig, path)
 
 
+SERIES_KEY = (*KEY_COLUMNS, "defends")  # a safety series' key: a defended series names the scenario it defends
+
+
 def safety_series(records: list[dict], setting: str | None = None) -> dict[tuple, dict[int, tuple[float, dict | None]]]:
-    """Rule per evaluated round of one run: (setting, scenario, method, defense) -> round -> (Rule, per-prompt).
+    """Rule per evaluated round of one run: (setting, scenario, method, defense, defends) -> round -> (Rule,
+    per-prompt); ``defends`` (:func:`fedsafe.results.defended_scenario`) is "" for an undefended series.
 
     The run's base-model evaluation (``eval.base``, round 0) starts every undefended series, so a
     trajectory reads round 0 -> each evaluated round -> the end.
@@ -384,7 +391,8 @@ def safety_series(records: list[dict], setting: str | None = None) -> dict[tuple
         if r.get("scenario") == "base":
             base = point
             continue
-        key = (r.get("setting") or setting or "", r.get("scenario"), r.get("method"), r.get("defense"))
+        key = (r.get("setting") or setting or "", r.get("scenario"), r.get("method"), r.get("defense"),
+               defended_scenario(r) or "")
         series.setdefault(key, {})[int(r.get("round", 0))] = point
     if base is not None:
         for key, pts in series.items():
@@ -423,23 +431,23 @@ def safety_lines(trajectories: dict[tuple, dict[int, dict]]) -> list[tuple[str, 
     between ``eval.every``); a post-hoc defense is a step from its undefended series' final round R to
     an extra point at R + 1 (drawn when that series is). Labels name the scenario (and defense, method or setting where needed).
     """
-    groups = [dict(zip(KEY_COLUMNS, k)) for k in trajectories]
+    groups = [dict(zip(SERIES_KEY, k)) for k in trajectories]
     named, methods = _ambiguous(groups), len({g["method"] for g in groups}) > 1
     lines = []  # (label, xs, estimates, dashed)
     for key, rounds in trajectories.items():
-        g = dict(zip(KEY_COLUMNS, key))
+        g = dict(zip(SERIES_KEY, key))
         label = _label(g, named, methods)
         if g["defense"] == "none":
             if len(rounds) >= 2:
                 xs = sorted(rounds)
                 lines.append((label, xs, [_band(rounds[x]) for x in xs], False))
             continue
-        parents = [dict(zip(KEY_COLUMNS, k)) for k in trajectories
-                   if k[3] == "none" and k[1] == g["scenario"].removesuffix("_posthoc") and k[2] == g["method"]]
+        parents = [dict(zip(SERIES_KEY, k)) for k in trajectories
+                   if k[3] == "none" and k[1] == g["defends"] and k[2] == g["method"]]
         parent = _closest(g, parents)
-        if parent is None or len(trajectories[tuple(parent[c] for c in KEY_COLUMNS)]) < 2:
+        if parent is None or len(trajectories[tuple(parent[c] for c in SERIES_KEY)]) < 2:
             continue  # the step continues a drawn trajectory only
-        parent_rounds = trajectories[tuple(parent[c] for c in KEY_COLUMNS)]
+        parent_rounds = trajectories[tuple(parent[c] for c in SERIES_KEY)]
         last = max(parent_rounds)
         defended = rounds[max(rounds)]
         xs = [last, last + 1]

@@ -17,9 +17,13 @@ from fedsafe.io import atomic_write_text
 
 # the metric table: the columns of results.csv, their kinds and headers
 RESULT_COLUMNS = ["setting", "scenario", "method", "defense", "seed", "rule", "refusal", "over_refusal", "borderline_refusal",
-                  "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts", "n_normal_prompts", "n_borderline_prompts"]
+                  "judge", "rm", "mt1", "helpfulness_proxy", "n_prompts", "n_normal_prompts", "n_borderline_prompts",
+                  "defends"]
 COUNT_COLUMNS = ("seed", "n_prompts", "n_normal_prompts", "n_borderline_prompts")
 KEY_COLUMNS = ("setting", "scenario", "method", "defense")  # one summary row per key, over its seeds
+# "defends": a defended model's row names the scenario of the trained model it defends (written by the pipeline
+# for every after-training defense's Output, empty for an undefended row); read it with defended_scenario
+TEXT_COLUMNS = (*KEY_COLUMNS, "defends")
 # metrics outcomes.jsonl holds per prompt (paired prompt by prompt); over-refusal and borderline refusal are
 # measured on their own prompt sets and stored with their own ``<metric>_prompt_ids``
 PER_PROMPT_METRICS = ("rule", "refusal", "over_refusal", "borderline_refusal", "judge", "rm")
@@ -42,6 +46,15 @@ def format_cell(value) -> str:
     return str(value)
 
 
+def defended_scenario(row: dict) -> str | None:
+    """The scenario of the trained model a defended row (``defense`` other than none) defends, or None for an
+    undefended row: its ``defends`` field. A row written before that field existed (an older results.csv or
+    metrics.jsonl) named it only in its scenario, as the pipeline then wrote it: ``<scenario>_posthoc``."""
+    if row.get("defense", "none") == "none":
+        return None
+    return row.get("defends") or str(row.get("scenario") or "").removesuffix("_posthoc")
+
+
 def read_results(run_dir: str | Path) -> list[dict]:
     """The rows of ``results.csv`` (numbers as floats, empty cells as None); [] when absent."""
     path = Path(run_dir) / "results.csv"
@@ -53,7 +66,7 @@ def read_results(run_dir: str | Path) -> list[dict]:
             row: dict = {}
             for col in RESULT_COLUMNS:
                 v = rec.get(col, "")
-                if col in KEY_COLUMNS:
+                if col in TEXT_COLUMNS:
                     row[col] = v
                 elif v == "":
                     row[col] = None

@@ -23,6 +23,7 @@ class PosthocFinetune(Plugin):
     section = "posthoc"
     Config = PosthocConfig
     order = 70
+    after_training_only = True  # it fine-tunes the final adapter: a grid's defense levels share one training
 
     def round_start(self, round_no: int, global_vec, rc):
         """Level 1 with the utility guard: split the defense data now, so that a pool too small for
@@ -35,6 +36,10 @@ class PosthocFinetune(Plugin):
         return rc
 
     @classmethod
+    def defense_label(cls, config) -> str:
+        return f"posthoc_l{config.level}"
+
+    @classmethod
     def report_summary(cls, section: dict) -> list[str]:
         if not section.get("enabled"):
             return []
@@ -45,4 +50,4 @@ class PosthocFinetune(Plugin):
         from fedsafe.defenses.posthoc.finetune import posthoc_defense
 
         defended = posthoc_defense(self.config, self.ctx, final_vec)
-        return [Output("posthoc", defended, defense=f"posthoc_l{self.config.level}")]
+        return [Output("posthoc", defended, defense=self.defense_label(self.config))]
