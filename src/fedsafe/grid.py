@@ -92,9 +92,10 @@ class GridSpec(BaseModel):
                                                   "data and seeds, round config, model) run once across the grid's "
                                                   "runs and are read back from <grid>/cache/updates "
                                                   "(fedsafe.fl.update_cache); --no-reuse turns it off")
-    update_cache_limit: str | None = Field(None, description="the most <grid>/cache/updates may take, least recently "
-                                                             "used entries evicted first: 4GiB, 500MB, none (default: "
-                                                             "$FEDSAFE_UPDATE_CACHE_LIMIT, else 4GiB)")
+    update_cache_limit: str | int | None = Field(None, description="the most <grid>/cache/updates may take (bytes "
+                                                                   "or 4GiB, 500MB, none), least recently used "
+                                                                   "entries evicted first (default: "
+                                                                   "$FEDSAFE_UPDATE_CACHE_LIMIT, else 4GiB)")
     seeds: list[int] | None = Field(None, min_length=1, description="run every setting once per seed "
                                                                    "(default: the config's seeds, else its seed)")
 
