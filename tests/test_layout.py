@@ -181,6 +181,31 @@ def _plugin_modules() -> set[str]:
     return out
 
 
+def _plugin_homes() -> set[str]:
+    """Where each registered plug-in lives: its folder when it is one (``<concept>/plugin.py``), else its module."""
+    out = set()
+    for module in _plugin_modules():
+        package, _, leaf = module.rpartition(".")
+        out.add(package if leaf == "plugin" else module)
+    return out
+
+
+def test_engines_and_the_core_import_no_plugin_module():
+    """No engine module (engines/flower/*, the in-process engine), nor any other core module, imports a module of
+    a registered plug-in, at module level or inside functions: the Flower engine reads key files and decrypts
+    through the plug-in's key ring (``Plugin.deployment_keys``), a refused decryption is
+    ``fedsafe.errors.DecryptRefused``."""
+    graph = import_graph()
+    homes = _plugin_homes()
+    assert "fedsafe.defenses.secure_aggregation" in homes and "fedsafe.defenses.weak_dp" in homes
+    core = tuple("fedsafe." + item.removesuffix(".py") for item in CORE)
+    core_modules = {m for m in graph if m in core or m.startswith(tuple(c + "." for c in core))}
+    assert {"fedsafe.engines.inprocess", "fedsafe.engines.flower.client_app", "fedsafe.grid"} <= core_modules
+    bad = sorted(f"{m} imports {dep}" for m in core_modules for dep in graph[m]
+                 if any(dep == h or dep.startswith(h + ".") for h in homes))
+    assert not bad, bad
+
+
 def test_config_imports_no_plugin():
     """fedsafe.config (module level or inside functions) imports no module of a registered plug-in: the plug-in
     sections validate through the registry's lazy strings."""

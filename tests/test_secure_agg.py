@@ -755,7 +755,9 @@ def test_deployment_keys_come_from_the_plugin_hook_not_the_section_name(monkeypa
     off = load_config(None, [])
     on = load_config(None, ["secure_agg.enabled=true", "secure_agg.min_clients=3", "roles.0.clients=4",
                             "fl.clients_per_round=4"])
-    assert deployment_keys(off) == DeploymentKeys("secure_agg", off.secure_agg.ckks, 2, enabled=False)
+    from fedsafe.defenses.secure_aggregation.deployment import KEYRING
+
+    assert deployment_keys(off) == DeploymentKeys("secure_agg", off.secure_agg.ckks, 2, enabled=False, keyring=KEYRING)
     assert encrypted_keys(off) is None and encrypted_keys(on).min_clients == 3
     assert deployment_keys(on).params == on.secure_agg.ckks
     assert round_min_results(on) == (3, "flower.min_results=1; secure_agg.min_clients=3")

@@ -17,6 +17,14 @@ class UpdateRejected(FedsafeError):
     """A client update failed validation (NaN/Inf, wrong shape or dtype, norm too large)."""
 
 
+DECRYPT_REFUSED = "refused to decrypt"  # starts every DecryptRefused message (a Flower error reason carries it)
+
+
+class DecryptRefused(FedsafeError):
+    """The key holder (or the server on its behalf) refuses to decrypt a sum of too few clients (secure
+    aggregation; the Flower engine raises it when a SuperNode's reply says so, so it lives here)."""
+
+
 def did_you_mean(name: str, known: list[str] | set[str] | tuple[str, ...]) -> str:
     """``"; did you mean fl.rounds?"`` for the known name closest to ``name`` (difflib), or ``""`` when none is close.
 

@@ -140,16 +140,38 @@ class Setup:
                    clients_per_round=cfg.clients_per_round)
 
 
+class KeyRing(Protocol):
+    """What the Flower engine does with a plug-in's deployment keys and the encrypted sum (``DeploymentKeys.keyring``),
+    so that no engine module imports the plug-in. Plain data in and out: paths, bytes, the key parameters, the
+    wire form of a sum, a mask tensor; a key file read back has ``context`` (bytes) and ``key_id``, a written key set
+    ``clients``, ``server`` (paths) and ``key_id``. Key holders: ``"clients"`` (the secret file of the SuperNodes)
+    and ``"server"`` (the public file of the ServerApp)."""
+
+    default_min_clients: int  # the smallest sum a key holder decrypts when nothing raises it
+
+    def write(self, params, out_dir: str | Path, overwrite: bool = False) -> Any: ...
+
+    def read(self, path: str | Path, holder: str, params=None, who: str = "") -> Any: ...
+
+    def describe(self, params) -> str: ...
+
+    def client_key(self, trainer) -> tuple[bytes, int] | None: ...
+
+    def decrypt(self, secret: bytes, wire, mask, min_clients: int) -> Any: ...
+
+
 @dataclass(frozen=True)
 class DeploymentKeys:
     """What a Flower deployment needs from a plug-in whose clients encrypt their updates under a key set that
     ``fedsafe flower keys`` writes (:meth:`Plugin.deployment_keys`): the key parameters the key files must match,
-    the smallest sum a key holder decrypts, the config section (for messages) and whether it is on."""
+    the smallest sum a key holder decrypts, the config section (for messages), whether it is on, and the
+    :class:`KeyRing` that writes and reads the key files and decrypts a sum."""
 
     section: str
     params: Any  # the key files' parameters (CKKS for secure aggregation), compared when a key file is read
     min_clients: int
     enabled: bool = False
+    keyring: KeyRing | None = None
 
 
 class Engine(Protocol):
@@ -500,7 +522,8 @@ def deployment_keys(cfg) -> DeploymentKeys | None:
             config = cls.Config()
         keys = cls.deployment_keys(config)
         if keys is not None:
-            return DeploymentKeys(keys.section, keys.params, keys.min_clients, cls.is_active(config, setup))
+            return DeploymentKeys(keys.section, keys.params, keys.min_clients, cls.is_active(config, setup),
+                                  keys.keyring)
     return None
 
 

@@ -39,6 +39,7 @@ HE_STANDARD_MAX_LOG_Q: dict[int, dict[int, int]] = {
 }
 
 # The server only ever computes sum_k Enc(w_k * delta_k): FedAvg is the one rule that is that sum.
+MIN_CLIENTS = 2  # default secure_agg.min_clients: a sum of one client's ciphertexts is that client's update
 HE_COMPATIBLE_AGGREGATORS = frozenset({"fedavg"})
 # fl.algorithm values whose server step is global += server_lr * aggregate (linear, stateless).
 HE_COMPATIBLE_ALGORITHMS = frozenset({"fedavg", "fedprox"})

@@ -33,8 +33,11 @@ class SecureAggregation(Plugin):
     @classmethod
     def deployment_keys(cls, config) -> DeploymentKeys:
         """A Flower deployment's CKKS key set (``fedsafe flower keys``): SuperNodes hold the secret key, the ServerApp
-        the public one; a key holder decrypts no sum of fewer than ``min_clients`` clients."""
-        return DeploymentKeys(cls.section, config.ckks, config.min_clients)
+        the public one; a key holder decrypts no sum of fewer than ``min_clients`` clients. Its key ring
+        (:mod:`fedsafe.defenses.secure_aggregation.deployment`) reads, writes and decrypts for the engine."""
+        from fedsafe.defenses.secure_aggregation.deployment import KEYRING
+
+        return DeploymentKeys(cls.section, config.ckks, config.min_clients, keyring=KEYRING)
 
     @classmethod
     def check(cls, config, setup) -> None:

@@ -110,12 +110,14 @@ import torch
 from fedsafe.defenses.secure_aggregation.params import (
     HE_COMPATIBLE_AGGREGATORS,
     HE_COMPATIBLE_ALGORITHMS,
+    MIN_CLIENTS,
     CKKSParams,
     check_compatible,
     he_security_level,
 )
 from fedsafe.defenses.secure_aggregation.pruning import MaskSchedule, mask_digest, pruning_mask
-from fedsafe.errors import ConfigError, FedsafeError, UpdateRejected
+from fedsafe.errors import DECRYPT_REFUSED as REFUSED
+from fedsafe.errors import ConfigError, DecryptRefused, UpdateRejected
 
 if TYPE_CHECKING:  # tenseal is imported lazily: only runs with secure_agg.enabled need it
     import tenseal as ts
@@ -155,12 +157,6 @@ __all__ = [
 WIRE_KEY = "secure_agg"  # ClientResult.extra key of the encrypted update (plain bytes/ints/str)
 WIRE_ERROR_KEY = "secure_agg_error"  # ClientResult.extra key when a client could not encrypt
 WIRE_FORMAT = "fedsafe.ckks.v1"
-MIN_CLIENTS = 2  # default secure_agg.min_clients: a sum of one client's ciphertexts is that client's update
-REFUSED = "refused to decrypt"  # starts every DecryptRefused message (a Flower error reason carries it)
-
-
-class DecryptRefused(FedsafeError):
-    """The key holder (or the server on its behalf) refuses to decrypt a sum of too few clients."""
 
 
 class KeyHolder:

@@ -26,7 +26,9 @@ round needs anyway (:func:`~fedsafe.engines.flower.server.round_min_results`): t
 aggregation, ``secure_agg.min_clients``, so a round with too few replies is skipped, not a failed rule.
 
 Secure aggregation (``secure_agg.enabled``) in a deployment: ``fedsafe flower keys`` writes the key set
-(:mod:`fedsafe.defenses.secure_aggregation.keys`); every SuperNode holds the secret-key file (node config
+(:mod:`fedsafe.defenses.secure_aggregation.keys`); the engine reaches the key files and the decryption only through
+the plug-in's key ring (:meth:`fedsafe.plugins.Plugin.deployment_keys`, ``DeploymentKeys.keyring``) and imports no
+plug-in module. Every SuperNode holds the secret-key file (node config
 ``he-context``) and the ServerApp the public one (run config ``he-context``). The pipeline's
 :class:`fedsafe.fl.server.Server` sums the ciphertexts as in-process, and its key holder is
 :meth:`~fedsafe.engines.flower.server.FlowerEngine.decrypt`: a ``query.decrypt`` message carries the encrypted sum

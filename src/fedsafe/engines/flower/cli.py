@@ -70,8 +70,6 @@ def keys_command(out: Path = typer.Option(..., "--out", "-o", help="directory fo
                  force: bool = typer.Option(False, "--force", help="replace an existing key set")) -> None:
     """Make the CKKS keys of a secure_agg deployment: clients.ctx (secret, for SuperNodes) and server.ctx (public)."""
     from fedsafe.config import load_config
-    from fedsafe.defenses.secure_aggregation.keys import context_summary, write_key_files
-
     from fedsafe.plugins import deployment_keys
 
     cfg = load_config(config, set_)
@@ -81,9 +79,8 @@ def keys_command(out: Path = typer.Option(..., "--out", "-o", help="directory fo
     if not spec.enabled:
         typer.echo(f"note: this config has {spec.section}.enabled=false; set it to true for the run that uses these "
                    "keys", err=True)
-    keys = write_key_files(spec.params, out, overwrite=force)
-    typer.echo(f"key set {keys.key_id} (CKKS {context_summary(spec.params)}, "
-               f"{spec.params.security_label()}):\n"
+    keys = spec.keyring.write(spec.params, out, overwrite=force)
+    typer.echo(f"key set {keys.key_id} ({spec.keyring.describe(spec.params)}):\n"
                f"  {keys.clients}  SECRET (mode 0600): copy to every SuperNode only, "
                f"`fedsafe flower supernode ... --he-context {keys.clients.name}`\n"
                f"  {keys.server}  public: for the server, `fedsafe flower app ... --he-context {keys.server}`")
@@ -124,9 +121,7 @@ def app_command(app_dir: Path = typer.Argument(..., help="directory to write the
         typer.echo(f"note: {spec.section}.enabled: pass --he-context server.ctx here or to `fedsafe flower submit`",
                    err=True)
     elif he_context.exists():  # refuse the secret file here already, on the author's machine
-        from fedsafe.defenses.secure_aggregation.keys import SERVER, read_key_file
-
-        read_key_file(he_context, SERVER, spec.params, who="--he-context")
+        spec.keyring.read(he_context, "server", spec.params, who="--he-context")
     path = write_app(app_dir, cfg, he_context)
     typer.echo(f"wrote {path / 'pyproject.toml'} ({cfg.num_clients} clients: start one SuperNode per client with "
                f"partition-id 0..{cfg.num_clients - 1}); submit with `fedsafe flower submit {path} "
@@ -252,9 +247,13 @@ def supernode_command(superlink: str = typer.Option(..., help="SuperLink address
 
     _tls_choice(insecure, root_certificates is not None, "--root-certificates")
     if he_context is not None:  # a wrong file fails here, not in the first round
-        from fedsafe.defenses.secure_aggregation.keys import CLIENTS, read_key_file
+        from fedsafe.config import ExperimentConfig
+        from fedsafe.plugins import deployment_keys
 
-        read_key_file(he_context, CLIENTS, who="--he-context")
+        spec = deployment_keys(ExperimentConfig())  # no config here: the key parameters are checked per run
+        if spec is None:
+            raise typer.BadParameter("--he-context: no registered plug-in uses deployment keys")
+        spec.keyring.read(he_context, "clients", who="--he-context")
     if config is not None and not worker:
         raise typer.BadParameter("--config preloads the warm worker's model: it needs --worker")
     wdir = None
@@ -325,9 +324,7 @@ def local_command(config: Optional[Path] = typer.Argument(None, help="experiment
         server_ctx = None
         spec = encrypted_keys(cfg)
         if spec is not None:  # a key set for this run: the nodes get clients.ctx, the ServerApp server.ctx
-            from fedsafe.defenses.secure_aggregation.keys import write_key_files
-
-            keys = write_key_files(spec.params, fed.workdir / "keys")
+            keys = spec.keyring.write(spec.params, fed.workdir / "keys")
             fed.he_context, server_ctx = keys.clients, keys.server
         with fed:
             try:

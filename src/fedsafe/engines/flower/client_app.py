@@ -17,19 +17,25 @@ from fedsafe.engines.flower.codec import decode_train, decode_values, encode_res
 from fedsafe.engines.flower.node import (HE_MIN_CLIENTS, encrypted_keys, node_client_id, node_keys, parse_config,
                                          query_reply)
 from fedsafe.errors import FedsafeError
+from fedsafe.plugins import deployment_keys
+
+
+def _own_key(token: str, cfg) -> tuple[bytes, int] | None:
+    """The simulation's own client party's (secret context, min_clients), through the plug-in's key ring (None on
+    a SuperNode, or when this run's clients do not encrypt)."""
+    worker = trainer_cache.LOCAL.get(token)
+    spec = deployment_keys(cfg) if worker is not None else None
+    return spec.keyring.client_key(worker.trainer) if spec is not None and spec.keyring is not None else None
 
 
 def _secret_context(token: str, config_yaml: str, node_config, he_key_id: str | None):
     """This node's secret-key CKKS context: the simulation's own client party, or the node's key file."""
-    from fedsafe.defenses.secure_aggregation.protocol import client_party
-
-    worker = trainer_cache.LOCAL.get(token)
-    if worker is not None:
-        party = client_party(worker.trainer)
-        if party is None:
-            raise FedsafeError("asked to decrypt, but this run's clients do not use secure aggregation")
-        return party.context
     cfg = parse_config(config_yaml)
+    if token in trainer_cache.LOCAL:
+        own = _own_key(token, cfg)
+        if own is None:
+            raise FedsafeError("asked to decrypt, but this run's clients do not use secure aggregation")
+        return own[0]
     if encrypted_keys(cfg) is None:
         raise FedsafeError("asked to decrypt, but no plug-in of the experiment config encrypts updates")
     return node_keys(node_config, cfg, he_key_id)
@@ -49,21 +55,22 @@ def key_holder_min_clients(token: str, config_yaml: str, node_config) -> int:
     the config's minimum (``secure_agg.min_clients``, through :func:`encrypted_keys`) and the node's own
     ``he-min-clients`` (default 2; the config comes from the server, so it may raise the minimum but never lower
     it)."""
-    from fedsafe.defenses.secure_aggregation.protocol import MIN_CLIENTS, client_party
-
-    worker = trainer_cache.LOCAL.get(token)
-    if worker is not None and client_party(worker.trainer) is not None:
-        return client_party(worker.trainer).min_clients
     cfg = parse_config(config_yaml)
+    own = _own_key(token, cfg)
+    if own is not None:
+        return own[1]
+    spec = deployment_keys(cfg)
+    if spec is None or spec.keyring is None:
+        raise FedsafeError("asked to decrypt, but no plug-in of the experiment config encrypts updates")
     try:
-        floor = int(node_config.get(HE_MIN_CLIENTS, MIN_CLIENTS))
+        floor = int(node_config.get(HE_MIN_CLIENTS, spec.keyring.default_min_clients))
     except (TypeError, ValueError) as exc:
         raise FedsafeError(f"node config {HE_MIN_CLIENTS}={node_config.get(HE_MIN_CLIENTS)!r} is not an integer") \
             from exc
     if floor < 1:
         raise FedsafeError(f"node config {HE_MIN_CLIENTS}={floor} must be >= 1")
     keys = encrypted_keys(cfg)
-    return max(keys.min_clients if keys is not None else MIN_CLIENTS, floor)
+    return max(keys.min_clients if keys is not None else spec.keyring.default_min_clients, floor)
 
 
 def handle_decrypt(message: Message, context: Context) -> Message:
@@ -71,21 +78,20 @@ def handle_decrypt(message: Message, context: Context) -> Message:
 
     Needs no model: the server sends the round's keep-mask, which :func:`decrypt_aggregate` checks against
     the digest the clients encrypted under. A sum of fewer clients than :func:`key_holder_min_clients` is
-    refused (:class:`fedsafe.defenses.secure_aggregation.protocol.DecryptRefused`) before anything is decrypted.
+    refused (:class:`fedsafe.errors.DecryptRefused`) before anything is decrypted.
     """
     return Message(decrypt_reply(message.content, context.node_config), reply_to=message)
 
 
 def decrypt_reply(content: RecordDict, node_config) -> RecordDict:
     """The content of :func:`handle_decrypt`'s reply (also run by a SuperNode's warm worker)."""
-    from fedsafe.defenses.secure_aggregation.protocol import EncryptedAggregate, decrypt_aggregate
-
     meta = content["fedsafe"]
     secret = _secret_context(meta["token"], meta["config"], node_config, meta.get("he_key_id"))
     min_clients = key_holder_min_clients(meta["token"], meta["config"], node_config)
-    aggregate = EncryptedAggregate.from_wire(decode_values(content["aggregate_arrays"], content["aggregate"]))
+    keyring = deployment_keys(parse_config(meta["config"])).keyring  # _secret_context found it
+    wire = decode_values(content["aggregate_arrays"], content["aggregate"])
     mask = torch.from_numpy(np.array(content["mask"]["mask"].numpy(), copy=True))
-    delta = decrypt_aggregate(secret, aggregate, mask, min_clients)
+    delta = keyring.decrypt(secret, wire, mask, min_clients)
     return RecordDict({"delta": ArrayRecord({"vec": to_array(delta)})})
 
 

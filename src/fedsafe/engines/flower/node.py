@@ -48,15 +48,13 @@ def node_keys(node_config, cfg, he_key_id: str | None) -> bytes:
     (:func:`encrypted_keys`) and, when the server names its key id, from the same key set as the server's public
     context.
     """
-    from fedsafe.defenses.secure_aggregation.keys import CLIENTS, read_key_file
-
     spec = deployment_keys(cfg)
     path = node_config.get(HE_CONTEXT)
     if not path:
         raise FedsafeError(f"{spec.section}.enabled but this SuperNode holds no CKKS keys: start it with "
                            f"--node-config \"{HE_CONTEXT}='/path/clients.ctx'\" (the clients' file of "
                            "`fedsafe flower keys`)")
-    keys = read_key_file(str(path), CLIENTS, spec.params, who=f"node config {HE_CONTEXT}")
+    keys = spec.keyring.read(str(path), "clients", spec.params, who=f"node config {HE_CONTEXT}")
     if he_key_id is not None and keys.key_id != he_key_id:
         raise FedsafeError(f"node config {HE_CONTEXT} {path} belongs to key set {keys.key_id}, the server's public "
                            f"context to key set {he_key_id}: give every SuperNode the clients.ctx written together "

@@ -19,7 +19,7 @@ from fedsafe.config import ExperimentConfig, dump_config
 from fedsafe.engines.flower import trace as _trace
 from fedsafe.engines.flower.codec import DECRYPT, QUERY, TRAIN, decode_result, encode_decrypt, encode_train, run_meta
 from fedsafe.engines.flower.node import HE_CONTEXT, encrypted_keys
-from fedsafe.errors import FedsafeError
+from fedsafe.errors import DECRYPT_REFUSED, DecryptRefused, FedsafeError
 from fedsafe.data.client_data import ClientData
 from fedsafe.fl.client import ClientResult, RoundConfig
 
@@ -191,7 +191,7 @@ class FlowerEngine:
 
     # -- secure aggregation: a key-holding SuperNode decrypts the sum ----------------------------
     def decrypt(self, aggregate, mask: torch.Tensor, round: int) -> torch.Tensor:
-        """Remote key holder of :class:`fedsafe.defenses.secure_aggregation.protocol.SecureAggServer`: a SuperNode
+        """Remote key holder of the plug-in that encrypts updates (secure aggregation's server party): a SuperNode
         decrypts the sum.
 
         Sends the encrypted sum and the round's (public) keep-mask; nodes whose client answered this round
@@ -205,16 +205,14 @@ class FlowerEngine:
             if self.node_of[cid] not in seen:
                 seen.add(self.node_of[cid])
                 order.append((cid, self.node_of[cid]))
-        from fedsafe.defenses.secure_aggregation.protocol import REFUSED, DecryptRefused
-
         reasons = []
         for cid, node in order:
             delta, reason = self._decrypt_on(node, aggregate, mask, round, timeout)
             if delta is not None:
                 log.info("round %d: SuperNode %d (client %s) decrypted the encrypted sum", round, node, cid)
                 return delta
-            if REFUSED in reason:  # the key holder's minimum sum size: the round is skipped, no other node asked
-                raise DecryptRefused(f"{REFUSED} (SuperNode {node}, client {cid}): {reason}")
+            if DECRYPT_REFUSED in reason:  # the key holder's minimum sum size: the round is skipped, none else asked
+                raise DecryptRefused(f"{DECRYPT_REFUSED} (SuperNode {node}, client {cid}): {reason}")
             log.warning("round %d: SuperNode %d (client %s) could not decrypt the encrypted sum: %s", round, node,
                         cid, reason)
             reasons.append(f"{cid}: {reason}")
@@ -274,8 +272,6 @@ def round_min_results(cfg: ExperimentConfig) -> tuple[int, str]:
 def server_keys(cfg: ExperimentConfig, path: str | None):
     """The ServerApp's public CKKS key file (run config ``he-context``) when a plug-in encrypts updates
     (:func:`fedsafe.engines.flower.node.encrypted_keys`, i.e. ``secure_agg.enabled``), else None."""
-    from fedsafe.defenses.secure_aggregation.keys import SERVER, read_key_file
-
     keys = encrypted_keys(cfg)
     if keys is None:
         if path:
@@ -285,4 +281,4 @@ def server_keys(cfg: ExperimentConfig, path: str | None):
         raise FedsafeError(f"{keys.section}.enabled in a Flower deployment needs the server's public CKKS context: "
                            "`fedsafe flower keys --out DIR --config CONFIG`, then `fedsafe flower app ... "
                            f"--he-context DIR/server.ctx` (or `fedsafe flower submit ... --he-context ...`)")
-    return read_key_file(path, SERVER, keys.params, who=f"run config {HE_CONTEXT}")
+    return keys.keyring.read(path, "server", keys.params, who=f"run config {HE_CONTEXT}")
