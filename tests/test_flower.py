@@ -511,6 +511,29 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def test_stop_group_ends_the_whole_group_also_when_it_ignores_sigterm(tmp_path):
+    """stop_group sends its signal to the process group, then SIGKILL to what outlived it (a child that ignores
+    SIGTERM, as Flower's app processes may): afterwards no process of the group is left."""
+    from fedsafe.engines.flower.deploy import _start, stop_group
+
+    def until(condition, timeout_s=30.0):  # a loaded machine may take a while to start or reap a process
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return condition()
+
+    graceful = _start(["sleep", "300"], dict(os.environ), tmp_path / "graceful.log")
+    log = tmp_path / "stubborn.log"
+    stubborn = _start(["bash", "-c", "trap '' TERM; sleep 300 & echo started; wait"], dict(os.environ), log)
+    assert until(lambda: "started" in log.read_text())  # the trap is set and the child runs
+    assert _group_alive(graceful.pid) and _group_alive(stubborn.pid)
+    stop_group(graceful, wait_s=5)
+    assert graceful.returncode == -signal.SIGTERM and until(lambda: not _group_alive(graceful.pid))
+    stop_group(stubborn, wait_s=0.5)
+    assert stubborn.returncode == -signal.SIGKILL and until(lambda: not _group_alive(stubborn.pid))
+    stop_group(stubborn, wait_s=0.5)  # a group that is gone already: nothing to do
+
+
 def test_loopback_deployment_with_secure_aggregation(tmp_path, data_file, he_keys):
     """SuperLink + 2 SuperNodes as processes: the nodes hold clients.ctx, the ServerApp server.ctx; a SuperNode
     decrypts the round's sum; the result is the in-process HE run's, and every process is gone afterwards.

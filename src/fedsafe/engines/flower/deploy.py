@@ -23,6 +23,7 @@ for tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1.0, min 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -341,22 +342,28 @@ def _start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
 
 def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, wait_s: float = 10.0) -> None:
     """Stop a process started by :func:`_start` and everything in its process group."""
-    try:
+    _signal_group(proc, sig, wait_s)
+    # children (SuperExec, app processes) may outlive a graceful stop of their parent
+    _signal_group(proc, signal.SIGKILL, wait_s)
+
+
+def _kill_workers(worker_dirs) -> None:
+    """Kill the warm workers of these directories (each runs in its own session, outside a SuperNode's group)."""
+    worker_dirs = list(worker_dirs)
+    if not worker_dirs:
+        return
+    from fedsafe.engines.flower.worker import stop_worker
+
+    for wdir in worker_dirs:
+        stop_worker(wdir, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen, sig, wait_s: float) -> None:
+    """Send ``sig`` to ``proc``'s process group (gone already: nothing to do) and wait up to ``wait_s`` for it."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=wait_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # children (SuperExec, app processes) may outlive a graceful stop of their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=wait_s)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @dataclass
@@ -461,9 +468,7 @@ class LocalFederation:
         """Kill a SuperNode and its children (a crash, not a graceful leave)."""
         stop_group(self.procs[f"supernode{index}"], sig=sig, wait_s=5)
         if index in self.worker_dirs:  # a worker restarted by a ClientApp runs in its own session
-            from fedsafe.engines.flower.worker import stop_worker
-
-            stop_worker(self.worker_dirs[index], signal.SIGKILL)
+            _kill_workers([self.worker_dirs[index]])
 
     def worker_pid(self, index: int) -> int | None:
         """The pid of SuperNode ``index``'s warm worker, if it runs."""
@@ -520,11 +525,7 @@ class LocalFederation:
             for name in sorted(self.procs, key=lambda n: n == "superlink"):
                 stop_group(self.procs[name])
             self.procs.clear()
-            if self.worker_dirs:
-                from fedsafe.engines.flower.worker import stop_worker
-
-                for wdir in self.worker_dirs.values():
-                    stop_worker(wdir, signal.SIGKILL)
+            _kill_workers(self.worker_dirs.values())
         finally:
             if self.remove_workdir:
                 import shutil
