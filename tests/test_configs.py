@@ -161,13 +161,10 @@ def _training_sources_key(cfg: ExperimentConfig) -> str:
     """What the run-start held-out check depends on: the training data sources and the benign evaluation sets."""
     import json
 
-    from fedsafe.data.holdout import _EVAL_ONLY, _data_sources
+    from fedsafe.data.holdout import training_sources
     from fedsafe.plugins import inactive_sections
 
-    skip = (*_EVAL_ONLY, *inactive_sections(cfg))
-    dump = cfg.model_dump(mode="json")
-    sources = [(w, s) for w, s in _data_sources(dump)
-               if not any(w == e or w.startswith((e + ".", e + "[")) for e in skip)]
+    sources = training_sources(cfg.model_dump(mode="json"), inactive_sections(cfg))
     ev = cfg.eval
     benign = [ev.model_dump(mode="json").get(k) for k in ("normal_prompts", "n_normal_prompts", "borderline_prompts",
                                                           "n_borderline_prompts", "prompts")]

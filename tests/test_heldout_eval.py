@@ -207,3 +207,18 @@ def test_drop_refusals_keeps_only_answers_that_comply(tmp_path):
     kept = load_rows(DataSource(path=str(f), drop_refusals=True))
     assert [r["instruction"] for r in kept] == ["placeholder request 0", "placeholder request 3"]
     assert len(load_rows(DataSource(path=str(f)))) == 4
+
+
+def test_training_sources_leave_out_the_evaluation_sections_and_skipped_ones():
+    from fedsafe.data.holdout import EVAL_ONLY, training_sources
+
+    config = {"roles": [{"data": [{"path": "a.jsonl"}]}], "eval": {"normal_prompts": {"path": "b.jsonl"}},
+              "data": {"heldout": [{"path": "c.jsonl"}]}, "gate": {"prompts": {"path": "d.jsonl"}},
+              "posthoc": {"normal": [{"path": "e.jsonl"}]}, "posthoc_x": {"path": "f.jsonl"},
+              "probe": {"shadow": {"generate": {"instructions": "g.txt"}}}}
+    assert EVAL_ONLY == ("eval", "data.heldout", "gate")
+    assert [w for w, _ in training_sources(config)] == ["roles[0].data[0]", "posthoc.normal[0]", "posthoc_x",
+                                                        "probe.shadow"]
+    assert [w for w, _ in training_sources(config, skip=["posthoc"])] == ["roles[0].data[0]", "posthoc_x",
+                                                                          "probe.shadow"]
+    assert training_sources(config)[0][1] == {"path": "a.jsonl"}

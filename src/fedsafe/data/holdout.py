@@ -26,7 +26,7 @@ def overlap(train_instructions: Iterable[str], prompts: Iterable[str]) -> list[s
 # ------------------------------------------------------------------------------------------------
 
 # sections of the experiment config whose data sources are evaluation data, not training data
-_EVAL_ONLY = ("eval", "data.heldout", "gate")
+EVAL_ONLY = ("eval", "data.heldout", "gate")
 
 
 def _data_sources(node, where: str = ""):
@@ -42,6 +42,13 @@ def _data_sources(node, where: str = ""):
             yield from _data_sources(v, f"{where}[{i}]")
 
 
+def training_sources(config: dict, skip: list[str] | tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """``(config path, source dict)`` of every data source a run may train on, in a dumped config: all but those
+    under the evaluation sections (:data:`EVAL_ONLY`) and the sections in ``skip``."""
+    return [(where, src) for where, src in _data_sources(config)
+            if not any(where == e or where.startswith((e + ".", e + "[")) for e in (*EVAL_ONLY, *skip))]
+
+
 def training_instructions(config: dict, skip: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Every instruction a run may train on, by the config path of its source.
 
@@ -55,9 +62,7 @@ def training_instructions(config: dict, skip: list[str] | tuple[str, ...] = ()) 
     from fedsafe.schema import DataSource
 
     out: dict[str, list[str]] = {}
-    for where, src in _data_sources(config):
-        if any(where == e or where.startswith(e + ".") or where.startswith(e + "[") for e in (*_EVAL_ONLY, *skip)):
-            continue
+    for where, src in training_sources(config, skip):
         if isinstance(src.get("generate"), dict):
             ins = src["generate"].get("instructions")
             if not isinstance(ins, str) or ins in ("harmful", "curious", "normal"):
