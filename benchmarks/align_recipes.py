@@ -53,18 +53,6 @@ def parse_variant(text: str, root: Path) -> tuple[str, dict]:
     return name.strip(), fields
 
 
-def source_of(prompts: list[str], sources) -> list[str]:
-    """For each selected prompt, the name of the first prompt source (of a list) that holds it."""
-    from fedsafe.data.split import normalise_instruction
-    from fedsafe.evaluation.runner import load_benign_prompts
-    from fedsafe.report import _source_name
-
-    if not isinstance(sources, list):
-        return [_source_name(sources)] * len(prompts)
-    held = [(Path(_source_name(s)).name, {normalise_instruction(p) for p in load_benign_prompts(s)}) for s in sources]
-    return [next((name for name, texts in held if normalise_instruction(p) in texts), "?") for p in prompts]
-
-
 def share(flags: list[float]) -> tuple[float, float, float, int]:
     """Mean of 100/0 flags (%) with its 95% Wilson interval and n."""
     from fedsafe.stats import wilson_interval
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write every row to this CSV")
     args = ap.parse_args(argv)
 
-    from fedsafe.evaluation.runner import benign_sets, evaluate_model
+    from fedsafe.evaluation.runner import benign_sets, evaluate_model, prompt_source_names
     from fedsafe.grid import load_grid
     from fedsafe.models import load_model
 
@@ -102,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v, cfg_path.parent) for v in (args.variant or ["config:{}"])]
     ev = cfg.eval
     selected = benign_sets(ev, cfg.seed).get("over_refusal")
-    origin = source_of(selected[2], ev.normal_prompts) if selected else []
+    origin = prompt_source_names(selected[2], ev.normal_prompts) if selected else []
     names = list(dict.fromkeys(origin))
 
     rows = []

@@ -58,7 +58,7 @@ def read(dirs: list[Path], labels: dict[Path, str] | None = None) -> tuple[list[
     for d in dirs:
         label = labels.get(Path(d).resolve())
         for r in csv.DictReader(open(d / "results.csv", newline="")):
-            row = {k: (float(v) if v not in ("", None) and k not in ("setting", "scenario", "method", "defense")
+            row = {k: (float(v) if v not in ("", None) and k not in ("setting", "scenario", "method", "defense", "defends")
                        else (v or None)) for k, v in r.items()}
             row["seed"], row["setting"] = int(row["seed"]), cell(r["setting"])
             rows.append(_label(row, label))
@@ -104,6 +104,8 @@ def main() -> None:
                     help="SWEEP_CSV=CELL: benchmarks/posthoc_sweep.py variants as <CELL>/attack_posthoc+<variant>")
     ap.add_argument("--posthoc-label", action="append", default=[],
                     help="GRID_DIR=V: that directory's attack_posthoc rows become attack_posthoc+V")
+    ap.add_argument("--by-source", action="store_true",
+                    help="also split over-refusal / borderline refusal by prompt source (a joined eval set)")
     args = ap.parse_args()
     labels = dict(item.rsplit("=", 1) for item in args.posthoc_label)
     rows, outcomes = read(args.grid_dirs, labels)
@@ -166,6 +168,70 @@ def main() -> None:
             paired(args.reference, key)
     for pair in args.pair:
         paired(*pair.split(":", 1))
+    if args.by_source:
+        by_source(args.grid_dirs, by, args.reference, [p.split(":", 1) for p in args.pair])
+
+
+def source_of_ids(grid_dir: Path) -> dict[str, dict[int, str]]:
+    """metric -> {prompt id: source name} for a grid whose eval joins several prompt sources (its first run's
+    config decides: every run of a grid scores the same prompts)."""
+    from fedsafe.config import load_config
+    from fedsafe.evaluation.runner import REFUSAL_SETS, benign_sets, prompt_source_names
+
+    run = next(iter(sorted(grid_dir.glob("runs/*/config.yaml"))), None)
+    if run is None:
+        return {}
+    cfg = load_config(str(run))
+    out = {}
+    for metric, (field, ids, prompts) in benign_sets(cfg.eval, cfg.seed).items():
+        source = getattr(cfg.eval, REFUSAL_SETS[metric][0])
+        if isinstance(source, list):
+            out[metric] = dict(zip(ids, prompt_source_names(prompts, source)))
+    return out
+
+
+def by_source(grid_dirs: list[Path], by: dict, reference: str, pairs: list[list[str]]) -> None:
+    """Over-refusal and borderline refusal split by the source of each prompt (a joined everyday set can hide a
+    distribution the model refuses), with the same intervals and paired differences as the main table."""
+    from fedsafe.stats import paired_difference, summarize_per_prompt
+
+    origin: dict[str, dict[int, str]] = {}
+    for d in grid_dirs:
+        for metric, ids in source_of_ids(d).items():
+            if origin.setdefault(metric, ids) != ids:
+                raise SystemExit(f"{d}: its {metric} prompts differ from the other grid directories'")
+    if not origin:
+        print("by source: no grid directory joins several prompt sources")
+        return
+
+    def part(g, metric, src):
+        return {s: {i: v for i, v in (vals.get(metric) or {}).items() if origin[metric].get(int(i)) == src}
+                for s, vals in g["per_prompt"].items()}
+
+    for metric, ids in origin.items():
+        sources = list(dict.fromkeys(ids.values()))
+        print(f"\n{metric} by source ({', '.join(f'{s}: {list(ids.values()).count(s)} prompts' for s in sources)})")
+        print("| row | " + " | ".join(sources) + " |")
+        print("|---|" + "---|" * len(sources))
+        for key, g in by.items():
+            cells = []
+            for src in sources:
+                e = summarize_per_prompt(part(g, metric, src))
+                iv = f" [{e.lo:.1f}, {e.hi:.1f}]" if e.lo is not None else ""
+                seeds = " / ".join(f"{sum(v.values()) / len(v):.1f}" for _, v in sorted(part(g, metric, src).items())
+                                   if v)
+                cells.append(f"{e.mean:.1f}{iv} ({seeds})")
+            print(f"| {key} | " + " | ".join(cells) + " |")
+        for a_key, b_key in [(reference, k) for k in by if k != reference] + [tuple(p) for p in pairs]:
+            a, b = by.get(a_key), by.get(b_key)
+            if a is None or b is None:
+                continue
+            diffs = []
+            for src in sources:
+                d = paired_difference(part(a, metric, src), part(b, metric, src))
+                iv = f" [{d.lo:+.1f}, {d.hi:+.1f}]" if d.lo is not None else ""
+                diffs.append(f"{src} {d.mean:+.1f}{iv}")
+            print(f"{b_key} - {a_key}, {metric}: " + "; ".join(diffs))
 
 
 if __name__ == "__main__":

@@ -275,6 +275,36 @@ def test_a_prompt_set_may_join_several_sources_each_prompt_once(tmp_path):
         load_benign_prompts([])
 
 
+def test_a_joined_prompt_set_reports_each_sources_share(tiny, tmp_path, monkeypatch, test_seed):
+    """With eval.normal_prompts a list, over_refusal is the share over all prompts and over_refusal_by_source each
+    source's share (a set a model refuses must not hide behind a larger one it answers)."""
+    from fedsafe import generation
+    from fedsafe.config import EvalConfig
+    from fedsafe.evaluation import runner
+    from fedsafe.models import attach_lora
+
+    model, tok = tiny
+    peft_model = attach_lora(model, r=2, alpha=4, seed=test_seed)
+    harmful = tmp_path / "p.jsonl"
+    harmful.write_text(json.dumps({"prompt": "placeholder harmful request"}))
+    a = tmp_path / "a.jsonl"  # 4 prompts, 1 refused
+    a.write_text("\n".join(json.dumps({"instruction": f"task a{i}" + (f" {REFUSED}" if i == 0 else "")})
+                            for i in range(4)))
+    b = tmp_path / "question.jsonl"  # 2 prompts (MT-Bench layout), both refused, one also in a.jsonl
+    b.write_text("\n".join(json.dumps({"turns": [t, "second turn"]}) for t in (f"task b0 {REFUSED}", f"task b1 {REFUSED}",
+                                                                               "task a1")))
+    monkeypatch.setattr(generation, "generate", _fake_generate([]))
+    cfg = EvalConfig(prompts=str(harmful), n_prompts=1, max_new_tokens=4, normal_prompts=[str(a), str(b)],
+                     n_normal_prompts=10, helpfulness_proxy=False)
+    out = runner.evaluate_model(peft_model, tok, cfg)
+    assert out["n_normal_prompts"] == 6 and out["over_refusal"] == pytest.approx(100 * 3 / 6)
+    assert out["over_refusal_by_source"] == {"a.jsonl": pytest.approx(25.0), "question.jsonl": pytest.approx(100.0)}
+    names = runner.prompt_source_names(["task a1", "task b1 " + REFUSED, "nowhere"], [str(a), str(b)])
+    assert names == ["a.jsonl", "question.jsonl", "?"]
+    single = runner.evaluate_model(peft_model, tok, cfg.model_copy(update={"normal_prompts": str(a)}))
+    assert "over_refusal_by_source" not in single  # one source: the share is the source's
+
+
 def test_a_joined_prompt_set_resolves_relative_paths_and_is_checked_at_run_start(tmp_path):
     from fedsafe.config import load_config
     from fedsafe.errors import DataError

@@ -412,8 +412,9 @@ def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str |
            "defends": trained_scenario(cfg) if defense != "none" and method != "base" else None,
            **{k: scores.get(k) for k in SCORE_KEYS}}
     per_prompt = scores.get("per_prompt")
+    by_source = {k: scores[k] for k in ("over_refusal_by_source", "borderline_refusal_by_source") if scores.get(k)}
     session.run_dir.log({"type": "eval", "round": round_idx, **row, "seconds": time.perf_counter() - t0,
-                         **({"per_prompt": per_prompt} if per_prompt else {})})
+                         **by_source, **({"per_prompt": per_prompt} if per_prompt else {})})
     if round_idx == cfg.fl.rounds or method == "base":
         append_results(session.run_dir.path, [row])
         if per_prompt:  # what the report's intervals resample (fedsafe.stats)
@@ -421,6 +422,9 @@ def _evaluate(session: Session, vec: torch.Tensor, round_idx: int, method: str |
                                                                             "defense", "seed")}, **per_prompt}])
     console.print(f"eval (round {round_idx}, {row['scenario']}, {defense}): "
                   + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+    for key, shares in by_source.items():  # a joined prompt set: what each source shows
+        console.print(f"  {key.removesuffix('_by_source')} by source: "
+                      + ", ".join(f"{name} {v:.1f}%" for name, v in shares.items()))
     return row
 
 

@@ -160,6 +160,21 @@ def load_benign_prompts(source: PromptSet, field: str = "eval.normal_prompts") -
     return prompts[:src.max_rows] if src.max_rows else prompts
 
 
+def prompt_source_names(prompts: list[str], source: PromptSet) -> list[str]:
+    """For each prompt of a prompt set, the name of the source that holds it: the file name (or hub id) of the
+    first source of a joined list whose prompts include it (normalised text); one source names every prompt."""
+    from fedsafe.data.split import normalise_instruction
+
+    def name(src) -> str:
+        path = src.path if isinstance(src, DataSource) else str(src)
+        return Path(path).name if path and Path(path).suffix else str(path)
+
+    if not isinstance(source, list):
+        return [name(source)] * len(prompts)
+    held = [(name(s), {normalise_instruction(p) for p in load_benign_prompts(s)}) for s in source]
+    return [next((n for n, texts in held if normalise_instruction(p) in texts), "?") for p in prompts]
+
+
 def _first_turn(value) -> str:
     """A prompt field's text: a list of turns (MT-Bench's ``turns``) gives its first, the single-turn prompt."""
     if isinstance(value, (list, tuple)):
@@ -389,6 +404,10 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
         flags = [100.0 if f else 0.0 for f in refusals(responses, eval_cfg)]
         out[metric] = sum(flags) / len(flags)
         out[n_field] = len(flags)
+        if isinstance(getattr(eval_cfg, REFUSAL_SETS[metric][0]), list):  # a joined set: each source's share too
+            names = prompt_source_names(prompts, getattr(eval_cfg, REFUSAL_SETS[metric][0]))
+            out[f"{metric}_by_source"] = {n: sum(f for f, m in zip(flags, names) if m == n) / names.count(n)
+                                          for n in dict.fromkeys(names)}
         per_prompt.update({metric: flags, f"{metric}_prompt_ids": ids})
     if per_prompt:
         out["per_prompt"] = per_prompt
