@@ -42,8 +42,15 @@ DEFAULT_VARIANTS = ["config:"]  # the config's own posthoc section
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME:key=value,key=value`` -> (NAME, {key: value}); values are numbers or YAML scalars."""
+    """``NAME:key=value,key=value`` -> (NAME, {key: value}); values are numbers or YAML scalars. ``NAME:{yaml
+    mapping}`` gives fields that hold lists (``posthoc.normal`` data sources); relative paths in it are relative to
+    the working directory."""
     name, _, body = text.partition(":")
+    if body.strip().startswith("{"):
+        fields = yaml.safe_load(body)
+        if not isinstance(fields, dict):
+            raise SystemExit(f"--variant {text!r}: expected NAME:{{yaml mapping}}")
+        return name.strip() or "config", fields
     fields = {}
     for item in filter(None, (p.strip() for p in body.split(","))):
         if "=" not in item:
