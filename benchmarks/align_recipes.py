@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedsafe.evaluation.runner import benign_sets, evaluate_model, prompt_source_names
     from fedsafe.grid import load_grid
-    from fedsafe.models import load_model
+    from fedsafe.run_model import load_model
 
     cfg_path = Path(args.config).resolve()
     try:

@@ -118,7 +118,8 @@ def compare_paths(args) -> None:
     from rich.table import Table
 
     from fedsafe.generation import generate
-    from fedsafe.models import attach_lora, load_adapter, load_model
+    from fedsafe.models import attach_lora
+    from fedsafe.run_model import load_adapter, load_model
 
     sets, ev, cfg = _eval_sets(args.config)
     if args.adapter:

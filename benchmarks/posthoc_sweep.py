@@ -156,7 +156,8 @@ def main() -> None:
     from fedsafe.evaluation.runner import evaluate_model
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.grid import load_grid
-    from fedsafe.models import attach_lora, load_base_model
+    from fedsafe.models import attach_lora
+    from fedsafe.run_model import load_model
 
     console = Console()
     variants = [] if args.score_only else [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
@@ -173,8 +174,7 @@ def main() -> None:
             for n, d in train(args.config, seed, missing, args.set, args.cache).items():
                 have[(seed, n)] = d
         cfg = cfgs[args.attack]
-        loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.seed,
-                                 align=cfg.model.align)
+        loaded = load_model(cfg.model.model_copy(update={"quantization": None}), seed=cfg.seed)
         model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                             cfg.lora.target_modules, seed=cfg.seed)
         tok = loaded.tokenizer

@@ -81,6 +81,7 @@ def test_fedsafe_loads_a_bare_copy_with_its_embedded_base(saved, monkeypatch, tm
     import shutil
 
     import fedsafe.models as models
+    from fedsafe.run_model import load_adapter
     from fedsafe.hub import adapter_base
 
     adapter = saved[0]
@@ -90,7 +91,7 @@ def test_fedsafe_loads_a_bare_copy_with_its_embedded_base(saved, monkeypatch, tm
     asked = []
     monkeypatch.setattr(models, "load_base_model", lambda name, *a, **k: asked.append(name) or
                         models.LoadedModel(tiny_llama(byte_tokenizer(), seed=0), byte_tokenizer(), name, "cpu"))
-    models.load_adapter(copy)
+    load_adapter(copy)
     assert asked == ["embedded"]
 
 

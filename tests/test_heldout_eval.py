@@ -157,9 +157,10 @@ def test_a_disjoint_run_logs_its_heldout_check(tmp_path, monkeypatch):
 
 def test_aligned_base_is_built_once_cached_and_changes_the_weights(tmp_path, monkeypatch):
     from fedsafe import alignment
-    from fedsafe.config import AlignConfig
+    from fedsafe.config import AlignConfig, ModelConfig
     from fedsafe.evaluation.runner import model_fingerprint
     from fedsafe.models import load_base_model
+    from fedsafe.run_model import load_model
 
     monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path / "cache"))
     aligned = tmp_path / "aligned.json"
@@ -169,7 +170,8 @@ def test_aligned_base_is_built_once_cached_and_changes_the_weights(tmp_path, mon
     align = AlignConfig(aligned=[{"path": str(aligned)}], normal=[{"path": str(normal)}], n_samples=16,
                         steps=3, batch_size=2, lr=1e-2, r=2, alpha=4, max_length=48)
     base = load_base_model("tiny")
-    first = load_base_model("tiny", align=align)
+    first = load_model(ModelConfig(name="tiny", align=align))
+    assert first.name == "tiny"  # the aligned copy keeps the config's model name (run records, adapter cards)
     d = alignment.aligned_model_dir("tiny", align)
     meta = json.loads((d / "fedsafe_alignment.json").read_text())
     assert meta["rows"] == 16 and len(meta["losses"]) == 3
@@ -182,11 +184,11 @@ def test_aligned_base_is_built_once_cached_and_changes_the_weights(tmp_path, mon
         raise AssertionError("rebuilt a cached aligned model")
 
     monkeypatch.setattr(alignment, "_build", no_rebuild)
-    again = load_base_model("tiny", align=align)
+    again = load_model(ModelConfig(name="tiny", align=align))
     assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), again.model.parameters()))
     # another recipe is another model
     with pytest.raises(AssertionError, match="rebuilt"):
-        load_base_model("tiny", align=align.model_copy(update={"steps": 4}))
+        load_model(ModelConfig(name="tiny", align=align.model_copy(update={"steps": 4})))
 
 
 def test_align_config_errors_name_the_field(tmp_path):

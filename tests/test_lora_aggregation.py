@@ -156,7 +156,7 @@ def test_fedex_saved_residual_reproduces_the_average_of_the_client_models(tmp_pa
     """load_adapter's model = W0 + residual + s B_g A_g equals the mean of the last round's client models."""
     from peft import PeftModel
 
-    from fedsafe.models import load_adapter
+    from fedsafe.run_model import load_adapter
     from fedsafe.pipeline import run_experiment
 
     client_models: list[dict] = []  # round -> {layer: mean of client W_eff}
@@ -307,7 +307,7 @@ def test_fedex_residual_survives_a_checkpoint_into_a_fresh_model(tmp_path):
 
 
 def test_load_adapter_without_residual_is_plain_peft_and_refuses_a_stale_round(tmp_path):
-    from fedsafe.models import load_adapter
+    from fedsafe.run_model import load_adapter
     from fedsafe.pipeline import run_experiment
 
     res = run_experiment(_tiny_run_cfg(tmp_path, "ffa", "fl.lora_aggregation=ffa"), progress=False)

@@ -12,7 +12,9 @@ refusals to harmful requests mixed into diverse instruction data (they found a f
 percent enough, and that more makes models over-refuse). fedsafe fine-tunes a LoRA adapter on
 ``n_samples`` rows (``aligned_ratio`` of them refusals), merges it into the weights and saves the merged model
 under ``$FEDSAFE_CACHE/models/aligned-<key>``, where ``key`` hashes the base model, the exact rows and every
-hyperparameter. Later runs (every seed and setting of a grid) load that directory like any local model.
+hyperparameter. Later runs (every seed and setting of a grid) load that directory like any local model, through
+:func:`fedsafe.run_model.load_model`. The rows come from data sources, so this module and that loader sit above
+``data/``; the model the recipe tunes loads through the align-free :mod:`fedsafe.models`, below it.
 """
 
 from __future__ import annotations

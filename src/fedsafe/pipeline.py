@@ -25,9 +25,10 @@ from fedsafe.fl.loop import load_checkpoint, run_rounds
 from fedsafe.fl.params import FlatLoRA
 from fedsafe.fl.server import Server
 from fedsafe.io import atomic_write_text
-from fedsafe.models import attach_lora, load_model
+from fedsafe.models import attach_lora
 from fedsafe.plugins import Output, RunContext, Setup
 from fedsafe.progress import progress_bar
+from fedsafe.run_model import load_model
 from fedsafe.rundir import RunDir, environment_info
 
 log = logging.getLogger("fedsafe")

@@ -69,7 +69,7 @@ bulyan). Under secure aggregation the server never sees a client's factors, so t
 The residual lives in the base weights of the one in-memory model (:func:`apply_residual`), so every later
 use of that model (next round's local training, evaluation, post-hoc defense) sees the FedEx global model
 whatever LoRA vector is swapped in. Adapters stay PEFT-loadable; the residual is saved next to them as
-``adapters/fedex_residual.safetensors`` and :func:`fedsafe.models.load_adapter` applies it
+``adapters/fedex_residual.safetensors`` and :func:`fedsafe.run_model.load_adapter` applies it
 (``PeftModel.from_pretrained`` alone misses it).
 """
 

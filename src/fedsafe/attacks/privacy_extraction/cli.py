@@ -69,8 +69,9 @@ def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list
     from fedsafe.errors import ConfigError
     from fedsafe.evaluation.leakage import write_leakage_utility
     from fedsafe.fl.params import FlatLoRA
-    from fedsafe.models import attach_lora, load_base_model
+    from fedsafe.models import attach_lora
     from fedsafe.rundir import RunDir
+    from fedsafe.run_model import load_model
 
     rd = RunDir.open(run_dir)
     cfg = load_config(rd.config_path, overrides or ["privacy.enabled=true"])
@@ -78,8 +79,7 @@ def attack_run(run_dir: str | Path, round_no: int | None = None, overrides: list
     t = round_no if round_no is not None else (saved[-1] if saved else None)
     if t is None or (t not in saved and not (t == cfg.fl.rounds and rd.adapter_dir("final").exists())):
         raise ConfigError(f"{rd.path}: no saved global adapter for round {t} (saved rounds: {saved or 'none'})")
-    loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed,
-                             align=cfg.model.align)
+    loaded = load_model(cfg.model, seed=cfg.seed)
     model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout, cfg.lora.target_modules,
                         seed=cfg.seed)
     flat = FlatLoRA(model)

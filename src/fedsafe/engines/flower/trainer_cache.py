@@ -45,16 +45,16 @@ def build(config_yaml: str, node_config, he_key_id: str | None = None) -> NodeTr
     """Model + this node's client data, built from the experiment config (one per process and config)."""
     from fedsafe.data import build_clients
     from fedsafe.data.format import tokenize_rows
-    from fedsafe.models import attach_lora, load_base_model
+    from fedsafe.models import attach_lora
     from fedsafe.plugins import client_trainer
+    from fedsafe.run_model import load_model
 
     cfg = parse_config(config_yaml)
     # the keys first: a node without them fails before the model load
     client_context = node_keys(node_config, cfg, he_key_id) if encrypted_keys(cfg) else None
     loaded = PRELOADED.pop(model_key(cfg), None)  # a warm worker's base model, loaded before the run
     if loaded is None:
-        loaded = load_base_model(cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization,
-                                 seed=cfg.seed, align=cfg.model.align)
+        loaded = load_model(cfg.model, seed=cfg.seed)
     peft_model = attach_lora(loaded.model, cfg.lora.r, int(cfg.lora.alpha), cfg.lora.dropout,
                              cfg.lora.target_modules, seed=cfg.seed)
     # the same client side as in-process: the plug-ins' local_training and client_update hooks (e.g. train, then

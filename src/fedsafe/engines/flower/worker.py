@@ -235,13 +235,11 @@ class WarmWorker:
         config = self.settings.get("config")
         if config:
             from fedsafe.config import load_config
-            from fedsafe.models import load_base_model
+            from fedsafe.run_model import load_model
 
             cfg = load_config(config)
             t0 = time.perf_counter()
-            trainer_cache.PRELOADED[model_key(cfg)] = load_base_model(
-                cfg.model.name, cfg.model.device, cfg.model.dtype, cfg.model.quantization, seed=cfg.seed,
-                align=cfg.model.align)
+            trainer_cache.PRELOADED[model_key(cfg)] = load_model(cfg.model, seed=cfg.seed)
             log.info("warm worker: loaded %s in %.1f s", cfg.model.name, time.perf_counter() - t0)
 
     def handle(self, req: dict) -> dict:

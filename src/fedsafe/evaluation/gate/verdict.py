@@ -540,6 +540,7 @@ def gate_adapter(target: str | Path, policy: GatePolicy, *, strict: bool | None 
     from fedsafe.config import load_config
     from fedsafe.fl.params import FlatLoRA
     from fedsafe.models import load_base_model
+    from fedsafe.run_model import load_model
 
     adapter, run_dir = resolve_adapter(target)
     run_cfg = load_config(run_dir / "config.yaml") if run_dir is not None else None
@@ -554,9 +555,8 @@ def gate_adapter(target: str | Path, policy: GatePolicy, *, strict: bool | None 
         ref_path, _ = resolve_adapter(ref, "--reference")
     say = _say if progress else (lambda text: None)
     say(f"gate: loading the base model {name}" + (" (aligned copy)" if mc is not None and mc.align else "") + " ...")
-    loaded = load_base_model(name, mc.device if mc else "auto", mc.dtype if mc else "auto",
-                             mc.quantization if mc else None, seed=run_cfg.seed if run_cfg else 0,
-                             align=mc.align if mc else None)
+    seed = run_cfg.seed if run_cfg else 0
+    loaded = load_model(mc, seed=seed) if mc is not None else load_base_model(name, seed=seed)
     say(f"gate: adapter {adapter} on {loaded.device}; measuring "
         + ", ".join(m for m in METRICS if getattr(policy, m) is not None))
     net = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=True)  # trainable: FlatLoRA finds it
