@@ -64,6 +64,29 @@ def test_defense_data_without_guard_is_unchanged(tmp_path, test_seed):
     assert sum(r["category"] == "aligned" for r in r1) == 8
 
 
+def test_guard_rows_from_their_own_source_are_never_trained_on(tmp_path, test_seed):
+    """posthoc.validation: the guard checks rows of another source (another kind of request than the defense's
+    normal rows); those rows leave both defense pools even when the pools share instructions with them."""
+    import json
+
+    other = rows("other", 10) + rows("normal", 4)  # four instructions also in the normal pool
+    for name, data in (("aligned", rows("aligned", 20)), ("normal", rows("normal", 30)), ("other", other)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    src = {"aligned": [{"path": str(tmp_path / "aligned.jsonl")}], "normal": [{"path": str(tmp_path / "normal.jsonl")}]}
+    pc = PosthocConfig(enabled=True, n_samples=40, validation_rows=14, aligned_ratio=0.25,
+                       validation=[{"path": str(tmp_path / "other.jsonl")}], **src)
+    data, val = defense_data(pc, test_seed)
+    assert sorted(r["instruction"] for r in val) == sorted(r["instruction"] for r in other)  # all 14, from `other`
+    assert not {r["instruction"] for r in val} & {r["instruction"] for r in data}
+    assert {r["instruction"] for r in data if r["category"] == "normal"} <= {f"normal question {i}" for i in range(4, 30)}
+    with pytest.raises(ConfigError, match="posthoc.validation has only 14"):
+        defense_data(pc.model_copy(update={"validation_rows": 15}), test_seed)
+    with pytest.raises(ValueError, match="validation needs posthoc.validation_rows"):
+        PosthocConfig(enabled=True, validation=[{"path": "x.jsonl"}])
+    # an all-aligned defense may still run the guard on its own source
+    assert PosthocConfig(enabled=True, aligned_ratio=1.0, validation_rows=4, validation=[{"path": "x.jsonl"}])
+
+
 def test_guard_config_is_checked_at_load():
     with pytest.raises(ValueError, match="validation_rows needs normal"):
         PosthocConfig(enabled=True, validation_rows=4, aligned_ratio=1.0)

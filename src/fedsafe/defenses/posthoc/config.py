@@ -29,6 +29,11 @@ class PosthocConfig(Strict):
                                        "(temperature, top_p, batch_size, per_prompt, instructions: <file>, ...)")
     validation_rows: int = Field(0, ge=0, description="utility guard: normal rows held out of the defense data "
                                  "(never trained on); 0 = no guard, the adapter after `steps` is used")
+    validation: list[DataSource] | None = Field(
+        None, description="utility guard: where its `validation_rows` rows (instruction + reference answer) come "
+                          "from; None = held out of `normal`. A source of another kind than the defense's normal "
+                          "rows (coding requests beside everyday questions, say) shows a refusal habit that rows "
+                          "of the trained distribution hide; its instructions are never trained on")
     max_ppl_rise: float = Field(0.0, ge=0, description="utility guard: keep the latest checkpoint whose perplexity "
                                 "on the validation rows is at most this many percent above the starting adapter's")
     check_every: int = Field(10, ge=1, description="utility guard: steps between checkpoints (the last step is "
@@ -44,7 +49,10 @@ class PosthocConfig(Strict):
         if self.max_refusal_rise is not None and not self.validation_rows:
             raise ValueError("posthoc.max_refusal_rise needs posthoc.validation_rows > 0: the refusal check asks "
                              "the held-out validation instructions")
-        if self.validation_rows and self.aligned_ratio >= 1:
+        if self.validation and not self.validation_rows:
+            raise ValueError("posthoc.validation needs posthoc.validation_rows > 0: how many of its rows the guard "
+                             "checks")
+        if self.validation_rows and self.aligned_ratio >= 1 and not self.validation:
             raise ValueError("posthoc.validation_rows needs normal defense data (aligned_ratio < 1): the guard "
                              "measures perplexity on held-out normal rows")
         return self

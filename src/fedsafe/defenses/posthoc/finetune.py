@@ -44,15 +44,20 @@ from fedsafe.fl.client import LocalTrainer, RoundConfig
 log = logging.getLogger("fedsafe")
 
 
-def split_validation(normal: list[dict], k: int, seed: int) -> tuple[list[dict], list[dict]]:
+def split_validation(normal: list[dict], k: int, seed: int, field: str | None = None
+                     ) -> tuple[list[dict], list[dict]]:
     """Hold ``k`` normal rows out of the pool for the utility guard: (training pool, validation rows).
 
     Rows are split by instruction, so no validation instruction is ever trained on (a pool may repeat one).
+    ``field`` names the guard's own source (``posthoc.validation``), which may give all of its rows.
     """
     if k <= 0:
         return normal, []
     instructions = sorted({str(r.get("instruction")) for r in normal})
-    if k >= len(instructions):
+    if field is not None and k > len(instructions):
+        raise ConfigError(f"posthoc.validation_rows={k}: {field} has only {len(instructions)} distinct "
+                          "instructions (lower validation_rows)")
+    if field is None and k >= len(instructions):
         raise ConfigError(f"posthoc.validation_rows={k}: the normal defense data has only {len(instructions)} "
                           "distinct instructions; the guard must leave some to train on (lower validation_rows)")
     held = set(random.Random(seed + 7919).sample(instructions, k))
@@ -112,10 +117,15 @@ def defense_data(cfg: PosthocConfig, seed: int, ctx=None) -> tuple[list[dict], l
                    if n_aligned else [])
         normal = (datagen.generate_rows(kind="normal", n=min(n_normal, cfg.seed_instructions) + n_val, **common)
                   if n_normal else [])
-    normal, validation = split_validation(normal, n_val, seed)
+    if cfg.validation and n_val:  # the guard's own source: its rows never enter either defense pool
+        _, validation = split_validation(load_pool(cfg.validation, seed + 2), n_val, seed,
+                                         field="posthoc.validation")
+    else:
+        normal, validation = split_validation(normal, n_val, seed)
     if validation:  # the aligned pool may share a file with the normal one: never train on a validation row
         held = {str(r.get("instruction")) for r in validation}
         aligned = [r for r in aligned if str(r.get("instruction")) not in held]
+        normal = [r for r in normal if str(r.get("instruction")) not in held]
     return mix_defense_rows(aligned, normal, cfg.n_samples, cfg.aligned_ratio, seed), validation
 
 
