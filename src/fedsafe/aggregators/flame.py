@@ -11,20 +11,32 @@ round's updates x_1..x_n (the paper's W_i - G_{t-1}):
     3. aggregation Delta = (1/L) sum over the L admitted clipped updates
     4. noising     Delta <- Delta + N(0, sigma^2 I),  sigma = lambda * S
 
-Hyperparameters: ``noise`` lambda (default 0.001, a small level; the paper sets lambda per application, and
-0 switches the noise off), ``min_cluster_size`` (default n//2 + 1) and ``min_samples`` (default 1, as in the
-public FLAME implementations), ``seed`` (the noise of round t is drawn from a generator seeded with (seed, t);
-the call count is part of the state, so a resumed run draws the same noise).
+Hyperparameters: ``noise`` lambda (0 switches the noise off), ``min_cluster_size`` (default n//2 + 1) and
+``min_samples`` (default 1, as in the public FLAME implementations), ``seed`` (the noise of round t is drawn
+from a generator seeded with (seed, t); the call count is part of the state, so a resumed run draws the same
+noise).
+
+The default lambda = 0.001 is not a value read from the paper. The paper evaluates image classification,
+word prediction and IoT intrusion detection (abstract); which lambda it uses for each, in particular for
+word prediction (the NLP case, the nearest to LoRA fine-tuning of an LLM), could not be read for issue 33
+(only the opening of the stored arXiv text was reachable), so fedsafe claims none. 0.001 is the default of
+the public implementations that draw sigma = lambda * S for the flattened update (zhmzm/FLAME
+``--noise 0.001``, Blades ``Flame(noise_level=0.001)``, BackFed ``FlameServer(lamda=0.001)``); others scale
+lambda by each layer's standard deviation as well (FLPoison ``gamma = 1.2e-5``), a different
+parametrisation. Set ``noise`` for the application.
 
 Where fedsafe had to choose:
   * HDBSCAN labels every update as noise (no group of min_cluster_size is dense enough): every update is
-    admitted, as in the public implementations (``info["all_noise"] = True``); the clipping and the noise
+    admitted, as in zhmzm/FLAME and BackFed (``info["all_noise"] = True``); the clipping and the noise
     still apply. With n = 1 the update is admitted without clustering.
   * the cosine distance of a zero update to any other is 1 (scikit-learn's convention).
-  * the paper clusters the local models W_i; fedsafe sees the updates W_i - G_{t-1} (the same G for every
-    client), which is what the public implementations cluster as well for LoRA-sized vectors.
-  * the median norm S is over all n updates, as in Algorithm 1 (one public re-implementation takes it over the
-    admitted ones only).
+  * the paper clusters the local models W_i; fedsafe clusters the updates W_i - G_{t-1} (the server sees
+    only those). The public implementations differ here: zhmzm/FLAME and ymir cluster the local models,
+    Blades clusters the updates. Once ||G_{t-1}|| is large next to the updates, the cosine of two local
+    models is close to 1 whatever the updates are, so the updates are the informative choice.
+  * the median norm S is over all n updates, as in Algorithm 1 and in every public implementation checked
+    (zhmzm/FLAME took it over the admitted ones until its issue #3, where the maintainer agreed the paper
+    uses all uploaded models and fixed it).
 
 ``client_weights``: min(1, S/e_i) / L for admitted updates, 0 for the others (the aggregate before noise is
 ``client_weights @ updates``). Works with any n >= 1.
