@@ -99,3 +99,37 @@ def test_sampling_with_a_shared_prefix_is_reproducible(tiny, test_seed):
     kw = dict(max_new_tokens=6, batch_size=4, do_sample=True, temperature=1.0, seed=3)
     sampled = generate(pm, tok, PROMPTS, **kw)
     assert sampled == generate(pm, tok, PROMPTS, **kw) == generate(pm, tok, PROMPTS, **kw, **PLAIN)
+
+
+def test_length_batches_cap_rows_and_padded_tokens():
+    from fedsafe.generation import length_batches
+
+    lengths = [5, 700, 6, 40, 300, 7, 310, 8]
+    batches = length_batches(lengths, batch_size=4, width=64)  # budget 256 padded tokens per batch
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 256
+        assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+    assert batches[0] == [0, 2, 5, 7]  # the short prompts fill a batch: the row cap binds
+    assert [len(b) for b in batches[1:]] == [1, 1, 1, 1]  # each long prompt alone instead of padding others
+    # a fixed row count would have padded [40, 300, 310, 700] to 4 x 700 tokens
+    assert length_batches(lengths, batch_size=4, width=1000) == [[0, 2, 5, 7], [3, 4, 6, 1]]
+    with pytest.raises(ValueError):
+        length_batches(lengths, batch_size=0)
+
+
+def test_long_prompts_in_their_own_batches_give_the_completions_of_one_batch(tiny, test_seed, monkeypatch):
+    """Batches split by the token budget generate exactly what one padded batch does (padding is masked)."""
+    import fedsafe.generation as generation
+
+    pm, tok = _lora_model(tiny, test_seed)
+    prompts = PROMPTS + [" ".join(["word"] * 60)]
+    one = generate(pm, tok, prompts, max_new_tokens=6, batch_size=len(prompts), **PLAIN)
+    seen = []
+    real = generation.length_batches
+    monkeypatch.setattr(generation, "length_batches", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(generation, "BATCH_WIDTH", 4)  # a budget the long prompt alone exceeds
+    for kw in (PLAIN, {}):
+        assert generate(pm, tok, prompts, max_new_tokens=6, batch_size=len(prompts), **kw) == one
+    assert all(len(b) > 1 for b in seen)  # it did split: the completions match across batch layouts
