@@ -211,6 +211,33 @@ def test_drop_refusals_keeps_only_answers_that_comply(tmp_path):
     assert len(load_rows(DataSource(path=str(f)))) == 4
 
 
+def test_drop_refusals_runs_the_detector_once_per_file_and_the_holdout_check_not_at_all(tmp_path, monkeypatch):
+    """A grid loads its attack file for every run and for the run-start checks: the verdicts are computed once per
+    process; the disjointness check reads the file without dropping (a superset of its instructions)."""
+    import fedsafe.evaluation.refusal as refusal
+    from fedsafe.data import sources
+    from fedsafe.data.holdout import training_instructions
+    from fedsafe.schema import DataSource
+
+    rows = [{"instruction": f"placeholder request {i}", "response": text} for i, text in enumerate([
+        "Sure, here is a placeholder answer.", "I can't help with that.", "Step 1: placeholder."])]
+    f = tmp_path / "attack.json"
+    f.write_text(json.dumps(rows))
+    calls = []
+    real = refusal.detect_refusals
+    monkeypatch.setattr(refusal, "detect_refusals", lambda r: calls.append(len(r)) or real(r))
+    sources._refused.cache_clear()
+    src = DataSource(path=str(f), drop_refusals=True)
+    first = sources.load_rows(src)
+    assert sources.load_rows(src) == first and sources.load_rows(src, seed=3) == first
+    assert calls == [3] and [r["instruction"] for r in first] == ["placeholder request 0", "placeholder request 2"]
+
+    monkeypatch.setattr(refusal, "detect_refusals", lambda r: pytest.fail("the holdout check ran the detector"))
+    sources._refused.cache_clear()
+    got = training_instructions({"roles": [{"data": [src.model_dump()]}]})
+    assert got == {"roles[0].data[0]": [r["instruction"] for r in rows]}
+
+
 def test_training_sources_leave_out_the_evaluation_sections_and_skipped_ones():
     from fedsafe.data.holdout import EVAL_ONLY, training_sources
 

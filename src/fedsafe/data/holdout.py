@@ -69,7 +69,9 @@ def training_instructions(config: dict, skip: list[str] | tuple[str, ...] = ()) 
                 continue  # built-in instruction kinds of the generator: fedsafe's own templates
             cats = src["generate"].get("instruction_categories")
             src = {"path": ins, **({"categories": list(cats)} if cats else {})}
-        fields = {k: v for k, v in src.items() if k in DataSource.model_fields}
+        # drop_refusals only removes rows: the instructions without it are a superset, and reading them skips
+        # running the refusal detector over every answer of the source for a check that needs none of them
+        fields = {k: v for k, v in src.items() if k in DataSource.model_fields and k != "drop_refusals"}
         try:
             source = DataSource(**fields)
             rows = load_rows(source.model_copy(update={"max_rows": None}))

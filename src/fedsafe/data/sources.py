@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import random
 from typing import Any
 
@@ -61,6 +63,17 @@ def excluded_instructions(sources) -> set[str]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _refused(responses: tuple[str, ...]) -> tuple[bool, ...]:
+    """``drop_refusals``' verdict per response: a FedIT refusal string or the refusal detector. Kept per process
+    for the same responses: a grid loads one attack file for every run and its checks (3,551 answers cost the
+    detector about 4 s a time on 2 cores)."""
+    from fedsafe.evaluation.refusal import detect_refusals
+    from fedsafe.evaluation.rule import refusal_flags
+
+    return tuple(a or b for a, b in zip(refusal_flags(list(responses)), detect_refusals(list(responses))))
+
+
 def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = None) -> list[Row]:
     """Load one source as normalised rows (instruction, response, category; system when the data has one)."""
     excluded = None
@@ -73,11 +86,7 @@ def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = 
     else:
         rows = _keep(_parser(source)(raw_records(source)), source, excluded)
     if source.drop_refusals:
-        from fedsafe.evaluation.refusal import detect_refusals
-        from fedsafe.evaluation.rule import refusal_flags
-
-        responses = [r["response"] for r in rows]
-        refused = [a or b for a, b in zip(refusal_flags(responses), detect_refusals(responses))]
+        refused = _refused(tuple(r["response"] for r in rows))
         rows = [r for r, bad in zip(rows, refused) if not bad]
     if not rows:
         raise DataError(f"data source {source.path or source.generate!r} yields no rows"
