@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/generation.py [--model embedded|tiny|PATH] [--prompts 16] [--max-new-tokens 32]
     .venv/bin/python benchmarks/generation.py --device cuda --batch-sizes 1,16,32 --repeats 2   # cold, then warm
     .venv/bin/python benchmarks/generation.py --paths --config configs/demo.yaml [--adapter RUN_DIR]
+    .venv/bin/python benchmarks/generation.py --padding --config configs/demo.yaml [--batch-size 64]
 
 Prompts are the normal instructions of fedsafe's starter held-out set. Greedy decoding, LoRA attached
 (random B, so the adapter changes what is generated). Prints a table of generated tokens per second and the
@@ -14,6 +15,11 @@ budgets and batch size; ``--adapter`` a run directory or adapter to evaluate, el
 base model) through the four generation paths of fedsafe.generation back to back: plain left-padded batches through
 the unmerged adapter (what evaluation did before), the shared-prefix cache, the merged adapter, and both (the
 default). Each path's seconds, its speed-up over plain and how many completions equal plain's.
+
+``--padding`` (tokenizer only, no generation): for each of the config's evaluation prompt sets, the prompt tokens
+after the shared prefix that batches pad to, divided by the tokens the prompts hold, with fixed blocks of
+``--batch-size`` rows sorted by characters (fedsafe before 2026-12-07) and with
+:func:`fedsafe.generation.length_batches` (rows and padded tokens capped). Padded tokens are prefill work.
 """
 
 from __future__ import annotations
@@ -37,11 +43,17 @@ def main() -> None:
     ap.add_argument("--paths", action="store_true", help="compare the generation paths on a config's evaluation")
     ap.add_argument("--config", default="configs/demo.yaml", help="with --paths: a run or grid file")
     ap.add_argument("--adapter", default=None, help="with --paths: a run directory or adapter directory")
+    ap.add_argument("--padding", action="store_true", help="padded / real prompt tokens of the config's evaluation "
+                    "sets, fixed blocks against length_batches (tokenizer only)")
+    ap.add_argument("--batch-size", type=int, default=None, help="with --padding: default the config's eval.batch_size")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.paths:
         compare_paths(args)
+        return
+    if args.padding:
+        padding_table(args)
         return
 
     from rich.console import Console
@@ -111,6 +123,37 @@ def _eval_sets(config_path: str):
     for metric, (_field, _ids, prompts) in benign_sets(ev, cfg.seed).items():
         sets.append((metric, prompts, ev.refusal_max_new_tokens or ev.max_new_tokens))
     return sets, ev, cfg
+
+
+def padding_table(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedsafe.generation import length_batches, shared_prefix_length, to_chat_text
+    from fedsafe.models import load_tokenizer
+
+    sets, ev, cfg = _eval_sets(args.config)
+    tok = load_tokenizer(cfg.model.name)
+    bs = args.batch_size or ev.batch_size
+    table = Table(title=f"prompt tokens after the shared prefix, padded / real, batch size {bs} ({args.config})")
+    for col in ("prompt set", "prompts", "real tokens", "fixed blocks", "length_batches", "batches (fixed / length)"):
+        table.add_column(col, justify="left" if col == "prompt set" else "right")
+    for label, prompts, _ in sets:
+        texts = [to_chat_text(tok, p) for p in prompts]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        n_shared = shared_prefix_length(ids)
+        lengths = [len(r) - n_shared for r in ids]
+        by_chars = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        fixed = [by_chars[i: i + bs] for i in range(0, len(by_chars), bs)]
+        capped = length_batches(lengths, bs)
+        real = sum(lengths)
+
+        def padded(batches):
+            return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+        table.add_row(label, str(len(prompts)), str(real), f"{padded(fixed) / real:.2f}x",
+                      f"{padded(capped) / real:.2f}x", f"{len(fixed)} / {len(capped)}")
+    Console(width=140).print(table)
 
 
 def compare_paths(args) -> None:

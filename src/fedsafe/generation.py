@@ -18,12 +18,11 @@ the evaluation cache keys say which path produced a file.
 
 Batches hold prompts of similar length (sorted) and at most ``batch_size`` rows **and** ``batch_size x
 BATCH_WIDTH`` prompt tokens after padding (:func:`length_batches`): a few long prompts (MT-Bench's extraction
-tasks carry whole passages) then share small batches instead of padding 64 rows to their length. Prompt tokens
-after the shared prefix, padded / real, batch size 64 (2026-12-07, SmolLM2's chat template): the demo's 280
-everyday requests (200 FedIT questions + MT-Bench's 80) 2.06x with fixed 64-row batches, 1.44x with these;
-120 FedIT + the same 80: 3.60x (64 rows padded to the 9th-longest passage; each evaluation took 134-150 s
-instead of 104-110 s) against 1.42x; XSTest's 250 safe prompts 1.28x -> 1.10x (sorted by tokens, not
-characters). The completions are the same (greedy, padding masked).
+tasks carry whole passages) then share small batches instead of padding 64 rows to their length.
+``benchmarks/generation.py --padding --config configs/demo.yaml`` prints padded / real prompt tokens per
+evaluation set (2026-12-07: the 280 everyday requests 2.06x with fixed 64-row blocks, 1.44x with these;
+XSTest's 250 safe prompts 1.28x -> 1.10x; the same command on the demo config of 4999d6d, 120 FedIT rows + MT-Bench's
+80, 3.60x -> 1.42x). The completions are the same (greedy, padding masked).
 """
 
 from __future__ import annotations

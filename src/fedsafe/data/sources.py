@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import random
 from typing import Any
 
@@ -66,8 +65,8 @@ def excluded_instructions(sources) -> set[str]:
 @functools.lru_cache(maxsize=8)
 def _refused(responses: tuple[str, ...]) -> tuple[bool, ...]:
     """``drop_refusals``' verdict per response: a FedIT refusal string or the refusal detector. Kept per process
-    for the same responses: a grid loads one attack file for every run and its checks (3,551 answers cost the
-    detector about 4 s a time on 2 cores)."""
+    for the same responses: a grid loads one attack file for every run and its checks (make demo ran the detector
+    over maliciousQA's 3,551 answers three times before)."""
     from fedsafe.evaluation.refusal import detect_refusals
     from fedsafe.evaluation.rule import refusal_flags
 
