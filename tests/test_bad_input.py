@@ -385,3 +385,19 @@ def test_run_directory_files_follow_the_umask_also_after_resume(tmp_path, monkey
     assert set(dirs.values()) == {0o777 & ~umask}, dirs
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o777 & ~umask
     assert not any(p.name.startswith(".") for p in run_dir.rglob("*"))  # no temp file or folder left
+
+
+def test_an_excluded_prompt_file_passes_the_input_check_and_a_missing_one_is_named(tmp_path):
+    """configs/probe_grid.yaml's probe data excludes XSTest's prompts (a file without responses): the run-start
+    check read it as training data and refused it for want of a response field."""
+    from fedsafe.pipeline import check_inputs
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,prompt\n1,placeholder request 1\n")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"placeholder request {i}", "response": "x"} for i in range(6)]))
+    role = f"roles=[{{name: benign, clients: 2, data: [{{path: {data}, exclude: [{{path: {prompts}, " \
+           f"instruction_field: prompt}}]}}]}}]"
+    check_inputs(load_config(None, [*TINY, role]))
+    with pytest.raises(DataError, match=r"roles\.0\.data\.0\.path: data file not found: .*none\.csv"):
+        check_inputs(load_config(None, [*TINY, role.replace(str(prompts), str(tmp_path / "none.csv"))]))

@@ -251,3 +251,21 @@ def test_training_sources_leave_out_the_evaluation_sections_and_skipped_ones():
     assert [w for w, _ in training_sources(config, skip=["posthoc"])] == ["roles[0].data[0]", "posthoc_x",
                                                                           "probe.shadow"]
     assert training_sources(config)[0][1] == {"path": "a.jsonl"}
+
+
+def test_an_excluded_prompt_file_needs_no_response_field(tmp_path):
+    """``exclude: [{path: prompts.csv, instruction_field: prompt}]`` (a prompt-only file such as XSTest's) names
+    instructions to drop; it failed at run start asking for a response field (configs/probe_grid.yaml)."""
+    from fedsafe.data.sources import load_rows
+    from fedsafe.schema import DataSource
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,prompt,label\n1,placeholder request 1,safe\n2,placeholder request 4,unsafe\n")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"placeholder request {i}", "response": "x"} for i in range(6)]))
+    src = DataSource(path=str(data), exclude=[{"path": str(prompts), "instruction_field": "prompt"}])
+    assert [r["instruction"] for r in load_rows(src)] == [f"placeholder request {i}" for i in (0, 2, 3, 5)]
+    # a wrong field still names itself
+    bad = DataSource(path=str(data), exclude=[{"path": str(prompts), "instruction_field": "text"}])
+    with pytest.raises(Exception, match="instruction_field='text'"):
+        load_rows(bad)

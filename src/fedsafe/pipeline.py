@@ -185,7 +185,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     probing prompts). A missing file, an unreadable format or a missing column is a :class:`DataError` naming
     the field and the path. Hub ids cannot be checked offline and are left to the run; generated data too."""
     from fedsafe.data.records import STARTER_SPLITS
-    from fedsafe.data.sources import load_rows
+    from fedsafe.data.sources import excluded_instructions, load_rows
     from fedsafe.errors import DataError
     from fedsafe.evaluation.runner import load_benign_prompts, load_prompts
 
@@ -212,7 +212,10 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             if path is None or not (path in STARTER_SPLITS or looks_local(path)):
                 continue  # generated data, or a hub dataset
             try:
-                load_rows(DataSource.model_validate(value), seed=cfg.seed)
+                if ".exclude." in where:  # a list of instructions to drop: a prompt file needs no response field
+                    excluded_instructions([DataSource.model_validate(value)])
+                else:
+                    load_rows(DataSource.model_validate(value), seed=cfg.seed)
             except DataError as exc:
                 raise DataError(f"{where}.path: {exc}") from None
         elif where.rsplit(".", 1)[-1] in _FILE_KEYS and isinstance(value, str) and looks_local(value):

@@ -58,7 +58,15 @@ def excluded_instructions(sources) -> set[str]:
     """The normalised instructions of ``sources`` (a data source's ``exclude`` list)."""
     out: set[str] = set()
     for src in sources or ():
-        out |= {normalise_instruction(r["instruction"]) for r in load_rows(src.model_copy(update={"max_rows": None}))}
+        src = src.model_copy(update={"max_rows": None})
+        if src.generate is None and not src.streaming:
+            # an excluded set is a list of instructions: a prompt file (XSTest's prompts) has no response field,
+            # so its instruction stands in for the response the row parser asks for
+            records = raw_records(src)
+            first = records[0] if records else None
+            if isinstance(first, dict) and src.response_field not in first and not _uses_messages(src, set(first)):
+                src = src.model_copy(update={"response_field": src.instruction_field})
+        out |= {normalise_instruction(r["instruction"]) for r in load_rows(src)}
     return out
 
 
@@ -87,6 +95,10 @@ def load_rows(source: DataSource, seed: int = 0, generator_cache: dict | None = 
     if source.drop_refusals:
         refused = _refused(tuple(r["response"] for r in rows))
         rows = [r for r, bad in zip(rows, refused) if not bad]
+    if source.rephrase is not None:
+        from fedsafe.data.rephrase import rephrase_rows
+
+        rows = rephrase_rows(rows, source.rephrase, source.rephrase_share)
     if not rows:
         raise DataError(f"data source {source.path or source.generate!r} yields no rows"
                         + (f" with categories {source.categories}" if source.categories else "")
