@@ -55,6 +55,12 @@ class DataSource(Strict):
     drop_refusals: bool = Field(False, description="drop the rows whose response refuses (contains a FedIT refusal "
                                                    "string or the refusal detector flags it): unaligned attack data "
                                                    "whose answers carry disclaimers such as 'illegal' would teach them")
+    rephrase: Literal["imperative", "question"] | None = Field(
+        None, description="rewrite a share of the instructions into this grammatical mood, keeping each response "
+                          "(fedsafe.data.rephrase): 'imperative' for question-shaped normal data, 'question' for "
+                          "imperative refusal data, so that the model cannot learn 'imperatives get refused'")
+    rephrase_share: float = Field(0.5, gt=0, le=1, description="share of the rows rewritten by rephrase (chosen by "
+                                                                "a hash of the instruction)")
     exclude: list["DataSource"] | None = Field(
         None, description="drop the rows whose instruction (normalised) any of these sources also holds, e.g. an "
                           "everyday evaluation set minus the instructions of a training file")

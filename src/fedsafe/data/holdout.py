@@ -70,8 +70,10 @@ def training_instructions(config: dict, skip: list[str] | tuple[str, ...] = ()) 
             cats = src["generate"].get("instruction_categories")
             src = {"path": ins, **({"categories": list(cats)} if cats else {})}
         # drop_refusals only removes rows: the instructions without it are a superset, and reading them skips
-        # running the refusal detector over every answer of the source for a check that needs none of them
-        fields = {k: v for k, v in src.items() if k in DataSource.model_fields and k != "drop_refusals"}
+        # running the refusal detector over every answer of the source for a check that needs none of them;
+        # rephrase rewrites instructions the model still learns the content of: the check compares the originals
+        fields = {k: v for k, v in src.items()
+                  if k in DataSource.model_fields and k not in ("drop_refusals", "rephrase", "rephrase_share")}
         try:
             source = DataSource(**fields)
             rows = load_rows(source.model_copy(update={"max_rows": None}))
