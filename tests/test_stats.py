@@ -201,3 +201,20 @@ def test_wilson_interval_is_the_closed_form_score_interval():
     assert wilson_interval(0, 0) == (None, None)
     with pytest.raises(ValueError, match="whole number"):
         wilson_interval(2.5, 8)
+
+
+@pytest.mark.parametrize("n", [48, 64, 280])
+def test_wilson_interval_coverage_over_prompts_is_near_nominal(n):
+    """One seed's interval over prompts (Wilson) at the prompt counts fedsafe reports (48 / 64 AdvBench prompts,
+    280 everyday requests): its exact coverage of a binomial rate, summed over the binomial's outcomes, for rates
+    2-98%. Only the prompt sampling is covered: a seed-to-seed spread is not in a one-seed interval. A Wald
+    interval fails this (about 0.62 at p = 0.02, n = 48)."""
+    from scipy.stats import binom
+
+    intervals = [wilson_interval(k, n) for k in range(n + 1)]
+    coverage = []
+    for p in np.linspace(0.02, 0.98, 49):
+        pmf = binom.pmf(np.arange(n + 1), n, p)
+        coverage.append(sum(pmf[k] for k, (lo, hi) in enumerate(intervals) if lo <= p <= hi))
+    assert 0.94 <= float(np.mean(coverage)) <= 0.96, np.mean(coverage)
+    assert min(coverage) >= 0.92, min(coverage)
