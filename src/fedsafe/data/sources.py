@@ -59,14 +59,20 @@ def excluded_instructions(sources) -> set[str]:
     out: set[str] = set()
     for src in sources or ():
         src = src.model_copy(update={"max_rows": None})
-        if src.generate is None and not src.streaming:
+        if src.generate is not None or src.streaming:
+            rows = load_rows(src)
+        else:
             # an excluded set is a list of instructions: a prompt file (XSTest's prompts) has no response field,
-            # so its instruction stands in for the response the row parser asks for
+            # so its instruction stands in for the response the row parser asks for; read once, row filters only
             records = raw_records(src)
             first = records[0] if records else None
             if isinstance(first, dict) and src.response_field not in first and not _uses_messages(src, set(first)):
                 src = src.model_copy(update={"response_field": src.instruction_field})
-        out |= {normalise_instruction(r["instruction"]) for r in load_rows(src)}
+            rows = _keep(_parser(src)(records), src, excluded_instructions(src.exclude) if src.exclude else None)
+            if not rows:
+                raise DataError(f"exclude: data source {src.path!r} yields no instructions"
+                                + (f" with categories {src.categories}" if src.categories else ""))
+        out |= {normalise_instruction(r["instruction"]) for r in rows}
     return out
 
 
