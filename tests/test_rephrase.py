@@ -50,8 +50,8 @@ def test_the_rewritten_rows_are_a_pure_function_of_the_instruction_and_keep_thei
     assert not any(r["instruction"].endswith("?") for r in changed)
     assert len([1 for a, b in zip(rephrase_rows(rows, "imperative", 1.0), rows) if a != b]) == 400
     quarter = rephrase_rows(rows, "imperative", 0.25)                         # a smaller share: a subset
-    assert {r["instruction"] for r in quarter} - {r["instruction"] for r in once} <= set(
-        r["instruction"] for r in rows)
+    changed_at = lambda out: {i for i, (a, b) in enumerate(zip(out, rows)) if a != b}  # noqa: E731
+    assert changed_at(quarter) < changed_at(once) and 60 < len(changed_at(quarter)) < 140
     with pytest.raises(ValueError, match="rephrase"):
         rephrase_rows(rows, "passive", 0.5)
 

@@ -57,14 +57,18 @@ _FALLBACK = ("Answer the following question: {q}", "Write a short answer to this
 _QUOTES = "\"'“”‘’ \t\n"
 
 
+def _u64(salt: str, text: str) -> int:
+    """A 64-bit hash of ``text``; salted, so it is independent of the held-out split's hash of the same text (a
+    ``holdout: train`` source holds only rows that hash above 20% there)."""
+    return int.from_bytes(hashlib.sha256(f"fedsafe-rephrase:{salt}:{text}".encode("utf-8")).digest()[:8], "big")
+
+
 def _pick(text: str, salt: str, k: int) -> int:
-    digest = hashlib.sha256(f"fedsafe-rephrase:{salt}:{text}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % k
+    return _u64(salt, text) % k
 
 
 def _chosen(text: str, share: float) -> bool:
-    digest = hashlib.sha256(f"fedsafe-rephrase:choose:{text}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < share * 2**64
+    return _u64("choose", text) < share * 2**64
 
 
 def _lower_first(text: str) -> str:
