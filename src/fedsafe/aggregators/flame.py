@@ -23,7 +23,9 @@ word prediction (the NLP case, the nearest to LoRA fine-tuning of an LLM), could
 the public implementations that draw sigma = lambda * S for the flattened update (zhmzm/FLAME
 ``--noise 0.001``, Blades ``Flame(noise_level=0.001)``, BackFed ``FlameServer(lamda=0.001)``); others scale
 lambda by each layer's standard deviation as well (FLPoison ``gamma = 1.2e-5``), a different
-parametrisation. Set ``noise`` for the application.
+parametrisation, and ymir derives lambda from a differential-privacy budget as the Gaussian mechanism's
+``sqrt(2 ln(1.25 / delta)) / epsilon`` with defaults epsilon = 3705, delta = 1, i.e. lambda ~ 1.8e-4 (a
+value no other implementation checked uses). Set ``noise`` for the application.
 
 Where fedsafe had to choose:
   * HDBSCAN labels every update as noise (no group of min_cluster_size is dense enough): every update is
