@@ -294,3 +294,26 @@ def test_batched_generate_with_k_adapters_equals_one_at_a_time(test_seed):
     assert got == expected
     assert expected[0] != expected[1]  # the adapters really differ in what they generate
     assert trainer.flat.get().equal(start)  # the model's own adapter is untouched
+
+
+def _batched_round_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batched_round.py"
+    spec = importlib.util.spec_from_file_location("batched_round_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batched_round_benchmark_counts_the_work_it_sets_against_the_gemm_peak():
+    """The benchmark's hardware-limit table rests on FlopCounterMode's count: 2mnk for an (m, k) x (k, n) matmul,
+    and a backward pass counts its gradient matmuls too (here dW only: the input needs no gradient)."""
+    bench = _batched_round_benchmark()
+    a, b = torch.randn(6, 5), torch.randn(5, 7)
+    assert bench.counted_flops(lambda: torch.mm(a, b)) == 2 * 6 * 5 * 7
+    w = torch.randn(7, 5, requires_grad=True)
+    forward = bench.counted_flops(lambda: a @ w.T)
+    assert bench.counted_flops(lambda: (a @ w.T).sum().backward()) == 2 * forward  # + dW (no dX: a needs no grad)
+    assert bench.gemm_peak(size=64, repeats=2) > 0
