@@ -25,7 +25,10 @@ the public implementations that draw sigma = lambda * S for the flattened update
 lambda by each layer's standard deviation as well (FLPoison ``gamma = 1.2e-5``), a different
 parametrisation, and ymir derives lambda from a differential-privacy budget as the Gaussian mechanism's
 ``sqrt(2 ln(1.25 / delta)) / epsilon`` with defaults epsilon = 3705, delta = 1, i.e. lambda ~ 1.8e-4 (a
-value no other implementation checked uses). Set ``noise`` for the application.
+value no other implementation checked uses). Set ``noise`` for the application: the noise vector's norm is
+about lambda * S * sqrt(d), so on a LoRA vector of d = 4.9M coordinates (the embedded model, r = 16 on every
+linear layer) lambda = 0.001 gives noise 2.2 times the median client norm, larger than the aggregate itself
+(docs/safety.md, "FLAME's noise costs as much Rule as its clustering", measures what that does).
 
 Where fedsafe had to choose:
   * HDBSCAN labels every update as noise (no group of min_cluster_size is dense enough): every update is
