@@ -24,8 +24,8 @@ import time
 
 import torch
 from rich.console import Console
-from torch.utils.flop_counter import FlopCounterMode
 from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedsafe.data.format import tokenize_rows
 from fedsafe.data.sources import load_rows
