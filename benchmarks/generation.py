@@ -2,19 +2,23 @@
 
     .venv/bin/python benchmarks/generation.py [--model embedded|tiny|PATH] [--prompts 16] [--max-new-tokens 32]
     .venv/bin/python benchmarks/generation.py --device cuda --batch-sizes 1,16,32 --repeats 2   # cold, then warm
+    .venv/bin/python benchmarks/generation.py --device cuda --batch-sizes 64,128 --repeats 2 --static-cache on
     .venv/bin/python benchmarks/generation.py --paths --config configs/demo.yaml [--adapter RUN_DIR]
     .venv/bin/python benchmarks/generation.py --padding --config configs/demo.yaml [--batch-size 64]
 
 Prompts are the normal instructions of fedsafe's starter held-out set. Greedy decoding, LoRA attached
 (random B, so the adapter changes what is generated). Prints a table of generated tokens per second and the
 milliseconds per decoding step (batches x max new tokens). ``--repeats 2`` runs every batch size twice: on a GPU
-the first pass at a new shape pays kernel selection, so the second is the warm figure.
+the first pass at a new shape pays kernel selection, so the second is the warm figure. ``--static-cache on`` takes
+the GPU path of fedsafe.generation (a static KV cache, which transformers compiles into CUDA graphs on CUDA; the
+first pass then includes the compilation); issue 32's goal is <= 5 ms per decoding step at batch >= 64.
 
 ``--paths``: the evaluation of a config (its harmful, over-refusal and borderline prompt sets, counts, token
 budgets and batch size; ``--adapter`` a run directory or adapter to evaluate, else a random LoRA on the config's
 base model) through the four generation paths of fedsafe.generation back to back: plain left-padded batches through
 the unmerged adapter (what evaluation did before), the shared-prefix cache, the merged adapter, and both (the
-default). Each path's seconds, its speed-up over plain and how many completions equal plain's.
+default), and the static-cache path (the GPU path; on the CPU it only shows the completions agree). Each path's
+seconds, its speed-up over plain and how many completions equal plain's.
 
 ``--padding`` (tokenizer only, no generation): for each of the config's evaluation prompt sets, the prompt tokens
 after the shared prefix that batches pad to, divided by the tokens the prompts hold, with fixed blocks of
@@ -40,6 +44,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--repeats", type=int, default=1, help="passes per batch size (2: cold, then warm)")
+    ap.add_argument("--static-cache", default="off", choices=("off", "on", "auto"),
+                    help="generate with a static KV cache (compiled into CUDA graphs on CUDA)")
     ap.add_argument("--paths", action="store_true", help="compare the generation paths on a config's evaluation")
     ap.add_argument("--config", default="configs/demo.yaml", help="with --paths: a run or grid file")
     ap.add_argument("--adapter", default=None, help="with --paths: a run directory or adapter directory")
@@ -74,8 +80,9 @@ def main() -> None:
         prompts += prompts[: args.prompts - len(prompts)]
     generate(model, tok, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up
 
-    table = Table(title=f"generation: {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
-                        f"greedy, {torch.get_num_threads()} threads")
+    table = Table(title=f"generation: {args.model} on {loaded.device}, {len(prompts)} prompts, "
+                        f"{args.max_new_tokens} new tokens, greedy, static cache {args.static_cache}, "
+                        f"{torch.get_num_threads()} threads")
     for col in ("mode", "batch", "pass", "generated tokens", "seconds", "tokens/s", "ms / step", "speed-up"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     base_tps = None
@@ -83,7 +90,8 @@ def main() -> None:
         for rep in range(1, args.repeats + 1):
             sync()
             t0 = time.perf_counter()
-            outs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=bs)
+            outs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=bs,
+                            static_cache=args.static_cache)
             sync()
             secs = time.perf_counter() - t0
             n_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
@@ -99,7 +107,8 @@ def main() -> None:
 PATHS = {"plain (before)": dict(share_prefix=False, merge_adapter=False),
          "shared prefix": dict(merge_adapter=False),
          "merged adapter": dict(share_prefix=False),
-         "both (default)": {}}
+         "both (default)": {},
+         "static cache (GPU path)": dict(static_cache="on")}
 
 
 def _eval_sets(config_path: str):

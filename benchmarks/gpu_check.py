@@ -15,6 +15,14 @@ Checks, each one row of the table it prints (PASS / FAIL / SKIP, seconds, the ke
                         output stays on CUDA, same client weights, max |difference| within float32 tolerance.
 5. ckks_cuda_tensors    CKKS secure aggregation fed CUDA updates and a CUDA mask: the decrypted weighted mean
                         comes back on CUDA and matches the float64 plaintext mean within CKKS precision.
+6. static_generation    fedsafe.generation's GPU path (static KV cache, compiled into CUDA graphs by
+                        transformers) against the dynamic cache: 128 prompts x 32 tokens at batch 64, both warm;
+                        ms per decoding step (issue 32's goal: <= 5 ms at batch >= 64) and agreement.
+7. matrix (opt-in)      a stated subset of configs/adaptive.yaml on seed 0 (--matrix-cells; eval.batch_size
+                        auto), timed, and the whole grid's time projected from the seconds per cell (cells share
+                        trainings, so the projection is an upper bound); issue 32's goal: the whole grid on one
+                        seed in <= 10 minutes. Needs ../shared/data beside the checkout. Runs only when
+                        named: benchmarks/gpu_check.sh --only matrix.
 
 Exit status: 0 when every check passed, 1 when one failed, 2 without CUDA (unless --cpu-dry-run). In the dry
 run, device=cpu, the tiny random model replaces the embedded one and the 4-bit check runs unquantised (bitsandbytes'
@@ -231,9 +239,69 @@ def check_ckks_cuda_tensors(args, out_dir: Path) -> str:
     return f"max |HE - plaintext| {err:.1e} over {int(cpu_mask.sum())} coords; {mib:.1f} MiB ciphertext from {n} clients"
 
 
+def check_static_generation(args, out_dir: Path) -> str:
+    from fedsafe.generation import generate
+    from fedsafe.models import load_base_model
+
+    name = "tiny" if args.dry_run else "embedded"
+    loaded = load_base_model(name, args.device, "bfloat16" if not args.dry_run else "float32", None, seed=0)
+    n_prompts, new_tokens, batch = (128, 32, 64) if not args.dry_run else (8, 8, 4)
+    prompts = [f"Write one sentence about the number {i} and why it is {'odd' if i % 2 else 'even'}."
+               for i in range(n_prompts)]
+
+    def timed(static):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=new_tokens, batch_size=batch,
+                        static_cache=static)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return outs, time.perf_counter() - t0
+
+    _, t_compile = timed("on")  # the first pass compiles the shapes (CUDA graphs); timed apart
+    timed("off")  # warm the dynamic path at the same shapes
+    static, t_static = timed("on")
+    dynamic, t_dynamic = timed("off")
+    steps = -(-n_prompts // batch) * new_tokens
+    agree = sum(a == b for a, b in zip(static, dynamic))
+    _require(len(static) == n_prompts, "wrong number of outputs")
+    _require(agree >= n_prompts // 2, f"static and dynamic greedy outputs agree on {agree}/{n_prompts}")
+    return (f"batch {batch}: static {t_static / steps * 1e3:.1f} ms/step vs dynamic {t_dynamic / steps * 1e3:.1f} "
+            f"(goal <= 5); first static pass {t_compile:.1f} s; {agree}/{n_prompts} identical")
+
+
+def check_matrix(args, out_dir: Path) -> str:
+    from fedsafe.grid import load_grid, run_grid, select_settings
+
+    cells = [c for c in args.matrix_cells.split(",") if c]
+    overrides = [f"output_dir={out_dir}", f"model.device={args.device}", "eval.batch_size=auto"]
+    if args.dry_run:  # the tiny model, one short round, small evaluation: tests the check, not the GPU
+        overrides += ["model.name=tiny", "fl.rounds=1", "fl.local_steps=1", "data.samples_per_client=4",
+                      "data.max_length=384", "eval.n_prompts=4", "eval.n_normal_prompts=4",
+                      "eval.n_borderline_prompts=4", "eval.max_new_tokens=4", "posthoc.steps=2",
+                      'roles.1.data=[{path: "starter:train", categories: [aligned]}]']
+    spec, settings = load_grid(ROOT / "configs" / "adaptive.yaml", overrides)
+    chosen = select_settings(settings, cells)
+    _require(len(chosen) == len(cells), f"--matrix-cells named {len(cells)} settings, {len(chosen)} exist")
+    t0 = time.perf_counter()
+    grid_dir = run_grid(spec, chosen, progress=False, seeds=[0])
+    secs = time.perf_counter() - t0
+    import pandas as pd
+
+    results = pd.read_csv(grid_dir / "results.csv")
+    _require(len(results) >= len(cells), f"results.csv has {len(results)} rows for {len(cells)} settings")
+    per_cell = secs / len(cells)
+    return (f"{len(cells)} of {len(settings)} settings, seed 0, in {secs:.0f} s ({per_cell:.0f} s a setting); "
+            f"whole grid projected <= {per_cell * len(settings) / 60:.0f} min (goal <= 10)")
+
+
 CHECKS = [("quickstart_bf16", check_quickstart_bf16), ("lora_4bit_round", check_lora_4bit_round),
           ("batched_generation", check_batched_generation), ("aggregation_cuda", check_aggregation_cuda),
-          ("ckks_cuda_tensors", check_ckks_cuda_tensors)]
+          ("ckks_cuda_tensors", check_ckks_cuda_tensors), ("static_generation", check_static_generation),
+          ("matrix", check_matrix)]
+MATRIX_CELLS = "none-fedavg,data_poisoning-fedavg,minmax-krum"
+OPT_IN = {"matrix"}  # runs only when --only names it (minutes of training; not part of the 5-minute check)
 
 
 def main() -> int:
@@ -242,6 +310,8 @@ def main() -> int:
                         help="run every step on the CPU with the tiny model (checks the script, not the GPU)")
     parser.add_argument("--only", default="", help="comma-separated check names to run (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories (printed at the end)")
+    parser.add_argument("--matrix-cells", default=MATRIX_CELLS,
+                        help="the settings of configs/adaptive.yaml the matrix check runs (comma-separated)")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         print(f"gpu_check: FAIL: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False, "
@@ -253,7 +323,7 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    chosen = [c for c in CHECKS if not args.only or c[0] in args.only.split(",")]
+    chosen = [c for c in CHECKS if (not args.only and c[0] not in OPT_IN) or c[0] in args.only.split(",")]
     if args.device == "cuda":
         print(f"gpu_check on {torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})")
     else:

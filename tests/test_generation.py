@@ -133,3 +133,58 @@ def test_long_prompts_in_their_own_batches_give_the_completions_of_one_batch(tin
     for kw in (PLAIN, {}):
         assert generate(pm, tok, prompts, max_new_tokens=6, batch_size=len(prompts), **kw) == one
     assert all(len(b) > 1 for b in seen)  # it did split: the completions match across batch layouts
+
+
+SEVEN = PROMPTS + ["Count to five"]
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_static_cache_path_gives_the_plain_completions_in_repeating_shapes(tiny, test_seed, batch_size, monkeypatch):
+    """The GPU path (a static KV cache, rows padded to a power of two, widths to STATIC_WIDTH_STEP) must give what
+    plain batches give; it runs on the CPU too when asked ('on'), and 'auto' keeps it off the CPU."""
+    from fedsafe.generation import STATIC_WIDTH_STEP, use_static_cache
+
+    pm, tok = _lora_model(tiny, test_seed)
+    kw = dict(max_new_tokens=8, batch_size=batch_size)
+    plain = generate(pm, tok, SEVEN, **kw, **PLAIN)
+    calls = []
+    real = type(pm).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("cache_implementation"), tuple(kwargs["input_ids"].shape)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pm), "generate", spy)
+    assert generate(pm, tok, SEVEN, **kw, static_cache="on") == plain
+    assert calls and all(impl == "static" for impl, _ in calls)
+    rows = [shape[0] for _, shape in calls]
+    # full batches, or a power of two below: few compiled shapes
+    assert all(r == batch_size or (r & (r - 1) == 0 and r < batch_size) for r in rows), rows
+    assert all(shape[1] % STATIC_WIDTH_STEP == 0 for _, shape in calls)
+    if batch_size == 4:  # 7 prompts: 4 + 3, the 3 padded to 4 with a dropped copy
+        assert rows == [4, 4]
+    calls.clear()
+    assert generate(pm, tok, SEVEN, **kw, static_cache="auto") == plain  # CPU: the dynamic path
+    assert calls and all(impl is None for impl, _ in calls)
+    assert use_static_cache("auto", "cuda") and not use_static_cache("auto", "cpu") and use_static_cache(True, "cpu")
+    with pytest.raises(ValueError, match="static_cache"):
+        use_static_cache("sometimes", "cpu")
+
+
+def test_auto_batch_size_fits_the_free_memory_in_powers_of_two(tiny):
+    from fedsafe.config import EvalConfig
+    from fedsafe.generation import AUTO_BATCH_CAP, CPU_AUTO_BATCH, auto_batch_size
+
+    model, _ = tiny
+    cfg = model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    sizes = [auto_batch_size(model, 40, 24, free_bytes=f) for f in (10 ** 5, 10 ** 6, 10 ** 7, 10 ** 9, 10 ** 12)]
+    assert sizes == sorted(sizes) and sizes[0] >= 1 and sizes[-1] == AUTO_BATCH_CAP
+    assert all(s & (s - 1) == 0 for s in sizes)
+    # what fits is bounded by the keys and values alone: rows x per-row KV bytes <= the budget
+    s = auto_batch_size(model, 40, 24, free_bytes=10 ** 7)
+    assert s * per_token * 64 <= 0.5 * 10 ** 7 < 4 * s * per_token * 64 * 8
+    assert auto_batch_size(model, 40, 24) == CPU_AUTO_BATCH  # off CUDA: no memory to size from
+    assert EvalConfig(batch_size="auto").batch_size == "auto"
+    with pytest.raises(Exception, match="batch_size"):
+        EvalConfig(batch_size=0)

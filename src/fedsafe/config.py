@@ -227,7 +227,11 @@ class EvalConfig(_Strict):
         None, ge=1, description="generation length for the benign refusal sets (over-refusal, borderline): a "
                                 "refusal is stated in the opening words, so these hundreds of prompts can be "
                                 "answered shorter; default max_new_tokens")
-    batch_size: int = Field(16, ge=1, description="generation batch size")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        16, description="generation batch size; 'auto' sizes it from free GPU memory (64 off CUDA)")
+    static_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="generate with a static KV cache, which transformers compiles into CUDA graphs: "
+                            "'auto' = on CUDA only (fedsafe.generation's GPU path)")
     rule_list: Literal["fedit", "gcg"] = Field("fedit", description="refusal-string list of the Rule metric")
     refusal_detector: Literal["detector", "rule"] = Field(
         "detector", description="what decides that an answer is a refusal for over_refusal, borderline_refusal and "

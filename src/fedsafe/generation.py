@@ -16,6 +16,17 @@ Two savings on top of plain batched ``generate`` (both on by default, both exact
 Either can change a greedy token where two logits tie to float rounding (the sums are taken in another order);
 the evaluation cache keys say which path produced a file.
 
+**The GPU path** (``static_cache``; ``"auto"`` turns it on where the model sits on CUDA): a 135M model at batch
+64 only launches kernels (26-30 ms a decoding step on an H200 with the dynamic cache, docs/gpu.md), so the
+decoding forward should run as one CUDA graph. With a static KV cache transformers compiles that forward
+(``torch.compile``, CUDA graphs) itself; what fedsafe adds is shapes that repeat, since every new shape is a new
+compilation: each batch is padded to a power of two of rows, at most ``batch_size`` (copies of its first row,
+whose completions are dropped), and its prompt width rounded up to a multiple of ``STATIC_WIDTH_STEP`` tokens, so a whole evaluation
+compiles a few shapes. The shared prefix is not used there (its prefill is cheap on a GPU; the static cache is
+allocated by ``generate``). ``batch_size="auto"`` sizes batches from the free GPU memory
+(:func:`auto_batch_size`). Not yet timed on a GPU (none was lent); on the CPU the static path gives the plain
+completions (``tests/test_generation.py``) and is off by default.
+
 Batches hold prompts of similar length (sorted) and at most ``batch_size`` rows **and** ``batch_size x
 BATCH_WIDTH`` prompt tokens after padding (:func:`length_batches`): a few long prompts (MT-Bench's extraction
 tasks carry whole passages) then share small batches instead of padding 64 rows to their length.
@@ -39,6 +50,49 @@ Prompt = str | list[dict]
 GENERATION_PATH = "prefix-cache+merged-lora+length-batches"
 MIN_SHARED_PREFIX = 4  # tokens; a shorter common opening is not worth a cache copy per batch
 BATCH_WIDTH = 64  # prompt tokens per row that a full batch may pad to; longer prompts go in fewer rows
+STATIC_WIDTH_STEP = 32  # static-cache path: prompt widths rounded up to a multiple of this (few compiled shapes)
+AUTO_BATCH_CAP = 512  # batch_size="auto" never exceeds this many rows
+CPU_AUTO_BATCH = 64  # batch_size="auto" off CUDA: the CPU is compute-bound well before this
+STATIC_CACHE_SETTINGS = ("auto", "on", "off")
+
+
+def use_static_cache(setting: str | bool, device: torch.device | str) -> bool:
+    """Whether to generate with a static KV cache: ``"on"``/True, ``"off"``/False, ``"auto"`` = on CUDA only."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in STATIC_CACHE_SETTINGS:
+        raise ValueError(f"static_cache must be one of {STATIC_CACHE_SETTINGS}, got {setting!r}")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
+def auto_batch_size(model, prompt_tokens: int, max_new_tokens: int, *, free_bytes: int | None = None,
+                    fraction: float = 0.5, cap: int = AUTO_BATCH_CAP) -> int:
+    """Rows per generation batch that fit ``fraction`` of the free accelerator memory (``free_bytes``; read from
+    ``torch.cuda.mem_get_info`` when None on CUDA; off CUDA :data:`CPU_AUTO_BATCH`).
+
+    A row holds its keys and values (2 x layers x KV heads x head size x (prompt + new tokens)), its prefill
+    activations (prompt tokens x (4 x hidden + 2 x MLP width)) and two rows of logits (vocabulary, float32), all
+    in the model's dtype except the logits; the count is a power of two (fewer compiled shapes), 1 to ``cap``."""
+    cfg = getattr(model, "config", None)
+    device = next(model.parameters()).device
+    if free_bytes is None:
+        if device.type != "cuda":
+            return min(CPU_AUTO_BATCH, cap)
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    layers = int(getattr(cfg, "num_hidden_layers", 1))
+    hidden = int(getattr(cfg, "hidden_size", 1))
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(heads, 1))
+    mlp = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
+    vocab = int(getattr(cfg, "vocab_size", 1))
+    dtype_bytes = next(model.parameters()).element_size()
+    per_row = (2 * layers * kv_heads * head_dim * (prompt_tokens + max_new_tokens) * dtype_bytes
+               + prompt_tokens * (4 * hidden + 2 * mlp) * dtype_bytes + 2 * vocab * 4)
+    rows = int(fraction * free_bytes // max(per_row, 1))
+    if rows < 1:
+        return 1
+    return min(cap, 1 << (rows.bit_length() - 1))
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, width: int = BATCH_WIDTH) -> list[list[int]]:
@@ -69,18 +123,20 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
              batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, chat: bool = True, system: str | None = None,
              progress: bool = False, description: str = "generating", share_prefix: bool = True,
-             merge_adapter: bool = True) -> list[str]:
+             merge_adapter: bool = True, static_cache: str | bool = "off") -> list[str]:
     """Generate one completion per prompt; greedy by default, batched and left-padded.
 
     Prompts are sorted by length so that batches pad little, and results come back in input order.
     With ``chat=False`` prompts are raw text continued as is (used by extraction attacks). ``share_prefix``
     computes the prompts' common opening once; ``merge_adapter`` merges a single plain LoRA adapter for the call
     (see the module docstring; both False gives plain left-padded batches through the unmerged adapter).
+    ``static_cache`` (``"auto"``, ``"on"``, ``"off"`` or a bool) takes the GPU path of the module docstring;
+    ``batch_size="auto"`` sizes batches from free GPU memory (:func:`auto_batch_size`).
     """
     return _generate(model, tokenizer, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size,
                      do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat, system=system,
                      progress=progress, description=description, share_prefix=share_prefix,
-                     merge_adapter=merge_adapter)[0]
+                     merge_adapter=merge_adapter, static_cache=static_cache)[0]
 
 
 @torch.no_grad()
@@ -181,7 +237,7 @@ def _prefix_cache(model, prefix: torch.Tensor, copies: int, adapters):
 
 def _generate(model, tokenizer, prompts, adapters, *, max_new_tokens, batch_size, do_sample, temperature, top_p,
               seed, chat, system, progress, description, share_prefix=True,
-              merge_adapter=True) -> list[list[str]]:
+              merge_adapter=True, static_cache: str | bool = "off") -> list[list[str]]:
     """:func:`generate` for one adapter (the model's own, ``adapters=None``) or K (``(flat, vecs)``)."""
     texts = [to_chat_text(tokenizer, p, system) if chat else p for p in prompts]
     copies = 1 if adapters is None else len(adapters[1])
@@ -192,11 +248,15 @@ def _generate(model, tokenizer, prompts, adapters, *, max_new_tokens, batch_size
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
-    n_shared = shared_prefix_length(ids) if share_prefix else 0
+    static = adapters is None and use_static_cache(static_cache, device)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, max(len(r) for r in ids), max_new_tokens)
+    n_shared = shared_prefix_length(ids) if share_prefix and not static else 0
     if n_shared < MIN_SHARED_PREFIX:
         n_shared = 0
+    kwargs: dict = {"cache_implementation": "static"} if static else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+    kwargs.update(max_new_tokens=max_new_tokens, do_sample=do_sample,
                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
     try:
         with merged_lora(model, merge_adapter and adapters is None):
@@ -207,7 +267,11 @@ def _generate(model, tokenizer, prompts, adapters, *, max_new_tokens, batch_size
             for b_idx, batch in enumerate(iterator):
                 rest = [ids[i][n_shared:] for i in batch]
                 width = max(len(r) for r in rest)
-                input_ids = torch.full((len(batch), n_shared + width), pad_id, dtype=torch.long)
+                n_rows = len(batch)
+                if static:  # repeating shapes: rows up to a power of two (copies of the first, dropped), width
+                    width = -(-width // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP  # rounded up
+                    rest = rest + [rest[0]] * (min(batch_size, 1 << (n_rows - 1).bit_length()) - n_rows)
+                input_ids = torch.full((len(rest), n_shared + width), pad_id, dtype=torch.long)
                 mask = torch.zeros_like(input_ids)
                 input_ids[:, :n_shared] = prefix.cpu()
                 mask[:, :n_shared] = 1
@@ -231,7 +295,7 @@ def _generate(model, tokenizer, prompts, adapters, *, max_new_tokens, batch_size
                     extra["cache"] = batch_cache
                 with context:
                     out = model.generate(**enc, **kwargs, **extra)
-                new_tokens = out[:, enc["input_ids"].shape[1]:]
+                new_tokens = out[:n_rows * copies, enc["input_ids"].shape[1]:]
                 for k in range(copies):
                     for row, i in enumerate(batch):
                         outputs[k][i] = tokenizer.decode(new_tokens[k * len(batch) + row],

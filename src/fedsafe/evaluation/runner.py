@@ -232,15 +232,17 @@ def model_fingerprint(model) -> str:
 
 
 def cached_generate(model, tokenizer, prompts: list[str], *, cache_dir: Path | None, adapter_key: str,
-                    max_new_tokens: int, batch_size: int, progress: bool = False,
-                    description: str = "generating") -> tuple[list[str], Path | None, bool]:
-    """Greedy responses to ``prompts``; read from / written to the cache. Returns (responses, path, hit)."""
-    from fedsafe.generation import generate
+                    max_new_tokens: int, batch_size: int | str, progress: bool = False,
+                    description: str = "generating",
+                    static_cache: str = "off") -> tuple[list[str], Path | None, bool]:
+    """Greedy responses to ``prompts``; read from / written to the cache. Returns (responses, path, hit).
+    ``static_cache`` is ``eval.static_cache`` (the GPU path of :mod:`fedsafe.generation`, named in the key)."""
+    from fedsafe.generation import GENERATION_PATH, generate, use_static_cache
 
     prompt_key = _sha(json.dumps(prompts).encode())[:12]
-    from fedsafe.generation import GENERATION_PATH
-
-    settings_key = _sha(json.dumps({"max_new_tokens": max_new_tokens, "greedy": True, "path": GENERATION_PATH,
+    static = use_static_cache(static_cache, next(model.parameters()).device)
+    gen_path = "static-cache+merged-lora+length-batches" if static else GENERATION_PATH
+    settings_key = _sha(json.dumps({"max_new_tokens": max_new_tokens, "greedy": True, "path": gen_path,
                                     "model": model_fingerprint(model)}).encode())[:8]
     path = None
     if cache_dir is not None:
@@ -253,7 +255,7 @@ def cached_generate(model, tokenizer, prompts: list[str], *, cache_dir: Path | N
             except (json.JSONDecodeError, KeyError):
                 log.warning("ignoring a corrupt generation cache file %s", path)
     responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         progress=progress, description=description)
+                         progress=progress, description=description, static_cache=static)
     if path is not None:
         atomic_write_text(path, json.dumps({"adapter": adapter_key, "max_new_tokens": max_new_tokens,
                                             "prompts": prompts, "responses": responses}, indent=1))
@@ -374,6 +376,7 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
         responses, path, _ = cached_generate(peft_model, tokenizer, prompts, cache_dir=cache, adapter_key=key,
                                              max_new_tokens=eval_cfg.max_new_tokens,
                                              batch_size=eval_cfg.batch_size, progress=progress,
+                                             static_cache=getattr(eval_cfg, "static_cache", "off"),
                                              description="eval: harmful prompts")
         out["n_prompts"] = len(prompts)
         out["rule"] = rule_score(responses, eval_cfg.rule_list)
@@ -400,6 +403,7 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
         responses, _, _ = cached_generate(peft_model, tokenizer, prompts, cache_dir=cache, adapter_key=key,
                                           max_new_tokens=getattr(eval_cfg, "refusal_max_new_tokens", None)
                                           or eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
+                                          static_cache=getattr(eval_cfg, "static_cache", "off"),
                                           progress=progress, description=description)
         flags = [100.0 if f else 0.0 for f in refusals(responses, eval_cfg)]
         out[metric] = sum(flags) / len(flags)
@@ -421,6 +425,7 @@ def evaluate_model(peft_model, tokenizer, eval_cfg: EvalConfig, cache_dir: str |
         answers, _, _ = cached_generate(peft_model, tokenizer, bench.turn1(), cache_dir=cache, adapter_key=key,
                                         max_new_tokens=int(spec.get("max_new_tokens", 512)),
                                         batch_size=eval_cfg.batch_size, progress=progress,
+                                        static_cache=getattr(eval_cfg, "static_cache", "off"),
                                         description="eval: MT-Bench turn 1")
         scored = score_answers(bench, answers, _mt_backend(dict(spec["judge"])),
                                int(spec.get("judge_max_new_tokens", 1024)))
