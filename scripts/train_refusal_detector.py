@@ -27,6 +27,10 @@ Protocols printed (the detector and the FedIT ``rule`` list on the same rows):
    row's prompt is in no training row of any model.
 3. no XSTest: train on the non-XSTest sources only.
 4. shipped (in-sample): the final model, trained on everything, on each file it was trained on.
+5. with ``--cut-tokens N``: the LOMO models of 1. on the held-out completions cut to their first N tokens of the
+   embedded model's tokenizer, against the human label of the whole completion. fedsafe scores answers of
+   ``eval.refusal_max_new_tokens`` tokens (24 in the demo), so this is the agreement its over-refusal and
+   borderline figures rest on; a refusal stated after the cut counts against the detector.
 """
 
 from __future__ import annotations
@@ -113,14 +117,46 @@ def load_xstest(data: Path) -> dict[str, dict]:
     return out
 
 
+# Short answers: fedsafe scores answers of eval.refusal_max_new_tokens tokens (24 in the demo), and a detector
+# trained on whole answers leans on what refusals say after their opening (advice, alternatives): it scored
+# "I cannot provide instructions or advice on how to ..." cut to 24 tokens at 0.02-0.50. So every training text
+# also enters cut to a random number of words in CUT_WORDS (seeded per source), with its label; each source
+# keeps its total weight. ``--no-cut-augment`` is the ablation.
+CUT_WORDS = (6, 48)
+
+
+def cut_words(texts: list[str], name: str) -> list[str]:
+    """Each text cut to its first k words, k uniform in ``CUT_WORDS`` (seeded by ``name``)."""
+    rng = random.Random(f"{SEED}-cut-{name}")
+    return [" ".join(t.split()[:rng.randint(*CUT_WORDS)]) for t in texts]
+
+
+def with_cuts(x, x_cut, labels: list[bool], annotations, keep=None) -> Part:
+    """A training part: the texts' features, then their cut copies' (None: no augmentation), smoothed."""
+    from scipy import sparse
+
+    if keep is not None:
+        x, labels = x[keep], [labels[i] for i in keep]
+        annotations = None if annotations is None else [annotations[i] for i in keep]
+        x_cut = None if x_cut is None else x_cut[keep]
+    if x_cut is not None:
+        x = sparse.vstack([x, x_cut], format="csr")
+        labels = list(labels) * 2
+        annotations = None if annotations is None else list(annotations) * 2
+    return smoothed(x, labels, annotations)
+
+
 Part = tuple  # (sparse features [n, d], labels list[bool])
 # narrowed from (0.25, 1, 4, 16) x (1, 3, 10) to fit two loaded cores (see docs/refusal_detector.md)
 C_GRID = (1.0, 4.0, 16.0)
 XSTEST_WEIGHT_GRID = (3.0, 10.0)
 
 
-def featurise(texts: list[str], labels: list[bool]) -> Part:
-    return rd.features(texts), list(labels)
+def featurise(texts: list[str], labels: list[bool], cut_name: str | None = None) -> Part:
+    """Features of a weak source; with ``cut_name`` its texts' cut copies too (``cut_words``)."""
+    if cut_name is None:
+        return rd.features(texts), list(labels)
+    return rd.features(list(texts) + cut_words(texts, cut_name)), list(labels) * 2
 
 
 def fit(parts: list[Part], c: float, xs_parts: list[Part] = (), xs_weight: float = 1.0) -> rd.RefusalDetector:
@@ -217,6 +253,10 @@ def summarise(rows: list[dict], chosen: dict, c: float, w: float, smoothing: boo
 
     lomo = {r["model"]: block(r, r["model"]) for r in rows if r["protocol"] == "LOMO" and r["classifier"] == "detector"}
     strict = {r["model"]: block(r, r["model"]) for r in rows if r["protocol"] == "LOMO+prompt-disjoint"}
+    cut = {r["protocol"]: {} for r in rows if r["protocol"].startswith("LOMO, cut to")}
+    for r in rows:
+        if r["protocol"] in cut and r["classifier"] == "detector":
+            cut[r["protocol"]][r["model"]] = block(r, r["model"])
     goal = all(v["accuracy"] >= GOAL_ACCURACY and v["f1"] >= GOAL_F1 for v in lomo.values())
     summary = {
         "hyperparameters": {"C": c, "xstest_weight": w, "annotator_smoothing": smoothing},
@@ -225,10 +265,28 @@ def summarise(rows: list[dict], chosen: dict, c: float, w: float, smoothing: boo
         "goal": {"accuracy": GOAL_ACCURACY, "f1": GOAL_F1, "met_on_every_model": goal},
         "lomo": lomo, "lomo_prompt_disjoint": strict,
     }
+    for protocol, per_model in cut.items():  # "LOMO, cut to 24 tokens" -> lomo_cut_24_tokens
+        summary["lomo_cut_" + protocol.split("cut to ")[1].replace(" ", "_")] = per_model
     summary["summary"] = "LOMO agreement with people (XSTest v2, model held out): " + "; ".join(
         f"{m} acc {v['accuracy']:.2f} [{v['accuracy_ci95'][0]:.2f}, {v['accuracy_ci95'][1]:.2f}] "
         f"F1 {v['f1']:.2f} [{v['f1_ci95'][0]:.2f}, {v['f1_ci95'][1]:.2f}]" for m, v in lomo.items())
+    for protocol, per_model in cut.items():  # what the evaluation's short answers rest on, in the same line
+        summary["summary"] += f"; on answers {protocol.split('LOMO, ')[1]}: " + "; ".join(
+            f"{m} acc {v['accuracy']:.2f} F1 {v['f1']:.2f}" for m, v in per_model.items())
     return summary
+
+
+def cut_texts(xs: dict[str, dict], n_tokens: int) -> dict[str, list[str]]:
+    """Each model's completions cut to their first ``n_tokens`` tokens of the embedded model's tokenizer (what
+    fedsafe's evaluation generates at ``refusal_max_new_tokens = n_tokens``), decoded back to text."""
+    from fedsafe.models import EMBEDDED_NAME, load_tokenizer
+
+    tok = load_tokenizer(EMBEDDED_NAME)
+    out = {}
+    for m, entry in xs.items():
+        ids = tok(entry["texts"], add_special_tokens=False)["input_ids"]
+        out[m] = [tok.decode(i[:n_tokens], skip_special_tokens=True).strip() for i in ids]
+    return out
 
 
 def main(argv=None) -> int:
@@ -245,6 +303,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lomo-only", action="store_true",
                     help="skip the prompt-disjoint and no-XSTest protocols (full data; still writes the file)")
     ap.add_argument("--json", type=Path, help="also write the agreement rows as JSON here")
+    ap.add_argument("--no-cut-augment", action="store_true",
+                    help="train on whole answers only (ablation; the shipped model also sees cut copies)")
+    ap.add_argument("--cut-tokens", type=int, default=None, metavar="N",
+                    help="also score the LOMO models on the held-out completions cut to N tokens (protocol 5)")
     args = ap.parse_args(argv)
     if not (args.data / "xstest").exists():
         print(f"data folder {args.data} has no xstest/ (give --data)", file=sys.stderr)
@@ -254,14 +316,17 @@ def main(argv=None) -> int:
     n_boot = 200 if args.quick else 2000
     base = load_sources(args.data, 300 if args.quick else MAX_ROWS_PER_SOURCE, args.filter_weak_labels)
     xs = load_xstest(args.data)
-    base_parts = [featurise(t, y) for t, y in base.values()]
+    augment = not args.no_cut_augment
+    base_parts = [featurise(t, y, name if augment else None) for name, (t, y) in base.items()]
     for m in XSTEST_MODELS:
         xs[m]["x"] = rd.features(xs[m]["texts"])
+        xs[m]["x_cut"] = rd.features(cut_words(xs[m]["texts"], m)) if augment else None
     xs_test = {m: (xs[m]["x"], xs[m]["labels"]) for m in XSTEST_MODELS}
-    xs_train = {m: smoothed(xs[m]["x"], xs[m]["labels"], xs[m]["annotations"] if smoothing else None)
+    xs_train = {m: with_cuts(xs[m]["x"], xs[m]["x_cut"], xs[m]["labels"], xs[m]["annotations"] if smoothing else None)
                 for m in XSTEST_MODELS}
     rows: list[dict] = []
     chosen: dict[str, tuple] = {}
+    cut = cut_texts(xs, args.cut_tokens) if args.cut_tokens else None
 
     def add(protocol: str, model: str, human, pred) -> None:
         rows.append({**row(protocol, model, human, pred, n_boot), "classifier": "detector"})
@@ -278,6 +343,10 @@ def main(argv=None) -> int:
         det = lomo_fit(base_parts, xs_train, m, c, w)
         add("LOMO", m, xs[m]["labels"], detect(det, xs[m]["x"]))
         add_rule("LOMO", m, xs[m]["labels"], xs[m]["texts"])
+        if cut is not None:
+            name = f"LOMO, cut to {args.cut_tokens} tokens"
+            add(name, m, xs[m]["labels"], detect(det, rd.features(cut[m])))
+            add_rule(name, m, xs[m]["labels"], cut[m])
     if not (args.quick or args.lomo_only):
         # 2. leave one model out and prompt-disjoint (the hyperparameters chosen in step 1 for that model)
         ids = sorted(xs[XSTEST_MODELS[0]]["ids"])
@@ -292,8 +361,8 @@ def main(argv=None) -> int:
                     if o == m:
                         continue
                     keep = [i for i, pid in enumerate(xs[o]["ids"]) if fold_of[pid] != k]
-                    ann = [xs[o]["annotations"][i] for i in keep] if smoothing else None
-                    train.append(smoothed(xs[o]["x"][keep], [xs[o]["labels"][i] for i in keep], ann))
+                    train.append(with_cuts(xs[o]["x"], xs[o]["x_cut"], xs[o]["labels"],
+                                           xs[o]["annotations"] if smoothing else None, keep))
                 det = fit(base_parts, c, train, w)
                 test = [i for i, pid in enumerate(xs[m]["ids"]) if fold_of[pid] == k]
                 for i, flag in zip(test, detect(det, xs[m]["x"][test])):
@@ -325,6 +394,7 @@ def main(argv=None) -> int:
     if not args.no_write and not args.quick:
         provenance = {"trained_by": "scripts/train_refusal_detector.py", "seed": SEED,
                       "filter_weak_labels": args.filter_weak_labels, "annotator_smoothing": smoothing,
+                      "cut_augment_words": list(CUT_WORDS) if augment else None,
                       "max_rows_per_source": MAX_ROWS_PER_SOURCE,
                       "sources": [s[0] for s in SOURCES] + [f"xstest_v2_{m}" for m in XSTEST_MODELS],
                       "licences": "safety_tuned_llamas, codealpaca: CC BY-NC 4.0; xstest: CC BY 4.0; "
