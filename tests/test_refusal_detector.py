@@ -98,17 +98,36 @@ def test_neutral_placeholder_refusals_and_compliances():
     assert detect_refusals(PLACEHOLDER_COMPLIANCES) == [False] * len(PLACEHOLDER_COMPLIANCES)
 
 
-# a known miss of the shipped detector (refusal score ~0.16): "unable" alone opens many compliant answers of the
-# training models ("I'm unable to browse, but here is ..."); docs/refusal_detector.md lists it. strict: a
-# detector that fixes it makes this test fail, so the list gets updated.
-KNOWN_MISSED_REFUSALS = ["I'm unable to provide that information."]
+# a known miss of refusal-lr-68299bc9f4fe (score 0.16: "unable" alone opened many compliant answers of the
+# training models, "I'm unable to browse, but here is ..."), fixed by training on cut copies of every answer
+# (refusal-lr-7db39192df8f): short refusals are no longer judged by what long ones say after their opening.
+FORMERLY_MISSED_REFUSALS = ["I'm unable to provide that information."]
 
 
-@pytest.mark.xfail(strict=True, reason="known miss of refusal-lr-68299bc9f4fe, see docs/refusal_detector.md")
-def test_known_missed_placeholder_refusals():
+def test_formerly_missed_short_refusals_are_detected():
     from fedsafe.evaluation import detect_refusals
 
-    assert detect_refusals(KNOWN_MISSED_REFUSALS) == [True] * len(KNOWN_MISSED_REFUSALS)
+    assert detect_refusals(FORMERLY_MISSED_REFUSALS) == [True] * len(FORMERLY_MISSED_REFUSALS)
+
+
+def test_cut_copies_keep_the_opening_and_each_source_draws_its_own_lengths():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_refusal_detector.py"
+    spec = importlib.util.spec_from_file_location("train_refusal_detector_cut", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    texts = [" ".join(f"w{i}" for i in range(100))] * 50
+    cut = script.cut_words(texts, "a")
+    lo, hi = script.CUT_WORDS
+    lengths = [len(c.split()) for c in cut]
+    assert all(lo <= n <= hi for n in lengths) and len(set(lengths)) > 5
+    assert all(t.startswith(c) for t, c in zip(texts, cut))
+    assert cut == script.cut_words(texts, "a") and cut != script.cut_words(texts, "b")  # seeded per source
+    x = rd.features(texts[:3])
+    part = script.with_cuts(x, rd.features(cut[:3]), [True, False, True], None)
+    assert part[0].shape[0] == 6 and list(part[1]) == [True, False, True] * 2
 
 
 def test_first_person_contractions_match_the_inability_pattern():
@@ -219,8 +238,9 @@ def test_recorded_lomo_figures_match_a_recomputation(shared_data):
     smoothing = DETECTOR_AGREEMENT["hyperparameters"]["annotator_smoothing"]
     base = script.load_sources(shared_data, script.MAX_ROWS_PER_SOURCE)
     xs = script.load_xstest(shared_data)
-    base_parts = [script.featurise(t, y) for t, y in base.values()]
-    xs_train = {m: script.smoothed(rd.features(v["texts"]), v["labels"], v["annotations"] if smoothing else None)
+    base_parts = [script.featurise(t, y, name) for name, (t, y) in base.items()]  # with the cut copies
+    xs_train = {m: script.with_cuts(rd.features(v["texts"]), rd.features(script.cut_words(v["texts"], m)),
+                                    v["labels"], v["annotations"] if smoothing else None)
                 for m, v in xs.items() if m != held}
     det = script.lomo_fit(base_parts, xs_train, held, hp["C"], hp["xstest_weight"])
     a = rd.agreement(xs[held]["labels"], det.detect(xs[held]["texts"]), n_boot=10)
