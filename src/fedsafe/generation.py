@@ -120,7 +120,7 @@ def to_chat_text(tokenizer, prompt: Prompt, system: str | None = None) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
-             batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
+             batch_size: int | str = 16, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, chat: bool = True, system: str | None = None,
              progress: bool = False, description: str = "generating", share_prefix: bool = True,
              merge_adapter: bool = True, static_cache: str | bool = "off") -> list[str]:
