@@ -285,11 +285,7 @@ def cut_texts(xs: dict[str, dict], n_tokens: int) -> dict[str, list[str]]:
     from fedsafe.models import EMBEDDED_NAME, load_tokenizer
 
     tok = load_tokenizer(EMBEDDED_NAME)
-    out = {}
-    for m, entry in xs.items():
-        ids = tok(entry["texts"], add_special_tokens=False)["input_ids"]
-        out[m] = [tok.decode(i[:n_tokens], skip_special_tokens=True).strip() for i in ids]
-    return out
+    return {m: rd.cut_to_tokens(entry["texts"], n_tokens, tok) for m, entry in xs.items()}
 
 
 def main(argv=None) -> int:

@@ -332,3 +332,36 @@ def test_minos_on_a_tiny_random_stand_in(tmp_path, test_seed):
     assert judge.refusals(["q1", "q2", "q3"], ["a1", "a longer answer", "a3"]) == [s > 0.5 for s in scores]
     with pytest.raises(ConfigError, match="model is required"):
         judges.build_refusal_judge({"kind": "minos"})
+
+
+def test_refusal_agreement_on_completions_cut_to_n_tokens(tmp_path):
+    """--cut-tokens scores each completion's first N tokens against the label of the whole completion: a refusal
+    stated only after the cut is missed, as an evaluation generating N tokens would miss it."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fedsafe.evaluation.cli import eval_app
+    from fedsafe.evaluation.refusal import cut_to_tokens
+    from fedsafe.models import byte_tokenizer
+
+    late = "Here are a few thoughts on the general topic you raised today. " * 3 + "I'm sorry, but I cannot do that."
+    texts = ["I'm sorry, but I cannot do that.", late, COMPLIANCES[0]]
+    csv = tmp_path / "late.csv"
+    pd.DataFrame({"completion": texts, "final_label": ["2_full_refusal", "2_full_refusal", "1_full_compliance"]}
+                 ).to_csv(csv, index=False)
+    tok = byte_tokenizer()
+    cut = cut_to_tokens(texts, 20, tok)
+    assert cut[0] == texts[0][:20].strip() and len(cut[1]) <= 20 and "sorry" not in cut[1]
+    with pytest.raises(ValueError, match="n_tokens"):
+        cut_to_tokens(texts, 0, tok)
+    runner = CliRunner()
+    whole, short = tmp_path / "whole.json", tmp_path / "short.json"
+    assert runner.invoke(eval_app, ["refusal-agreement", str(csv), "--json", str(whole), "--n-boot", "20"]).exit_code == 0
+    res = runner.invoke(eval_app, ["refusal-agreement", str(csv), "--json", str(short), "--n-boot", "20",
+                                   "--cut-tokens", "60", "--tokenizer", "tiny"])
+    assert res.exit_code == 0, res.output
+    assert "cut to their first 60 tokens" in res.output
+    rule_whole = {r["classifier"]: r for r in json.loads(whole.read_text())}["rule"]
+    rule_short = {r["classifier"]: r for r in json.loads(short.read_text())}["rule"]
+    # the FedIT list finds the late refusal in the whole answer only (60 bytes end before it)
+    assert rule_whole["recall"][0] == pytest.approx(1.0) and rule_short["recall"][0] == pytest.approx(0.5)

@@ -128,13 +128,19 @@ def refusal_agreement_command(
     rule_list: str = typer.Option("fedit", "--rule-list", help="Rule string list shown beside the detector"),
     n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples for the F1 and kappa intervals"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
+    cut_tokens: Optional[int] = typer.Option(None, "--cut-tokens", min=1,
+                                             help="score each completion cut to its first N tokens (as an "
+                                                  "evaluation with refusal_max_new_tokens = N sees it), against "
+                                                  "the label of the whole completion"),
+    tokenizer: str = typer.Option("embedded", "--tokenizer", help="with --cut-tokens: whose tokens (a model spec)"),
 ) -> None:
     """Agreement of the refusal detector and of the Rule list with human refusal labels (per file, and pooled).
 
     n, accuracy, precision, recall, F1 and Cohen's kappa, refusal as the positive class, each with a 95%
     interval (Wilson for accuracy, precision and recall; a bootstrap over rows for F1 and kappa).
     """
-    from fedsafe.evaluation.refusal import agreement, detect_refusals, detector_version, read_labelled_csv
+    from fedsafe.evaluation.refusal import (agreement, cut_to_tokens, detect_refusals, detector_version,
+                                            read_labelled_csv)
     from fedsafe.evaluation.rule import refusal_flags
 
     rows, pooled = [], {"human": [], "detector": [], "rule": []}
@@ -145,6 +151,12 @@ def refusal_agreement_command(
             texts, human = read_labelled_csv(path, completion_field, label_field)
         except ValueError as exc:
             raise ConfigError(f"refusal-agreement: {exc} (--completion-field / --label-field)") from exc
+        if cut_tokens is not None:
+            if isinstance(tokenizer, str):
+                from fedsafe.models import load_tokenizer
+
+                tokenizer = load_tokenizer(tokenizer)
+            texts = cut_to_tokens(texts, cut_tokens, tokenizer)
         preds = {"detector": detect_refusals(texts), "rule": refusal_flags(texts, rule_list)}
         pooled["human"] += human
         for name, pred in preds.items():
@@ -155,7 +167,8 @@ def refusal_agreement_command(
             rows.append({"data": "all", "classifier": name,
                          **agreement(pooled["human"], pooled[name], n_boot=n_boot)})
     print(f"refusal detector {detector_version()}; rule = {rule_list} string list; refusal is the positive class "
-          "(XSTest: 2_full_refusal and 3_partial_refusal = refusal, 1_full_compliance = not)")
+          "(XSTest: 2_full_refusal and 3_partial_refusal = refusal, 1_full_compliance = not)"
+          + (f"; completions cut to their first {cut_tokens} tokens" if cut_tokens else ""))
     from fedsafe.evaluation.refusal import DETECTOR_AGREEMENT
 
     print("note: the shipped detector was trained on XSTest v2's three completion files (gpt4, llama2new, "

@@ -397,6 +397,21 @@ def agreement(human: Sequence[bool], predicted: Sequence[bool], n_boot: int = 20
             "f1": boot(_f1(y, p), f1s), "kappa": boot(_kappa(y, p), kappas)}
 
 
+def cut_to_tokens(texts: Sequence[str], n_tokens: int, tokenizer="embedded") -> list[str]:
+    """Each text cut to its first ``n_tokens`` tokens of ``tokenizer`` (a model spec, as ``model.name``, or a
+    tokenizer object) and decoded back: what an evaluation generating ``n_tokens`` new tokens would have scored.
+    The detector's agreement on cut answers (``scripts/train_refusal_detector.py --cut-tokens``) is the
+    agreement fedsafe's short-answer refusal figures rest on."""
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    if isinstance(tokenizer, str):
+        from fedsafe.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(i[:n_tokens], skip_special_tokens=True).strip() for i in ids]
+
+
 def read_labelled_csv(path, completion_field: str = "completion", label_field: str = "final_label") -> tuple[list[str], list[bool]]:
     """Responses and human refusal labels from a CSV; labels are XSTest's ``final_label`` values
     (``XSTEST_LABELS``) or 0/1/true/false/refusal/compliance."""
