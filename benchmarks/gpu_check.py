@@ -139,31 +139,40 @@ def check_lora_4bit_round(args, out_dir: Path) -> str:
     return f"round loss {losses[0]:.3f}; Linear4bit layers; peak GPU memory {peak:.0f} MiB"
 
 
-def check_batched_generation(args, out_dir: Path) -> str:
+def _generation_bench(args, n_prompts: int, new_tokens: int):
+    """The model the generation checks use (embedded in bf16; tiny in float32 for the dry run), their prompts,
+    and ``timed(**generate_kwargs) -> (outputs, seconds)`` synchronised on CUDA."""
     from fedsafe.generation import generate
     from fedsafe.models import load_base_model
 
     name = "tiny" if args.dry_run else "embedded"
     loaded = load_base_model(name, args.device, "bfloat16" if not args.dry_run else "float32", None, seed=0)
-    n_prompts, new_tokens = (32, 32) if not args.dry_run else (8, 8)  # the CPU dry run only tests the logic
     prompts = [f"Write one sentence about the number {i} and why it is {'odd' if i % 2 else 'even'}."
                for i in range(n_prompts)]
 
-    def timed(batch_size):
+    def timed(**kw):
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        outs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=new_tokens, batch_size=batch_size)
+        outs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=new_tokens, **kw)
         if args.device == "cuda":
             torch.cuda.synchronize()
         return outs, time.perf_counter() - t0
 
+    return loaded, prompts, timed
+
+
+def check_batched_generation(args, out_dir: Path) -> str:
+    from fedsafe.generation import generate
+
+    n_prompts, new_tokens = (32, 32) if not args.dry_run else (8, 8)  # the CPU dry run only tests the logic
+    loaded, prompts, timed = _generation_bench(args, n_prompts, new_tokens)
     # warm-up at the timed shapes: on the H200 the first batch-16 pass took 5.9 s against 1.7 s warm (kernel
     # selection for new shapes), which a 2-prompt warm-up did not cover
     generate(loaded.model, loaded.tokenizer, prompts[:16], max_new_tokens=new_tokens, batch_size=16)
     generate(loaded.model, loaded.tokenizer, prompts[:1], max_new_tokens=new_tokens, batch_size=1)
-    batched, t_batched = timed(16)
-    single, t_single = timed(1)
+    batched, t_batched = timed(batch_size=16)
+    single, t_single = timed(batch_size=1)
     _require(len(batched) == len(prompts) == len(single), "wrong number of outputs")
     agree = sum(a == b for a, b in zip(batched, single))
     _require(agree >= len(prompts) // 2, f"batched and one-at-a-time greedy outputs agree on {agree}/{len(prompts)}")
@@ -240,24 +249,11 @@ def check_ckks_cuda_tensors(args, out_dir: Path) -> str:
 
 
 def check_static_generation(args, out_dir: Path) -> str:
-    from fedsafe.generation import generate
-    from fedsafe.models import load_base_model
-
-    name = "tiny" if args.dry_run else "embedded"
-    loaded = load_base_model(name, args.device, "bfloat16" if not args.dry_run else "float32", None, seed=0)
     n_prompts, new_tokens, batch = (128, 32, 64) if not args.dry_run else (8, 8, 4)
-    prompts = [f"Write one sentence about the number {i} and why it is {'odd' if i % 2 else 'even'}."
-               for i in range(n_prompts)]
+    _, _, timed_at = _generation_bench(args, n_prompts, new_tokens)
 
     def timed(static):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        outs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=new_tokens, batch_size=batch,
-                        static_cache=static)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return outs, time.perf_counter() - t0
+        return timed_at(batch_size=batch, static_cache=static)
 
     _, t_compile = timed("on")  # the first pass compiles the shapes (CUDA graphs); timed apart
     timed("off")  # warm the dynamic path at the same shapes

@@ -24,7 +24,8 @@ compilation: each batch is padded to a power of two of rows, at most ``batch_siz
 whose completions are dropped), and its prompt width rounded up to a multiple of ``STATIC_WIDTH_STEP`` tokens, so a whole evaluation
 compiles a few shapes. The shared prefix is not used there (its prefill is cheap on a GPU; the static cache is
 allocated by ``generate``). ``batch_size="auto"`` sizes batches from the free GPU memory
-(:func:`auto_batch_size`). Not yet timed on a GPU (none was lent); on the CPU the static path gives the plain
+(:func:`auto_batch_size`). Greedy completions are those of the dynamic path; sampled ones differ, since the
+padding rows draw from the generator too. Not yet timed on a GPU (none was lent); on the CPU the static path gives the plain
 completions (``tests/test_generation.py``) and is off by default.
 
 Batches hold prompts of similar length (sorted) and at most ``batch_size`` rows **and** ``batch_size x
@@ -48,6 +49,7 @@ Prompt = str | list[dict]
 
 # what the cache keys of stored generations record about the path (fedsafe.evaluation.runner.cached_generate)
 GENERATION_PATH = "prefix-cache+merged-lora+length-batches"
+STATIC_GENERATION_PATH = "static-cache+merged-lora+length-batches"  # the GPU path (static_cache on)
 MIN_SHARED_PREFIX = 4  # tokens; a shorter common opening is not worth a cache copy per batch
 BATCH_WIDTH = 64  # prompt tokens per row that a full batch may pad to; longer prompts go in fewer rows
 STATIC_WIDTH_STEP = 32  # static-cache path: prompt widths rounded up to a multiple of this (few compiled shapes)

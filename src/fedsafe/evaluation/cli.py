@@ -143,6 +143,11 @@ def refusal_agreement_command(
                                             read_labelled_csv)
     from fedsafe.evaluation.rule import refusal_flags
 
+    tok = None
+    if cut_tokens is not None:
+        from fedsafe.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     rows, pooled = [], {"human": [], "detector": [], "rule": []}
     for path in paths:
         if not path.exists():
@@ -152,11 +157,7 @@ def refusal_agreement_command(
         except ValueError as exc:
             raise ConfigError(f"refusal-agreement: {exc} (--completion-field / --label-field)") from exc
         if cut_tokens is not None:
-            if isinstance(tokenizer, str):
-                from fedsafe.models import load_tokenizer
-
-                tokenizer = load_tokenizer(tokenizer)
-            texts = cut_to_tokens(texts, cut_tokens, tokenizer)
+            texts = cut_to_tokens(texts, cut_tokens, tok)
         preds = {"detector": detect_refusals(texts), "rule": refusal_flags(texts, rule_list)}
         pooled["human"] += human
         for name, pred in preds.items():

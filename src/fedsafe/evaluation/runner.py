@@ -237,11 +237,11 @@ def cached_generate(model, tokenizer, prompts: list[str], *, cache_dir: Path | N
                     static_cache: str = "off") -> tuple[list[str], Path | None, bool]:
     """Greedy responses to ``prompts``; read from / written to the cache. Returns (responses, path, hit).
     ``static_cache`` is ``eval.static_cache`` (the GPU path of :mod:`fedsafe.generation`, named in the key)."""
-    from fedsafe.generation import GENERATION_PATH, generate, use_static_cache
+    from fedsafe.generation import GENERATION_PATH, STATIC_GENERATION_PATH, generate, use_static_cache
 
     prompt_key = _sha(json.dumps(prompts).encode())[:12]
     static = use_static_cache(static_cache, next(model.parameters()).device)
-    gen_path = "static-cache+merged-lora+length-batches" if static else GENERATION_PATH
+    gen_path = STATIC_GENERATION_PATH if static else GENERATION_PATH
     settings_key = _sha(json.dumps({"max_new_tokens": max_new_tokens, "greedy": True, "path": gen_path,
                                     "model": model_fingerprint(model)}).encode())[:8]
     path = None
